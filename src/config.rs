@@ -1,0 +1,164 @@
+//! Every knob of the server in one struct: its environment variable (Roboflow's name where
+//! Roboflow has one), its command-line flag, its default and why it exists.
+//! `cvserve serve --help` prints this file's doc comments.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+/// Number of logical cores this process may use; every pool size defaults from it.
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Configuration of `cvserve serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    pub host: String,
+
+    /// TCP port to listen on (0 picks a free port; the chosen address is printed on stdout).
+    #[arg(long, env = "PORT", default_value_t = 9001)]
+    pub port: u16,
+
+    /// Model repository in Roboflow's local cache layout: <dataset>/<version>/{weights.onnx,
+    /// environment.json, class_names.txt, model_type.json}.
+    #[arg(long, env = "MODEL_CACHE_DIR", default_value = "models")]
+    pub model_cache_dir: PathBuf,
+
+    /// Models loaded at start, comma separated (`all` = every model in the repository,
+    /// `none` = load each on its first request or `/model/add`).
+    #[arg(long, env = "PRELOAD_MODELS", default_value = "all")]
+    pub preload_models: String,
+
+    /// Largest batch the dynamic batcher forms for a model with a dynamic batch dimension
+    /// (Triton's `max_batch_size`).
+    #[arg(long, env = "MAX_BATCH_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub max_batch_size: u32,
+
+    /// Longest a request waits in the batcher for companions when a full batch cannot be formed
+    /// (Triton's `max_queue_delay_microseconds`). A full batch is sent at once.
+    #[arg(long, env = "MAX_QUEUE_DELAY_MICROSECONDS", default_value_t = 2000)]
+    pub max_queue_delay_us: u64,
+
+    /// Images that may wait in one model's queue; beyond it a request is rejected at once
+    /// (Triton's `max_queue_size`).
+    #[arg(long, env = "MAX_QUEUE_SIZE", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_queue_size: u32,
+
+    /// Slots in the shared-memory ring of decoded images: the most images that can be between
+    /// decode and preprocessing at once. No free slot means an immediate 429.
+    #[arg(long, env = "RING_SLOTS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub ring_slots: u32,
+
+    /// Pixels one ring slot holds (RGB, 3 bytes each). Larger JPEGs are decoded at 1/2, 1/4 or
+    /// 1/8 scale to fit (they are far above any network input size); larger images of other
+    /// formats are rejected with 413.
+    #[arg(long, env = "RING_SLOT_PIXELS", default_value_t = 2048 * 2048)]
+    pub ring_slot_pixels: usize,
+
+    /// Directory of the ring's backing file (tmpfs). In containers give /dev/shm enough room:
+    /// RING_SLOTS x RING_SLOT_PIXELS x 3 bytes.
+    #[arg(long, env = "RING_DIR", default_value = "/dev/shm")]
+    pub ring_dir: PathBuf,
+
+    /// Largest accepted request body in bytes; beyond it the answer is 413.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Largest image (width x height, from its header) accepted for decoding; beyond it 400.
+    #[arg(long, env = "MAX_IMAGE_PIXELS", default_value_t = 100_000_000)]
+    pub max_image_pixels: u64,
+
+    /// Ignore EXIF orientation for every request (Roboflow's `DISABLE_PREPROC_AUTO_ORIENT`).
+    #[arg(long, env = "DISABLE_PREPROC_AUTO_ORIENT", default_value_t = false, action = clap::ArgAction::Set)]
+    pub disable_preproc_auto_orient: bool,
+
+    /// Accept images given by URL (`type: url`, legacy `?image=`). Off by default: a server
+    /// that fetches arbitrary URLs is a server-side request forgery risk.
+    #[arg(long, env = "ALLOW_URL_INPUT", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_url_input: bool,
+
+    /// Largest image fetched from a URL, in bytes.
+    #[arg(long, env = "URL_MAX_BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub url_max_bytes: usize,
+
+    /// Time limit for fetching one URL image, in milliseconds.
+    #[arg(long, env = "URL_TIMEOUT_MS", default_value_t = 5000)]
+    pub url_timeout_ms: u64,
+
+    /// Threads of the async HTTP front end (0 = number of cores, at most 4).
+    #[arg(long, env = "HTTP_THREADS", default_value_t = 0)]
+    pub http_threads: usize,
+
+    /// Threads of the decode pool (0 = number of cores).
+    #[arg(long, env = "DECODE_THREADS", default_value_t = 0)]
+    pub decode_threads: usize,
+
+    /// Threads of the preprocess pool (0 = number of cores).
+    #[arg(long, env = "PREPROCESS_THREADS", default_value_t = 0)]
+    pub preprocess_threads: usize,
+
+    /// Threads of the postprocess pool (0 = number of cores).
+    #[arg(long, env = "POSTPROCESS_THREADS", default_value_t = 0)]
+    pub postprocess_threads: usize,
+
+    /// Intra-op threads of ONNX Runtime's one global pool, shared by all models
+    /// (0 = number of cores). Spinning is always off so an idle server uses no CPU.
+    #[arg(long, env = "ORT_INTRA_THREADS", default_value_t = 0)]
+    pub ort_intra_threads: usize,
+
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT before the process exits.
+    #[arg(long, env = "DRAIN_TIMEOUT_S", default_value_t = 30.0)]
+    pub drain_timeout_s: f64,
+
+    /// Path of libonnxruntime.so (build.sh fetches it from the `onnxruntime` PyPI wheel).
+    #[arg(
+        long,
+        env = "ORT_DYLIB_PATH",
+        default_value = "vendor/onnxruntime/libonnxruntime.so.1.31.1"
+    )]
+    pub ort_dylib_path: PathBuf,
+}
+
+impl ServeConfig {
+    fn or_cores(n: usize) -> usize {
+        if n == 0 {
+            available_cores()
+        } else {
+            n
+        }
+    }
+
+    /// Threads of the HTTP front end.
+    pub fn http_threads(&self) -> usize {
+        if self.http_threads == 0 {
+            available_cores().min(4)
+        } else {
+            self.http_threads
+        }
+    }
+
+    /// Threads of the decode pool.
+    pub fn decode_threads(&self) -> usize {
+        Self::or_cores(self.decode_threads)
+    }
+
+    /// Threads of the preprocess pool.
+    pub fn preprocess_threads(&self) -> usize {
+        Self::or_cores(self.preprocess_threads)
+    }
+
+    /// Threads of the postprocess pool.
+    pub fn postprocess_threads(&self) -> usize {
+        Self::or_cores(self.postprocess_threads)
+    }
+
+    /// ONNX Runtime intra-op threads.
+    pub fn ort_intra_threads(&self) -> usize {
+        Self::or_cores(self.ort_intra_threads)
+    }
+}

@@ -1,0 +1,159 @@
+//! The one place where errors become HTTP statuses. Every error body is Roboflow's
+//! `{"message": "..."}`; overload answers carry `Retry-After`.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Response, StatusCode};
+
+use crate::model::manager::LoadError;
+use crate::model::repository::RepositoryError;
+use crate::pipeline::batcher::SubmitError;
+use crate::pipeline::decode::DecodeError;
+use crate::pipeline::PipelineError;
+
+/// An error answer: status, message, and for overload how long to wait.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub retry_after_s: Option<u32>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            retry_after_s: None,
+        }
+    }
+
+    /// 400: the request is understood but its content is wrong.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// 422: the body does not match the request schema (FastAPI's status in Roboflow).
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, message)
+    }
+
+    /// 404.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    /// 429 with `Retry-After`: the server is full right now; try again shortly.
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: message.into(),
+            retry_after_s: Some(1),
+        }
+    }
+
+    /// 500.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+
+    /// 501: a documented Roboflow feature cvserve does not offer.
+    pub fn not_implemented(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_IMPLEMENTED, message)
+    }
+
+    /// The HTTP response.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let body = serde_json::json!({ "message": self.message }).to_string();
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        *resp.status_mut() = self.status;
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(s) = self.retry_after_s {
+            resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
+    }
+}
+
+impl From<DecodeError> for ApiError {
+    fn from(e: DecodeError) -> Self {
+        ApiError::bad_request(e.to_string())
+    }
+}
+
+impl From<PipelineError> for ApiError {
+    fn from(e: PipelineError) -> Self {
+        ApiError::internal(e.to_string())
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::QueueFull => ApiError::overloaded(
+                "Server overloaded: the model's queue is full (MAX_QUEUE_SIZE); retry shortly",
+            ),
+            SubmitError::Closed => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The model was unloaded while the request waited",
+            ),
+        }
+    }
+}
+
+impl From<LoadError> for ApiError {
+    fn from(e: LoadError) -> Self {
+        match e {
+            LoadError::Repository(RepositoryError::InvalidId(_)) => {
+                ApiError::bad_request(e.to_string())
+            }
+            LoadError::Repository(RepositoryError::NotFound(_)) => {
+                ApiError::not_found(e.to_string())
+            }
+            LoadError::Repository(RepositoryError::Broken { .. }) | LoadError::Failed { .. } => {
+                ApiError::internal(e.to_string())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overload_carries_retry_after_and_a_json_message() {
+        let resp = ApiError::from(SubmitError::QueueFull).into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[RETRY_AFTER], "1");
+        assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
+    }
+
+    #[test]
+    fn client_errors_are_4xx_and_server_errors_5xx() {
+        assert_eq!(
+            ApiError::from(DecodeError::Empty).status,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            ApiError::from(LoadError::Repository(RepositoryError::NotFound(
+                "a/1".into()
+            )))
+            .status,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            ApiError::from(LoadError::Repository(RepositoryError::InvalidId(
+                "..".into()
+            )))
+            .status,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            ApiError::from(PipelineError::Backend("x".into())).status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+}

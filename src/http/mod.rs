@@ -1,0 +1,99 @@
+//! The HTTP front end (hyper 1, HTTP/1.1): accepts connections, routes requests to handlers,
+//! and drains in-flight requests on shutdown. Handlers hand images to the decode pool and
+//! await the pipeline's answers; nothing CPU-heavy runs on the reactor threads.
+
+pub mod error;
+pub mod images;
+pub mod request;
+pub mod response;
+pub mod routes;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::config::ServeConfig;
+use crate::model::manager::ModelManager;
+use crate::pipeline::ring::Ring;
+use crate::pipeline::Pools;
+
+/// What every handler can reach.
+pub struct AppState {
+    pub cfg: ServeConfig,
+    pub manager: Arc<ModelManager>,
+    pub ring: Arc<Ring>,
+    pub pools: Arc<Pools>,
+    /// Client for URL images; `None` when ALLOW_URL_INPUT is off.
+    pub http_client: Option<reqwest::Client>,
+    /// Six characters identifying this process (`/info`'s `uuid`).
+    pub uuid: String,
+    /// Set once the preloaded models are loaded and warmed up.
+    pub ready: AtomicBool,
+    /// Set when shutdown begins.
+    pub draining: AtomicBool,
+}
+
+impl AppState {
+    /// Ready to take traffic: models warmed up and not shutting down.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+    }
+}
+
+/// Serves connections until `shutdown` resolves, then stops accepting and waits up to
+/// `drain` for in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let st = Arc::clone(&state);
+                let service = service_fn(move |req| {
+                    let st = Arc::clone(&st);
+                    async move { Ok::<_, Infallible>(routes::handle(st, req).await) }
+                });
+                let conn = http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    state.draining.store(true, Ordering::Release);
+    drop(listener);
+    tracing::info!(
+        drain_timeout_s = drain.as_secs_f64(),
+        "shutting down: draining in-flight requests"
+    );
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("all connections drained"),
+        _ = tokio::time::sleep(drain) => tracing::warn!("drain timeout reached; closing remaining connections"),
+    }
+}

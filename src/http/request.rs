@@ -1,0 +1,315 @@
+//! Request bodies and query strings, with Roboflow's field names and defaults, turned into
+//! validated task parameters. Validation failures are 422 (bad schema) or 400 (bad value).
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::error::ApiError;
+use crate::tasks::detection::DetectionParams;
+
+/// Where an image comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageSource {
+    /// Base64 text (an optional `data:image/...;base64,` prefix is allowed).
+    Base64(String),
+    /// Raw bytes (multipart upload).
+    Bytes(bytes::Bytes),
+    /// An http(s) URL (only with ALLOW_URL_INPUT).
+    Url(String),
+}
+
+/// Roboflow's `InferenceRequestImage`: `{"type": "base64" | "url", "value": ...}`.
+#[derive(Debug, Deserialize)]
+pub struct RequestImage {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub value: Option<Value>,
+}
+
+impl RequestImage {
+    /// The image source this entry names.
+    pub fn source(self) -> Result<ImageSource, ApiError> {
+        let value = match self.value {
+            Some(Value::String(s)) => s,
+            Some(_) | None => {
+                return Err(ApiError::invalid("image.value must be a string"));
+            }
+        };
+        match self.kind.as_str() {
+            "base64" => Ok(ImageSource::Base64(value)),
+            "url" => Ok(ImageSource::Url(value)),
+            "numpy" | "numpy_object" | "pil" => Err(ApiError::bad_request(format!(
+                "image type '{}' is not accepted (Roboflow's ALLOW_NUMPY_INPUT=False); send base64 or url",
+                self.kind
+            ))),
+            other => Err(ApiError::bad_request(format!(
+                "unknown image type '{other}'; expected 'base64' or 'url'"
+            ))),
+        }
+    }
+}
+
+/// One image or a list of them; a list gets a list of responses in the same order.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    Many(Vec<RequestImage>),
+    One(RequestImage),
+}
+
+/// `confidence` may be a number or Roboflow's "best" / "default" (both mean the default).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Confidence {
+    Value(f64),
+    Named(String),
+}
+
+/// The body of `/infer/object_detection` (and the detection fields other tasks share).
+#[derive(Debug, Deserialize)]
+pub struct InferRequest {
+    pub model_id: Option<String>,
+    pub image: Option<OneOrMany>,
+    pub id: Option<String>,
+    pub confidence: Option<Confidence>,
+    pub iou_threshold: Option<f64>,
+    pub class_agnostic_nms: Option<bool>,
+    pub class_filter: Option<Vec<String>>,
+    pub max_detections: Option<i64>,
+    pub max_candidates: Option<i64>,
+    pub disable_preproc_auto_orient: Option<bool>,
+    pub visualize_predictions: Option<bool>,
+}
+
+impl InferRequest {
+    /// Parses a JSON body.
+    pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::invalid(format!("Invalid request body: {e}")))
+    }
+
+    /// The model id, required.
+    pub fn model_id(&self) -> Result<String, ApiError> {
+        self.model_id
+            .clone()
+            .ok_or_else(|| ApiError::invalid("Invalid request body: field 'model_id' is required"))
+    }
+
+    /// The images, in order, required.
+    pub fn take_images(&mut self) -> Result<(Vec<ImageSource>, bool), ApiError> {
+        match self.image.take() {
+            None => Err(ApiError::invalid(
+                "Invalid request body: field 'image' is required",
+            )),
+            Some(OneOrMany::One(i)) => Ok((vec![i.source()?], false)),
+            Some(OneOrMany::Many(list)) => {
+                if list.is_empty() {
+                    return Err(ApiError::bad_request("'image' is an empty list"));
+                }
+                let sources = list
+                    .into_iter()
+                    .map(RequestImage::source)
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((sources, true))
+            }
+        }
+    }
+
+    /// The detection parameters, validated.
+    pub fn detection_params(&self) -> Result<DetectionParams, ApiError> {
+        let d = DetectionParams::default();
+        let confidence = match &self.confidence {
+            None => d.confidence,
+            Some(Confidence::Value(v)) => unit_interval("confidence", *v)?,
+            Some(Confidence::Named(s)) if s == "best" || s == "default" => d.confidence,
+            Some(Confidence::Named(s)) => {
+                return Err(ApiError::invalid(format!(
+                    "confidence must be a number in [0, 1], 'best' or 'default', not '{s}'"
+                )))
+            }
+        };
+        Ok(DetectionParams {
+            confidence,
+            iou_threshold: match self.iou_threshold {
+                Some(v) => unit_interval("iou_threshold", v)?,
+                None => d.iou_threshold,
+            },
+            class_agnostic_nms: self.class_agnostic_nms.unwrap_or(d.class_agnostic_nms),
+            max_detections: count("max_detections", self.max_detections, d.max_detections)?,
+            max_candidates: count("max_candidates", self.max_candidates, d.max_candidates)?,
+            class_filter: self.class_filter.clone(),
+        })
+    }
+}
+
+fn unit_interval(name: &str, v: f64) -> Result<f32, ApiError> {
+    if (0.0..=1.0).contains(&v) {
+        Ok(v as f32)
+    } else {
+        Err(ApiError::invalid(format!(
+            "{name} must be in [0, 1], got {v}"
+        )))
+    }
+}
+
+fn count(name: &str, v: Option<i64>, default: usize) -> Result<usize, ApiError> {
+    match v {
+        None => Ok(default),
+        Some(n) if (0..=100_000).contains(&n) => Ok(n as usize),
+        Some(n) => Err(ApiError::invalid(format!(
+            "{name} must be between 0 and 100000, got {n}"
+        ))),
+    }
+}
+
+/// Query parameters of the legacy route `/{dataset}/{version}`, as an [`InferRequest`]
+/// (Roboflow's rules: `confidence` and `overlap` of 1 or more are percentages; confidence is
+/// floored at 0.01).
+pub fn legacy_params(query: &str) -> Result<(InferRequest, LegacyOptions), ApiError> {
+    let mut req = InferRequest {
+        model_id: None,
+        image: None,
+        id: None,
+        confidence: None,
+        iou_threshold: None,
+        class_agnostic_nms: None,
+        class_filter: None,
+        max_detections: None,
+        max_candidates: None,
+        disable_preproc_auto_orient: None,
+        visualize_predictions: None,
+    };
+    let mut opts = LegacyOptions::default();
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        let float = |v: &str| {
+            v.parse::<f64>().map_err(|_| {
+                ApiError::invalid(format!("query parameter {k} must be a number, got '{v}'"))
+            })
+        };
+        let boolean = |v: &str| match v.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" => Ok(true),
+            "false" | "0" | "no" => Ok(false),
+            _ => Err(ApiError::invalid(format!(
+                "query parameter {k} must be true or false, got '{v}'"
+            ))),
+        };
+        match k.as_ref() {
+            "confidence" => {
+                req.confidence = Some(match v.as_ref() {
+                    "best" | "default" => Confidence::Named(v.to_string()),
+                    s => {
+                        let mut c = float(s)?;
+                        if c >= 1.0 {
+                            c /= 100.0;
+                        }
+                        Confidence::Value(c.max(0.01))
+                    }
+                })
+            }
+            "overlap" => {
+                let mut o = float(&v)?;
+                if o >= 1.0 {
+                    o /= 100.0;
+                }
+                req.iou_threshold = Some(o);
+            }
+            "max_detections" => {
+                req.max_detections = Some(v.parse().map_err(|_| {
+                    ApiError::invalid(format!("max_detections must be an integer, got '{v}'"))
+                })?)
+            }
+            "class_agnostic_nms" => req.class_agnostic_nms = Some(boolean(&v)?),
+            "disable_preproc_auto_orient" => req.disable_preproc_auto_orient = Some(boolean(&v)?),
+            "format" => opts.format = v.to_string(),
+            "image" => opts.image_url = Some(v.to_string()),
+            "image_type" => opts.image_type = v.to_string(),
+            _ => {} // api_key, labels, stroke, ... are accepted and have no effect here
+        }
+    }
+    Ok((req, opts))
+}
+
+/// Legacy-route options that are not task parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LegacyOptions {
+    pub format: String,
+    pub image_url: Option<String>,
+    pub image_type: String,
+}
+
+impl Default for LegacyOptions {
+    fn default() -> Self {
+        Self {
+            format: "json".into(),
+            image_url: None,
+            image_type: "base64".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_roboflows() {
+        let r = InferRequest::parse(br#"{"model_id":"a/1","image":{"type":"base64","value":"x"}}"#)
+            .unwrap();
+        assert_eq!(r.detection_params().unwrap(), DetectionParams::default());
+        let r = InferRequest::parse(br#"{"model_id":"a/1","confidence":"best"}"#).unwrap();
+        assert_eq!(r.detection_params().unwrap().confidence, 0.4);
+    }
+
+    #[test]
+    fn a_list_of_images_is_a_list() {
+        let mut r = InferRequest::parse(
+            br#"{"model_id":"a/1","image":[{"type":"base64","value":"x"},{"type":"url","value":"http://h/i.jpg"}]}"#,
+        )
+        .unwrap();
+        let (images, list) = r.take_images().unwrap();
+        assert!(list);
+        assert_eq!(
+            images,
+            vec![
+                ImageSource::Base64("x".into()),
+                ImageSource::Url("http://h/i.jpg".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn out_of_range_parameters_are_rejected() {
+        for body in [
+            r#"{"confidence": 1.5}"#,
+            r#"{"confidence": "high"}"#,
+            r#"{"iou_threshold": -0.1}"#,
+            r#"{"max_detections": -1}"#,
+        ] {
+            let r = InferRequest::parse(body.as_bytes()).unwrap();
+            assert_eq!(r.detection_params().unwrap_err().status, 422, "{body}");
+        }
+        assert_eq!(InferRequest::parse(b"{not json").unwrap_err().status, 422);
+        assert_eq!(
+            InferRequest::parse(br#"{"confidence": "0.5", "image": 3}"#)
+                .unwrap_err()
+                .status,
+            422
+        );
+    }
+
+    #[test]
+    fn legacy_percentages_and_floor() {
+        let (r, o) = legacy_params("confidence=50&overlap=30&format=json&api_key=x").unwrap();
+        let p = r.detection_params().unwrap();
+        assert!((p.confidence - 0.5).abs() < 1e-6);
+        assert!((p.iou_threshold - 0.3).abs() < 1e-6);
+        assert_eq!(o.format, "json");
+        let (r, _) = legacy_params("confidence=0.001").unwrap();
+        assert!((r.detection_params().unwrap().confidence - 0.01).abs() < 1e-6);
+        let (r, _) = legacy_params("confidence=0.25&max_detections=5").unwrap();
+        let p = r.detection_params().unwrap();
+        assert!((p.confidence - 0.25).abs() < 1e-6);
+        assert_eq!(p.max_detections, 5);
+        assert!(legacy_params("confidence=abc").is_err());
+    }
+}

@@ -1,0 +1,110 @@
+//! Response bodies with Roboflow's field names: inference responses and the model registry.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Response, StatusCode};
+use serde::Serialize;
+
+use crate::model::manager::LoadedModel;
+use crate::tasks::detection::ObjectDetectionPrediction;
+use crate::tasks::TaskOutput;
+
+/// `{width, height}` of the image as the client sent it.
+#[derive(Debug, Serialize)]
+pub struct ImageSize {
+    pub width: u32,
+    pub height: u32,
+}
+
+/// `resolved_model` (Roboflow 1.8.x standard server).
+#[derive(Debug, Serialize)]
+pub struct ResolvedModel {
+    pub model_id: String,
+}
+
+/// The task-specific part of a response.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum TaskBody {
+    Detection {
+        predictions: Vec<ObjectDetectionPrediction>,
+    },
+}
+
+impl From<TaskOutput> for TaskBody {
+    fn from(out: TaskOutput) -> Self {
+        match out {
+            TaskOutput::Detection(predictions) => TaskBody::Detection { predictions },
+        }
+    }
+}
+
+/// One image's inference response.
+#[derive(Debug, Serialize)]
+pub struct InferResponse {
+    pub inference_id: String,
+    /// Seconds from the request's arrival to its answer.
+    pub time: f64,
+    pub image: ImageSize,
+    #[serde(flatten)]
+    pub body: TaskBody,
+    pub resolved_model: ResolvedModel,
+}
+
+/// `ModelsDescriptions` entry.
+#[derive(Debug, Serialize)]
+pub struct ModelDescription {
+    pub model_id: String,
+    pub task_type: &'static str,
+    pub batch_size: Option<usize>,
+    pub input_height: u32,
+    pub input_width: u32,
+    pub vram_bytes: Option<u64>,
+    pub request_aliases: Vec<String>,
+    pub request_paths: Vec<&'static str>,
+}
+
+/// `ModelsDescriptions`, the answer of `/model/registry`, `/model/add`, `/model/remove`, `/model/clear`.
+#[derive(Debug, Serialize)]
+pub struct ModelsDescriptions {
+    pub models: Vec<ModelDescription>,
+    pub total_vram_bytes: Option<u64>,
+    pub gpu_memory_used: Option<u64>,
+    pub gpu_memory_total: Option<u64>,
+}
+
+impl ModelsDescriptions {
+    pub fn of(models: &[std::sync::Arc<LoadedModel>]) -> Self {
+        Self {
+            models: models
+                .iter()
+                .map(|m| ModelDescription {
+                    model_id: m.meta.id.clone(),
+                    task_type: m.meta.task.as_str(),
+                    batch_size: m.runtime.fixed_batch,
+                    input_height: m.runtime.spec.height,
+                    input_width: m.runtime.spec.width,
+                    vram_bytes: None,
+                    request_aliases: vec![],
+                    request_paths: vec![m.meta.task.route()],
+                })
+                .collect(),
+            total_vram_bytes: None,
+            gpu_memory_used: None,
+            gpu_memory_total: None,
+        }
+    }
+}
+
+/// A JSON response with the given status.
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(value).unwrap_or_else(|e| {
+        format!(r#"{{"message":"Internal error: cannot encode the response: {e}"}}"#).into_bytes()
+    });
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}

@@ -1,0 +1,194 @@
+//! The models that are loaded and serving. A model id in, a [`LoadedModel`] (its metadata
+//! and the queue of its batcher) out; loading reads the repository, opens an ONNX Runtime
+//! session, runs a warm-up batch to learn the output layout, and starts the model's threads.
+//! Unloading drops the queue: the model's threads finish the queued work and exit.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use super::backend::Backend;
+use super::ort::{environment, OrtBackend};
+use super::repository::{self, ModelMetadata, RepositoryError, TaskType};
+use crate::pipeline::batcher::{self, BatchQueue, BatcherConfig, ModelRuntime};
+use crate::pipeline::preprocess::{InputSpec, Normalization};
+use crate::pipeline::Pools;
+use crate::tasks::OutputDecoder;
+
+/// A model ready to take jobs.
+pub struct LoadedModel {
+    pub meta: ModelMetadata,
+    pub runtime: Arc<ModelRuntime>,
+    pub queue: BatchQueue,
+    /// Largest batch the batcher forms for it.
+    pub max_batch: usize,
+}
+
+/// Why a model could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Repository(#[from] RepositoryError),
+    #[error("Model '{id}' failed to load: {reason}")]
+    Failed { id: String, reason: String },
+}
+
+/// How models are loaded: the settings every model shares.
+#[derive(Clone)]
+pub struct LoadSettings {
+    pub repository: PathBuf,
+    pub ort_dylib: PathBuf,
+    pub ort_intra_threads: usize,
+    pub batcher: BatcherConfig,
+}
+
+/// The loaded models, by id.
+pub struct ModelManager {
+    settings: LoadSettings,
+    pools: Arc<Pools>,
+    models: RwLock<HashMap<String, Arc<LoadedModel>>>,
+    /// Serialises loads so two concurrent requests for a cold model load it once.
+    loading: Mutex<()>,
+}
+
+impl ModelManager {
+    pub fn new(settings: LoadSettings, pools: Arc<Pools>) -> Self {
+        Self {
+            settings,
+            pools,
+            models: RwLock::new(HashMap::new()),
+            loading: Mutex::new(()),
+        }
+    }
+
+    /// The model if it is loaded.
+    pub fn get(&self, id: &str) -> Option<Arc<LoadedModel>> {
+        self.models.read().get(id).cloned()
+    }
+
+    /// The model, loading it from the repository first if needed. Blocks while loading:
+    /// call it off the async reactor.
+    pub fn get_or_load(&self, id: &str) -> Result<Arc<LoadedModel>, LoadError> {
+        if let Some(m) = self.get(id) {
+            return Ok(m);
+        }
+        repository::validate_id(id)?;
+        let _guard = self.loading.lock();
+        if let Some(m) = self.get(id) {
+            return Ok(m);
+        }
+        let meta = repository::read(&self.settings.repository, id)?;
+        let started = std::time::Instant::now();
+        let model = Arc::new(load(meta, &self.settings, &self.pools)?);
+        tracing::info!(
+            model = id,
+            task = model.meta.task.as_str(),
+            input = %format!("{}x{}", model.runtime.spec.width, model.runtime.spec.height),
+            max_batch = model.max_batch,
+            ms = started.elapsed().as_millis() as u64,
+            "model loaded"
+        );
+        self.models
+            .write()
+            .insert(id.to_string(), Arc::clone(&model));
+        Ok(model)
+    }
+
+    /// Unloads a model; `false` if it was not loaded.
+    pub fn remove(&self, id: &str) -> bool {
+        self.models.write().remove(id).is_some()
+    }
+
+    /// Unloads every model.
+    pub fn clear(&self) {
+        self.models.write().clear();
+    }
+
+    /// The loaded models, sorted by id.
+    pub fn list(&self) -> Vec<Arc<LoadedModel>> {
+        let mut v: Vec<_> = self.models.read().values().cloned().collect();
+        v.sort_by(|a, b| a.meta.id.cmp(&b.meta.id));
+        v
+    }
+
+    /// Ids of every model in the repository.
+    pub fn available(&self) -> Vec<String> {
+        repository::list(&self.settings.repository)
+    }
+}
+
+fn load(
+    meta: ModelMetadata,
+    settings: &LoadSettings,
+    pools: &Arc<Pools>,
+) -> Result<LoadedModel, LoadError> {
+    let failed = |reason: String| LoadError::Failed {
+        id: meta.id.clone(),
+        reason,
+    };
+    let env = environment(&settings.ort_dylib, settings.ort_intra_threads).map_err(failed)?;
+    let mut backend: Box<dyn Backend> =
+        Box::new(OrtBackend::load(env, &meta.weights).map_err(failed)?);
+    let input = backend.input().clone();
+    let (rw, rh) = meta.resize_size.unwrap_or((640, 640));
+    let spec = InputSpec {
+        width: input.width.unwrap_or(rw),
+        height: input.height.unwrap_or(rh),
+        resize: meta.resize,
+        normalization: match meta.task {
+            TaskType::Classification => Normalization::MinusOneToOne,
+            _ => Normalization::ZeroToOne,
+        },
+    };
+    let fixed_batch = input.fixed_batch.map(|b| b as usize);
+    let max_batch = fixed_batch
+        .unwrap_or(settings.batcher.max_batch)
+        .min(settings.batcher.max_batch)
+        .max(1);
+
+    // Warm-up: run the batch sizes the batcher will use, and learn the output layout.
+    let mut decoder = None;
+    let warm_sizes: Vec<usize> = match fixed_batch {
+        Some(b) => vec![b],
+        None if max_batch > 1 => vec![1, max_batch],
+        None => vec![1],
+    };
+    for rows in warm_sizes {
+        let zeros = vec![0f32; rows * spec.image_len()];
+        let outputs = backend
+            .run(&zeros, rows, spec.height, spec.width)
+            .map_err(|e| failed(format!("warm-up inference failed: {e}")))?;
+        if decoder.is_none() {
+            decoder = Some(
+                OutputDecoder::infer(meta.task, &outputs, meta.class_names.len())
+                    .map_err(failed)?,
+            );
+        }
+    }
+    let decoder = decoder.ok_or_else(|| failed("no warm-up run".into()))?;
+    let runtime = Arc::new(ModelRuntime {
+        id: meta.id.clone(),
+        spec,
+        decoder,
+        class_names: meta.class_names.clone(),
+        fixed_batch,
+    });
+    let queue = batcher::start(
+        Arc::clone(&runtime),
+        backend,
+        BatcherConfig {
+            max_batch,
+            ..settings.batcher
+        },
+        Arc::clone(pools),
+    )
+    .map_err(|e| failed(format!("cannot start the model's threads: {e}")))?;
+    Ok(LoadedModel {
+        meta,
+        runtime,
+        queue,
+        max_batch,
+    })
+}

@@ -1,0 +1,519 @@
+//! Decode: compressed image bytes in, RGB pixels in a ring slot out (a [`DecodedImage`]).
+//! JPEG goes through libjpeg-turbo straight into the slot; PNG, WebP, GIF, BMP and TIFF go
+//! through the `image` crate. EXIF orientation is applied unless disabled. Runs on the decode
+//! pool, never on the HTTP reactor threads.
+
+use std::cell::RefCell;
+use std::io::Cursor;
+
+use fast_image_resize as fr;
+use image::metadata::Orientation;
+use image::ImageDecoder;
+
+use super::ring::SlotHandle;
+
+/// Why an image could not be decoded. Every variant is the client's fault (4xx).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    #[error("Could not load input image. Cause: the image is empty (zero bytes).")]
+    Empty,
+    #[error("Could not load input image. Cause: Malformed base64 input image.")]
+    Base64,
+    #[error("Could not load input image. Cause: {0}")]
+    Undecodable(String),
+    #[error(
+        "Could not load input image. Cause: its header claims {width}x{height} pixels, \
+         more than the {max} allowed (MAX_IMAGE_PIXELS)."
+    )]
+    TooManyPixels { width: u64, height: u64, max: u64 },
+}
+
+/// Per-request decode settings.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeOptions {
+    /// Apply EXIF orientation (Roboflow's default).
+    pub auto_orient: bool,
+    /// Largest width x height a header may claim.
+    pub max_image_pixels: u64,
+}
+
+/// An image decoded into a ring slot: `width x height` RGB pixels, rows packed, at the start
+/// of the slot. When the original was larger than a slot holds it was decoded at a reduced
+/// scale; `orig_*` keep the size the client sent, which responses report and boxes map to.
+#[derive(Debug)]
+pub struct DecodedImage {
+    pub slot: SlotHandle,
+    pub width: u32,
+    pub height: u32,
+    pub orig_width: u32,
+    pub orig_height: u32,
+}
+
+impl DecodedImage {
+    /// The RGB pixels, `width * height * 3` bytes.
+    pub fn pixels(&self) -> &[u8] {
+        &self.slot.bytes()[..self.width as usize * self.height as usize * 3]
+    }
+}
+
+thread_local! {
+    static DECOMPRESSOR: RefCell<Option<turbojpeg::Decompressor>> = const { RefCell::new(None) };
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Decodes `data` into `slot`.
+pub fn decode_into(
+    data: &[u8],
+    slot: SlotHandle,
+    opts: &DecodeOptions,
+) -> Result<DecodedImage, DecodeError> {
+    if data.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    if data.starts_with(&[0xFF, 0xD8]) {
+        match decode_jpeg(data, slot, opts) {
+            Ok(img) => Ok(img),
+            // libjpeg-turbo rejects a few valid files (e.g. CMYK); give `image` a chance.
+            Err((Some(slot), turbo_err)) => decode_other(data, slot, opts).map_err(|e| {
+                if matches!(e, DecodeError::Undecodable(_)) {
+                    turbo_err
+                } else {
+                    e
+                }
+            }),
+            Err((None, e)) => Err(e),
+        }
+    } else {
+        decode_other(data, slot, opts)
+    }
+}
+
+fn check_pixels(width: u64, height: u64, opts: &DecodeOptions) -> Result<(), DecodeError> {
+    if width == 0 || height == 0 {
+        return Err(DecodeError::Undecodable(format!(
+            "the image has no pixels ({width}x{height})."
+        )));
+    }
+    if width * height > opts.max_image_pixels {
+        return Err(DecodeError::TooManyPixels {
+            width,
+            height,
+            max: opts.max_image_pixels,
+        });
+    }
+    Ok(())
+}
+
+/// On failure returns the slot back when another decoder may still try.
+fn decode_jpeg(
+    data: &[u8],
+    mut slot: SlotHandle,
+    opts: &DecodeOptions,
+) -> Result<DecodedImage, (Option<SlotHandle>, DecodeError)> {
+    DECOMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.is_none() {
+            *cell = Some(turbojpeg::Decompressor::new().map_err(|e| {
+                (
+                    None,
+                    DecodeError::Undecodable(format!("cannot start the JPEG decoder: {e}")),
+                )
+            })?);
+        }
+        let dec = cell.as_mut().expect("initialised above");
+        let header = match dec.read_header(data) {
+            Ok(h) => h,
+            Err(e) => {
+                return Err((
+                    None,
+                    DecodeError::Undecodable(format!("not a valid JPEG ({e})")),
+                ))
+            }
+        };
+        if let Err(e) = check_pixels(header.width as u64, header.height as u64, opts) {
+            return Err((None, e));
+        }
+        let slot_pixels = slot.bytes().len() / 3;
+        let factor = [
+            turbojpeg::ScalingFactor::ONE,
+            turbojpeg::ScalingFactor::ONE_HALF,
+            turbojpeg::ScalingFactor::ONE_QUARTER,
+            turbojpeg::ScalingFactor::ONE_EIGHTH,
+        ]
+        .into_iter()
+        .find(|f| f.scale(header.width) * f.scale(header.height) <= slot_pixels)
+        .ok_or_else(|| {
+            (
+                None,
+                DecodeError::Undecodable(format!(
+                    "a {}x{} JPEG does not fit a ring slot even at 1/8 scale (RING_SLOT_PIXELS).",
+                    header.width, header.height
+                )),
+            )
+        })?;
+        let (w, h) = (factor.scale(header.width), factor.scale(header.height));
+        let orientation = if opts.auto_orient {
+            exif_orientation(data)
+        } else {
+            Orientation::NoTransforms
+        };
+        let (ow, oh) = oriented_size(header.width as u32, header.height as u32, orientation);
+        if dec.set_scaling_factor(factor).is_err() {
+            return Err((
+                Some(slot),
+                DecodeError::Undecodable("unsupported JPEG scaling".into()),
+            ));
+        }
+        let result = if orientation == Orientation::NoTransforms {
+            let out = turbojpeg::Image {
+                pixels: &mut slot.bytes_mut()[..w * h * 3],
+                width: w,
+                pitch: w * 3,
+                height: h,
+                format: turbojpeg::PixelFormat::RGB,
+            };
+            dec.decompress(data, out)
+        } else {
+            SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                scratch.resize(w * h * 3, 0);
+                let out = turbojpeg::Image {
+                    pixels: &mut scratch[..],
+                    width: w,
+                    pitch: w * 3,
+                    height: h,
+                    format: turbojpeg::PixelFormat::RGB,
+                };
+                let r = dec.decompress(data, out);
+                if r.is_ok() {
+                    orient_into(&scratch, w as u32, h as u32, orientation, slot.bytes_mut());
+                }
+                r
+            })
+        };
+        let _ = dec.set_scaling_factor(turbojpeg::ScalingFactor::ONE);
+        match result {
+            Ok(()) => {
+                let (dw, dh) = oriented_size(w as u32, h as u32, orientation);
+                Ok(DecodedImage {
+                    slot,
+                    width: dw,
+                    height: dh,
+                    orig_width: ow,
+                    orig_height: oh,
+                })
+            }
+            Err(e) => Err((
+                Some(slot),
+                DecodeError::Undecodable(format!("not a valid JPEG ({e})")),
+            )),
+        }
+    })
+}
+
+fn decode_other(
+    data: &[u8],
+    mut slot: SlotHandle,
+    opts: &DecodeOptions,
+) -> Result<DecodedImage, DecodeError> {
+    let undecodable = |e: image::ImageError| {
+        DecodeError::Undecodable(format!(
+            "the bytes are not an image in a known format ({e})."
+        ))
+    };
+    let format = image::guess_format(data).map_err(undecodable)?;
+    let mut reader = image::ImageReader::with_format(Cursor::new(data), format);
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(opts.max_image_pixels.saturating_mul(8));
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder().map_err(undecodable)?;
+    let (w, h) = decoder.dimensions();
+    check_pixels(w as u64, h as u64, opts)?;
+    let orientation = if opts.auto_orient {
+        decoder.orientation().unwrap_or(Orientation::NoTransforms)
+    } else {
+        Orientation::NoTransforms
+    };
+    let mut img = image::DynamicImage::from_decoder(decoder).map_err(undecodable)?;
+    img.apply_orientation(orientation);
+    let rgb = img.into_rgb8();
+    let (w, h) = rgb.dimensions();
+    let slot_pixels = slot.bytes().len() / 3;
+    if (w as usize) * (h as usize) <= slot_pixels {
+        slot.bytes_mut()[..rgb.len()].copy_from_slice(&rgb);
+        return Ok(DecodedImage {
+            slot,
+            width: w,
+            height: h,
+            orig_width: w,
+            orig_height: h,
+        });
+    }
+    // Larger than a slot: keep the aspect ratio, shrink to fit (far above any network input).
+    let scale = (slot_pixels as f64 / (w as f64 * h as f64)).sqrt();
+    let (dw, dh) = (
+        ((w as f64 * scale) as u32).max(1),
+        ((h as f64 * scale) as u32).max(1),
+    );
+    let src = fr::images::ImageRef::new(w, h, rgb.as_raw(), fr::PixelType::U8x3)
+        .map_err(|e| DecodeError::Undecodable(e.to_string()))?;
+    let mut dst = fr::images::Image::from_slice_u8(
+        dw,
+        dh,
+        &mut slot.bytes_mut()[..dw as usize * dh as usize * 3],
+        fr::PixelType::U8x3,
+    )
+    .map_err(|e| DecodeError::Undecodable(e.to_string()))?;
+    fr::Resizer::new()
+        .resize(
+            &src,
+            &mut dst,
+            &fr::ResizeOptions::new()
+                .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear)),
+        )
+        .map_err(|e| DecodeError::Undecodable(e.to_string()))?;
+    Ok(DecodedImage {
+        slot,
+        width: dw,
+        height: dh,
+        orig_width: w,
+        orig_height: h,
+    })
+}
+
+/// Reads the EXIF orientation from a JPEG's APP1 segment without decoding anything else.
+pub fn exif_orientation(jpeg: &[u8]) -> Orientation {
+    let mut i = 2; // after SOI
+    while i + 4 <= jpeg.len() {
+        if jpeg[i] != 0xFF {
+            break;
+        }
+        let marker = jpeg[i + 1];
+        if marker == 0xFF {
+            i += 1; // fill byte
+            continue;
+        }
+        if marker == 0xDA || marker == 0xD9 {
+            break; // start of scan / end of image: no EXIF before the pixels
+        }
+        let len = u16::from_be_bytes([jpeg[i + 2], jpeg[i + 3]]) as usize;
+        if len < 2 || i + 2 + len > jpeg.len() {
+            break;
+        }
+        let segment = &jpeg[i + 4..i + 2 + len];
+        if marker == 0xE1 && segment.starts_with(b"Exif\0\0") {
+            return Orientation::from_exif_chunk(&segment[6..])
+                .unwrap_or(Orientation::NoTransforms);
+        }
+        i += 2 + len;
+    }
+    Orientation::NoTransforms
+}
+
+fn oriented_size(w: u32, h: u32, o: Orientation) -> (u32, u32) {
+    match o {
+        Orientation::Rotate90
+        | Orientation::Rotate270
+        | Orientation::Rotate90FlipH
+        | Orientation::Rotate270FlipH => (h, w),
+        _ => (w, h),
+    }
+}
+
+/// Writes `src` (w x h RGB) into `dst` transformed by `o`, with the same meaning as
+/// `image::DynamicImage::apply_orientation`.
+pub fn orient_into(src: &[u8], w: u32, h: u32, o: Orientation, dst: &mut [u8]) {
+    let (w, h) = (w as usize, h as usize);
+    let (dw, dh) = {
+        let (a, b) = oriented_size(w as u32, h as u32, o);
+        (a as usize, b as usize)
+    };
+    for dy in 0..dh {
+        for dx in 0..dw {
+            let (sx, sy) = match o {
+                Orientation::NoTransforms => (dx, dy),
+                Orientation::Rotate90 => (dy, h - 1 - dx),
+                Orientation::Rotate180 => (w - 1 - dx, h - 1 - dy),
+                Orientation::Rotate270 => (w - 1 - dy, dx),
+                Orientation::FlipHorizontal => (w - 1 - dx, dy),
+                Orientation::FlipVertical => (dx, h - 1 - dy),
+                Orientation::Rotate90FlipH => (dy, dx),
+                Orientation::Rotate270FlipH => (w - 1 - dy, h - 1 - dx),
+            };
+            let s = (sy * w + sx) * 3;
+            let d = (dy * dw + dx) * 3;
+            dst[d..d + 3].copy_from_slice(&src[s..s + 3]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::ring::Ring;
+    use std::sync::Arc;
+
+    const OPTS: DecodeOptions = DecodeOptions {
+        auto_orient: true,
+        max_image_pixels: 100_000_000,
+    };
+
+    fn ring(pixels: usize) -> Arc<Ring> {
+        Ring::create(&std::env::temp_dir(), 2, pixels * 3).unwrap()
+    }
+
+    fn gradient(w: u32, h: u32) -> image::RgbImage {
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, 128]))
+    }
+
+    fn encode(img: &image::RgbImage, fmt: image::ImageFormat) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, fmt).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn png_decodes_exactly() {
+        let img = gradient(37, 21);
+        let ring = ring(4096);
+        let d = decode_into(
+            &encode(&img, image::ImageFormat::Png),
+            ring.try_acquire().unwrap(),
+            &OPTS,
+        )
+        .unwrap();
+        assert_eq!(
+            (d.width, d.height, d.orig_width, d.orig_height),
+            (37, 21, 37, 21)
+        );
+        assert_eq!(d.pixels(), img.as_raw().as_slice());
+    }
+
+    #[test]
+    fn jpeg_decodes_close_to_the_original() {
+        let img = gradient(64, 48);
+        let ring = ring(4096);
+        let d = decode_into(
+            &encode(&img, image::ImageFormat::Jpeg),
+            ring.try_acquire().unwrap(),
+            &OPTS,
+        )
+        .unwrap();
+        assert_eq!((d.width, d.height), (64, 48));
+        let max_diff = d
+            .pixels()
+            .iter()
+            .zip(img.as_raw())
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .max()
+            .unwrap();
+        assert!(max_diff < 40, "max diff {max_diff}");
+    }
+
+    #[test]
+    fn oversized_jpeg_is_decoded_at_a_reduced_scale_keeping_the_original_size() {
+        let img = gradient(200, 100);
+        let ring = ring(100 * 50); // holds exactly a half-scale decode
+        let d = decode_into(
+            &encode(&img, image::ImageFormat::Jpeg),
+            ring.try_acquire().unwrap(),
+            &OPTS,
+        )
+        .unwrap();
+        assert_eq!((d.width, d.height), (100, 50));
+        assert_eq!((d.orig_width, d.orig_height), (200, 100));
+    }
+
+    #[test]
+    fn oversized_png_is_shrunk_into_the_slot() {
+        let img = gradient(200, 100);
+        let ring = ring(5000);
+        let d = decode_into(
+            &encode(&img, image::ImageFormat::Png),
+            ring.try_acquire().unwrap(),
+            &OPTS,
+        )
+        .unwrap();
+        assert!(d.width as usize * d.height as usize <= 5000);
+        assert_eq!((d.orig_width, d.orig_height), (200, 100));
+        assert!((d.width as f64 / d.height as f64 - 2.0).abs() < 0.05);
+    }
+
+    #[test]
+    fn bad_inputs_are_client_errors_and_free_the_slot() {
+        let ring = ring(4096);
+        assert_eq!(
+            decode_into(b"", ring.try_acquire().unwrap(), &OPTS).unwrap_err(),
+            DecodeError::Empty
+        );
+        assert!(matches!(
+            decode_into(b"hello world", ring.try_acquire().unwrap(), &OPTS).unwrap_err(),
+            DecodeError::Undecodable(_)
+        ));
+        let mut truncated = encode(&gradient(64, 48), image::ImageFormat::Jpeg);
+        truncated.truncate(40);
+        assert!(decode_into(&truncated, ring.try_acquire().unwrap(), &OPTS).is_err());
+        assert_eq!(ring.in_use(), 0);
+    }
+
+    #[test]
+    fn absurd_header_dimensions_are_refused_before_decoding() {
+        // A PNG header claiming 60000 x 60000 pixels, with no pixel data behind it.
+        let mut png = encode(&gradient(1, 1), image::ImageFormat::Png);
+        png[16..20].copy_from_slice(&60000u32.to_be_bytes());
+        png[20..24].copy_from_slice(&60000u32.to_be_bytes());
+        let ring = ring(16);
+        let err = decode_into(&png, ring.try_acquire().unwrap(), &OPTS).unwrap_err();
+        assert!(matches!(err, DecodeError::TooManyPixels { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn orientation_matches_the_image_crate_for_all_eight_cases() {
+        let img = gradient(5, 3);
+        for o in [
+            Orientation::NoTransforms,
+            Orientation::Rotate90,
+            Orientation::Rotate180,
+            Orientation::Rotate270,
+            Orientation::FlipHorizontal,
+            Orientation::FlipVertical,
+            Orientation::Rotate90FlipH,
+            Orientation::Rotate270FlipH,
+        ] {
+            let mut expected = image::DynamicImage::ImageRgb8(img.clone());
+            expected.apply_orientation(o);
+            let mut out = vec![0u8; 5 * 3 * 3];
+            orient_into(img.as_raw(), 5, 3, o, &mut out);
+            assert_eq!(out, expected.into_rgb8().into_raw(), "{o:?}");
+        }
+    }
+
+    #[test]
+    fn exif_orientation_is_read_from_app1() {
+        let jpeg = encode(&gradient(8, 4), image::ImageFormat::Jpeg);
+        assert_eq!(exif_orientation(&jpeg), Orientation::NoTransforms);
+        // Insert an APP1 Exif segment (little-endian TIFF, one IFD entry: Orientation = 6).
+        let mut tiff = vec![b'I', b'I', 42, 0, 8, 0, 0, 0, 1, 0];
+        tiff.extend_from_slice(&[0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0]);
+        tiff.extend_from_slice(&[0, 0, 0, 0]);
+        let mut seg = b"Exif\0\0".to_vec();
+        seg.extend_from_slice(&tiff);
+        let mut with_exif = vec![0xFF, 0xD8, 0xFF, 0xE1];
+        with_exif.extend_from_slice(&((seg.len() + 2) as u16).to_be_bytes());
+        with_exif.extend_from_slice(&seg);
+        with_exif.extend_from_slice(&jpeg[2..]);
+        assert_eq!(exif_orientation(&with_exif), Orientation::Rotate90);
+        let ring = ring(4096);
+        let d = decode_into(&with_exif, ring.try_acquire().unwrap(), &OPTS).unwrap();
+        assert_eq!(
+            (d.width, d.height, d.orig_width, d.orig_height),
+            (4, 8, 4, 8)
+        );
+        let no_orient = DecodeOptions {
+            auto_orient: false,
+            ..OPTS
+        };
+        let d = decode_into(&with_exif, ring.try_acquire().unwrap(), &no_orient).unwrap();
+        assert_eq!((d.width, d.height), (8, 4));
+    }
+}

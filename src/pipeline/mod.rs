@@ -1,0 +1,69 @@
+//! The staged pipeline a request walks after the HTTP front end:
+//! decode (into a ring slot) → batcher (per model; preprocess into the batch tensor) →
+//! inference thread (per model) → postprocess pool → the waiting handler.
+//! Between stages travel slot handles, tensors and replies, never copies of pixels.
+
+pub mod batcher;
+pub mod decode;
+pub mod postprocess;
+pub mod preprocess;
+pub mod ring;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use crate::tasks::{TaskOutput, TaskParams};
+use decode::DecodedImage;
+
+/// A failure inside the pipeline, after the request was accepted.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum PipelineError {
+    #[error("Inference failed: {0}")]
+    Backend(String),
+    #[error("Preprocessing failed: {0}")]
+    Preprocess(String),
+    #[error("Postprocessing failed: {0}")]
+    Postprocess(String),
+    #[error("Internal error: the {0} stage panicked; the server goes on serving")]
+    Panicked(&'static str),
+}
+
+/// What a request gets back from the pipeline.
+pub type JobResult = Result<TaskOutput, PipelineError>;
+
+/// One image of one request, queued for a model.
+pub struct Job {
+    pub image: DecodedImage,
+    pub params: Arc<TaskParams>,
+    pub reply: oneshot::Sender<JobResult>,
+    pub enqueued: Instant,
+}
+
+/// The thread pools of the CPU stages, sized from the core count.
+pub struct Pools {
+    pub decode: rayon::ThreadPool,
+    pub preprocess: rayon::ThreadPool,
+    pub postprocess: rayon::ThreadPool,
+}
+
+impl Pools {
+    /// Builds the three pools with named threads.
+    pub fn new(decode: usize, preprocess: usize, postprocess: usize) -> anyhow::Result<Self> {
+        let pool = |n: usize, name: &'static str| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n.max(1))
+                .thread_name(move |i| format!("{name}-{i}"))
+                // A panic in a task fails that task's request (its reply is dropped); it must
+                // not abort the process, which is rayon's default.
+                .panic_handler(move |_| tracing::error!(pool = name, "a task panicked"))
+                .build()
+        };
+        Ok(Self {
+            decode: pool(decode, "decode")?,
+            preprocess: pool(preprocess, "preprocess")?,
+            postprocess: pool(postprocess, "postprocess")?,
+        })
+    }
+}

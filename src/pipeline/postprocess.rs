@@ -1,0 +1,43 @@
+//! Postprocess: a batch's outputs in, each request's predictions out. Every image of the
+//! batch is decoded as its own task on the postprocess pool (they share the outputs through
+//! an `Arc`, no copy), and its answer goes straight to the waiting handler. A panic in a
+//! decoder fails only that image's request.
+
+use std::sync::Arc;
+
+use super::batcher::{ModelRuntime, PreparedJob};
+use super::{PipelineError, Pools};
+use crate::model::backend::OutputTensor;
+
+/// Hands every job of a finished batch to the postprocess pool.
+pub fn dispatch(
+    pools: &Pools,
+    runtime: &Arc<ModelRuntime>,
+    outputs: Vec<OutputTensor>,
+    jobs: Vec<PreparedJob>,
+) {
+    let outputs = Arc::new(outputs);
+    for (i, job) in jobs.into_iter().enumerate() {
+        let Ok(geometry) = job.geometry else {
+            continue; // already answered with its preprocessing error
+        };
+        if job.reply.is_closed() {
+            continue;
+        }
+        let outputs = Arc::clone(&outputs);
+        let runtime = Arc::clone(runtime);
+        pools.postprocess.spawn(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                runtime
+                    .decoder
+                    .decode(&outputs, i, &runtime.class_names, &geometry, &job.params)
+            }));
+            let answer = match result {
+                Ok(Ok(out)) => Ok(out),
+                Ok(Err(e)) => Err(PipelineError::Postprocess(e)),
+                Err(_) => Err(PipelineError::Panicked("postprocess")),
+            };
+            let _ = job.reply.send(answer);
+        });
+    }
+}

@@ -1,0 +1,132 @@
+//! Wiring: configuration in, a running server out. Builds the pools, the ring and the model
+//! manager, listens (so `/healthz` answers at once), preloads and warms up the models (then
+//! `/readiness` turns 200), and serves until SIGTERM/SIGINT.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::config::ServeConfig;
+use crate::http::{self, AppState};
+use crate::model::manager::{LoadSettings, ModelManager};
+use crate::pipeline::batcher::BatcherConfig;
+use crate::pipeline::ring::Ring;
+use crate::pipeline::Pools;
+
+/// Runs the server until a shutdown signal; returns once drained.
+pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.http_threads())
+        .thread_name("http")
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(cfg))
+}
+
+fn build_state(cfg: ServeConfig) -> anyhow::Result<Arc<AppState>> {
+    let pools = Arc::new(Pools::new(
+        cfg.decode_threads(),
+        cfg.preprocess_threads(),
+        cfg.postprocess_threads(),
+    )?);
+    let ring = Ring::create(
+        &cfg.ring_dir,
+        cfg.ring_slots as usize,
+        cfg.ring_slot_pixels.saturating_mul(3),
+    )?;
+    let manager = Arc::new(ModelManager::new(
+        LoadSettings {
+            repository: cfg.model_cache_dir.clone(),
+            ort_dylib: cfg.ort_dylib_path.clone(),
+            ort_intra_threads: cfg.ort_intra_threads(),
+            batcher: BatcherConfig {
+                max_batch: cfg.max_batch_size as usize,
+                max_queue_delay: Duration::from_micros(cfg.max_queue_delay_us),
+                max_queue_size: cfg.max_queue_size as usize,
+            },
+        },
+        Arc::clone(&pools),
+    ));
+    let http_client = if cfg.allow_url_input {
+        Some(
+            reqwest::Client::builder()
+                .timeout(Duration::from_millis(cfg.url_timeout_ms))
+                .redirect(reqwest::redirect::Policy::limited(3))
+                .build()?,
+        )
+    } else {
+        None
+    };
+    Ok(Arc::new(AppState {
+        manager,
+        ring,
+        pools,
+        http_client,
+        uuid: uuid::Uuid::new_v4().simple().to_string()[..6].to_string(),
+        ready: Default::default(),
+        draining: Default::default(),
+        cfg,
+    }))
+}
+
+async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    let addr = format!("{}:{}", cfg.host, cfg.port);
+    let drain = Duration::from_secs_f64(cfg.drain_timeout_s.max(0.0));
+    let state = build_state(cfg)?;
+    let listener = TcpListener::bind(&addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(
+        %local,
+        ring_slots = state.ring.slots(),
+        ring_slot_mib = state.ring.slot_bytes() >> 20,
+        "listening"
+    );
+    // Tests and scripts read this line to find the port.
+    println!("cvserve listening on http://{local}");
+
+    let preload = Arc::clone(&state);
+    tokio::task::spawn_blocking(move || preload_models(&preload));
+
+    http::serve(listener, Arc::clone(&state), shutdown_signal(), drain).await;
+    tracing::info!("bye");
+    Ok(())
+}
+
+fn preload_models(state: &AppState) {
+    let wanted: Vec<String> = match state.cfg.preload_models.trim() {
+        "all" => state.manager.available(),
+        "none" | "" => vec![],
+        list => list
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+    };
+    for id in wanted {
+        if let Err(e) = state.manager.get_or_load(&id) {
+            // One broken model must not keep the others from serving.
+            tracing::error!(model = id, error = %e, "model failed to load");
+        }
+    }
+    state.ready.store(true, Ordering::Release);
+    tracing::info!(models = state.manager.list().len(), "ready");
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
