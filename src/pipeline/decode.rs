@@ -124,10 +124,11 @@ fn decode_jpeg(
         let header = match dec.read_header(data) {
             Ok(h) => h,
             Err(e) => {
+                // Let the second decoder look too: it reports absurd dimensions precisely.
                 return Err((
-                    None,
+                    Some(slot),
                     DecodeError::Undecodable(format!("not a valid JPEG ({e})")),
-                ))
+                ));
             }
         };
         if let Err(e) = check_pixels(header.width as u64, header.height as u64, opts) {
@@ -456,15 +457,35 @@ mod tests {
         assert_eq!(ring.in_use(), 0);
     }
 
+    /// An image whose header claims `side x side` pixels, in a format without checksums.
+    pub(crate) fn fake_header(fmt: image::ImageFormat, side: u32) -> Vec<u8> {
+        let mut data = encode(&gradient(8, 8), fmt);
+        match fmt {
+            image::ImageFormat::Bmp => {
+                data[18..22].copy_from_slice(&(side as i32).to_le_bytes());
+                data[22..26].copy_from_slice(&(side as i32).to_le_bytes());
+            }
+            image::ImageFormat::Jpeg => {
+                let sof = data.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+                data[sof + 5..sof + 7].copy_from_slice(&(side as u16).to_be_bytes());
+                data[sof + 7..sof + 9].copy_from_slice(&(side as u16).to_be_bytes());
+            }
+            _ => unreachable!(),
+        }
+        data
+    }
+
     #[test]
     fn absurd_header_dimensions_are_refused_before_decoding() {
-        // A PNG header claiming 60000 x 60000 pixels, with no pixel data behind it.
-        let mut png = encode(&gradient(1, 1), image::ImageFormat::Png);
-        png[16..20].copy_from_slice(&60000u32.to_be_bytes());
-        png[20..24].copy_from_slice(&60000u32.to_be_bytes());
         let ring = ring(16);
-        let err = decode_into(&png, ring.try_acquire().unwrap(), &OPTS).unwrap_err();
-        assert!(matches!(err, DecodeError::TooManyPixels { .. }), "{err:?}");
+        for fmt in [image::ImageFormat::Bmp, image::ImageFormat::Jpeg] {
+            for side in [50000, 60000] {
+                let err = decode_into(&fake_header(fmt, side), ring.try_acquire().unwrap(), &OPTS)
+                    .unwrap_err();
+                assert!(matches!(err, DecodeError::TooManyPixels { .. }), "{fmt:?} {side}: {err:?}");
+            }
+        }
+        assert_eq!(ring.in_use(), 0);
     }
 
     #[test]

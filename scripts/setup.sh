@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what building and testing need on a fresh Debian/Ubuntu box, idempotently:
+# cmake + nasm (libjpeg-turbo is built from source by the turbojpeg crate), python3 + pip (to
+# fetch the ONNX Runtime library from its PyPI wheel), and the ONNX Runtime library itself
+# into vendor/onnxruntime (git-ignored; never committed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v cmake >/dev/null || missing+=(cmake)
+command -v nasm >/dev/null || missing+=(nasm)
+command -v cc >/dev/null || missing+=(build-essential)
+command -v python3 >/dev/null || missing+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (https://rustup.rs) first" >&2; exit 1; }
+
+scripts/fetch_onnxruntime.sh vendor/onnxruntime cpu >/dev/null
+echo "setup: ONNX Runtime at vendor/onnxruntime/libonnxruntime.so.${ORT_VERSION:-1.31.1}"

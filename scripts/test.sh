@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test command: installs what it needs (scripts/setup.sh), checks formatting, then runs
+# the unit tests and the HTTP tests (which start the real server on free ports with the
+# bundled models). Release profile: the same build the server ships with.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$PWD/vendor/onnxruntime/libonnxruntime.so.${ORT_VERSION:-1.31.1}}"
+if cargo fmt --version >/dev/null 2>&1; then cargo fmt --all -- --check; fi
+cargo test --release --locked "$@"

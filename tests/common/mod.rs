@@ -1,0 +1,304 @@
+//! Test harness: starts the real `cvserve` binary on a free loopback port with the bundled
+//! models and talks HTTP to it. Each test gets its own server (killed on drop).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::Value;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(rel: &str) -> Vec<u8> {
+    std::fs::read(repo().join("tests/fixtures").join(rel)).unwrap_or_else(|e| panic!("fixture {rel}: {e}"))
+}
+
+pub fn b64(rel: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(fixture(rel))
+}
+
+pub fn golden(rel: &str) -> Value {
+    serde_json::from_slice(&fixture(&format!("golden/{rel}"))).unwrap()
+}
+
+pub fn ort_dylib() -> String {
+    std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| {
+        repo()
+            .join("vendor/onnxruntime/libonnxruntime.so.1.31.1")
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
+/// An answer: status, headers, body parsed as JSON (or `Value::String` when not JSON).
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Value,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub log: PathBuf,
+    agent: ureq::Agent,
+}
+
+impl Server {
+    /// Starts a server preloading `models` (comma list, or "all"), with extra env vars.
+    pub fn start(models: &str, env: &[(&str, &str)]) -> Server {
+        let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "cvserve-{}-{}.log",
+            std::process::id(),
+            uuid_like()
+        ));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cvserve"));
+        cmd.arg("serve")
+            .env("HOST", "127.0.0.1")
+            .env("PORT", "0")
+            .env("MODEL_CACHE_DIR", repo().join("models"))
+            .env("ORT_DYLIB_PATH", ort_dylib())
+            .env("PRELOAD_MODELS", models)
+            .env("RING_DIR", std::env::temp_dir())
+            .env("LOG_LEVEL", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn cvserve");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let base = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(addr) = line.strip_prefix("cvserve listening on ") {
+                        break addr.trim().to_string();
+                    }
+                }
+                _ => panic!(
+                    "server exited before listening:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ),
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .into();
+        let server = Server {
+            child,
+            base,
+            log,
+            agent,
+        };
+        server.wait_ready(Duration::from_secs(120));
+        server
+    }
+
+    pub fn wait_ready(&self, limit: Duration) {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if self.get("/readiness").status == 200 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("server not ready in {limit:?}:\n{}", self.logs());
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    fn finish(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Resp {
+        let mut r = r.expect("HTTP request failed at the transport level");
+        let status = r.status().as_u16();
+        let headers = r
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let text = r.body_mut().read_to_string().unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Resp {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        Self::finish(self.agent.get(self.url(path)).call())
+    }
+
+    pub fn post_json(&self, path: &str, body: &Value) -> Resp {
+        Self::finish(
+            self.agent
+                .post(self.url(path))
+                .header("Content-Type", "application/json")
+                .send(serde_json::to_vec(body).unwrap()),
+        )
+    }
+
+    pub fn post_raw(&self, path: &str, content_type: Option<&str>, body: &[u8]) -> Resp {
+        let mut req = self.agent.post(self.url(path));
+        if let Some(ct) = content_type {
+            req = req.header("Content-Type", ct);
+        }
+        Self::finish(req.send(body))
+    }
+
+    /// Multipart upload with one part named `name`.
+    pub fn post_multipart(&self, path: &str, name: &str, data: &[u8]) -> Resp {
+        let boundary = "cvserve-test-boundary-7d1f";
+        let mut body = Vec::new();
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"img.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(data);
+        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        self.post_raw(
+            path,
+            Some(&format!("multipart/form-data; boundary={boundary}")),
+            &body,
+        )
+    }
+
+    /// `/infer/object_detection` with one fixture image and extra fields.
+    pub fn detect(&self, model: &str, image: &str, extra: Value) -> Resp {
+        let mut body = serde_json::json!({
+            "model_id": model,
+            "image": {"type": "base64", "value": b64(image)},
+        });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        self.post_json("/infer/object_detection", &body)
+    }
+
+    /// Writes `head` (request line and headers) and `body` on a raw socket and returns the
+    /// response's status line. For requests a well-behaved client library refuses to send.
+    pub fn raw(&self, head: &str, body: &[u8]) -> String {
+        use std::io::{Read, Write};
+        let addr = self.base.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream.write_all(head.as_bytes()).unwrap();
+        let _ = stream.write_all(body);
+        let mut buf = [0u8; 4096];
+        let n = stream.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// Sends a signal to the server process.
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A detection as (class, x1, y1, x2, y2, confidence).
+pub fn boxes(predictions: &Value) -> Vec<(String, f64, f64, f64, f64, f64)> {
+    predictions
+        .as_array()
+        .expect("predictions array")
+        .iter()
+        .map(|p| {
+            let (x, y, w, h) = (
+                p["x"].as_f64().unwrap(),
+                p["y"].as_f64().unwrap(),
+                p["width"].as_f64().unwrap(),
+                p["height"].as_f64().unwrap(),
+            );
+            (
+                p["class"].as_str().unwrap().to_string(),
+                x - w / 2.0,
+                y - h / 2.0,
+                x + w / 2.0,
+                y + h / 2.0,
+                p["confidence"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+pub fn iou(a: &(String, f64, f64, f64, f64, f64), b: &(String, f64, f64, f64, f64, f64)) -> f64 {
+    let w = (a.3.min(b.3) - a.1.max(b.1)).max(0.0);
+    let h = (a.4.min(b.4) - a.2.max(b.2)).max(0.0);
+    let inter = w * h;
+    let union = (a.3 - a.1) * (a.4 - a.2) + (b.3 - b.1) * (b.4 - b.2) - inter;
+    if union <= 0.0 {
+        0.0
+    } else {
+        inter / union
+    }
+}
+
+/// The golden tolerance: every golden box scoring clearly above the threshold (by 0.03) has a
+/// box of the same class with IoU >= 0.85 and confidence within 0.03; and every box of ours
+/// scoring clearly above the threshold has such a golden box, unless a golden box of its class
+/// overlaps it (the reference suppresses overlaps harder: intersection over the smaller box).
+pub fn assert_matches_golden(ours: &Value, golden: &Value, threshold: f64, what: &str) {
+    let ours = boxes(ours);
+    let gold = boxes(golden);
+    let close = |a: &(String, f64, f64, f64, f64, f64), b: &(String, f64, f64, f64, f64, f64)| {
+        a.0 == b.0 && iou(a, b) >= 0.85 && (a.5 - b.5).abs() <= 0.03
+    };
+    for g in gold.iter().filter(|g| g.5 >= threshold + 0.03) {
+        assert!(
+            ours.iter().any(|o| close(o, g)),
+            "{what}: golden {g:?} has no match in {ours:?}"
+        );
+    }
+    for o in ours.iter().filter(|o| o.5 >= threshold + 0.03) {
+        let matched = gold.iter().any(|g| close(o, g));
+        let overlapped = gold.iter().any(|g| g.0 == o.0 && iou(o, g) > 0.0);
+        assert!(
+            matched || overlapped,
+            "{what}: our {o:?} is not in golden {gold:?}"
+        );
+    }
+}

@@ -1,0 +1,156 @@
+//! Object detection over real HTTP against the bundled models, compared with the answers
+//! of Roboflow Inference 1.8.3 (tests/fixtures/golden).
+
+mod common;
+
+use common::{assert_matches_golden, b64, boxes, fixture, golden, Server};
+use serde_json::json;
+
+#[test]
+fn dog_jpg_finds_the_dog_and_matches_roboflow() {
+    let s = Server::start("coco/1", &[]);
+    let r = s.detect("coco/1", "images/dog.jpg", json!({}));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["image"], json!({"width": 768, "height": 576}));
+    let classes: Vec<String> = boxes(&r.body["predictions"]).into_iter().map(|b| b.0).collect();
+    assert!(classes.contains(&"dog".to_string()), "{classes:?}");
+    let p = &r.body["predictions"][0];
+    for field in ["x", "y", "width", "height", "confidence", "class", "class_id", "detection_id"] {
+        assert!(!p[field].is_null(), "missing {field} in {p}");
+    }
+    assert!(r.body["inference_id"].is_string() && r.body["time"].is_f64());
+    assert!(r.header("x-request-id").is_some());
+}
+
+#[test]
+fn coco_matches_roboflow_on_every_photo() {
+    let s = Server::start("coco/1", &[]);
+    for name in ["astronaut", "chelsea", "coffee", "dog", "eagle", "giraffe", "horses", "kite", "person"] {
+        let g = golden(&format!("coco-1/{name}.json"));
+        let r = s.detect("coco/1", &format!("images/{name}.jpg"), json!({}));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body["image"], g["response"]["image"], "{name}");
+        assert_matches_golden(&r.body["predictions"], &g["response"]["predictions"], 0.4, name);
+    }
+}
+
+#[test]
+fn shapes_models_match_roboflow_in_both_yolo_layouts() {
+    let s = Server::start("shapes-det/1,shapes-det-v5/1", &[]);
+    for model in ["shapes-det/1", "shapes-det-v5/1"] {
+        let dir = model.replace('/', "-");
+        for i in 0..10 {
+            let g = golden(&format!("{dir}/{i:06}.json"));
+            let r = s.detect(model, &format!("samples/shapes/{i:06}.jpg"), json!({}));
+            assert_eq!(r.status, 200);
+            assert_matches_golden(
+                &r.body["predictions"],
+                &g["response"]["predictions"],
+                0.4,
+                &format!("{model} {i}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn a_list_of_images_gets_a_list_of_answers_in_order() {
+    let s = Server::start("coco/1", &[]);
+    let names = ["giraffe", "dog", "kite", "giraffe"];
+    let images: Vec<_> = names
+        .iter()
+        .map(|n| json!({"type": "base64", "value": b64(&format!("images/{n}.jpg"))}))
+        .collect();
+    let r = s.post_json(
+        "/infer/object_detection",
+        &json!({"model_id": "coco/1", "image": images}),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let list = r.body.as_array().expect("a list");
+    assert_eq!(list.len(), 4);
+    for (answer, name) in list.iter().zip(names) {
+        let single = s.detect("coco/1", &format!("images/{name}.jpg"), json!({}));
+        assert_eq!(answer["image"], single.body["image"], "{name}");
+        let a: Vec<_> = boxes(&answer["predictions"]).into_iter().map(|b| b.0).collect();
+        let b: Vec<_> = boxes(&single.body["predictions"]).into_iter().map(|b| b.0).collect();
+        assert_eq!(a, b, "{name}");
+    }
+}
+
+#[test]
+fn legacy_route_agrees_with_the_json_route() {
+    let s = Server::start("coco/1", &[]);
+    let json_route = s.detect("coco/1", "images/dog.jpg", json!({}));
+    let summary = |v: &serde_json::Value| -> Vec<(String, i64, i64)> {
+        boxes(&v["predictions"])
+            .into_iter()
+            .map(|b| (b.0, b.1.round() as i64, b.2.round() as i64))
+            .collect()
+    };
+    // The SDK's v0 mode: base64 text with a JSON content type.
+    let b64_body = s.post_raw(
+        "/coco/1?api_key=x&confidence=40&overlap=30",
+        Some("application/json"),
+        b64("images/dog.jpg").as_bytes(),
+    );
+    assert_eq!(b64_body.status, 200, "{:?}", b64_body.body);
+    assert_eq!(summary(&b64_body.body), summary(&json_route.body));
+    let multipart = s.post_multipart("/coco/1", "file", &fixture("images/dog.jpg"));
+    assert_eq!(multipart.status, 200, "{:?}", multipart.body);
+    assert_eq!(summary(&multipart.body), summary(&json_route.body));
+    // Legacy thresholds as percentages: confidence=90 keeps nothing on dog.jpg.
+    let strict = s.post_multipart("/coco/1?confidence=90", "file", &fixture("images/dog.jpg"));
+    assert_eq!(strict.body["predictions"], json!([]));
+}
+
+#[test]
+fn request_parameters_change_the_answer() {
+    let s = Server::start("coco/1", &[]);
+    let all = s.detect("coco/1", "images/kite.jpg", json!({"confidence": 0.2}));
+    let n_all = all.body["predictions"].as_array().unwrap().len();
+    let capped = s.detect("coco/1", "images/kite.jpg", json!({"confidence": 0.2, "max_detections": 2}));
+    assert_eq!(capped.body["predictions"].as_array().unwrap().len(), 2.min(n_all));
+    let kites = s.detect("coco/1", "images/kite.jpg", json!({"confidence": 0.2, "class_filter": ["kite"]}));
+    let k = boxes(&kites.body["predictions"]);
+    assert!(!k.is_empty() && k.iter().all(|b| b.0 == "kite"), "{k:?}");
+    assert!(k.len() < n_all);
+}
+
+#[test]
+fn sdk_flow_registry_add_infer_remove_clear() {
+    let s = Server::start("none", &[]);
+    let reg = s.get("/model/registry?api_key=x");
+    assert_eq!(reg.status, 200);
+    assert_eq!(reg.body["models"], json!([]));
+    let add = s.post_json("/model/add", &json!({"model_id": "shapes-det/1", "api_key": "x"}));
+    assert_eq!(add.status, 200, "{:?}", add.body);
+    let m = &add.body["models"][0];
+    assert_eq!(m["model_id"], "shapes-det/1");
+    assert_eq!(m["task_type"], "object-detection");
+    assert_eq!(m["request_paths"], json!(["/infer/object_detection"]));
+    assert_eq!((m["input_width"].as_u64(), m["input_height"].as_u64()), (Some(640), Some(640)));
+    let r = s.detect("shapes-det/1", "samples/shapes/000000.jpg", json!({}));
+    assert_eq!(r.status, 200);
+    // A model not loaded yet is loaded on first use.
+    let r = s.detect("coco/1", "images/dog.jpg", json!({}));
+    assert_eq!(r.status, 200);
+    assert_eq!(s.get("/model/registry").body["models"].as_array().unwrap().len(), 2);
+    let rm = s.post_json("/model/remove", &json!({"model_id": "coco/1"}));
+    assert_eq!(rm.status, 200);
+    assert_eq!(rm.body["models"].as_array().unwrap().len(), 1);
+    assert_eq!(s.post_json("/model/remove", &json!({"model_id": "coco/1"})).status, 404);
+    let cleared = s.post_raw("/model/clear", None, b"");
+    assert_eq!(cleared.status, 200);
+    assert_eq!(cleared.body["models"], json!([]));
+}
+
+#[test]
+fn info_health_readiness() {
+    let s = Server::start("none", &[]);
+    let info = s.get("/info");
+    assert_eq!(info.status, 200);
+    assert!(info.body["version"].is_string());
+    assert_eq!(s.get("/healthz").body, json!({"status": "healthy"}));
+    assert_eq!(s.get("/readiness").body, json!({"status": "ready"}));
+    assert_eq!(s.get("/nope").status, 404);
+}
