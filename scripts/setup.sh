@@ -22,3 +22,16 @@ command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (htt
 
 scripts/fetch_onnxruntime.sh vendor/onnxruntime cpu >/dev/null
 echo "setup: ONNX Runtime at vendor/onnxruntime/libonnxruntime.so.${ORT_VERSION:-1.31.1}"
+
+# Roboflow's Python client, for the compatibility test (tests/python_sdk.rs). Only with --sdk.
+if [ "${1:-}" = "--sdk" ] && ! vendor/sdk-venv/bin/python -c "import inference_sdk" 2>/dev/null; then
+  rm -rf vendor/sdk-venv
+  if ! python3 -m venv vendor/sdk-venv 2>/dev/null; then
+    rm -rf vendor/sdk-venv
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    python3 -m venv vendor/sdk-venv
+  fi
+  vendor/sdk-venv/bin/pip install -q "inference-sdk==1.8.3"
+  echo "setup: inference_sdk 1.8.3 in vendor/sdk-venv"
+fi

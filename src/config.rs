@@ -55,8 +55,8 @@ pub struct ServeConfig {
     pub ring_slots: u32,
 
     /// Pixels one ring slot holds (RGB, 3 bytes each). Larger JPEGs are decoded at 1/2, 1/4 or
-    /// 1/8 scale to fit (they are far above any network input size); larger images of other
-    /// formats are rejected with 413.
+    /// 1/8 scale to fit, larger images of other formats are shrunk to fit (either way far above
+    /// any network input size); responses still report and map to the original size.
     #[arg(long, env = "RING_SLOT_PIXELS", default_value_t = 2048 * 2048)]
     pub ring_slot_pixels: usize,
 

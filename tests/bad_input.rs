@@ -21,7 +21,9 @@ fn b64(bytes: &[u8]) -> serde_json::Value {
 
 fn assert_error(r: &common::Resp, status: u16, needle: &str) {
     assert_eq!(r.status, status, "{:?}", r.body);
-    let msg = r.body["message"].as_str().unwrap_or_else(|| panic!("no message in {:?}", r.body));
+    let msg = r.body["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no message in {:?}", r.body));
     assert!(
         msg.to_lowercase().contains(&needle.to_lowercase()),
         "message {msg:?} should mention {needle:?}"
@@ -50,30 +52,95 @@ fn every_bad_input_is_a_4xx_and_the_server_keeps_serving() {
     let s = Server::start("shapes-det/1", &[("MAX_BODY_BYTES", "2000000")]);
     let good = b64(&fixture("samples/shapes/000000.jpg"));
 
-    assert_error(&det(&s, json!({"type": "base64", "value": "%%%not base64%%%"}), json!({})), 400, "base64");
+    assert_error(
+        &det(
+            &s,
+            json!({"type": "base64", "value": "%%%not base64%%%"}),
+            json!({}),
+        ),
+        400,
+        "base64",
+    );
     assert_error(&det(&s, b64(b""), json!({})), 400, "empty");
-    assert_error(&det(&s, b64(b"definitely not an image"), json!({})), 400, "could not load input image");
+    assert_error(
+        &det(&s, b64(b"definitely not an image"), json!({})),
+        400,
+        "could not load input image",
+    );
     let mut truncated = fixture("samples/shapes/000000.jpg");
     truncated.truncate(300);
-    assert_error(&det(&s, b64(&truncated), json!({})), 400, "could not load input image");
-    assert_error(&det(&s, b64(&absurd(image::ImageFormat::Bmp)), json!({})), 400, "50000x50000");
-    assert_error(&det(&s, b64(&absurd(image::ImageFormat::Jpeg)), json!({})), 400, "50000x50000");
     assert_error(
-        &s.post_json("/infer/object_detection", &json!({"model_id": "nope/1", "image": good})),
+        &det(&s, b64(&truncated), json!({})),
+        400,
+        "could not load input image",
+    );
+    assert_error(
+        &det(&s, b64(&absurd(image::ImageFormat::Bmp)), json!({})),
+        400,
+        "50000x50000",
+    );
+    assert_error(
+        &det(&s, b64(&absurd(image::ImageFormat::Jpeg)), json!({})),
+        400,
+        "50000x50000",
+    );
+    assert_error(
+        &s.post_json(
+            "/infer/object_detection",
+            &json!({"model_id": "nope/1", "image": good}),
+        ),
         404,
         "nope/1",
     );
     assert_error(
-        &s.post_json("/infer/object_detection", &json!({"model_id": "../../etc/1", "image": good})),
+        &s.post_json(
+            "/infer/object_detection",
+            &json!({"model_id": "../../etc/1", "image": good}),
+        ),
         400,
         "invalid model_id",
     );
-    assert_error(&det(&s, good.clone(), json!({"confidence": 7})), 422, "confidence");
-    assert_error(&det(&s, good.clone(), json!({"iou_threshold": "high"})), 422, "invalid");
-    assert_error(&s.post_raw("/infer/object_detection", Some("application/json"), b"{oops"), 422, "invalid");
-    assert_error(&s.post_json("/infer/object_detection", &json!({"model_id": "shapes-det/1"})), 422, "image");
-    assert_error(&det(&s, json!({"type": "numpy", "value": "x"}), json!({})), 400, "numpy");
-    assert_error(&det(&s, json!({"type": "url", "value": "http://127.0.0.1:1/x.jpg"}), json!({})), 400, "ALLOW_URL_INPUT");
+    assert_error(
+        &det(&s, good.clone(), json!({"confidence": 7})),
+        422,
+        "confidence",
+    );
+    assert_error(
+        &det(&s, good.clone(), json!({"iou_threshold": "high"})),
+        422,
+        "invalid",
+    );
+    assert_error(
+        &s.post_raw(
+            "/infer/object_detection",
+            Some("application/json"),
+            b"{oops",
+        ),
+        422,
+        "invalid",
+    );
+    assert_error(
+        &s.post_json(
+            "/infer/object_detection",
+            &json!({"model_id": "shapes-det/1"}),
+        ),
+        422,
+        "image",
+    );
+    assert_error(
+        &det(&s, json!({"type": "numpy", "value": "x"}), json!({})),
+        400,
+        "numpy",
+    );
+    assert_error(
+        &det(
+            &s,
+            json!({"type": "url", "value": "http://127.0.0.1:1/x.jpg"}),
+            json!({}),
+        ),
+        400,
+        "ALLOW_URL_INPUT",
+    );
     // A body declared larger than MAX_BODY_BYTES is refused before it is read.
     let answer = s.raw(
         "POST /infer/object_detection HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 3000000\r\n\r\n",
@@ -95,9 +162,21 @@ fn every_bad_input_is_a_4xx_and_the_server_keeps_serving() {
         &chunked,
     );
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
-    assert_error(&s.post_raw("/shapes-det/1", None, b"abc"), 400, "Content-Type");
-    assert_error(&s.post_multipart("/shapes-det/1", "upload", b"abc"), 400, "file");
-    assert_error(&s.post_raw("/shapes-det/1", Some("application/json"), b"@@@"), 400, "base64");
+    assert_error(
+        &s.post_raw("/shapes-det/1", None, b"abc"),
+        400,
+        "Content-Type",
+    );
+    assert_error(
+        &s.post_multipart("/shapes-det/1", "upload", b"abc"),
+        400,
+        "file",
+    );
+    assert_error(
+        &s.post_raw("/shapes-det/1", Some("application/json"), b"@@@"),
+        400,
+        "base64",
+    );
 
     // Still serving, and no ring slot leaked: a full batch of answers comes back.
     let r = det(&s, good, json!({}));
@@ -113,7 +192,10 @@ fn a_single_slot_ring_is_reused_after_every_failure() {
     let good = b64(&fixture("samples/shapes/000001.jpg"));
     for _ in 0..3 {
         assert_eq!(det(&s, b64(b"junk"), json!({})).status, 400);
-        assert_eq!(det(&s, b64(&absurd(image::ImageFormat::Jpeg)), json!({})).status, 400);
+        assert_eq!(
+            det(&s, b64(&absurd(image::ImageFormat::Jpeg)), json!({})).status,
+            400
+        );
         assert_eq!(det(&s, good.clone(), json!({})).status, 200);
     }
 }

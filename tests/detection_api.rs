@@ -12,10 +12,22 @@ fn dog_jpg_finds_the_dog_and_matches_roboflow() {
     let r = s.detect("coco/1", "images/dog.jpg", json!({}));
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.body["image"], json!({"width": 768, "height": 576}));
-    let classes: Vec<String> = boxes(&r.body["predictions"]).into_iter().map(|b| b.0).collect();
+    let classes: Vec<String> = boxes(&r.body["predictions"])
+        .into_iter()
+        .map(|b| b.0)
+        .collect();
     assert!(classes.contains(&"dog".to_string()), "{classes:?}");
     let p = &r.body["predictions"][0];
-    for field in ["x", "y", "width", "height", "confidence", "class", "class_id", "detection_id"] {
+    for field in [
+        "x",
+        "y",
+        "width",
+        "height",
+        "confidence",
+        "class",
+        "class_id",
+        "detection_id",
+    ] {
         assert!(!p[field].is_null(), "missing {field} in {p}");
     }
     assert!(r.body["inference_id"].is_string() && r.body["time"].is_f64());
@@ -25,12 +37,27 @@ fn dog_jpg_finds_the_dog_and_matches_roboflow() {
 #[test]
 fn coco_matches_roboflow_on_every_photo() {
     let s = Server::start("coco/1", &[]);
-    for name in ["astronaut", "chelsea", "coffee", "dog", "eagle", "giraffe", "horses", "kite", "person"] {
+    for name in [
+        "astronaut",
+        "chelsea",
+        "coffee",
+        "dog",
+        "eagle",
+        "giraffe",
+        "horses",
+        "kite",
+        "person",
+    ] {
         let g = golden(&format!("coco-1/{name}.json"));
         let r = s.detect("coco/1", &format!("images/{name}.jpg"), json!({}));
         assert_eq!(r.status, 200);
         assert_eq!(r.body["image"], g["response"]["image"], "{name}");
-        assert_matches_golden(&r.body["predictions"], &g["response"]["predictions"], 0.4, name);
+        assert_matches_golden(
+            &r.body["predictions"],
+            &g["response"]["predictions"],
+            0.4,
+            name,
+        );
     }
 }
 
@@ -71,8 +98,14 @@ fn a_list_of_images_gets_a_list_of_answers_in_order() {
     for (answer, name) in list.iter().zip(names) {
         let single = s.detect("coco/1", &format!("images/{name}.jpg"), json!({}));
         assert_eq!(answer["image"], single.body["image"], "{name}");
-        let a: Vec<_> = boxes(&answer["predictions"]).into_iter().map(|b| b.0).collect();
-        let b: Vec<_> = boxes(&single.body["predictions"]).into_iter().map(|b| b.0).collect();
+        let a: Vec<_> = boxes(&answer["predictions"])
+            .into_iter()
+            .map(|b| b.0)
+            .collect();
+        let b: Vec<_> = boxes(&single.body["predictions"])
+            .into_iter()
+            .map(|b| b.0)
+            .collect();
         assert_eq!(a, b, "{name}");
     }
 }
@@ -108,9 +141,20 @@ fn request_parameters_change_the_answer() {
     let s = Server::start("coco/1", &[]);
     let all = s.detect("coco/1", "images/kite.jpg", json!({"confidence": 0.2}));
     let n_all = all.body["predictions"].as_array().unwrap().len();
-    let capped = s.detect("coco/1", "images/kite.jpg", json!({"confidence": 0.2, "max_detections": 2}));
-    assert_eq!(capped.body["predictions"].as_array().unwrap().len(), 2.min(n_all));
-    let kites = s.detect("coco/1", "images/kite.jpg", json!({"confidence": 0.2, "class_filter": ["kite"]}));
+    let capped = s.detect(
+        "coco/1",
+        "images/kite.jpg",
+        json!({"confidence": 0.2, "max_detections": 2}),
+    );
+    assert_eq!(
+        capped.body["predictions"].as_array().unwrap().len(),
+        2.min(n_all)
+    );
+    let kites = s.detect(
+        "coco/1",
+        "images/kite.jpg",
+        json!({"confidence": 0.2, "class_filter": ["kite"]}),
+    );
     let k = boxes(&kites.body["predictions"]);
     assert!(!k.is_empty() && k.iter().all(|b| b.0 == "kite"), "{k:?}");
     assert!(k.len() < n_all);
@@ -122,23 +166,39 @@ fn sdk_flow_registry_add_infer_remove_clear() {
     let reg = s.get("/model/registry?api_key=x");
     assert_eq!(reg.status, 200);
     assert_eq!(reg.body["models"], json!([]));
-    let add = s.post_json("/model/add", &json!({"model_id": "shapes-det/1", "api_key": "x"}));
+    let add = s.post_json(
+        "/model/add",
+        &json!({"model_id": "shapes-det/1", "api_key": "x"}),
+    );
     assert_eq!(add.status, 200, "{:?}", add.body);
     let m = &add.body["models"][0];
     assert_eq!(m["model_id"], "shapes-det/1");
     assert_eq!(m["task_type"], "object-detection");
     assert_eq!(m["request_paths"], json!(["/infer/object_detection"]));
-    assert_eq!((m["input_width"].as_u64(), m["input_height"].as_u64()), (Some(640), Some(640)));
+    assert_eq!(
+        (m["input_width"].as_u64(), m["input_height"].as_u64()),
+        (Some(640), Some(640))
+    );
     let r = s.detect("shapes-det/1", "samples/shapes/000000.jpg", json!({}));
     assert_eq!(r.status, 200);
     // A model not loaded yet is loaded on first use.
     let r = s.detect("coco/1", "images/dog.jpg", json!({}));
     assert_eq!(r.status, 200);
-    assert_eq!(s.get("/model/registry").body["models"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        s.get("/model/registry").body["models"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
     let rm = s.post_json("/model/remove", &json!({"model_id": "coco/1"}));
     assert_eq!(rm.status, 200);
     assert_eq!(rm.body["models"].as_array().unwrap().len(), 1);
-    assert_eq!(s.post_json("/model/remove", &json!({"model_id": "coco/1"})).status, 404);
+    assert_eq!(
+        s.post_json("/model/remove", &json!({"model_id": "coco/1"}))
+            .status,
+        404
+    );
     let cleared = s.post_raw("/model/clear", None, b"");
     assert_eq!(cleared.status, 200);
     assert_eq!(cleared.body["models"], json!([]));

@@ -482,7 +482,10 @@ mod tests {
             for side in [50000, 60000] {
                 let err = decode_into(&fake_header(fmt, side), ring.try_acquire().unwrap(), &OPTS)
                     .unwrap_err();
-                assert!(matches!(err, DecodeError::TooManyPixels { .. }), "{fmt:?} {side}: {err:?}");
+                assert!(
+                    matches!(err, DecodeError::TooManyPixels { .. }),
+                    "{fmt:?} {side}: {err:?}"
+                );
             }
         }
         assert_eq!(ring.in_use(), 0);

@@ -16,7 +16,8 @@ pub fn repo() -> PathBuf {
 }
 
 pub fn fixture(rel: &str) -> Vec<u8> {
-    std::fs::read(repo().join("tests/fixtures").join(rel)).unwrap_or_else(|e| panic!("fixture {rel}: {e}"))
+    std::fs::read(repo().join("tests/fixtures").join(rel))
+        .unwrap_or_else(|e| panic!("fixture {rel}: {e}"))
 }
 
 pub fn b64(rel: &str) -> String {
@@ -211,7 +212,9 @@ impl Server {
         use std::io::{Read, Write};
         let addr = self.base.trim_start_matches("http://");
         let mut stream = std::net::TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         stream.write_all(head.as_bytes()).unwrap();
         let _ = stream.write_all(body);
         let mut buf = [0u8; 4096];
