@@ -48,5 +48,14 @@ fn inference_sdk_works_unchanged() {
     assert_eq!(list.len(), 2);
     assert!(classes(&list[1]).contains(&"giraffe".to_string()));
     assert_eq!(classes(&out["detection_v0"]), classes(&out["detection"]));
-    assert!(out["registry"].to_string().contains("coco/1"));
+    let seg = &out["segmentation"]["predictions"][0];
+    assert_eq!(seg["class"], "rectangle", "{}", out["segmentation"]);
+    assert!(seg["points"].as_array().is_some_and(|p| p.len() >= 4));
+    assert!(out["classification"]["top"]
+        .as_str()
+        .is_some_and(|t| t.contains("cat")));
+    let registry = out["registry"].to_string();
+    for id in ["coco/1", "shapes-seg/1", "imagenet/1"] {
+        assert!(registry.contains(id), "{id} missing from {registry}");
+    }
 }

@@ -19,6 +19,8 @@ out = {
     "detection_list": client.infer(
         [img("images/dog.jpg"), img("images/giraffe.jpg")], model_id="coco/1"
     ),
+    "segmentation": client.infer(img("samples/shapes/000000.jpg"), model_id="shapes-seg/1"),
+    "classification": client.infer(img("images/chelsea.jpg"), model_id="imagenet/1"),
     "registry": client.list_loaded_models(),
 }
 # v0 mode: POST /{dataset}/{version} with a base64 body

@@ -5,7 +5,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ApiError;
+use crate::tasks::classification::ClassificationParams;
 use crate::tasks::detection::DetectionParams;
+use crate::tasks::segmentation::{MaskDecodeMode, MaskFormat, SegmentationParams};
 
 /// Where an image comes from.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,6 +81,9 @@ pub struct InferRequest {
     pub max_candidates: Option<i64>,
     pub disable_preproc_auto_orient: Option<bool>,
     pub visualize_predictions: Option<bool>,
+    pub mask_decode_mode: Option<String>,
+    pub tradeoff_factor: Option<f64>,
+    pub response_mask_format: Option<String>,
 }
 
 impl InferRequest {
@@ -142,6 +147,51 @@ impl InferRequest {
     }
 }
 
+impl InferRequest {
+    /// The segmentation parameters, validated (Roboflow answers 400 to a bad mask argument).
+    pub fn segmentation_params(&self) -> Result<SegmentationParams, ApiError> {
+        let mode = match self.mask_decode_mode.as_deref().unwrap_or("accurate") {
+            "accurate" => MaskDecodeMode::Accurate,
+            "fast" => MaskDecodeMode::Fast,
+            "tradeoff" => {
+                let t = self.tradeoff_factor.unwrap_or(0.0);
+                if !(0.0..=1.0).contains(&t) {
+                    return Err(ApiError::bad_request(format!(
+                        "tradeoff_factor must be in [0, 1], got {t}"
+                    )));
+                }
+                MaskDecodeMode::Tradeoff(t as f32)
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "mask_decode_mode must be 'accurate', 'fast' or 'tradeoff', not '{other}'"
+                )))
+            }
+        };
+        let format = match self.response_mask_format.as_deref().unwrap_or("polygon") {
+            "polygon" => MaskFormat::Polygon,
+            "rle" => MaskFormat::Rle,
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "response_mask_format must be 'polygon' or 'rle', not '{other}'"
+                )))
+            }
+        };
+        Ok(SegmentationParams {
+            detection: self.detection_params()?,
+            mode,
+            format,
+        })
+    }
+
+    /// The classification parameters, validated.
+    pub fn classification_params(&self) -> Result<ClassificationParams, ApiError> {
+        Ok(ClassificationParams {
+            confidence: self.detection_params()?.confidence,
+        })
+    }
+}
+
 fn unit_interval(name: &str, v: f64) -> Result<f32, ApiError> {
     if (0.0..=1.0).contains(&v) {
         Ok(v as f32)
@@ -178,6 +228,9 @@ pub fn legacy_params(query: &str) -> Result<(InferRequest, LegacyOptions), ApiEr
         max_candidates: None,
         disable_preproc_auto_orient: None,
         visualize_predictions: None,
+        mask_decode_mode: None,
+        tradeoff_factor: None,
+        response_mask_format: None,
     };
     let mut opts = LegacyOptions::default();
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
@@ -220,6 +273,9 @@ pub fn legacy_params(query: &str) -> Result<(InferRequest, LegacyOptions), ApiEr
             }
             "class_agnostic_nms" => req.class_agnostic_nms = Some(boolean(&v)?),
             "disable_preproc_auto_orient" => req.disable_preproc_auto_orient = Some(boolean(&v)?),
+            "mask_decode_mode" => req.mask_decode_mode = Some(v.to_string()),
+            "tradeoff_factor" => req.tradeoff_factor = Some(float(&v)?),
+            "response_mask_format" => req.response_mask_format = Some(v.to_string()),
             "format" => opts.format = v.to_string(),
             "image" => opts.image_url = Some(v.to_string()),
             "image_type" => opts.image_type = v.to_string(),
@@ -293,6 +349,36 @@ mod tests {
             InferRequest::parse(br#"{"confidence": "0.5", "image": 3}"#)
                 .unwrap_err()
                 .status,
+            422
+        );
+    }
+
+    #[test]
+    fn mask_arguments_are_checked() {
+        let p = |body: &str| {
+            InferRequest::parse(body.as_bytes())
+                .unwrap()
+                .segmentation_params()
+        };
+        assert_eq!(p("{}").unwrap().mode, MaskDecodeMode::Accurate);
+        assert_eq!(p("{}").unwrap().format, MaskFormat::Polygon);
+        assert_eq!(
+            p(r#"{"mask_decode_mode":"tradeoff","tradeoff_factor":0.25,"response_mask_format":"rle"}"#).unwrap(),
+            SegmentationParams {
+                detection: DetectionParams::default(),
+                mode: MaskDecodeMode::Tradeoff(0.25),
+                format: MaskFormat::Rle
+            }
+        );
+        assert_eq!(
+            p(r#"{"mask_decode_mode":"tradeoff","tradeoff_factor":1.5}"#)
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(p(r#"{"mask_decode_mode":"best"}"#).unwrap_err().status, 400);
+        assert_eq!(
+            p(r#"{"response_mask_format":"png"}"#).unwrap_err().status,
             422
         );
     }

@@ -7,7 +7,9 @@ use hyper::{Response, StatusCode};
 use serde::Serialize;
 
 use crate::model::manager::LoadedModel;
+use crate::tasks::classification::ClassificationOutput;
 use crate::tasks::detection::ObjectDetectionPrediction;
+use crate::tasks::segmentation::InstanceSegmentationPrediction;
 use crate::tasks::TaskOutput;
 
 /// `{width, height}` of the image as the client sent it.
@@ -30,12 +32,18 @@ pub enum TaskBody {
     Detection {
         predictions: Vec<ObjectDetectionPrediction>,
     },
+    Segmentation {
+        predictions: Vec<InstanceSegmentationPrediction>,
+    },
+    Classification(ClassificationOutput),
 }
 
 impl From<TaskOutput> for TaskBody {
     fn from(out: TaskOutput) -> Self {
         match out {
             TaskOutput::Detection(predictions) => TaskBody::Detection { predictions },
+            TaskOutput::Segmentation(predictions) => TaskBody::Segmentation { predictions },
+            TaskOutput::Classification(c) => TaskBody::Classification(c),
         }
     }
 }

@@ -211,13 +211,11 @@ async fn load_model(state: &Arc<AppState>, id: &str) -> Result<Arc<LoadedModel>,
 }
 
 fn task_params(task: TaskType, req: &InferRequest) -> Result<TaskParams, ApiError> {
-    match task {
-        TaskType::ObjectDetection => Ok(TaskParams::Detection(req.detection_params()?)),
-        other => Err(ApiError::not_implemented(format!(
-            "{} models are not served by this version of cvserve",
-            other.as_str()
-        ))),
-    }
+    Ok(match task {
+        TaskType::ObjectDetection => TaskParams::Detection(req.detection_params()?),
+        TaskType::InstanceSegmentation => TaskParams::Segmentation(req.segmentation_params()?),
+        TaskType::Classification => TaskParams::Classification(req.classification_params()?),
+    })
 }
 
 async fn infer_json(

@@ -162,7 +162,7 @@ fn load(
             .map_err(|e| failed(format!("warm-up inference failed: {e}")))?;
         if decoder.is_none() {
             decoder = Some(
-                OutputDecoder::infer(meta.task, &outputs, meta.class_names.len())
+                OutputDecoder::infer(meta.task, &outputs, meta.class_names.len(), meta.multiclass)
                     .map_err(failed)?,
             );
         }

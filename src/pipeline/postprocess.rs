@@ -28,9 +28,14 @@ pub fn dispatch(
         let runtime = Arc::clone(runtime);
         pools.postprocess.spawn(move || {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                runtime
-                    .decoder
-                    .decode(&outputs, i, &runtime.class_names, &geometry, &job.params)
+                runtime.decoder.decode(
+                    &outputs,
+                    i,
+                    (runtime.spec.height as usize, runtime.spec.width as usize),
+                    &runtime.class_names,
+                    &geometry,
+                    &job.params,
+                )
             }));
             let answer = match result {
                 Ok(Ok(out)) => Ok(out),

@@ -1,23 +1,32 @@
 //! Task-specific output decoding: how a model's raw outputs become Roboflow predictions.
 //! The decoder is chosen once per model from its task and the shapes of a warm-up run.
 
+pub mod classification;
 pub mod detection;
+pub mod rle;
+pub mod segmentation;
 
 use crate::model::backend::OutputTensor;
 use crate::model::repository::TaskType;
 use crate::pipeline::preprocess::Geometry;
+use classification::{ClassificationOutput, ClassificationParams};
 use detection::{DetectionParams, ObjectDetectionPrediction, YoloLayout};
+use segmentation::{InstanceSegmentationPrediction, SegLayout, SegmentationParams};
 
 /// Per-request settings of the task.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskParams {
     Detection(DetectionParams),
+    Segmentation(SegmentationParams),
+    Classification(ClassificationParams),
 }
 
 /// One image's predictions.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskOutput {
     Detection(Vec<ObjectDetectionPrediction>),
+    Segmentation(Vec<InstanceSegmentationPrediction>),
+    Classification(ClassificationOutput),
 }
 
 /// How to read one model's outputs.
@@ -26,6 +35,10 @@ pub enum OutputDecoder {
     Detection {
         layout: YoloLayout,
         dims: (usize, usize),
+    },
+    Segmentation(SegLayout),
+    Classification {
+        multi_label: bool,
     },
 }
 
@@ -36,6 +49,7 @@ impl OutputDecoder {
         task: TaskType,
         outputs: &[OutputTensor],
         num_classes: usize,
+        multi_label: bool,
     ) -> Result<Self, String> {
         match task {
             TaskType::ObjectDetection => {
@@ -62,15 +76,46 @@ impl OutputDecoder {
                     ))
                 }
             }
-            other => Err(format!("task {} is not served yet", other.as_str())),
+            TaskType::InstanceSegmentation => {
+                let pred = outputs.iter().position(|o| o.item_shape().len() == 2);
+                let protos = outputs.iter().position(|o| o.item_shape().len() == 3);
+                let (Some(pred), Some(protos)) = (pred, protos) else {
+                    return Err("segmentation needs a [B, 4+nc+nm, N] output and a [B, nm, H, W] prototype output".into());
+                };
+                let (pd, qd) = (outputs[pred].item_shape(), outputs[protos].item_shape());
+                let layout = SegLayout {
+                    pred,
+                    protos,
+                    pred_dims: (pd[0], pd[1]),
+                    proto_dims: (qd[0], qd[1], qd[2]),
+                    num_classes,
+                };
+                if pd[0] != 4 + num_classes + qd[0] {
+                    return Err(format!(
+                        "output {pd:?} does not hold 4 box values, {num_classes} class scores and {} mask coefficients",
+                        qd[0]
+                    ));
+                }
+                Ok(OutputDecoder::Segmentation(layout))
+            }
+            TaskType::Classification => {
+                let out = outputs.first().ok_or("the model has no output")?;
+                match out.item_shape() {
+                    [n] if *n == num_classes => Ok(OutputDecoder::Classification { multi_label }),
+                    s => Err(format!(
+                        "classification output must be [batch, {num_classes}] for the classes of class_names.txt, got {s:?}"
+                    )),
+                }
+            }
         }
     }
 
-    /// Decodes image `i` of a batch.
+    /// Decodes image `i` of a batch; `input` is the network's (height, width).
     pub fn decode(
         &self,
         outputs: &[OutputTensor],
         i: usize,
+        input: (usize, usize),
         class_names: &[String],
         geo: &Geometry,
         params: &TaskParams,
@@ -87,6 +132,26 @@ impl OutputDecoder {
                     p,
                 )))
             }
+            (OutputDecoder::Segmentation(layout), TaskParams::Segmentation(p)) => {
+                Ok(TaskOutput::Segmentation(segmentation::postprocess(
+                    outputs[layout.pred].item(i),
+                    outputs[layout.protos].item(i),
+                    layout,
+                    input,
+                    class_names,
+                    geo,
+                    p,
+                )))
+            }
+            (OutputDecoder::Classification { multi_label }, TaskParams::Classification(p)) => {
+                let out = outputs.first().ok_or("missing output")?;
+                Ok(TaskOutput::Classification(if *multi_label {
+                    classification::multi_label(out.item(i), class_names, p)
+                } else {
+                    classification::single_label(out.item(i), class_names, p)
+                }))
+            }
+            _ => Err("the request's parameters do not fit the model's task".into()),
         }
     }
 }

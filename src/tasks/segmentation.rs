@@ -1,0 +1,594 @@
+//! Instance segmentation (YOLOv8-seg outputs): detections as in `detection`, plus a mask per
+//! detection = sigmoid(coefficients · prototypes), computed only inside the detection's box on
+//! the mask grid the request's `mask_decode_mode` picks, thresholded at 0.5, then returned as a
+//! polygon (outer contour of the largest piece) or as COCO RLE at original-image resolution.
+//! Full-image float masks are never built.
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::detection::{self, Candidate, DetectionParams, YoloLayout};
+use super::rle;
+use crate::pipeline::preprocess::Geometry;
+
+/// Roboflow's `mask_decode_mode`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MaskDecodeMode {
+    /// Mask grid = network input size.
+    Accurate,
+    /// Mask grid = prototype grid (input / 4).
+    Fast,
+    /// Grid between the two: `int(proto * (1 - t) + input * t)` per axis.
+    Tradeoff(f32),
+}
+
+impl MaskDecodeMode {
+    /// The mask grid (height, width) for prototypes of `proto` and a network input of `input`.
+    pub fn grid(self, proto: (usize, usize), input: (usize, usize)) -> (usize, usize) {
+        let mix =
+            |p: usize, i: usize, t: f32| ((p as f32 * (1.0 - t) + i as f32 * t) as usize).max(1);
+        match self {
+            MaskDecodeMode::Accurate => input,
+            MaskDecodeMode::Fast => proto,
+            MaskDecodeMode::Tradeoff(t) => (mix(proto.0, input.0, t), mix(proto.1, input.1, t)),
+        }
+    }
+}
+
+/// Roboflow's `response_mask_format`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MaskFormat {
+    Polygon,
+    Rle,
+}
+
+/// Per-request settings of segmentation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegmentationParams {
+    pub detection: DetectionParams,
+    pub mode: MaskDecodeMode,
+    pub format: MaskFormat,
+}
+
+/// Output shapes of a segmentation model, per image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SegLayout {
+    /// Index of the `[4 + nc + nm, N]` output.
+    pub pred: usize,
+    /// Index of the `[nm, mh, mw]` prototype output.
+    pub protos: usize,
+    pub pred_dims: (usize, usize),
+    pub proto_dims: (usize, usize, usize),
+    pub num_classes: usize,
+}
+
+/// A binary mask over a detection's box on the mask grid: `w x h` cells whose top-left cell
+/// is (`x0`, `y0`) of a `grid_w x grid_h` grid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BoxMask {
+    pub x0: usize,
+    pub y0: usize,
+    pub w: usize,
+    pub h: usize,
+    pub grid_w: usize,
+    pub grid_h: usize,
+    pub bits: Vec<bool>,
+}
+
+impl BoxMask {
+    pub fn get(&self, x: usize, y: usize) -> bool {
+        self.bits[y * self.w + x]
+    }
+}
+
+/// Computes the mask of one detection: `coeffs` (nm values) against `protos` (`nm x mh x mw`),
+/// for the box `bx` (x1, y1, x2, y2 in network pixels) of a network input `input` (h, w), on a
+/// grid of `grid` (h, w). Cells are kept when x1 <= cell < x2 on the grid (Roboflow's crop)
+/// and the bilinearly resized sigmoid mask is >= 0.5.
+pub fn box_mask(
+    coeffs: &[f32],
+    protos: &[f32],
+    proto_dims: (usize, usize, usize),
+    bx: (f32, f32, f32, f32),
+    input: (usize, usize),
+    grid: (usize, usize),
+) -> BoxMask {
+    let (nm, mh, mw) = proto_dims;
+    let (gh, gw) = grid;
+    let (sx, sy) = (gw as f32 / input.1 as f32, gh as f32 / input.0 as f32);
+    let span = |a: f32, b: f32, scale: f32, n: usize| {
+        let lo = (a * scale).ceil().clamp(0.0, n as f32) as usize;
+        let hi = (b * scale).ceil().clamp(0.0, n as f32) as usize;
+        (lo, hi.max(lo))
+    };
+    let (gx0, gx1) = span(bx.0, bx.2, sx, gw);
+    let (gy0, gy1) = span(bx.1, bx.3, sy, gh);
+    let (w, h) = (gx1 - gx0, gy1 - gy0);
+    let mut mask = BoxMask {
+        x0: gx0,
+        y0: gy0,
+        w,
+        h,
+        grid_w: gw,
+        grid_h: gh,
+        bits: vec![false; w * h],
+    };
+    if w == 0 || h == 0 {
+        return mask;
+    }
+    // Where each grid cell samples the prototype grid (cv2 INTER_LINEAR, half-pixel centres).
+    let sample = |g: usize, n_grid: usize, n_proto: usize| -> (usize, usize, f32) {
+        if n_grid == n_proto {
+            return (g, g, 0.0);
+        }
+        let src = ((g as f32 + 0.5) * n_proto as f32 / n_grid as f32 - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(n_proto - 1);
+        let i1 = (i0 + 1).min(n_proto - 1);
+        (i0, i1, src - i0 as f32)
+    };
+    let xs: Vec<_> = (gx0..gx1).map(|g| sample(g, gw, mw)).collect();
+    let ys: Vec<_> = (gy0..gy1).map(|g| sample(g, gh, mh)).collect();
+    // The prototype cells those samples touch: logits only there.
+    let (px0, px1) = (xs[0].0, xs[w - 1].1 + 1);
+    let (py0, py1) = (ys[0].0, ys[h - 1].1 + 1);
+    let (rw, rh) = (px1 - px0, py1 - py0);
+    let mut region = vec![0f32; rw * rh];
+    for (k, &c) in coeffs.iter().enumerate().take(nm) {
+        let plane = &protos[k * mh * mw..(k + 1) * mh * mw];
+        for r in 0..rh {
+            let src = &plane[(py0 + r) * mw + px0..(py0 + r) * mw + px1];
+            let dst = &mut region[r * rw..(r + 1) * rw];
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d += c * s;
+            }
+        }
+    }
+    for v in region.iter_mut() {
+        *v = 1.0 / (1.0 + (-*v).exp());
+    }
+    let at = |x: usize, y: usize| region[(y - py0) * rw + (x - px0)];
+    for (j, &(y0, y1, fy)) in ys.iter().enumerate() {
+        for (i, &(x0, x1, fx)) in xs.iter().enumerate() {
+            let top = at(x0, y0) * (1.0 - fx) + at(x1, y0) * fx;
+            let bottom = at(x0, y1) * (1.0 - fx) + at(x1, y1) * fx;
+            mask.bits[j * w + i] = top * (1.0 - fy) + bottom * fy >= 0.5;
+        }
+    }
+    mask
+}
+
+const DIRS: [(i32, i32); 8] = [
+    (1, 0),
+    (1, 1),
+    (0, 1),
+    (-1, 1),
+    (-1, 0),
+    (-1, -1),
+    (0, -1),
+    (1, -1),
+];
+
+/// The outer contour of the largest 8-connected piece of `mask` (by area), as cell
+/// coordinates of its boundary cells in tracing order, with straight runs reduced to their
+/// end points (like OpenCV's CHAIN_APPROX_SIMPLE). Empty for an empty mask.
+pub fn outer_contour(mask: &BoxMask) -> Vec<(i32, i32)> {
+    let (w, h) = (mask.w, mask.h);
+    // Label pieces; keep the first cell (raster order) of the largest.
+    let mut seen = vec![false; w * h];
+    let mut best: Option<(usize, usize)> = None; // (area, first cell)
+    let mut stack = Vec::new();
+    for start in 0..w * h {
+        if !mask.bits[start] || seen[start] {
+            continue;
+        }
+        seen[start] = true;
+        stack.push(start);
+        let mut area = 0;
+        while let Some(c) = stack.pop() {
+            area += 1;
+            let (x, y) = ((c % w) as i32, (c / w) as i32);
+            for (dx, dy) in DIRS {
+                let (nx, ny) = (x + dx, y + dy);
+                if nx >= 0 && ny >= 0 && (nx as usize) < w && (ny as usize) < h {
+                    let n = ny as usize * w + nx as usize;
+                    if mask.bits[n] && !seen[n] {
+                        seen[n] = true;
+                        stack.push(n);
+                    }
+                }
+            }
+        }
+        if best.is_none_or(|(a, _)| area > a) {
+            best = Some((area, start));
+        }
+    }
+    let Some((_, first)) = best else {
+        return Vec::new();
+    };
+    let set = |x: i32, y: i32| {
+        x >= 0 && y >= 0 && (x as usize) < w && (y as usize) < h && mask.get(x as usize, y as usize)
+    };
+    let start = ((first % w) as i32, (first / w) as i32);
+    // Moore-neighbour tracing, clockwise; the start's west neighbour is background.
+    let mut contour = vec![start];
+    let (mut cur, mut back) = (start, 4usize);
+    let mut first_move: Option<usize> = None;
+    loop {
+        let mut next = None;
+        for i in 0..8 {
+            let d = (back + 1 + i) % 8;
+            let (nx, ny) = (cur.0 + DIRS[d].0, cur.1 + DIRS[d].1);
+            if set(nx, ny) {
+                next = Some((d, (nx, ny)));
+                break;
+            }
+        }
+        let Some((d, n)) = next else {
+            break; // a single cell
+        };
+        if cur == start {
+            match first_move {
+                None => first_move = Some(d),
+                Some(f) if f == d => break,
+                Some(_) => {}
+            }
+        }
+        // The background cell checked just before `n`, seen from `n`.
+        let b = (
+            cur.0 + DIRS[(d + 7) % 8].0 - n.0,
+            cur.1 + DIRS[(d + 7) % 8].1 - n.1,
+        );
+        back = DIRS.iter().position(|&v| v == b).unwrap_or(4);
+        cur = n;
+        if cur != start || contour.len() == 1 {
+            contour.push(cur);
+        }
+        if contour.len() > 4 * w * h + 8 {
+            break; // cannot happen on a finite mask; a guard against a tracing bug looping forever
+        }
+    }
+    if contour.len() > 1 && contour.last() == Some(&start) {
+        contour.pop();
+    }
+    simplify(contour)
+}
+
+fn simplify(points: Vec<(i32, i32)>) -> Vec<(i32, i32)> {
+    let n = points.len();
+    if n < 3 {
+        return points;
+    }
+    (0..n)
+        .filter(|&i| {
+            let (p, c, q) = (points[(i + n - 1) % n], points[i], points[(i + 1) % n]);
+            (c.0 - p.0, c.1 - p.1) != (q.0 - c.0, q.1 - c.1)
+        })
+        .map(|i| points[i])
+        .collect()
+}
+
+/// A polygon point in original-image pixels.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Point {
+    pub x: f32,
+    pub y: f32,
+}
+
+/// The mask part of a segmentation prediction.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum MaskBody {
+    Polygon {
+        points: Vec<Point>,
+        mask_format: &'static str,
+    },
+    Rle {
+        rle: rle::Rle,
+        mask_format: &'static str,
+    },
+}
+
+/// One instance as Roboflow's `InstanceSegmentationPrediction` puts it on the wire.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct InstanceSegmentationPrediction {
+    #[serde(flatten)]
+    pub detection: detection::ObjectDetectionPrediction,
+    #[serde(flatten)]
+    pub mask: MaskBody,
+}
+
+/// Polygon of a mask, mapped to original-image pixels and clipped to the image.
+fn polygon(mask: &BoxMask, input: (usize, usize), geo: &Geometry) -> Vec<Point> {
+    let (kx, ky) = (
+        input.1 as f32 / mask.grid_w as f32,
+        input.0 as f32 / mask.grid_h as f32,
+    );
+    outer_contour(mask)
+        .into_iter()
+        .map(|(x, y)| {
+            let (ox, oy) = geo.to_original(
+                (mask.x0 as i32 + x) as f32 * kx,
+                (mask.y0 as i32 + y) as f32 * ky,
+            );
+            Point {
+                x: ox.clamp(0.0, geo.orig_w as f32),
+                y: oy.clamp(0.0, geo.orig_h as f32),
+            }
+        })
+        .collect()
+}
+
+/// The mask at original-image resolution as COCO RLE: each original pixel takes the value of
+/// the grid cell its centre falls in. Only the box's columns are sampled.
+fn rle_mask(mask: &BoxMask, input: (usize, usize), geo: &Geometry) -> rle::Rle {
+    let (ow, oh) = (geo.orig_w as usize, geo.orig_h as usize);
+    let (gx_per_net, gy_per_net) = (
+        mask.grid_w as f32 / input.1 as f32,
+        mask.grid_h as f32 / input.0 as f32,
+    );
+    let (nx_per_o, ny_per_o) = (
+        geo.content_w / geo.orig_w as f32,
+        geo.content_h as f32 / geo.orig_h as f32,
+    );
+    let cell_x = |ox: usize| ((ox as f32 + 0.5) * nx_per_o + geo.left) * gx_per_net;
+    let cell_y = |oy: usize| ((oy as f32 + 0.5) * ny_per_o + geo.top) * gy_per_net;
+    let inside = |c: f32, lo: usize, len: usize| {
+        let c = c.floor();
+        (c >= lo as f32 && c < (lo + len) as f32).then(|| c as usize - lo)
+    };
+    // Original rows whose centre falls in the box's grid rows.
+    let rows: Vec<Option<usize>> = (0..oh)
+        .map(|oy| inside(cell_y(oy), mask.y0, mask.h))
+        .collect();
+    let mut runs = rle::RunBuilder::new();
+    for ox in 0..ow {
+        match inside(cell_x(ox), mask.x0, mask.w) {
+            None => runs.push_many(false, oh),
+            Some(cx) => {
+                for r in &rows {
+                    runs.push(r.is_some_and(|cy| mask.get(cx, cy)));
+                }
+            }
+        }
+    }
+    rle::Rle {
+        size: [oh, ow],
+        counts: rle::encode_counts(&runs.finish()),
+    }
+}
+
+/// Turns one image's outputs into its instances.
+pub fn postprocess(
+    pred: &[f32],
+    protos: &[f32],
+    layout: &SegLayout,
+    input: (usize, usize),
+    class_names: &[String],
+    geo: &Geometry,
+    params: &SegmentationParams,
+) -> Vec<InstanceSegmentationPrediction> {
+    let p = &params.detection;
+    let cands = detection::candidates(
+        pred,
+        layout.pred_dims,
+        YoloLayout::V8,
+        layout.num_classes,
+        p.confidence,
+    );
+    let kept: Vec<Candidate> = detection::nms(
+        cands,
+        p.iou_threshold,
+        p.class_agnostic_nms,
+        p.max_candidates,
+        p.max_detections,
+    )
+    .into_iter()
+    .filter(|c| {
+        class_names
+            .get(c.class_id)
+            .is_some_and(|n| detection::passes_filter(&p.class_filter, n))
+    })
+    .collect();
+    let (attrs, n) = layout.pred_dims;
+    let nm = layout.proto_dims.0;
+    let coeff_row = 4 + layout.num_classes;
+    let grid = params
+        .mode
+        .grid((layout.proto_dims.1, layout.proto_dims.2), input);
+    kept.par_iter()
+        .map(|c| {
+            let coeffs: Vec<f32> = (0..nm.min(attrs - coeff_row))
+                .map(|k| pred[(coeff_row + k) * n + c.anchor])
+                .collect();
+            let mask = box_mask(
+                &coeffs,
+                protos,
+                layout.proto_dims,
+                (c.x1, c.y1, c.x2, c.y2),
+                input,
+                grid,
+            );
+            let (x1, y1, x2, y2) = detection::to_original_box(c, geo);
+            let body = match params.format {
+                MaskFormat::Polygon => MaskBody::Polygon {
+                    points: polygon(&mask, input, geo),
+                    mask_format: "polygon",
+                },
+                MaskFormat::Rle => MaskBody::Rle {
+                    rle: rle_mask(&mask, input, geo),
+                    mask_format: "rle",
+                },
+            };
+            InstanceSegmentationPrediction {
+                detection: detection::ObjectDetectionPrediction {
+                    x: (x1 + x2) / 2.0,
+                    y: (y1 + y2) / 2.0,
+                    width: x2 - x1,
+                    height: y2 - y1,
+                    confidence: c.confidence,
+                    class_name: class_names[c.class_id].clone(),
+                    class_id: c.class_id,
+                    detection_id: uuid::Uuid::new_v4().to_string(),
+                },
+                mask: body,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mask_from(rows: &[&str]) -> BoxMask {
+        let h = rows.len();
+        let w = rows[0].len();
+        BoxMask {
+            x0: 0,
+            y0: 0,
+            w,
+            h,
+            grid_w: w,
+            grid_h: h,
+            bits: rows
+                .iter()
+                .flat_map(|r| r.chars().map(|c| c == '#'))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn grids_follow_roboflow() {
+        let (p, i) = ((160, 160), (640, 640));
+        assert_eq!(MaskDecodeMode::Accurate.grid(p, i), (640, 640));
+        assert_eq!(MaskDecodeMode::Fast.grid(p, i), (160, 160));
+        assert_eq!(MaskDecodeMode::Tradeoff(0.0).grid(p, i), (160, 160));
+        assert_eq!(MaskDecodeMode::Tradeoff(0.5).grid(p, i), (400, 400));
+        assert_eq!(MaskDecodeMode::Tradeoff(1.0).grid(p, i), (640, 640));
+    }
+
+    #[test]
+    fn contour_of_a_rectangle_is_its_four_corners() {
+        let m = mask_from(&["......", ".####.", ".####.", ".####.", "......"]);
+        let c = outer_contour(&m);
+        let mut sorted = c.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![(1, 1), (1, 3), (4, 1), (4, 3)], "{c:?}");
+    }
+
+    #[test]
+    fn contour_keeps_the_largest_piece_and_ignores_holes() {
+        let m = mask_from(&[
+            "##.......",
+            "##.#####.",
+            "...#...#.",
+            "...#...#.",
+            "...#####.",
+        ]);
+        let c = outer_contour(&m);
+        let mut sorted = c.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![(3, 1), (3, 4), (7, 1), (7, 4)], "{c:?}");
+    }
+
+    #[test]
+    fn contour_of_a_diagonal_shape_and_a_single_cell() {
+        let m = mask_from(&["#...", ".#..", "..#.", "...#"]);
+        let c = outer_contour(&m);
+        assert!(c.contains(&(0, 0)) && c.contains(&(3, 3)), "{c:?}");
+        assert_eq!(
+            outer_contour(&mask_from(&["...", ".#.", "..."])),
+            vec![(1, 1)]
+        );
+        assert!(outer_contour(&mask_from(&["...", "..."])).is_empty());
+    }
+
+    #[test]
+    fn contour_traces_every_boundary_cell_of_a_blob() {
+        // A plus-shaped blob: every '#' with a background 4-neighbour is on the contour
+        // before simplification; after it, the corners remain.
+        let m = mask_from(&[".....", "..#..", ".###.", "..#..", "....."]);
+        let c = outer_contour(&m);
+        let mut sorted = c.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![(1, 2), (2, 1), (2, 3), (3, 2)], "{c:?}");
+    }
+
+    /// Prototypes where mask k is +10 inside a square and -10 outside.
+    fn square_protos(mh: usize, mw: usize, sq: (usize, usize, usize, usize)) -> Vec<f32> {
+        let mut p = vec![-10f32; mh * mw];
+        for y in sq.1..sq.3 {
+            for x in sq.0..sq.2 {
+                p[y * mw + x] = 10.0;
+            }
+        }
+        p
+    }
+
+    #[test]
+    fn box_mask_is_cropped_to_the_box_on_every_grid() {
+        // One prototype, a 16x16 proto grid for a 64x64 input; the object fills proto cells 4..12.
+        let protos = square_protos(16, 16, (4, 4, 12, 12));
+        for (grid, cell) in [((16, 16), 4.0f32), ((64, 64), 1.0), ((40, 40), 1.6)] {
+            // Box covers only the left half of the object: x 16..32 of 16..48.
+            let m = box_mask(
+                &[1.0],
+                &protos,
+                (1, 16, 16),
+                (16.0, 16.0, 32.0, 48.0),
+                (64, 64),
+                grid,
+            );
+            let set: usize = m.bits.iter().filter(|&&b| b).count();
+            let expected_w = (32.0 / cell).ceil() - (16.0 / cell).ceil();
+            let expected_h = (48.0 / cell).ceil() - (16.0 / cell).ceil();
+            assert_eq!(
+                (m.w, m.h),
+                (expected_w as usize, expected_h as usize),
+                "{grid:?}"
+            );
+            // The object covers the whole box (up to a border cell of interpolation).
+            assert!(
+                set as f32 >= 0.8 * (m.w * m.h) as f32,
+                "{grid:?}: {set} of {}",
+                m.w * m.h
+            );
+        }
+        // A coefficient of the opposite sign gives an empty mask.
+        let m = box_mask(
+            &[-1.0],
+            &protos,
+            (1, 16, 16),
+            (16.0, 16.0, 48.0, 48.0),
+            (64, 64),
+            (64, 64),
+        );
+        assert!(m.bits.iter().all(|b| !b));
+    }
+
+    #[test]
+    fn rle_at_original_resolution_matches_the_box() {
+        // Stretch 64x64 network, original 128x32: a full mask over network box (0,0)-(32,64)
+        // covers original columns 0..64, all rows.
+        let spec = crate::pipeline::preprocess::InputSpec {
+            width: 64,
+            height: 64,
+            resize: crate::pipeline::preprocess::ResizeMode::Stretch,
+            normalization: crate::pipeline::preprocess::Normalization::ZeroToOne,
+        };
+        let geo = Geometry::compute(128, 32, 128, 32, &spec);
+        let mask = BoxMask {
+            x0: 0,
+            y0: 0,
+            w: 32,
+            h: 64,
+            grid_w: 64,
+            grid_h: 64,
+            bits: vec![true; 32 * 64],
+        };
+        let r = rle_mask(&mask, (64, 64), &geo);
+        assert_eq!(r.size, [32, 128]);
+        let counts = rle::decode_counts(&r.counts).unwrap();
+        assert_eq!(counts, vec![0, 64 * 32, 64 * 32]);
+    }
+}
