@@ -49,6 +49,22 @@ pub struct ServeConfig {
     #[arg(long, env = "MAX_QUEUE_SIZE", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_queue_size: u32,
 
+    /// Status of an overload answer: 429 (Too Many Requests, with Retry-After) or 503 (Service
+    /// Unavailable, with Retry-After), which some load balancers expect.
+    #[arg(long, env = "OVERLOAD_STATUS", default_value_t = 429, value_parser = parse_overload_status)]
+    pub overload_status: u16,
+
+    /// Default deadline of an inference request, in seconds. A request that cannot be served
+    /// in time is dropped before inference and answered 504. A client may shorten it (never
+    /// lengthen it) with the `X-Request-Timeout-Ms` header.
+    #[arg(long, env = "REQUEST_TIMEOUT_S", default_value_t = 10.0)]
+    pub request_timeout_s: f64,
+
+    /// Open connections served at once; beyond it new connections wait in the kernel's accept
+    /// backlog. With MAX_BODY_BYTES it bounds the memory request bodies can take.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
     /// Slots in the shared-memory ring of decoded images: the most images that can be between
     /// decode and preprocessing at once. No free slot means an immediate 429.
     #[arg(long, env = "RING_SLOTS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -115,6 +131,27 @@ pub struct ServeConfig {
     #[arg(long, env = "DRAIN_TIMEOUT_S", default_value_t = 30.0)]
     pub drain_timeout_s: f64,
 
+    /// Log format: `text` or `json` (one JSON object per line). The level comes from LOG_LEVEL.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
+    /// Fault injection for tests: every batch run sleeps this long first (a slow model).
+    #[arg(
+        long,
+        env = "CVSERVE_INJECT_DELAY_MS",
+        default_value_t = 0,
+        hide = true
+    )]
+    pub inject_delay_ms: u64,
+
+    /// Fault injection for tests: the N-th batch run of each model (1-based) fails.
+    #[arg(long, env = "CVSERVE_INJECT_FAIL_BATCH", hide = true)]
+    pub inject_fail_batch: Option<u64>,
+
+    /// Fault injection for tests: the N-th batch run of each model (1-based) panics.
+    #[arg(long, env = "CVSERVE_INJECT_PANIC_BATCH", hide = true)]
+    pub inject_panic_batch: Option<u64>,
+
     /// Path of libonnxruntime.so (build.sh fetches it from the `onnxruntime` PyPI wheel).
     #[arg(
         long,
@@ -122,6 +159,14 @@ pub struct ServeConfig {
         default_value = "vendor/onnxruntime/libonnxruntime.so.1.31.1"
     )]
     pub ort_dylib_path: PathBuf,
+}
+
+fn parse_overload_status(s: &str) -> Result<u16, String> {
+    match s {
+        "429" => Ok(429),
+        "503" => Ok(503),
+        _ => Err(format!("must be 429 or 503, not {s}")),
+    }
 }
 
 impl ServeConfig {

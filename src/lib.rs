@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod server;

@@ -22,23 +22,49 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let result = match cli.command {
-        Some(Command::Serve(cfg)) => cvserve::server::run(cfg),
-        None => cvserve::server::run(cli.serve),
+    let cfg = match cli.command {
+        Some(Command::Serve(cfg)) => cfg,
+        None => cli.serve,
     };
-    match result {
+    init_logging(&cfg.log_format);
+    raise_fd_limit();
+    match cvserve::server::run(cfg) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("cvserve: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Structured logs on stderr; the level from LOG_LEVEL (or RUST_LOG), default info.
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Each connection is a file descriptor: lift the soft limit to the hard one, so a thousand
+/// concurrent clients do not run into the usual default of 1024.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
 }

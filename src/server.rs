@@ -10,6 +10,8 @@ use tokio::net::TcpListener;
 
 use crate::config::ServeConfig;
 use crate::http::{self, AppState};
+use crate::metrics::METRICS;
+use crate::model::backend::FaultInjection;
 use crate::model::manager::{LoadSettings, ModelManager};
 use crate::pipeline::batcher::BatcherConfig;
 use crate::pipeline::ring::Ring;
@@ -22,7 +24,10 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         .thread_name("http")
         .enable_all()
         .build()?;
-    runtime.block_on(serve(cfg))
+    let result = runtime.block_on(serve(cfg));
+    // Do not wait for a model still loading in the blocking pool: exit within the drain time.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    result
 }
 
 fn build_state(cfg: ServeConfig) -> anyhow::Result<Arc<AppState>> {
@@ -45,6 +50,11 @@ fn build_state(cfg: ServeConfig) -> anyhow::Result<Arc<AppState>> {
                 max_batch: cfg.max_batch_size as usize,
                 max_queue_delay: Duration::from_micros(cfg.max_queue_delay_us),
                 max_queue_size: cfg.max_queue_size as usize,
+            },
+            faults: FaultInjection {
+                delay: Duration::from_millis(cfg.inject_delay_ms),
+                fail_batch: cfg.inject_fail_batch,
+                panic_batch: cfg.inject_panic_batch,
             },
         },
         Arc::clone(&pools),
@@ -74,7 +84,12 @@ fn build_state(cfg: ServeConfig) -> anyhow::Result<Arc<AppState>> {
 async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let drain = Duration::from_secs_f64(cfg.drain_timeout_s.max(0.0));
+    let max_connections = cfg.max_connections as usize;
     let state = build_state(cfg)?;
+    METRICS.ring_slots_total.set(state.ring.slots() as i64);
+    if state.manager.settings().faults.is_active() {
+        tracing::warn!(faults = ?state.manager.settings().faults, "FAULT INJECTION IS ON (test setting)");
+    }
     let listener = TcpListener::bind(&addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
@@ -91,7 +106,14 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let preload = Arc::clone(&state);
     tokio::task::spawn_blocking(move || preload_models(&preload));
 
-    http::serve(listener, Arc::clone(&state), shutdown_signal(), drain).await;
+    http::serve(
+        listener,
+        Arc::clone(&state),
+        shutdown_signal(),
+        drain,
+        max_connections,
+    )
+    .await;
     tracing::info!("bye");
     Ok(())
 }
@@ -107,7 +129,7 @@ fn preload_models(state: &AppState) {
             .collect(),
     };
     for id in wanted {
-        if let Err(e) = state.manager.get_or_load(&id) {
+        if let Err(e) = state.manager.add(&id) {
             // One broken model must not keep the others from serving.
             tracing::error!(model = id, error = %e, "model failed to load");
         }

@@ -85,7 +85,12 @@ impl From<DecodeError> for ApiError {
 
 impl From<PipelineError> for ApiError {
     fn from(e: PipelineError) -> Self {
-        ApiError::internal(e.to_string())
+        match e {
+            PipelineError::DeadlineExceeded(_) => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string())
+            }
+            _ => ApiError::internal(e.to_string()),
+        }
     }
 }
 

@@ -2,8 +2,9 @@
 //! image slot per image, have it decoded, queue a job per image on the model's batcher and
 //! await the answers; they never block a reactor thread.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::try_join_all;
@@ -19,10 +20,11 @@ use super::images::decode_image;
 use super::request::{legacy_params, ImageSource, InferRequest};
 use super::response::{json, ImageSize, InferResponse, ModelsDescriptions, ResolvedModel};
 use super::AppState;
+use crate::metrics::METRICS;
 use crate::model::manager::LoadedModel;
 use crate::model::repository::TaskType;
 use crate::pipeline::decode::DecodeOptions;
-use crate::pipeline::Job;
+use crate::pipeline::{Job, PipelineError};
 use crate::tasks::TaskParams;
 
 type HttpResponse = Response<Full<Bytes>>;
@@ -39,15 +41,36 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> HttpRespons
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let started = Instant::now();
-    let mut resp = match route(&state, req, &request_id).await {
+    let mut ctx = RequestContext {
+        request_id,
+        model: None,
+        route: None,
+    };
+    let mut resp = match route(&state, req, &mut ctx).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
+    if resp.status() == StatusCode::TOO_MANY_REQUESTS && state.cfg.overload_status == 503 {
+        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
     let status = resp.status();
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
+    if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
         resp.headers_mut().insert("x-request-id", v);
     }
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let seconds = started.elapsed().as_secs_f64();
+    if let Some(route) = ctx.route {
+        let model = ctx.model.as_deref().unwrap_or("none");
+        METRICS
+            .requests_total
+            .with_label_values(&[model, route, status.as_str()])
+            .inc();
+        METRICS
+            .request_seconds
+            .with_label_values(&[model, route])
+            .observe(seconds);
+    }
+    let request_id = ctx.request_id.as_str();
+    let ms = seconds * 1000.0;
     if status.is_server_error() {
         tracing::warn!(request_id, %method, path, status = status.as_u16(), ms, "request failed");
     } else {
@@ -56,13 +79,62 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> HttpRespons
     resp
 }
 
+/// What a handler learns about its request that the access log and metrics need.
+struct RequestContext {
+    request_id: String,
+    /// The model, once known to be loaded (bounded label values).
+    model: Option<String>,
+    /// The inference route, for inference requests.
+    route: Option<&'static str>,
+}
+
 async fn route(
     state: &Arc<AppState>,
     req: Request<Incoming>,
-    request_id: &str,
+    ctx: &mut RequestContext,
 ) -> Result<HttpResponse, ApiError> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
+    let task_route = match (&method, path.as_str()) {
+        (&Method::POST, "/infer/object_detection") => Some(TaskType::ObjectDetection),
+        (&Method::POST, "/infer/instance_segmentation") => Some(TaskType::InstanceSegmentation),
+        (&Method::POST, "/infer/classification") => Some(TaskType::Classification),
+        _ => None,
+    };
+    // Fixed routes win over `/{dataset}/{version}` (so "model/registry" is not a model id).
+    const FIXED: [&str; 8] = [
+        "/info",
+        "/healthz",
+        "/readiness",
+        "/metrics",
+        "/model/registry",
+        "/model/add",
+        "/model/remove",
+        "/model/clear",
+    ];
+    let legacy = if task_route.is_none()
+        && !FIXED.contains(&path.as_str())
+        && matches!(method, Method::POST | Method::GET)
+    {
+        legacy_model_id(&path)
+    } else {
+        None
+    };
+    if task_route.is_some() || legacy.is_some() {
+        ctx.route = Some(task_route.map_or("/{dataset}/{version}", TaskType::route));
+        if state.draining.load(Ordering::Acquire) {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The server is shutting down; send the request to another replica",
+            ));
+        }
+    }
+    if let Some(task) = task_route {
+        return infer_json(state, req, task, ctx).await;
+    }
+    if let Some(model_id) = legacy {
+        return infer_legacy(state, req, model_id, ctx).await;
+    }
     match (&method, path.as_str()) {
         (&Method::GET, "/info") => Ok(json(
             StatusCode::OK,
@@ -72,10 +144,19 @@ async fn route(
                 "uuid": state.uuid,
             }),
         )),
-        (&Method::GET, "/healthz") => Ok(json(
-            StatusCode::OK,
-            &serde_json::json!({"status": "healthy"}),
-        )),
+        (&Method::GET, "/healthz") => {
+            let failed: serde_json::Map<String, serde_json::Value> = state
+                .manager
+                .failed()
+                .into_iter()
+                .map(|(id, why)| (id, why.into()))
+                .collect();
+            let mut body = serde_json::json!({"status": "healthy"});
+            if !failed.is_empty() {
+                body["models_failed_to_load"] = failed.into();
+            }
+            Ok(json(StatusCode::OK, &body))
+        }
         (&Method::GET, "/readiness") => Ok(if state.is_ready() {
             json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
         } else {
@@ -84,6 +165,7 @@ async fn route(
                 &serde_json::json!({"status": "not ready"}),
             )
         }),
+        (&Method::GET, "/metrics") => Ok(metrics(state)),
         (&Method::GET, "/model/registry") => Ok(registry(state)),
         (&Method::POST, "/model/add") => model_add(state, req).await,
         (&Method::POST, "/model/remove") => model_remove(state, req).await,
@@ -91,21 +173,24 @@ async fn route(
             state.manager.clear();
             Ok(registry(state))
         }
-        (&Method::POST, "/infer/object_detection") => {
-            infer_json(state, req, TaskType::ObjectDetection, request_id).await
-        }
-        (&Method::POST, "/infer/instance_segmentation") => {
-            infer_json(state, req, TaskType::InstanceSegmentation, request_id).await
-        }
-        (&Method::POST, "/infer/classification") => {
-            infer_json(state, req, TaskType::Classification, request_id).await
-        }
-        (&Method::POST | &Method::GET, p) if legacy_model_id(p).is_some() => {
-            let model_id = legacy_model_id(p).unwrap_or_default();
-            infer_legacy(state, req, model_id, request_id).await
-        }
         _ => Err(ApiError::not_found(format!("Not Found: {method} {path}"))),
     }
+}
+
+fn metrics(state: &AppState) -> HttpResponse {
+    METRICS.ring_slots_in_use.set(state.ring.in_use() as i64);
+    for m in state.manager.list() {
+        METRICS
+            .queue_depth
+            .with_label_values(&[&m.meta.id])
+            .set(m.queue.depth() as i64);
+    }
+    let mut resp = Response::new(Full::new(Bytes::from(METRICS.render())));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
 }
 
 /// `/{dataset}/{version}` → `dataset/version` (two non-empty segments).
@@ -181,7 +266,11 @@ async fn model_add(
 ) -> Result<HttpResponse, ApiError> {
     let (_, body) = read_body(state, req).await?;
     let id = model_request(&body)?;
-    load_model(state, &id).await?;
+    let manager = Arc::clone(&state.manager);
+    tokio::task::spawn_blocking(move || manager.add(&id))
+        .await
+        .map_err(|_| ApiError::internal("Internal error: model loading panicked"))?
+        .map_err(ApiError::from)?;
     Ok(registry(state))
 }
 
@@ -222,25 +311,24 @@ async fn infer_json(
     state: &Arc<AppState>,
     req: Request<Incoming>,
     task: TaskType,
-    request_id: &str,
+    ctx: &mut RequestContext,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
+    let deadline = deadline(state, &req, started)?;
     let (_, body) = read_body(state, req).await?;
     let mut request = InferRequest::parse(&body)?;
     drop(body);
     let model_id = request.model_id()?;
     let (images, is_list) = request.take_images()?;
-    let inference_id = request.id.clone().unwrap_or_else(|| request_id.to_owned());
-    let responses = infer(
-        state,
-        &model_id,
-        Some(task),
-        &request,
-        images,
-        &inference_id,
+    let inference_id = request.id.clone().unwrap_or_else(|| ctx.request_id.clone());
+    let call = InferCall {
+        model_id: &model_id,
+        expected: Some(task),
+        inference_id: &inference_id,
         started,
-    )
-    .await?;
+        deadline,
+    };
+    let responses = infer(state, call, &request, images, ctx).await?;
     Ok(if is_list {
         json(StatusCode::OK, &responses)
     } else {
@@ -252,9 +340,10 @@ async fn infer_legacy(
     state: &Arc<AppState>,
     req: Request<Incoming>,
     model_id: String,
-    request_id: &str,
+    ctx: &mut RequestContext,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
+    let deadline = deadline(state, &req, started)?;
     let query = req.uri().query().unwrap_or("").to_owned();
     let (request, opts) = legacy_params(&query)?;
     if opts.format != "json" {
@@ -291,17 +380,41 @@ async fn infer_legacy(
             ImageSource::Base64(text)
         }
     };
-    let responses = infer(
-        state,
-        &model_id,
-        None,
-        &request,
-        vec![source],
-        request_id,
+    let inference_id = ctx.request_id.clone();
+    let call = InferCall {
+        model_id: &model_id,
+        expected: None,
+        inference_id: &inference_id,
         started,
-    )
-    .await?;
+        deadline,
+    };
+    let responses = infer(state, call, &request, vec![source], ctx).await?;
     Ok(json(StatusCode::OK, &responses[0]))
+}
+
+/// The request's deadline: REQUEST_TIMEOUT_S after arrival, or sooner if the client asks with
+/// `X-Request-Timeout-Ms`.
+fn deadline(
+    state: &AppState,
+    req: &Request<Incoming>,
+    started: Instant,
+) -> Result<Instant, ApiError> {
+    let default = Duration::from_secs_f64(state.cfg.request_timeout_s.max(0.0));
+    let asked = match req.headers().get("x-request-timeout-ms") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .map(Duration::from_millis)
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "X-Request-Timeout-Ms must be a whole number of milliseconds",
+                    )
+                })?,
+        ),
+    };
+    Ok(started + asked.map_or(default, |a| a.min(default)))
 }
 
 /// The bytes of the multipart part named `file` (Roboflow's legacy upload).
@@ -328,21 +441,37 @@ async fn multipart_file(content_type: &str, body: Bytes) -> Result<Bytes, ApiErr
 }
 
 /// Runs images through a model and renders one response per image, in order.
+/// What one inference call is about.
+struct InferCall<'a> {
+    model_id: &'a str,
+    /// The task of the route, or `None` for the legacy route (any task).
+    expected: Option<TaskType>,
+    inference_id: &'a str,
+    started: Instant,
+    deadline: Instant,
+}
+
 async fn infer(
     state: &Arc<AppState>,
-    model_id: &str,
-    expected: Option<TaskType>,
+    call: InferCall<'_>,
     request: &InferRequest,
     images: Vec<ImageSource>,
-    inference_id: &str,
-    started: Instant,
+    ctx: &mut RequestContext,
 ) -> Result<Vec<InferResponse>, ApiError> {
+    let InferCall {
+        model_id,
+        expected,
+        inference_id,
+        started,
+        deadline,
+    } = call;
     if request.visualize_predictions == Some(true) {
         return Err(ApiError::not_implemented(
             "visualize_predictions (server-side drawing) is not supported by cvserve",
         ));
     }
     let model = load_model(state, model_id).await?;
+    ctx.model = Some(model.meta.id.clone());
     let task = model.meta.task;
     if let Some(expected) = expected {
         if expected != task {
@@ -361,8 +490,18 @@ async fn infer(
             && !request.disable_preproc_auto_orient.unwrap_or(false),
         max_image_pixels: state.cfg.max_image_pixels,
     };
-    let decoded =
-        try_join_all(images.into_iter().map(|src| decode_image(state, src, opts))).await?;
+    let decode_started = Instant::now();
+    let decoded = try_join_all(images.into_iter().map(|src| decode_image(state, src, opts)))
+        .await
+        .inspect_err(|e| {
+            if e.status == StatusCode::TOO_MANY_REQUESTS {
+                METRICS.outcome(model_id, "rejected", "ring");
+            }
+        })?;
+    METRICS
+        .decode_seconds
+        .with_label_values(&[model_id])
+        .observe(decode_started.elapsed().as_secs_f64() / decoded.len().max(1) as f64);
     let mut pending = Vec::with_capacity(decoded.len());
     for image in decoded {
         let size = ImageSize {
@@ -375,18 +514,23 @@ async fn infer(
             params: Arc::clone(&params),
             reply,
             enqueued: Instant::now(),
+            deadline,
         };
-        model
-            .queue
-            .try_submit(job)
-            .map_err(|(e, _)| ApiError::from(e))?;
+        model.queue.try_submit(job).map_err(|(e, _)| {
+            METRICS.outcome(model_id, "rejected", "queue");
+            ApiError::from(e)
+        })?;
         pending.push((answer, size));
     }
     let mut responses = Vec::with_capacity(pending.len());
     for (answer, image) in pending {
-        let output = answer.await.map_err(|_| {
-            ApiError::internal("Internal error: the pipeline dropped the request")
-        })??;
+        let output = match tokio::time::timeout_at(deadline.into(), answer).await {
+            Ok(answer) => answer.map_err(|_| {
+                ApiError::internal("Internal error: the pipeline dropped the request")
+            })??,
+            // Nobody waits any more: the pipeline drops the job (or discards its late result).
+            Err(_) => return Err(PipelineError::DeadlineExceeded("still in the pipeline").into()),
+        };
         responses.push(InferResponse {
             inference_id: inference_id.to_owned(),
             time: 0.0,

@@ -52,3 +52,61 @@ pub trait Backend: Send {
         width: u32,
     ) -> Result<Vec<OutputTensor>, BackendError>;
 }
+
+/// Faults to inject into every batch run (tests of overload, deadlines and failure handling).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FaultInjection {
+    pub delay: std::time::Duration,
+    pub fail_batch: Option<u64>,
+    pub panic_batch: Option<u64>,
+}
+
+impl FaultInjection {
+    pub fn is_active(&self) -> bool {
+        *self != Self::default()
+    }
+}
+
+/// A back end that misbehaves as told, around a real one.
+pub struct FaultyBackend {
+    inner: Box<dyn Backend>,
+    faults: FaultInjection,
+    runs: u64,
+}
+
+impl FaultyBackend {
+    pub fn new(inner: Box<dyn Backend>, faults: FaultInjection) -> Self {
+        Self {
+            inner,
+            faults,
+            runs: 0,
+        }
+    }
+}
+
+impl Backend for FaultyBackend {
+    fn input(&self) -> &NetworkInput {
+        self.inner.input()
+    }
+
+    fn run(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+        height: u32,
+        width: u32,
+    ) -> Result<Vec<OutputTensor>, BackendError> {
+        self.runs += 1;
+        std::thread::sleep(self.faults.delay);
+        if self.faults.fail_batch == Some(self.runs) {
+            return Err(BackendError(format!(
+                "injected failure of batch {}",
+                self.runs
+            )));
+        }
+        if self.faults.panic_batch == Some(self.runs) {
+            panic!("injected panic in batch {}", self.runs);
+        }
+        self.inner.run(input, batch, height, width)
+    }
+}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
-use super::backend::Backend;
+use super::backend::{Backend, FaultInjection, FaultyBackend};
 use super::ort::{environment, OrtBackend};
 use super::repository::{self, ModelMetadata, RepositoryError, TaskType};
 use crate::pipeline::batcher::{self, BatchQueue, BatcherConfig, ModelRuntime};
@@ -42,6 +42,7 @@ pub struct LoadSettings {
     pub ort_dylib: PathBuf,
     pub ort_intra_threads: usize,
     pub batcher: BatcherConfig,
+    pub faults: FaultInjection,
 }
 
 /// The loaded models, by id.
@@ -49,6 +50,8 @@ pub struct ModelManager {
     settings: LoadSettings,
     pools: Arc<Pools>,
     models: RwLock<HashMap<String, Arc<LoadedModel>>>,
+    /// Models that failed to load, with why; not retried until `/model/add` asks again.
+    failed: RwLock<HashMap<String, String>>,
     /// Serialises loads so two concurrent requests for a cold model load it once.
     loading: Mutex<()>,
 }
@@ -59,8 +62,14 @@ impl ModelManager {
             settings,
             pools,
             models: RwLock::new(HashMap::new()),
+            failed: RwLock::new(HashMap::new()),
             loading: Mutex::new(()),
         }
+    }
+
+    /// The settings models are loaded with.
+    pub fn settings(&self) -> &LoadSettings {
+        &self.settings
     }
 
     /// The model if it is loaded.
@@ -74,6 +83,25 @@ impl ModelManager {
         if let Some(m) = self.get(id) {
             return Ok(m);
         }
+        if let Some(reason) = self.failed.read().get(id) {
+            return Err(LoadError::Failed {
+                id: id.to_string(),
+                reason: reason.clone(),
+            });
+        }
+        self.load_now(id)
+    }
+
+    /// Loads a model, retrying one that failed before (`/model/add`).
+    pub fn add(&self, id: &str) -> Result<Arc<LoadedModel>, LoadError> {
+        if let Some(m) = self.get(id) {
+            return Ok(m);
+        }
+        self.failed.write().remove(id);
+        self.load_now(id)
+    }
+
+    fn load_now(&self, id: &str) -> Result<Arc<LoadedModel>, LoadError> {
         repository::validate_id(id)?;
         let _guard = self.loading.lock();
         if let Some(m) = self.get(id) {
@@ -81,7 +109,15 @@ impl ModelManager {
         }
         let meta = repository::read(&self.settings.repository, id)?;
         let started = std::time::Instant::now();
-        let model = Arc::new(load(meta, &self.settings, &self.pools)?);
+        let model = match load(meta, &self.settings, &self.pools) {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                if let LoadError::Failed { reason, .. } = &e {
+                    self.failed.write().insert(id.to_string(), reason.clone());
+                }
+                return Err(e);
+            }
+        };
         tracing::info!(
             model = id,
             task = model.meta.task.as_str(),
@@ -94,6 +130,18 @@ impl ModelManager {
             .write()
             .insert(id.to_string(), Arc::clone(&model));
         Ok(model)
+    }
+
+    /// Models that failed to load, with why.
+    pub fn failed(&self) -> Vec<(String, String)> {
+        let mut v: Vec<_> = self
+            .failed
+            .read()
+            .iter()
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .collect();
+        v.sort();
+        v
     }
 
     /// Unloads a model; `false` if it was not loaded.
@@ -168,6 +216,9 @@ fn load(
         }
     }
     let decoder = decoder.ok_or_else(|| failed("no warm-up run".into()))?;
+    if settings.faults.is_active() {
+        backend = Box::new(FaultyBackend::new(backend, settings.faults));
+    }
     let runtime = Arc::new(ModelRuntime {
         id: meta.id.clone(),
         spec,

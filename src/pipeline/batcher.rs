@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 
 use super::preprocess::{preprocess_into, Geometry, InputSpec};
 use super::{postprocess, Job, JobResult, PipelineError, Pools};
+use crate::metrics::METRICS;
 use crate::model::backend::Backend;
 use crate::tasks::{OutputDecoder, TaskParams};
 
@@ -77,6 +78,7 @@ pub struct PreparedJob {
     pub params: Arc<TaskParams>,
     pub reply: oneshot::Sender<JobResult>,
     pub enqueued: Instant,
+    pub deadline: Instant,
     /// `Err` when preprocessing failed; its tensor row is then ignored.
     pub geometry: Result<Geometry, String>,
 }
@@ -176,10 +178,25 @@ impl Batcher {
                 let mut results = geometries.iter_mut();
                 let spec = self.runtime.spec;
                 self.pools.preprocess.in_place_scope(|scope| {
+                    let model = self.runtime.id.as_str();
                     let mut admit = |job: Job, jobs: &mut Vec<PreparedJob>| {
-                        if job.reply.is_closed() {
-                            return; // client gone: skipped before preprocessing
+                        let now = Instant::now();
+                        if now >= job.deadline {
+                            METRICS.outcome(model, "timed_out", "before_preprocess");
+                            let _ = job
+                                .reply
+                                .send(Err(PipelineError::DeadlineExceeded("expired in the queue")));
+                            return;
                         }
+                        if job.reply.is_closed() {
+                            // The client went away: skipped before preprocessing.
+                            METRICS.outcome(model, "cancelled", "before_preprocess");
+                            return;
+                        }
+                        METRICS
+                            .queue_wait_seconds
+                            .with_label_values(&[model])
+                            .observe((now - job.enqueued).as_secs_f64());
                         let (Some(row), Some(result)) = (rows.next(), results.next()) else {
                             return;
                         };
@@ -188,14 +205,18 @@ impl Batcher {
                             params,
                             reply,
                             enqueued,
+                            deadline,
                         } = job;
                         jobs.push(PreparedJob {
                             params,
                             reply,
                             enqueued,
+                            deadline,
                             geometry: Err(String::new()),
                         });
+                        let histogram = METRICS.preprocess_seconds.with_label_values(&[model]);
                         scope.spawn(move |_| {
+                            let started = Instant::now();
                             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                                 preprocess_into(
                                     image.pixels(),
@@ -212,6 +233,7 @@ impl Batcher {
                                     Err("the preprocess stage panicked".into())
                                 }));
                             drop(image); // the ring slot is free as soon as its pixels are in the tensor
+                            histogram.observe(started.elapsed().as_secs_f64());
                         });
                     };
                     admit(first, &mut jobs);
@@ -280,25 +302,49 @@ impl Inference {
                 if let Err(e) = &job.geometry {
                     let (tx, _) = oneshot::channel();
                     let reply = std::mem::replace(&mut job.reply, tx);
+                    METRICS.outcome(&self.runtime.id, "failed", "preprocess");
                     let _ = reply.send(Err(PipelineError::Preprocess(e.clone())));
                 }
             }
-            let live = jobs
-                .iter()
-                .any(|j| j.geometry.is_ok() && !j.reply.is_closed());
+            // Jobs whose client left, or whose deadline passed, are answered (or dropped) now.
+            let model = self.runtime.id.as_str();
+            let now = Instant::now();
+            for job in jobs.iter_mut().filter(|j| j.geometry.is_ok()) {
+                if now >= job.deadline {
+                    METRICS.outcome(model, "timed_out", "before_inference");
+                    let (tx, _) = oneshot::channel();
+                    let reply = std::mem::replace(&mut job.reply, tx);
+                    let _ = reply.send(Err(PipelineError::DeadlineExceeded(
+                        "expired before inference",
+                    )));
+                    job.geometry = Err("deadline exceeded".into());
+                } else if job.reply.is_closed() {
+                    METRICS.outcome(model, "cancelled", "before_inference");
+                    job.geometry = Err("client gone".into());
+                }
+            }
+            let live = jobs.iter().any(|j| j.geometry.is_ok());
             let result = if live {
                 let rows = self.runtime.fixed_batch.unwrap_or(jobs.len());
                 let backend = &mut self.backend;
-                Some(
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        backend.run(&tensor, rows, spec.height, spec.width)
-                    }))
-                    .unwrap_or_else(|_| {
-                        Err(crate::model::backend::BackendError(
-                            "the inference stage panicked".into(),
-                        ))
-                    }),
-                )
+                let started = Instant::now();
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    backend.run(&tensor, rows, spec.height, spec.width)
+                }))
+                .unwrap_or_else(|_| {
+                    Err(crate::model::backend::BackendError(
+                        "the inference stage panicked".into(),
+                    ))
+                });
+                METRICS
+                    .inference_seconds
+                    .with_label_values(&[model])
+                    .observe(started.elapsed().as_secs_f64());
+                METRICS
+                    .batch_size
+                    .with_label_values(&[model])
+                    .observe(rows as f64);
+                Some(r)
             } else {
                 None // every client went away: skipped before inference
             };
@@ -312,7 +358,8 @@ impl Inference {
                 }
                 Some(Err(e)) => {
                     tracing::error!(model = %self.runtime.id, error = %e, "batch failed");
-                    for job in jobs {
+                    for job in jobs.into_iter().filter(|j| j.geometry.is_ok()) {
+                        METRICS.outcome(model, "failed", "inference");
                         let _ = job.reply.send(Err(PipelineError::Backend(e.0.clone())));
                     }
                 }

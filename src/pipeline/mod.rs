@@ -28,6 +28,8 @@ pub enum PipelineError {
     Postprocess(String),
     #[error("Internal error: the {0} stage panicked; the server goes on serving")]
     Panicked(&'static str),
+    #[error("Deadline exceeded: the request could not be served within its deadline ({0}); it was dropped before inference")]
+    DeadlineExceeded(&'static str),
 }
 
 /// What a request gets back from the pipeline.
@@ -39,6 +41,8 @@ pub struct Job {
     pub params: Arc<TaskParams>,
     pub reply: oneshot::Sender<JobResult>,
     pub enqueued: Instant,
+    /// After this instant nobody waits for the answer: the job is dropped, not run.
+    pub deadline: Instant,
 }
 
 /// The thread pools of the CPU stages, sized from the core count.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::batcher::{ModelRuntime, PreparedJob};
 use super::{PipelineError, Pools};
+use crate::metrics::METRICS;
 use crate::model::backend::OutputTensor;
 
 /// Hands every job of a finished batch to the postprocess pool.
@@ -22,11 +23,18 @@ pub fn dispatch(
             continue; // already answered with its preprocessing error
         };
         if job.reply.is_closed() {
+            let late = std::time::Instant::now() >= job.deadline;
+            METRICS.outcome(
+                &runtime.id,
+                if late { "timed_out" } else { "cancelled" },
+                "after_inference",
+            );
             continue;
         }
         let outputs = Arc::clone(&outputs);
         let runtime = Arc::clone(runtime);
         pools.postprocess.spawn(move || {
+            let started = std::time::Instant::now();
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 runtime.decoder.decode(
                     &outputs,
@@ -42,6 +50,13 @@ pub fn dispatch(
                 Ok(Err(e)) => Err(PipelineError::Postprocess(e)),
                 Err(_) => Err(PipelineError::Panicked("postprocess")),
             };
+            METRICS
+                .postprocess_seconds
+                .with_label_values(&[&runtime.id])
+                .observe(started.elapsed().as_secs_f64());
+            if answer.is_err() {
+                METRICS.outcome(&runtime.id, "failed", "postprocess");
+            }
             let _ = job.reply.send(answer);
         });
     }

@@ -328,7 +328,7 @@ fn rle_mask(mask: &BoxMask, input: (usize, usize), geo: &Geometry) -> rle::Rle {
     );
     let (nx_per_o, ny_per_o) = (
         geo.content_w / geo.orig_w as f32,
-        geo.content_h as f32 / geo.orig_h as f32,
+        geo.content_h / geo.orig_h as f32,
     );
     let cell_x = |ox: usize| ((ox as f32 + 0.5) * nx_per_o + geo.left) * gx_per_net;
     let cell_y = |oy: usize| ((oy as f32 + 0.5) * ny_per_o + geo.top) * gy_per_net;
@@ -554,16 +554,17 @@ mod tests {
                 m.w * m.h
             );
         }
-        // A coefficient of the opposite sign gives an empty mask.
+        // A coefficient of the opposite sign gives an empty mask (box inside the object, so no
+        // cell interpolates with the outside).
         let m = box_mask(
             &[-1.0],
             &protos,
             (1, 16, 16),
-            (16.0, 16.0, 48.0, 48.0),
+            (20.0, 20.0, 44.0, 44.0),
             (64, 64),
             (64, 64),
         );
-        assert!(m.bits.iter().all(|b| !b));
+        assert!(m.w > 0 && m.bits.iter().all(|b| !b));
     }
 
     #[test]

@@ -165,6 +165,22 @@ impl Server {
         )
     }
 
+    pub fn post_json_with_headers(
+        &self,
+        path: &str,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> Resp {
+        let mut req = self
+            .agent
+            .post(self.url(path))
+            .header("Content-Type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        Self::finish(req.send(serde_json::to_vec(body).unwrap()))
+    }
+
     pub fn post_raw(&self, path: &str, content_type: Option<&str>, body: &[u8]) -> Resp {
         let mut req = self.agent.post(self.url(path));
         if let Some(ct) = content_type {

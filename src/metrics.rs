@@ -1,0 +1,154 @@
+//! Prometheus metrics, served at `GET /metrics` in the text format. Stage histograms carry a
+//! `model` label; request counters carry `model`, `route` and `status`; outcomes that never
+//! reach inference (rejected, timed out, cancelled) and failures have their own counter.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    exponential_buckets, register_histogram_vec_with_registry,
+    register_int_counter_vec_with_registry, register_int_gauge_vec_with_registry,
+    register_int_gauge_with_registry, Encoder, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Registry, TextEncoder,
+};
+
+/// Every metric of the process.
+pub struct Metrics {
+    registry: Registry,
+    /// End-to-end latency of inference requests, by model and route.
+    pub request_seconds: HistogramVec,
+    /// Time a job waited in its model's queue before preprocessing started.
+    pub queue_wait_seconds: HistogramVec,
+    pub decode_seconds: HistogramVec,
+    pub preprocess_seconds: HistogramVec,
+    /// Time of one batch run on the back end.
+    pub inference_seconds: HistogramVec,
+    pub postprocess_seconds: HistogramVec,
+    pub batch_size: HistogramVec,
+    /// Answered requests by model, route and HTTP status.
+    pub requests_total: IntCounterVec,
+    /// Images that did not get a normal answer: `rejected`, `timed_out`, `cancelled`, `failed`;
+    /// `stage` says where it was noticed.
+    pub outcomes_total: IntCounterVec,
+    pub queue_depth: IntGaugeVec,
+    pub ring_slots_in_use: IntGauge,
+    pub ring_slots_total: IntGauge,
+}
+
+fn latency_buckets() -> Vec<f64> {
+    // 0.1 ms .. ~52 s
+    exponential_buckets(0.0001, 2.0, 20).expect("valid buckets")
+}
+
+impl Metrics {
+    fn new() -> Result<Self, prometheus::Error> {
+        let r = Registry::new();
+        let hist = |name: &str, help: &str, labels: &[&str]| {
+            register_histogram_vec_with_registry!(name, help, labels, latency_buckets(), r)
+        };
+        Ok(Self {
+            request_seconds: hist(
+                "cvserve_request_duration_seconds",
+                "End-to-end latency of inference requests",
+                &["model", "route"],
+            )?,
+            queue_wait_seconds: hist(
+                "cvserve_queue_wait_seconds",
+                "Time an image waited in its model's queue",
+                &["model"],
+            )?,
+            decode_seconds: hist("cvserve_decode_seconds", "Image decode time", &["model"])?,
+            preprocess_seconds: hist(
+                "cvserve_preprocess_seconds",
+                "Resize and normalise one image into the batch tensor",
+                &["model"],
+            )?,
+            inference_seconds: hist(
+                "cvserve_inference_seconds",
+                "Back-end time of one batch",
+                &["model"],
+            )?,
+            postprocess_seconds: hist(
+                "cvserve_postprocess_seconds",
+                "Output decoding of one image",
+                &["model"],
+            )?,
+            batch_size: register_histogram_vec_with_registry!(
+                "cvserve_batch_size",
+                "Images per batch run",
+                &["model"],
+                vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0],
+                r
+            )?,
+            requests_total: register_int_counter_vec_with_registry!(
+                "cvserve_requests_total",
+                "Inference requests answered, by model, route and HTTP status",
+                &["model", "route", "status"],
+                r
+            )?,
+            outcomes_total: register_int_counter_vec_with_registry!(
+                "cvserve_image_outcomes_total",
+                "Images not answered normally: rejected, timed_out, cancelled, failed",
+                &["model", "outcome", "stage"],
+                r
+            )?,
+            queue_depth: register_int_gauge_vec_with_registry!(
+                "cvserve_queue_depth",
+                "Images waiting in a model's queue",
+                &["model"],
+                r
+            )?,
+            ring_slots_in_use: register_int_gauge_with_registry!(
+                "cvserve_ring_slots_in_use",
+                "Ring slots holding a decoded image",
+                r
+            )?,
+            ring_slots_total: register_int_gauge_with_registry!(
+                "cvserve_ring_slots",
+                "Ring slots",
+                r
+            )?,
+            registry: r,
+        })
+    }
+
+    /// Counts an image that did not get a normal answer.
+    pub fn outcome(&self, model: &str, outcome: &str, stage: &str) {
+        self.outcomes_total
+            .with_label_values(&[model, outcome, stage])
+            .inc();
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for the text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+/// The process-wide metrics.
+pub static METRICS: LazyLock<Metrics> =
+    LazyLock::new(|| Metrics::new().expect("metric definitions are valid"));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_labelled_histograms_and_counters() {
+        let m = Metrics::new().unwrap();
+        m.batch_size.with_label_values(&["a/1"]).observe(4.0);
+        m.outcome("a/1", "cancelled", "before_inference");
+        m.requests_total
+            .with_label_values(&["a/1", "/infer/object_detection", "200"])
+            .inc();
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(
+            text.contains("cvserve_batch_size_bucket{model=\"a/1\",le=\"4\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("cvserve_image_outcomes_total{model=\"a/1\",outcome=\"cancelled\",stage=\"before_inference\"} 1"));
+        assert!(text.contains("status=\"200\""));
+    }
+}

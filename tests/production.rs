@@ -1,0 +1,391 @@
+//! Production behaviour against the real server: overload answers, deadlines, cancellation on
+//! disconnect, graceful drain on SIGTERM, broken models, back-end failures and panics, and
+//! the metrics that show them. Slow models are made with the server's fault injection.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::{b64, Server};
+use serde_json::json;
+
+const MODEL: &str = "shapes-cls/1";
+
+fn body() -> serde_json::Value {
+    json!({"model_id": MODEL, "image": {"type": "base64", "value": b64("samples/shapes-cls/000000.jpg")}})
+}
+
+fn classify(s: &Server) -> common::Resp {
+    s.post_json("/infer/classification", &body())
+}
+
+/// The value of a metric line starting with `prefix` (0 if absent).
+fn metric(s: &Server, prefix: &str) -> f64 {
+    let text = s.get("/metrics").body;
+    let text = text.as_str().expect("metrics are text");
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits (bounded) until `cond` holds.
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(30) {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn concurrent(s: &Server, n: usize) -> Vec<common::Resp> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n).map(|_| scope.spawn(|| classify(s))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn overload_gets_429_with_retry_after_and_nothing_else() {
+    let s = Server::start(
+        MODEL,
+        &[
+            ("CVSERVE_INJECT_DELAY_MS", "300"),
+            ("MAX_BATCH_SIZE", "1"),
+            ("MAX_QUEUE_SIZE", "2"),
+        ],
+    );
+    let answers = concurrent(&s, 16);
+    let ok = answers.iter().filter(|r| r.status == 200).count();
+    let rejected: Vec<_> = answers.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(
+        ok + rejected.len(),
+        16,
+        "only 200 or 429: {:?}",
+        answers.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert!(
+        ok >= 1 && !rejected.is_empty(),
+        "{ok} ok, {} rejected",
+        rejected.len()
+    );
+    for r in &rejected {
+        assert_eq!(r.header("retry-after"), Some("1"));
+        assert!(r.body["message"].as_str().unwrap().contains("overloaded"));
+    }
+    assert!(
+        metric(
+            &s,
+            "cvserve_image_outcomes_total{model=\"shapes-cls/1\",outcome=\"rejected\""
+        ) >= rejected.len() as f64
+    );
+    // Once the burst is over, the server answers normally.
+    assert_eq!(classify(&s).status, 200);
+}
+
+#[test]
+fn overload_status_can_be_503_for_load_balancers() {
+    let s = Server::start(
+        MODEL,
+        &[
+            ("CVSERVE_INJECT_DELAY_MS", "300"),
+            ("MAX_BATCH_SIZE", "1"),
+            ("MAX_QUEUE_SIZE", "1"),
+            ("OVERLOAD_STATUS", "503"),
+        ],
+    );
+    let answers = concurrent(&s, 10);
+    assert!(answers.iter().all(|r| r.status == 200 || r.status == 503));
+    let r = answers.iter().find(|r| r.status == 503).expect("some 503");
+    assert_eq!(r.header("retry-after"), Some("1"));
+}
+
+#[test]
+fn a_request_past_its_deadline_is_dropped_before_inference() {
+    let s = Server::start(
+        MODEL,
+        &[("CVSERVE_INJECT_DELAY_MS", "500"), ("MAX_BATCH_SIZE", "1")],
+    );
+    let (slow, hurried) = std::thread::scope(|scope| {
+        let slow = scope.spawn(|| classify(&s));
+        // Let the first request take the model, then queue one that may wait only 100 ms.
+        eventually("the first batch to run", || {
+            metric(&s, "cvserve_queue_wait_seconds_count") >= 1.0
+        });
+        let hurried = s.post_json_with_headers(
+            "/infer/classification",
+            &body(),
+            &[("X-Request-Timeout-Ms", "100")],
+        );
+        (slow.join().unwrap(), hurried)
+    });
+    assert_eq!(slow.status, 200);
+    assert_eq!(hurried.status, 504, "{:?}", hurried.body);
+    assert!(hurried.body["message"]
+        .as_str()
+        .unwrap()
+        .contains("Deadline exceeded"));
+    // It never reached inference: one batch ran for the slow request (plus none for it).
+    eventually("the expired job to be dropped", || {
+        metric(
+            &s,
+            "cvserve_image_outcomes_total{model=\"shapes-cls/1\",outcome=\"timed_out\"",
+        ) >= 1.0
+    });
+    assert_eq!(
+        metric(&s, "cvserve_batch_size_count{model=\"shapes-cls/1\"}"),
+        1.0
+    );
+    let bad = s.post_json_with_headers(
+        "/infer/classification",
+        &body(),
+        &[("X-Request-Timeout-Ms", "soon")],
+    );
+    assert_eq!(bad.status, 400);
+    assert_eq!(classify(&s).status, 200);
+}
+
+#[test]
+fn a_client_that_disconnects_is_skipped_before_inference() {
+    let s = Server::start(
+        MODEL,
+        &[("CVSERVE_INJECT_DELAY_MS", "500"), ("MAX_BATCH_SIZE", "1")],
+    );
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| classify(&s));
+        eventually("the first batch to run", || {
+            metric(&s, "cvserve_queue_wait_seconds_count") >= 1.0
+        });
+        // A second client queues a request and hangs up while it waits.
+        let payload = serde_json::to_vec(&body()).unwrap();
+        let addr = s.base.trim_start_matches("http://").to_string();
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            stream,
+            "POST /infer/classification HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            payload.len()
+        )
+        .unwrap();
+        stream.write_all(&payload).unwrap();
+        // Decoded means submitted: no await lies between the two.
+        eventually("the second request to be queued", || {
+            metric(&s, "cvserve_decode_seconds_count{model=\"shapes-cls/1\"}") >= 2.0
+        });
+        drop(stream);
+        assert_eq!(first.join().unwrap().status, 200);
+    });
+    eventually("the abandoned job to be skipped", || {
+        metric(
+            &s,
+            "cvserve_image_outcomes_total{model=\"shapes-cls/1\",outcome=\"cancelled\"",
+        ) >= 1.0
+    });
+    // Only the first request's batch ran.
+    assert_eq!(
+        metric(&s, "cvserve_batch_size_count{model=\"shapes-cls/1\"}"),
+        1.0
+    );
+    assert_eq!(classify(&s).status, 200);
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    let mut s = Server::start(
+        MODEL,
+        &[
+            ("CVSERVE_INJECT_DELAY_MS", "300"),
+            ("MAX_BATCH_SIZE", "1"),
+            ("DRAIN_TIMEOUT_S", "20"),
+        ],
+    );
+    let answers = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..5).map(|_| scope.spawn(|| classify(&s))).collect();
+        eventually("all five requests to be queued", || {
+            metric(&s, "cvserve_decode_seconds_count{model=\"shapes-cls/1\"}") >= 5.0
+        });
+        s.signal(libc::SIGTERM);
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    assert!(
+        answers.iter().all(|r| r.status == 200),
+        "{:?}",
+        answers.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "did not exit within the drain timeout"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status:?}\n{}", s.logs());
+    assert!(
+        std::net::TcpStream::connect(s.base.trim_start_matches("http://")).is_err(),
+        "still accepting"
+    );
+}
+
+#[test]
+fn a_corrupt_model_fails_alone_and_is_reported() {
+    let root = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("broken-{}", std::process::id()));
+    let src = common::repo().join("models/shapes-det/1");
+    for (id, corrupt) in [("good/1", false), ("bad/1", true)] {
+        let dir = root.join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in [
+            "environment.json",
+            "class_names.txt",
+            "model_type.json",
+            "weights.onnx",
+        ] {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+        if corrupt {
+            std::fs::write(dir.join("weights.onnx"), b"this is not an onnx file").unwrap();
+        }
+    }
+    let s = Server::start("all", &[("MODEL_CACHE_DIR", root.to_str().unwrap())]);
+    let det = |m: &str| {
+        s.post_json(
+            "/infer/object_detection",
+            &json!({"model_id": m, "image": {"type": "base64", "value": b64("samples/shapes/000000.jpg")}}),
+        )
+    };
+    assert_eq!(det("good/1").status, 200);
+    let bad = det("bad/1");
+    assert_eq!(bad.status, 500);
+    assert!(
+        bad.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("failed to load"),
+        "{:?}",
+        bad.body
+    );
+    let health = s.get("/healthz");
+    assert_eq!(health.status, 200);
+    assert!(
+        health.body["models_failed_to_load"]["bad/1"].is_string(),
+        "{:?}",
+        health.body
+    );
+    assert_eq!(s.get("/readiness").status, 200);
+    let ids: Vec<_> = s.get("/model/registry").body["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["model_id"].clone())
+        .collect();
+    assert_eq!(ids, vec![json!("good/1")]);
+    std::fs::remove_dir_all(&root).ok();
+}
+
+#[test]
+fn a_failing_or_panicking_batch_fails_only_its_requests() {
+    for (var, needle) in [
+        ("CVSERVE_INJECT_FAIL_BATCH", "injected failure"),
+        ("CVSERVE_INJECT_PANIC_BATCH", "panicked"),
+    ] {
+        let s = Server::start(MODEL, &[(var, "2"), ("MAX_BATCH_SIZE", "1")]);
+        assert_eq!(classify(&s).status, 200, "{var}");
+        let failed = classify(&s);
+        assert_eq!(failed.status, 500, "{var}");
+        assert!(
+            failed.body["message"].as_str().unwrap().contains(needle),
+            "{var}: {:?}",
+            failed.body
+        );
+        for _ in 0..3 {
+            assert_eq!(classify(&s).status, 200, "{var}: the pipeline goes on");
+        }
+        assert_eq!(
+            metric(
+                &s,
+                "cvserve_image_outcomes_total{model=\"shapes-cls/1\",outcome=\"failed\""
+            ),
+            1.0
+        );
+        assert_eq!(s.get("/healthz").status, 200);
+    }
+}
+
+#[test]
+fn metrics_show_every_stage_and_the_request_counters() {
+    let s = Server::start(MODEL, &[]);
+    for _ in 0..3 {
+        assert_eq!(classify(&s).status, 200);
+    }
+    assert_eq!(
+        s.post_json(
+            "/infer/classification",
+            &json!({"model_id": MODEL, "image": {"type": "base64", "value": "@@"}})
+        )
+        .status,
+        400
+    );
+    let m = "{model=\"shapes-cls/1\"}";
+    for h in [
+        "queue_wait_seconds",
+        "decode_seconds",
+        "preprocess_seconds",
+        "inference_seconds",
+        "postprocess_seconds",
+        "batch_size",
+    ] {
+        assert!(metric(&s, &format!("cvserve_{h}_count{m}")) >= 3.0, "{h}");
+    }
+    assert_eq!(
+        metric(&s, "cvserve_request_duration_seconds_count{model=\"shapes-cls/1\",route=\"/infer/classification\"}"),
+        4.0
+    );
+    assert_eq!(metric(&s, "cvserve_requests_total{model=\"shapes-cls/1\",route=\"/infer/classification\",status=\"200\"}"), 3.0);
+    assert_eq!(metric(&s, "cvserve_requests_total{model=\"shapes-cls/1\",route=\"/infer/classification\",status=\"400\"}"), 1.0);
+    assert!(metric(&s, "cvserve_ring_slots ") >= 1.0);
+    assert_eq!(
+        metric(&s, "cvserve_ring_slots_in_use"),
+        0.0,
+        "no slot leaked"
+    );
+    assert!(s
+        .get("/metrics")
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/plain"));
+}
+
+#[test]
+fn responses_carry_a_request_id_and_keep_the_clients() {
+    let s = Server::start(MODEL, &[]);
+    let r = s.post_json_with_headers(
+        "/infer/classification",
+        &body(),
+        &[("X-Request-Id", "abc-123")],
+    );
+    assert_eq!(r.header("x-request-id"), Some("abc-123"));
+    assert_eq!(r.body["inference_id"], "abc-123");
+    let r = classify(&s);
+    assert!(r.header("x-request-id").is_some_and(|v| v.len() >= 32));
+    // Raw read so the helper is used: a keep-alive connection serves two requests.
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    for _ in 0..2 {
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = stream.read(&mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    }
+}
