@@ -60,6 +60,12 @@ pub struct ServeConfig {
     #[arg(long, env = "REQUEST_TIMEOUT_S", default_value_t = 10.0)]
     pub request_timeout_s: f64,
 
+    /// Inference requests admitted at once (their bodies in memory). Beyond it a request is
+    /// answered 429 before its body is buffered: with MAX_BODY_BYTES this bounds the memory
+    /// request bodies can take, whatever the number of clients.
+    #[arg(long, env = "MAX_INFLIGHT_REQUESTS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_inflight_requests: u32,
+
     /// Open connections served at once; beyond it new connections wait in the kernel's accept
     /// backlog. With MAX_BODY_BYTES it bounds the memory request bodies can take.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]

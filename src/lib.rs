@@ -4,6 +4,7 @@
 //! `pipeline::batcher` (per model; `pipeline::preprocess` into the batch tensor) →
 //! `model::backend` (ONNX Runtime) → `pipeline::postprocess` (`tasks::*` decoding) → response.
 
+pub mod bench;
 pub mod config;
 pub mod http;
 pub mod metrics;

@@ -1,7 +1,9 @@
-//! The `cvserve` binary: `cvserve serve` (the default) runs the server.
+//! The `cvserve` binary: `cvserve serve` (the default) runs the server; `cvserve bench`
+//! load-tests one.
 
 use clap::{Parser, Subcommand};
 
+use cvserve::bench::BenchConfig;
 use cvserve::config::ServeConfig;
 
 /// A Roboflow-compatible inference server for computer-vision ONNX models.
@@ -18,16 +20,28 @@ struct Cli {
 enum Command {
     /// Serve the models of the repository over HTTP (the default).
     Serve(ServeConfig),
+    /// Load-test a Roboflow-compatible server (this one or Roboflow Inference).
+    Bench(BenchConfig),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    raise_fd_limit();
     let cfg = match cli.command {
         Some(Command::Serve(cfg)) => cfg,
         None => cli.serve,
+        Some(Command::Bench(bench)) => {
+            init_logging("text");
+            return match cvserve::bench::run(bench) {
+                Ok(_) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cvserve bench: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
     };
     init_logging(&cfg.log_format);
-    raise_fd_limit();
     match cvserve::server::run(cfg) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

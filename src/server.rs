@@ -77,6 +77,9 @@ fn build_state(cfg: ServeConfig) -> anyhow::Result<Arc<AppState>> {
         uuid: uuid::Uuid::new_v4().simple().to_string()[..6].to_string(),
         ready: Default::default(),
         draining: Default::default(),
+        inflight: Arc::new(tokio::sync::Semaphore::new(
+            cfg.max_inflight_requests as usize,
+        )),
         cfg,
     }))
 }

@@ -38,6 +38,8 @@ pub struct AppState {
     pub ready: AtomicBool,
     /// Set when shutdown begins.
     pub draining: AtomicBool,
+    /// Admission of inference requests (MAX_INFLIGHT_REQUESTS permits).
+    pub inflight: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -85,8 +87,11 @@ pub async fn serve(
                     let st = Arc::clone(&st);
                     async move { Ok::<_, Infallible>(routes::handle(st, req).await) }
                 });
+                // A small read buffer per connection (hyper's default grows to ~400 KB): with a
+                // thousand clients streaming large bodies, that alone would be 400 MB.
                 let conn = http1::Builder::new()
                     .keep_alive(true)
+                    .max_buf_size(64 * 1024)
                     .serve_connection(TokioIo::new(stream), service);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {

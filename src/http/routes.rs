@@ -129,11 +129,21 @@ async fn route(
             ));
         }
     }
-    if let Some(task) = task_route {
-        return infer_json(state, req, task, ctx).await;
-    }
-    if let Some(model_id) = legacy {
-        return infer_legacy(state, req, model_id, ctx).await;
+    if task_route.is_some() || legacy.is_some() {
+        // Admission before the body is buffered: a rejected body is read and dropped chunk by
+        // chunk (so the client gets its 429 cleanly), never held.
+        let Ok(_permit) = Arc::clone(&state.inflight).try_acquire_owned() else {
+            discard_body(state, req).await;
+            METRICS.outcome("none", "rejected", "admission");
+            return Err(ApiError::overloaded(
+                "Server overloaded: too many requests in flight (MAX_INFLIGHT_REQUESTS); retry shortly",
+            ));
+        };
+        return match (task_route, legacy) {
+            (Some(task), _) => infer_json(state, req, task, ctx).await,
+            (None, Some(model_id)) => infer_legacy(state, req, model_id, ctx).await,
+            (None, None) => unreachable!("checked above"),
+        };
     }
     match (&method, path.as_str()) {
         (&Method::GET, "/info") => Ok(json(
@@ -246,6 +256,20 @@ async fn read_body(
         })?
         .to_bytes();
     Ok((parts, bytes))
+}
+
+/// Reads and drops a body, up to MAX_BODY_BYTES, without keeping it.
+async fn discard_body(state: &AppState, req: Request<Incoming>) {
+    let mut body = req.into_body();
+    let mut seen = 0usize;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Some(chunk) = frame.data_ref() {
+            seen += chunk.len();
+            if seen > state.cfg.max_body_bytes {
+                break;
+            }
+        }
+    }
 }
 
 #[derive(Deserialize)]

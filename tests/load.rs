@@ -1,0 +1,83 @@
+//! Load test over loopback, bounded in time: 1,000 concurrent connections (the seeds'
+//! benchmark parallelism) against the real server, driven by `cvserve bench`.
+
+mod common;
+
+use common::{repo, Server};
+use serde_json::Value;
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_thousand_concurrent_clients_get_only_200_or_429_and_memory_stays_bounded() {
+    let s = Server::start("shapes-cls/1,coco/1", &[]);
+    let rss_before = peak_rss_kib(s.child.id());
+    let report_path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("load-{}.json", std::process::id()));
+    for (model, images) in [
+        ("shapes-cls/1", "tests/fixtures/samples/shapes-cls"),
+        ("coco/1", "tests/fixtures/images"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cvserve"))
+            .args([
+                "bench",
+                "--url",
+                &s.base,
+                "--model",
+                model,
+                "--concurrency",
+                "1000",
+                "--duration",
+                "5",
+                "--warmup",
+                "2",
+            ])
+            .arg("--images")
+            .arg(repo().join(images))
+            .arg("--json")
+            .arg(&report_path)
+            .env("CVSERVE_BENCH_DEBUG", "1")
+            .output()
+            .expect("run cvserve bench");
+        assert!(
+            out.status.success(),
+            "bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+        let statuses: Vec<&String> = report["by_status"].as_object().unwrap().keys().collect();
+        assert!(
+            statuses.iter().all(|k| *k == "200" || *k == "429"),
+            "{model}: only 200 and 429 expected, got {}\n{}",
+            report["by_status"],
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            report["by_status"]["200"].as_u64().unwrap_or(0) > 0,
+            "{model}: {}",
+            report["by_status"]
+        );
+    }
+    // Bounded memory: the peak grows by far less than a request body per connection would.
+    let rss_after = peak_rss_kib(s.child.id());
+    assert!(
+        rss_after < rss_before + 512 * 1024,
+        "peak RSS grew from {rss_before} KiB to {rss_after} KiB under load"
+    );
+    // And it answers normally afterwards, with every ring slot back.
+    let r = s.detect("coco/1", "images/dog.jpg", serde_json::json!({}));
+    assert_eq!(r.status, 200);
+    let metrics = s.get("/metrics").body;
+    assert!(metrics
+        .as_str()
+        .unwrap()
+        .contains("cvserve_ring_slots_in_use 0"));
+    std::fs::remove_file(&report_path).ok();
+}
