@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v cmake >/dev/null || missing+=(cmake)
 command -v nasm >/dev/null || missing+=(nasm)
+command -v curl >/dev/null || missing+=(curl)
 command -v cc >/dev/null || missing+=(build-essential)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)

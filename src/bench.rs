@@ -78,6 +78,11 @@ pub struct BenchConfig {
     #[arg(long)]
     pub json: Option<PathBuf>,
 
+    /// Behave like a polite client: after a 429/503 with Retry-After, wait that long before
+    /// this client's next request (otherwise it retries at once).
+    #[arg(long, default_value_t = false)]
+    pub respect_retry_after: bool,
+
     /// Client threads (0 = number of cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -139,44 +144,58 @@ struct Target {
     content_type: &'static str,
     bodies: Vec<Bytes>,
     timeout: Duration,
+    respect_retry_after: bool,
 }
 
 impl Target {
-    /// Sends body `i % n`; returns (status or 0 for transport errors, latency).
+    /// Sends body `i % n`; returns (status or 0 for transport errors, latency), and waits out
+    /// a Retry-After when asked to.
     async fn send(&self, i: usize) -> (u16, Duration) {
+        let (status, latency, retry_after) = self.send_once(i).await;
+        if self.respect_retry_after {
+            if let Some(wait) = retry_after {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        (status, latency)
+    }
+
+    async fn send_once(&self, i: usize) -> (u16, Duration, Option<Duration>) {
         let body = self.bodies[i % self.bodies.len()].clone();
         let req = Request::post(self.uri.clone())
             .header("content-type", self.content_type)
             .body(Full::new(body));
         let Ok(req) = req else {
-            return (0, Duration::ZERO);
+            return (0, Duration::ZERO, None);
         };
         let started = Instant::now();
         let result = tokio::time::timeout(self.timeout, async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| format!("{e:?}"))?;
+            let resp = self.client.request(req).await.map_err(|e| format!("{e:?}"))?;
             let status = resp.status().as_u16();
+            let retry_after = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()?.parse::<f64>().ok())
+                .map(Duration::from_secs_f64);
             resp.into_body()
                 .collect()
                 .await
                 .map_err(|e| format!("body: {e:?}"))?;
-            Ok::<u16, String>(status)
+            Ok::<_, String>((status, retry_after))
         })
         .await;
-        let status = match result {
-            Ok(Ok(status)) => status,
+        let latency = started.elapsed();
+        let (status, retry_after) = match result {
+            Ok(Ok(answer)) => answer,
             Ok(Err(e)) => {
                 if std::env::var_os("CVSERVE_BENCH_DEBUG").is_some() {
                     eprintln!("transport error: {e}");
                 }
-                0
+                (0, None)
             }
-            Err(_) => 0,
+            Err(_) => (0, None),
         };
-        (status, started.elapsed())
+        (status, latency, retry_after)
     }
 }
 
@@ -312,6 +331,7 @@ async fn run_async(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
         content_type,
         bodies,
         timeout: Duration::from_secs_f64(cfg.timeout),
+        respect_retry_after: cfg.respect_retry_after,
     });
 
     for i in 0..cfg.warmup {

@@ -5,6 +5,7 @@
 //! `model::backend` (ONNX Runtime) → `pipeline::postprocess` (`tasks::*` decoding) → response.
 
 pub mod bench;
+pub mod ceiling;
 pub mod config;
 pub mod http;
 pub mod metrics;

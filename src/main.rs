@@ -22,6 +22,8 @@ enum Command {
     Serve(ServeConfig),
     /// Load-test a Roboflow-compatible server (this one or Roboflow Inference).
     Bench(BenchConfig),
+    /// Measure a model's in-process ceiling (back end alone, best batch size).
+    Ceiling(cvserve::ceiling::CeilingConfig),
 }
 
 fn main() -> std::process::ExitCode {
@@ -30,6 +32,16 @@ fn main() -> std::process::ExitCode {
     let cfg = match cli.command {
         Some(Command::Serve(cfg)) => cfg,
         None => cli.serve,
+        Some(Command::Ceiling(c)) => {
+            init_logging("text");
+            return match cvserve::ceiling::run(c) {
+                Ok(_) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cvserve ceiling: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
         Some(Command::Bench(bench)) => {
             init_logging("text");
             return match cvserve::bench::run(bench) {
