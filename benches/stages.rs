@@ -9,7 +9,7 @@ use std::io::Cursor;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 use cvserve::http::response::{ImageSize, InferResponse, ResolvedModel, TaskBody};
-use cvserve::pipeline::decode::{decode_into, DecodeOptions};
+use cvserve::pipeline::decode::{decode_into, DecodeOptions, NeededSize};
 use cvserve::pipeline::preprocess::{
     preprocess_into, Geometry, InputSpec, Normalization, ResizeMode,
 };
@@ -44,6 +44,7 @@ fn bench_decode(c: &mut Criterion) {
     let opts = DecodeOptions {
         auto_orient: true,
         max_image_pixels: 100_000_000,
+        needed: None,
     };
     let mut g = c.benchmark_group("decode_jpeg");
     for (name, w, h) in SIZES {
@@ -57,6 +58,22 @@ fn bench_decode(c: &mut Criterion) {
             })
         });
     }
+    // The same 1080p frame for a 640x640 letterbox input, decoded at the DCT scale it needs.
+    let data = jpeg(&photo(1920, 1080));
+    let reduced = DecodeOptions {
+        needed: Some(NeededSize {
+            width: 640,
+            height: 640,
+            keep_aspect: true,
+        }),
+        ..opts
+    };
+    g.bench_function("1080p_reduced_scale_for_640", |b| {
+        b.iter(|| {
+            let img = decode_into(black_box(&data), ring.try_acquire().unwrap(), &reduced).unwrap();
+            black_box(img.width);
+        })
+    });
     g.finish();
 }
 

@@ -170,7 +170,11 @@ impl Target {
         };
         let started = Instant::now();
         let result = tokio::time::timeout(self.timeout, async {
-            let resp = self.client.request(req).await.map_err(|e| format!("{e:?}"))?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
             let status = resp.status().as_u16();
             let retry_after = resp
                 .headers()

@@ -37,7 +37,11 @@ pub struct CeilingConfig {
     pub ort_intra_threads: usize,
 
     /// Path of libonnxruntime.so.
-    #[arg(long, env = "ORT_DYLIB_PATH", default_value = "vendor/onnxruntime/libonnxruntime.so.1.31.1")]
+    #[arg(
+        long,
+        env = "ORT_DYLIB_PATH",
+        default_value = "vendor/onnxruntime/libonnxruntime.so.1.31.1"
+    )]
     pub ort_dylib_path: PathBuf,
 }
 
@@ -73,11 +77,15 @@ pub fn run(cfg: CeilingConfig) -> anyhow::Result<CeilingReport> {
         }
         // Mid-grey input: a realistic, not degenerate, activation pattern.
         let input = vec![0.5f32; b * 3 * h as usize * w as usize];
-        backend.run(&input, b, h, w).map_err(|e| anyhow::anyhow!("{e}"))?;
+        backend
+            .run(&input, b, h, w)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let started = Instant::now();
         let mut images = 0usize;
         while started.elapsed() < Duration::from_secs_f64(cfg.seconds) {
-            backend.run(&input, b, h, w).map_err(|e| anyhow::anyhow!("{e}"))?;
+            backend
+                .run(&input, b, h, w)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             images += b;
         }
         per_batch.push((b, images as f64 / started.elapsed().as_secs_f64()));

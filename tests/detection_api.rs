@@ -214,3 +214,26 @@ fn info_health_readiness() {
     assert_eq!(s.get("/readiness").body, json!({"status": "ready"}));
     assert_eq!(s.get("/nope").status, 404);
 }
+
+#[test]
+fn reduced_scale_decoding_still_finds_the_objects() {
+    let s = Server::start("coco/1", &[("DECODE_REDUCED_SCALE", "true")]);
+    for name in ["dog", "giraffe", "horses"] {
+        let g = golden(&format!("coco-1/{name}.json"));
+        let r = s.detect("coco/1", &format!("images/{name}.jpg"), json!({}));
+        assert_eq!(
+            r.body["image"], g["response"]["image"],
+            "sizes are the original's"
+        );
+        let ours: Vec<_> = boxes(&r.body["predictions"]);
+        for gb in boxes(&g["response"]["predictions"])
+            .iter()
+            .filter(|b| b.5 > 0.6)
+        {
+            assert!(
+                ours.iter().any(|o| o.0 == gb.0 && common::iou(o, gb) > 0.8),
+                "{name}: {gb:?} not found in {ours:?}"
+            );
+        }
+    }
+}

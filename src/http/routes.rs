@@ -23,7 +23,8 @@ use super::AppState;
 use crate::metrics::METRICS;
 use crate::model::manager::LoadedModel;
 use crate::model::repository::TaskType;
-use crate::pipeline::decode::DecodeOptions;
+use crate::pipeline::decode::{DecodeOptions, NeededSize};
+use crate::pipeline::preprocess::ResizeMode;
 use crate::pipeline::{Job, PipelineError};
 use crate::tasks::TaskParams;
 
@@ -513,6 +514,11 @@ async fn infer(
             && !state.cfg.disable_preproc_auto_orient
             && !request.disable_preproc_auto_orient.unwrap_or(false),
         max_image_pixels: state.cfg.max_image_pixels,
+        needed: state.cfg.decode_reduced_scale.then(|| NeededSize {
+            width: model.runtime.spec.width,
+            height: model.runtime.spec.height,
+            keep_aspect: matches!(model.runtime.spec.resize, ResizeMode::Letterbox { .. }),
+        }),
     };
     let decode_started = Instant::now();
     let decoded = try_join_all(images.into_iter().map(|src| decode_image(state, src, opts)))

@@ -35,6 +35,32 @@ pub struct DecodeOptions {
     pub auto_orient: bool,
     /// Largest width x height a header may claim.
     pub max_image_pixels: u64,
+    /// The smallest image preprocessing needs, if known: a JPEG much larger is decoded at
+    /// 1/2, 1/4 or 1/8 scale in the DCT domain (far cheaper than decoding it whole and
+    /// shrinking it afterwards), never below what the network input needs.
+    pub needed: Option<NeededSize>,
+}
+
+/// What preprocessing needs of a decoded image to resize it without upsampling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NeededSize {
+    pub width: u32,
+    pub height: u32,
+    /// Letterbox keeps the aspect ratio, so only the fitting side must reach the input size.
+    pub keep_aspect: bool,
+}
+
+impl NeededSize {
+    /// Whether a `w x h` decode (oriented) of an `ow x oh` image is large enough.
+    fn satisfied_by(&self, w: usize, h: usize, ow: usize, oh: usize) -> bool {
+        let (nw, nh) = (self.width as f64, self.height as f64);
+        if self.keep_aspect {
+            let r = (nw / ow as f64).min(nh / oh as f64);
+            w as f64 >= (ow as f64 * r).floor() && h as f64 >= (oh as f64 * r).floor()
+        } else {
+            w as f64 >= nw && h as f64 >= nh
+        }
+    }
 }
 
 /// An image decoded into a ring slot: `width x height` RGB pixels, rows packed, at the start
@@ -134,31 +160,46 @@ fn decode_jpeg(
         if let Err(e) = check_pixels(header.width as u64, header.height as u64, opts) {
             return Err((None, e));
         }
-        let slot_pixels = slot.bytes().len() / 3;
-        let factor = [
-            turbojpeg::ScalingFactor::ONE,
-            turbojpeg::ScalingFactor::ONE_HALF,
-            turbojpeg::ScalingFactor::ONE_QUARTER,
-            turbojpeg::ScalingFactor::ONE_EIGHTH,
-        ]
-        .into_iter()
-        .find(|f| f.scale(header.width) * f.scale(header.height) <= slot_pixels)
-        .ok_or_else(|| {
-            (
-                None,
-                DecodeError::Undecodable(format!(
-                    "a {}x{} JPEG does not fit a ring slot even at 1/8 scale (RING_SLOT_PIXELS).",
-                    header.width, header.height
-                )),
-            )
-        })?;
-        let (w, h) = (factor.scale(header.width), factor.scale(header.height));
         let orientation = if opts.auto_orient {
             exif_orientation(data)
         } else {
             Orientation::NoTransforms
         };
+        let slot_pixels = slot.bytes().len() / 3;
+        let factors = [
+            turbojpeg::ScalingFactor::ONE_EIGHTH,
+            turbojpeg::ScalingFactor::ONE_QUARTER,
+            turbojpeg::ScalingFactor::ONE_HALF,
+            turbojpeg::ScalingFactor::ONE,
+        ];
+        let fits = |f: &turbojpeg::ScalingFactor| {
+            f.scale(header.width) * f.scale(header.height) <= slot_pixels
+        };
         let (ow, oh) = oriented_size(header.width as u32, header.height as u32, orientation);
+        // The most reduced decode that still covers what preprocessing needs ...
+        let enough = opts.needed.and_then(|need| {
+            factors.iter().copied().find(|f| {
+                let (w, h) = oriented_size(
+                    f.scale(header.width) as u32,
+                    f.scale(header.height) as u32,
+                    orientation,
+                );
+                fits(f) && need.satisfied_by(w as usize, h as usize, ow as usize, oh as usize)
+            })
+        });
+        // ... else the largest that fits a slot.
+        let factor = enough
+            .or_else(|| factors.iter().rev().copied().find(fits))
+            .ok_or_else(|| {
+                (
+                    None,
+                    DecodeError::Undecodable(format!(
+                    "a {}x{} JPEG does not fit a ring slot even at 1/8 scale (RING_SLOT_PIXELS).",
+                    header.width, header.height
+                )),
+                )
+            })?;
+        let (w, h) = (factor.scale(header.width), factor.scale(header.height));
         if dec.set_scaling_factor(factor).is_err() {
             return Err((
                 Some(slot),
@@ -357,6 +398,7 @@ mod tests {
     const OPTS: DecodeOptions = DecodeOptions {
         auto_orient: true,
         max_image_pixels: 100_000_000,
+        needed: None,
     };
 
     fn ring(pixels: usize) -> Arc<Ring> {
@@ -423,6 +465,49 @@ mod tests {
         .unwrap();
         assert_eq!((d.width, d.height), (100, 50));
         assert_eq!((d.orig_width, d.orig_height), (200, 100));
+    }
+
+    #[test]
+    fn a_large_jpeg_is_decoded_only_as_large_as_the_network_needs() {
+        let img = gradient(800, 400);
+        let data = encode(&img, image::ImageFormat::Jpeg);
+        let ring = ring(800 * 400);
+        let decode = |needed| {
+            let opts = DecodeOptions { needed, ..OPTS };
+            let d = decode_into(&data, ring.try_acquire().unwrap(), &opts).unwrap();
+            assert_eq!((d.orig_width, d.orig_height), (800, 400));
+            (d.width, d.height)
+        };
+        let stretch = |width, height| {
+            Some(NeededSize {
+                width,
+                height,
+                keep_aspect: false,
+            })
+        };
+        let letterbox = |width, height| {
+            Some(NeededSize {
+                width,
+                height,
+                keep_aspect: true,
+            })
+        };
+        assert_eq!(decode(None), (800, 400));
+        assert_eq!(decode(stretch(100, 50)), (100, 50));
+        assert_eq!(decode(stretch(100, 51)), (200, 100));
+        assert_eq!(decode(stretch(224, 200)), (400, 200));
+        assert_eq!(
+            decode(stretch(224, 224)),
+            (800, 400),
+            "1/2 would be 200 rows < 224"
+        );
+        // Letterbox into 160x160: content is 160x80, so 1/4 (200x100) is enough.
+        assert_eq!(decode(letterbox(160, 160)), (200, 100));
+        assert_eq!(
+            decode(stretch(1000, 1000)),
+            (800, 400),
+            "never more than the original"
+        );
     }
 
     #[test]
