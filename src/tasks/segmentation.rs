@@ -157,6 +157,65 @@ pub fn box_mask(
     mask
 }
 
+/// The first cell (raster order, as an index) of the largest 8-connected piece, by area.
+/// Pieces are labelled by runs: each row's runs of set cells are joined (union-find) with the
+/// previous row's runs they touch, so the work follows the number of runs, not of cells.
+fn largest_piece_start(mask: &BoxMask) -> Option<usize> {
+    struct Run {
+        x0: usize,
+        x1: usize, // exclusive
+        y: usize,
+    }
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let mut runs: Vec<Run> = Vec::new();
+    let mut parent: Vec<usize> = Vec::new();
+    let mut prev = 0..0; // the previous row's runs
+    for y in 0..mask.h {
+        let row = &mask.bits[y * mask.w..(y + 1) * mask.w];
+        let start = runs.len();
+        let mut x = 0;
+        while x < mask.w {
+            if !row[x] {
+                x += 1;
+                continue;
+            }
+            let x0 = x;
+            while x < mask.w && row[x] {
+                x += 1;
+            }
+            let id = runs.len();
+            runs.push(Run { x0, x1: x, y });
+            parent.push(id);
+            // 8-connected: touching or diagonally adjacent runs of the row above.
+            for p in prev.clone() {
+                if runs[p].x0 <= x && x0 <= runs[p].x1 {
+                    let (a, b) = (root(&mut parent, p), root(&mut parent, id));
+                    if a != b {
+                        parent[b.max(a)] = a.min(b);
+                    }
+                }
+            }
+        }
+        prev = start..runs.len();
+    }
+    let mut area = vec![0usize; runs.len()];
+    for i in 0..runs.len() {
+        let r = root(&mut parent, i);
+        area[r] += runs[i].x1 - runs[i].x0;
+    }
+    // Roots are the lowest run of their piece, i.e. its first in raster order.
+    let best = (0..runs.len())
+        .filter(|&i| parent[i] == i)
+        .max_by_key(|&i| (area[i], std::cmp::Reverse(i)))?;
+    Some(runs[best].y * mask.w + runs[best].x0)
+}
+
 const DIRS: [(i32, i32); 8] = [
     (1, 0),
     (1, 1),
@@ -173,36 +232,7 @@ const DIRS: [(i32, i32); 8] = [
 /// end points (like OpenCV's CHAIN_APPROX_SIMPLE). Empty for an empty mask.
 pub fn outer_contour(mask: &BoxMask) -> Vec<(i32, i32)> {
     let (w, h) = (mask.w, mask.h);
-    // Label pieces; keep the first cell (raster order) of the largest.
-    let mut seen = vec![false; w * h];
-    let mut best: Option<(usize, usize)> = None; // (area, first cell)
-    let mut stack = Vec::new();
-    for start in 0..w * h {
-        if !mask.bits[start] || seen[start] {
-            continue;
-        }
-        seen[start] = true;
-        stack.push(start);
-        let mut area = 0;
-        while let Some(c) = stack.pop() {
-            area += 1;
-            let (x, y) = ((c % w) as i32, (c / w) as i32);
-            for (dx, dy) in DIRS {
-                let (nx, ny) = (x + dx, y + dy);
-                if nx >= 0 && ny >= 0 && (nx as usize) < w && (ny as usize) < h {
-                    let n = ny as usize * w + nx as usize;
-                    if mask.bits[n] && !seen[n] {
-                        seen[n] = true;
-                        stack.push(n);
-                    }
-                }
-            }
-        }
-        if best.is_none_or(|(a, _)| area > a) {
-            best = Some((area, start));
-        }
-    }
-    let Some((_, first)) = best else {
+    let Some(first) = largest_piece_start(mask) else {
         return Vec::new();
     };
     let set = |x: i32, y: i32| {
@@ -489,6 +519,26 @@ mod tests {
         let mut sorted = c.clone();
         sorted.sort();
         assert_eq!(sorted, vec![(3, 1), (3, 4), (7, 1), (7, 4)], "{c:?}");
+    }
+
+    #[test]
+    fn pieces_that_join_further_down_are_one_piece() {
+        // A U (9 cells, its arms only meet in the last row) beside a 2x3 block (6 cells).
+        let m = mask_from(&["#...#.##", "#...#.##", "#####.##"]);
+        assert_eq!(largest_piece_start(&m), Some(0));
+        let c = outer_contour(&m);
+        for corner in [(0, 0), (4, 0), (0, 2), (4, 2)] {
+            assert!(c.contains(&corner), "{corner:?} missing from {c:?}");
+        }
+        assert!(
+            c.iter().all(|&(x, _)| x <= 4),
+            "the block is not part of the U: {c:?}"
+        );
+        // Equal areas: the first piece in raster order wins.
+        assert_eq!(
+            largest_piece_start(&mask_from(&["##..", "....", "..##"])),
+            Some(0)
+        );
     }
 
     #[test]
