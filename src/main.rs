@@ -29,39 +29,31 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     raise_fd_limit();
-    let cfg = match cli.command {
-        Some(Command::Serve(cfg)) => cfg,
-        None => cli.serve,
-        Some(Command::Ceiling(c)) => {
-            init_logging("text");
-            return match cvserve::ceiling::run(c) {
-                Ok(_) => std::process::ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("cvserve ceiling: {e:#}");
-                    std::process::ExitCode::FAILURE
-                }
-            };
-        }
+    let (name, result) = match cli.command {
         Some(Command::Bench(bench)) => {
             init_logging("text");
-            return match cvserve::bench::run(bench) {
-                Ok(_) => std::process::ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("cvserve bench: {e:#}");
-                    std::process::ExitCode::FAILURE
-                }
-            };
+            ("cvserve bench", cvserve::bench::run(bench).map(drop))
         }
+        Some(Command::Ceiling(c)) => {
+            init_logging("text");
+            ("cvserve ceiling", cvserve::ceiling::run(c).map(drop))
+        }
+        Some(Command::Serve(cfg)) => serve(cfg),
+        None => serve(cli.serve),
     };
-    init_logging(&cfg.log_format);
-    match cvserve::server::run(cfg) {
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("cvserve: {e:#}");
+            eprintln!("{name}: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn serve(cfg: ServeConfig) -> (&'static str, anyhow::Result<()>) {
+    init_logging(&cfg.log_format);
+    ("cvserve", cvserve::server::run(cfg))
 }
 
 /// Structured logs on stderr; the level from LOG_LEVEL (or RUST_LOG), default info.

@@ -205,9 +205,9 @@ fn largest_piece_start(mask: &BoxMask) -> Option<usize> {
         prev = start..runs.len();
     }
     let mut area = vec![0usize; runs.len()];
-    for i in 0..runs.len() {
+    for (i, run) in runs.iter().enumerate() {
         let r = root(&mut parent, i);
-        area[r] += runs[i].x1 - runs[i].x0;
+        area[r] += run.x1 - run.x0;
     }
     // Roots are the lowest run of their piece, i.e. its first in raster order.
     let best = (0..runs.len())
