@@ -36,6 +36,10 @@ pub struct CeilingConfig {
     #[arg(long, env = "ORT_INTRA_THREADS", default_value_t = 0)]
     pub ort_intra_threads: usize,
 
+    /// ONNX Runtime's CPU arena allocator, as the server's ORT_CPU_ARENA.
+    #[arg(long, env = "ORT_CPU_ARENA", default_value_t = false, action = clap::ArgAction::Set)]
+    pub ort_cpu_arena: bool,
+
     /// Path of libonnxruntime.so.
     #[arg(
         long,
@@ -63,7 +67,8 @@ pub fn run(cfg: CeilingConfig) -> anyhow::Result<CeilingReport> {
     };
     let meta = repository::read(&cfg.model_cache_dir, &cfg.model)?;
     let env = environment(&cfg.ort_dylib_path, threads).map_err(anyhow::Error::msg)?;
-    let mut backend = OrtBackend::load(env, &meta.weights).map_err(anyhow::Error::msg)?;
+    let mut backend =
+        OrtBackend::load(env, &meta.weights, cfg.ort_cpu_arena).map_err(anyhow::Error::msg)?;
     let (rw, rh) = meta.resize_size.unwrap_or((640, 640));
     let (h, w) = (
         backend.input().height.unwrap_or(rh),

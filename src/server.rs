@@ -56,6 +56,7 @@ fn build_state(cfg: ServeConfig) -> anyhow::Result<Arc<AppState>> {
                 fail_batch: cfg.inject_fail_batch,
                 panic_batch: cfg.inject_panic_batch,
             },
+            ort_cpu_arena: cfg.ort_cpu_arena,
         },
         Arc::clone(&pools),
     ));

@@ -43,6 +43,7 @@ pub struct LoadSettings {
     pub ort_intra_threads: usize,
     pub batcher: BatcherConfig,
     pub faults: FaultInjection,
+    pub ort_cpu_arena: bool,
 }
 
 /// The loaded models, by id.
@@ -178,7 +179,7 @@ fn load(
     };
     let env = environment(&settings.ort_dylib, settings.ort_intra_threads).map_err(failed)?;
     let mut backend: Box<dyn Backend> =
-        Box::new(OrtBackend::load(env, &meta.weights).map_err(failed)?);
+        Box::new(OrtBackend::load(env, &meta.weights, settings.ort_cpu_arena).map_err(failed)?);
     let input = backend.input().clone();
     let (rw, rh) = meta.resize_size.unwrap_or((640, 640));
     let spec = InputSpec {

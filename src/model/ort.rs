@@ -52,9 +52,16 @@ pub struct OrtBackend {
 
 impl OrtBackend {
     /// Creates a session for the model file at `path`.
-    pub fn load(env: &ort::environment::Environment, path: &Path) -> Result<Self, String> {
+    pub fn load(
+        env: &ort::environment::Environment,
+        path: &Path,
+        cpu_arena: bool,
+    ) -> Result<Self, String> {
         let session = (|| -> ort::Result<Session> {
             let mut builder = Session::builder(env)?
+                .with_execution_providers([ort::ep::CPU::default()
+                    .with_arena_allocator(cpu_arena)
+                    .build()])?
                 .with_optimization_level(GraphOptimizationLevel::Level3)?
                 .with_intra_op_spinning(false)?
                 .with_inter_op_spinning(false)?;
