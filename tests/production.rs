@@ -389,3 +389,23 @@ fn responses_carry_a_request_id_and_keep_the_clients() {
         assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     }
 }
+
+#[test]
+fn readiness_waits_for_every_model_to_load_and_warm_up() {
+    let s = Server::spawn("all", &[]);
+    let first = s.get("/readiness");
+    assert_eq!(
+        first.status, 503,
+        "ready before loading six models? {:?}",
+        first.body
+    );
+    assert_eq!(first.body, json!({"status": "not ready"}));
+    assert_eq!(s.get("/healthz").status, 200, "alive while loading");
+    s.wait_ready(Duration::from_secs(120));
+    let models = s.get("/model/registry").body["models"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(models, 6, "ready means every bundled model is loaded");
+    assert!(s.logs().contains("model loaded"));
+}

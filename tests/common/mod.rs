@@ -62,8 +62,16 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts a server preloading `models` (comma list, or "all"), with extra env vars.
+    /// Starts a server preloading `models` (comma list, or "all"), with extra env vars, and
+    /// waits until it is ready.
     pub fn start(models: &str, env: &[(&str, &str)]) -> Server {
+        let server = Self::spawn(models, env);
+        server.wait_ready(Duration::from_secs(120));
+        server
+    }
+
+    /// Starts a server and returns as soon as it listens (before it is ready).
+    pub fn spawn(models: &str, env: &[(&str, &str)]) -> Server {
         let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "cvserve-{}-{}.log",
             std::process::id(),
@@ -106,14 +114,12 @@ impl Server {
             .timeout_global(Some(Duration::from_secs(120)))
             .build()
             .into();
-        let server = Server {
+        Server {
             child,
             base,
             log,
             agent,
-        };
-        server.wait_ready(Duration::from_secs(120));
-        server
+        }
     }
 
     pub fn wait_ready(&self, limit: Duration) {
