@@ -409,3 +409,34 @@ fn readiness_waits_for_every_model_to_load_and_warm_up() {
     assert_eq!(models, 6, "ready means every bundled model is loaded");
     assert!(s.logs().contains("model loaded"));
 }
+
+#[test]
+fn json_logs_carry_the_request_id() {
+    let s = Server::start("none", &[("LOG_FORMAT", "json"), ("LOG_LEVEL", "debug")]);
+    let r = s.post_json_with_headers(
+        "/infer/classification",
+        &body(),
+        &[("X-Request-Id", "trace-me-42")],
+    );
+    assert_eq!(r.status, 200);
+    eventually("the request's log lines", || {
+        s.logs().contains("trace-me-42")
+    });
+    let logs = s.logs();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter(|l| l.contains("trace-me-42"))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    // The first-use model load happened inside the request: its log line carries the id too.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "model loaded"),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l["fields"]["status"] == 200),
+        "{lines:?}"
+    );
+}

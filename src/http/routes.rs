@@ -14,6 +14,7 @@ use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use super::error::ApiError;
 use super::images::decode_image;
@@ -47,7 +48,9 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> HttpRespons
         model: None,
         route: None,
     };
-    let mut resp = match route(&state, req, &mut ctx).await {
+    // Every log line emitted while serving the request carries its id.
+    let span = tracing::info_span!("request", request_id = %ctx.request_id);
+    let mut resp = match route(&state, req, &mut ctx).instrument(span).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
@@ -318,7 +321,8 @@ async fn load_model(state: &Arc<AppState>, id: &str) -> Result<Arc<LoadedModel>,
     }
     let manager = Arc::clone(&state.manager);
     let id = id.to_owned();
-    tokio::task::spawn_blocking(move || manager.get_or_load(&id))
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(|| manager.get_or_load(&id)))
         .await
         .map_err(|_| ApiError::internal("Internal error: model loading panicked"))?
         .map_err(ApiError::from)
