@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde::Serialize;
 
+use crate::config::OrtSettings;
 use crate::model::backend::Backend;
 use crate::model::ort::{environment, OrtBackend};
 use crate::model::repository;
@@ -32,21 +33,9 @@ pub struct CeilingConfig {
     #[arg(long, default_value_t = 4.0)]
     pub seconds: f64,
 
-    /// ONNX Runtime intra-op threads, as the server's ORT_INTRA_THREADS (0 = number of cores).
-    #[arg(long, env = "ORT_INTRA_THREADS", default_value_t = 0)]
-    pub ort_intra_threads: usize,
-
-    /// ONNX Runtime's CPU arena allocator, as the server's ORT_CPU_ARENA.
-    #[arg(long, env = "ORT_CPU_ARENA", default_value_t = false, action = clap::ArgAction::Set)]
-    pub ort_cpu_arena: bool,
-
-    /// Path of libonnxruntime.so.
-    #[arg(
-        long,
-        env = "ORT_DYLIB_PATH",
-        default_value = "vendor/onnxruntime/libonnxruntime.so.1.31.1"
-    )]
-    pub ort_dylib_path: PathBuf,
+    /// ONNX Runtime settings, the same flags and variables as the server's.
+    #[command(flatten)]
+    pub ort: OrtSettings,
 }
 
 /// Images per second at each batch size, and the best.
@@ -60,15 +49,11 @@ pub struct CeilingReport {
 
 /// Measures and prints the ceiling as JSON.
 pub fn run(cfg: CeilingConfig) -> anyhow::Result<CeilingReport> {
-    let threads = if cfg.ort_intra_threads == 0 {
-        crate::config::available_cores()
-    } else {
-        cfg.ort_intra_threads
-    };
+    let threads = cfg.ort.intra_threads();
     let meta = repository::read(&cfg.model_cache_dir, &cfg.model)?;
-    let env = environment(&cfg.ort_dylib_path, threads).map_err(anyhow::Error::msg)?;
+    let env = environment(&cfg.ort.dylib_path, threads).map_err(anyhow::Error::msg)?;
     let mut backend =
-        OrtBackend::load(env, &meta.weights, cfg.ort_cpu_arena).map_err(anyhow::Error::msg)?;
+        OrtBackend::load(env, &meta.weights, cfg.ort.cpu_arena).map_err(anyhow::Error::msg)?;
     let (rw, rh) = meta.resize_size.unwrap_or((640, 640));
     let (h, w) = (
         backend.input().height.unwrap_or(rh),

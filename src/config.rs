@@ -135,10 +135,9 @@ pub struct ServeConfig {
     #[arg(long, env = "POSTPROCESS_THREADS", default_value_t = 0)]
     pub postprocess_threads: usize,
 
-    /// Intra-op threads of ONNX Runtime's one global pool, shared by all models
-    /// (0 = number of cores). Spinning is always off so an idle server uses no CPU.
-    #[arg(long, env = "ORT_INTRA_THREADS", default_value_t = 0)]
-    pub ort_intra_threads: usize,
+    /// ONNX Runtime settings (shared with `cvserve ceiling`).
+    #[command(flatten)]
+    pub ort: OrtSettings,
 
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT before the process exits.
     #[arg(long, env = "DRAIN_TIMEOUT_S", default_value_t = 30.0)]
@@ -164,20 +163,45 @@ pub struct ServeConfig {
     /// Fault injection for tests: the N-th batch run of each model (1-based) panics.
     #[arg(long, env = "CVSERVE_INJECT_PANIC_BATCH", hide = true)]
     pub inject_panic_batch: Option<u64>,
+}
+
+/// How ONNX Runtime runs: the server and `cvserve ceiling` share these, so the ceiling is
+/// measured with exactly the server's back-end settings.
+#[derive(Debug, Clone, Args)]
+pub struct OrtSettings {
+    /// Intra-op threads of ONNX Runtime's one global pool, shared by all models
+    /// (0 = number of cores). Spinning is always off so an idle server uses no CPU.
+    #[arg(
+        long = "ort-intra-threads",
+        env = "ORT_INTRA_THREADS",
+        default_value_t = 0
+    )]
+    pub intra_threads: usize,
 
     /// ONNX Runtime's CPU arena allocator. With it each model's session keeps the peak memory
     /// of its largest batch for good; without it memory is returned after each run, so a
     /// server with several models needs far less (measured in README).
-    #[arg(long, env = "ORT_CPU_ARENA", default_value_t = false, action = clap::ArgAction::Set)]
-    pub ort_cpu_arena: bool,
+    #[arg(long = "ort-cpu-arena", env = "ORT_CPU_ARENA", default_value_t = false, action = clap::ArgAction::Set)]
+    pub cpu_arena: bool,
 
     /// Path of libonnxruntime.so (build.sh fetches it from the `onnxruntime` PyPI wheel).
     #[arg(
-        long,
+        long = "ort-dylib-path",
         env = "ORT_DYLIB_PATH",
         default_value = "vendor/onnxruntime/libonnxruntime.so.1.31.1"
     )]
-    pub ort_dylib_path: PathBuf,
+    pub dylib_path: PathBuf,
+}
+
+impl OrtSettings {
+    /// Intra-op threads (0 means the number of cores).
+    pub fn intra_threads(&self) -> usize {
+        if self.intra_threads == 0 {
+            available_cores()
+        } else {
+            self.intra_threads
+        }
+    }
 }
 
 fn parse_overload_status(s: &str) -> Result<u16, String> {
@@ -219,10 +243,5 @@ impl ServeConfig {
     /// Threads of the postprocess pool.
     pub fn postprocess_threads(&self) -> usize {
         Self::or_cores(self.postprocess_threads)
-    }
-
-    /// ONNX Runtime intra-op threads.
-    pub fn ort_intra_threads(&self) -> usize {
-        Self::or_cores(self.ort_intra_threads)
     }
 }

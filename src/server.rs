@@ -44,8 +44,8 @@ fn build_state(cfg: ServeConfig) -> anyhow::Result<Arc<AppState>> {
     let manager = Arc::new(ModelManager::new(
         LoadSettings {
             repository: cfg.model_cache_dir.clone(),
-            ort_dylib: cfg.ort_dylib_path.clone(),
-            ort_intra_threads: cfg.ort_intra_threads(),
+            ort_dylib: cfg.ort.dylib_path.clone(),
+            ort_intra_threads: cfg.ort.intra_threads(),
             batcher: BatcherConfig {
                 max_batch: cfg.max_batch_size as usize,
                 max_queue_delay: Duration::from_micros(cfg.max_queue_delay_us),
@@ -56,7 +56,7 @@ fn build_state(cfg: ServeConfig) -> anyhow::Result<Arc<AppState>> {
                 fail_batch: cfg.inject_fail_batch,
                 panic_batch: cfg.inject_panic_batch,
             },
-            ort_cpu_arena: cfg.ort_cpu_arena,
+            ort_cpu_arena: cfg.ort.cpu_arena,
         },
         Arc::clone(&pools),
     ));
