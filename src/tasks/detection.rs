@@ -214,6 +214,21 @@ pub fn to_original_box(c: &Candidate, geo: &Geometry) -> (f32, f32, f32, f32) {
     )
 }
 
+/// A kept box as a prediction in original-image pixels (centre, size), with a fresh id.
+pub fn prediction(c: &Candidate, class_name: &str, geo: &Geometry) -> ObjectDetectionPrediction {
+    let (x1, y1, x2, y2) = to_original_box(c, geo);
+    ObjectDetectionPrediction {
+        x: (x1 + x2) / 2.0,
+        y: (y1 + y2) / 2.0,
+        width: x2 - x1,
+        height: y2 - y1,
+        confidence: c.confidence,
+        class_name: class_name.to_string(),
+        class_id: c.class_id,
+        detection_id: uuid::Uuid::new_v4().to_string(),
+    }
+}
+
 /// Whether `class_filter` lets a class through.
 pub fn passes_filter(filter: &Option<Vec<String>>, class_name: &str) -> bool {
     filter
@@ -244,17 +259,7 @@ pub fn postprocess(
             if !passes_filter(&params.class_filter, name) {
                 return None;
             }
-            let (x1, y1, x2, y2) = to_original_box(c, geo);
-            Some(ObjectDetectionPrediction {
-                x: (x1 + x2) / 2.0,
-                y: (y1 + y2) / 2.0,
-                width: x2 - x1,
-                height: y2 - y1,
-                confidence: c.confidence,
-                class_name: name.clone(),
-                class_id: c.class_id,
-                detection_id: uuid::Uuid::new_v4().to_string(),
-            })
+            Some(prediction(c, name, geo))
         })
         .collect()
 }

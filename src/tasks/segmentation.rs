@@ -438,7 +438,6 @@ pub fn postprocess(
                 input,
                 grid,
             );
-            let (x1, y1, x2, y2) = detection::to_original_box(c, geo);
             let body = match params.format {
                 MaskFormat::Polygon => MaskBody::Polygon {
                     points: polygon(&mask, input, geo),
@@ -450,16 +449,7 @@ pub fn postprocess(
                 },
             };
             InstanceSegmentationPrediction {
-                detection: detection::ObjectDetectionPrediction {
-                    x: (x1 + x2) / 2.0,
-                    y: (y1 + y2) / 2.0,
-                    width: x2 - x1,
-                    height: y2 - y1,
-                    confidence: c.confidence,
-                    class_name: class_names[c.class_id].clone(),
-                    class_id: c.class_id,
-                    detection_id: uuid::Uuid::new_v4().to_string(),
-                },
+                detection: detection::prediction(c, &class_names[c.class_id], geo),
                 mask: body,
             }
         })
