@@ -8,11 +8,10 @@ use std::io::Cursor;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
+use cvserve::geometry::{Geometry, InputSpec, Normalization, ResizeMode};
 use cvserve::http::response::{ImageSize, InferResponse, ResolvedModel, TaskBody};
 use cvserve::pipeline::decode::{decode_into, DecodeOptions, NeededSize};
-use cvserve::pipeline::preprocess::{
-    preprocess_into, Geometry, InputSpec, Normalization, ResizeMode,
-};
+use cvserve::pipeline::preprocess::preprocess_into;
 use cvserve::pipeline::ring::Ring;
 use cvserve::tasks::detection::{self, DetectionParams, YoloLayout};
 use cvserve::tasks::rle;

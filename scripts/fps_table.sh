@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The FPS table: serves the bundled models, measures each one over HTTP with the seeds'
-# methodology (closed loop, 1,000 concurrent clients, best of 3 trials) and, beside it, the
-# in-process ceiling (same back end and threads, best batch size, no HTTP/decode). Writes
-# bench-results/fps_table.md and .json.
+# The FPS table: serves the bundled models with the default settings, measures each one over
+# HTTP (closed loop, CONCURRENCY clients, default 16, best of TRIALS trials; then one client
+# alone for the single-request latency), and beside it the in-process ceiling: the bare model
+# (`cvserve ceiling`: ONNX Runtime alone, no HTTP, decode or pre/postprocessing) at its best
+# configuration of instances x intra-op threads x batch, searched with the server stopped.
+# Writes bench-results/fps_table.md and .json.
 #
 #   scripts/fps_table.sh                      # all bundled models
 #   MODELS="coco/1 shapes-seg/1" TRIALS=1 SECONDS_PER_TRIAL=5 scripts/fps_table.sh
 #   PEER_URL=http://127.0.0.1:9001 scripts/fps_table.sh   # also measure another server
 #                                                         # (e.g. Roboflow Inference) the same way
+#   SERVE_ARGS="--instances-per-model 1" scripts/fps_table.sh   # another server configuration
 #
-# Clients honour Retry-After (a 429 makes that client wait 1 s, as a polite client would);
 # FPS counts 200 answers only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,8 +21,9 @@ export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$PWD/vendor/onnxruntime/libonnxruntime.
 
 MODELS="${MODELS:-coco/1 shapes-det/1 shapes-det-v5/1 shapes-seg/1 imagenet/1 shapes-cls/1}"
 TRIALS="${TRIALS:-3}"
-CONCURRENCY="${CONCURRENCY:-1000}"
+CONCURRENCY="${CONCURRENCY:-16}"
 SECONDS_PER_TRIAL="${SECONDS_PER_TRIAL:-10}"
+CEILING_SECONDS="${CEILING_SECONDS:-3}"
 PORT="${FPS_PORT:-9101}"
 OUT=bench-results
 mkdir -p "$OUT"
@@ -34,7 +37,7 @@ images_for() {
   esac
 }
 
-best_of() { # url model label -> writes $OUT/<label>.json (best trial)
+best_of() { # url model label -> writes $OUT/<label>.json (best trial) and <label>-c1.json
   local url=$1 model=$2 label=$3 best=""
   for t in $(seq "$TRIALS"); do
     "$BIN" bench --url "$url" --model "$model" --images "$(images_for "$model")" \
@@ -49,18 +52,24 @@ PY
 )
   done
   echo "$best" > "$OUT/$label.json"
+  # One client alone: the latency of a single request on an otherwise idle server.
+  "$BIN" bench --url "$url" --model "$model" --images "$(images_for "$model")" \
+    --concurrency 1 --duration "$SECONDS_PER_TRIAL" --warmup 5 --json "$OUT/$label-c1.json" >/dev/null
 }
 
-"$BIN" serve --host 127.0.0.1 --port "$PORT" --model-cache-dir models >/dev/null 2>"$OUT/server.log" &
+# shellcheck disable=SC2086
+"$BIN" serve --host 127.0.0.1 --port "$PORT" --model-cache-dir models ${SERVE_ARGS:-} >/dev/null 2>"$OUT/server.log" &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 600); do
   curl -sf "http://127.0.0.1:$PORT/readiness" >/dev/null && break
   sleep 0.2
 done
+curl -sf "http://127.0.0.1:$PORT/info" > "$OUT/server-info.json"
+grep -E "VmRSS" "/proc/$SERVER/status" > "$OUT/server-idle-rss.txt" || true
 for m in $MODELS; do
   label=$(echo "$m" | tr / -)
-  echo "measuring $m over HTTP ($TRIALS x ${SECONDS_PER_TRIAL}s, $CONCURRENCY clients)" >&2
+  echo "measuring $m over HTTP ($TRIALS x ${SECONDS_PER_TRIAL}s, $CONCURRENCY clients; then 1 client)" >&2
   best_of "http://127.0.0.1:$PORT" "$m" "server-$label"
   if [ -n "${PEER_URL:-}" ]; then
     echo "measuring $m on $PEER_URL" >&2
@@ -74,33 +83,47 @@ trap - EXIT
 # Ceilings, with the server stopped so nothing competes for the cores.
 for m in $MODELS; do
   label=$(echo "$m" | tr / -)
-  echo "measuring the in-process ceiling of $m" >&2
-  "$BIN" ceiling --model "$m" --seconds 4 > "$OUT/ceiling-$label.json"
+  echo "searching the in-process ceiling of $m" >&2
+  "$BIN" ceiling --model "$m" --seconds "$CEILING_SECONDS" > "$OUT/ceiling-$label.json" 2>/dev/null
 done
 
 python3 - "$OUT" $MODELS <<'PY'
 import json, os, platform, sys
 out, models = sys.argv[1], sys.argv[2:]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-rows = []
+info = {m["model_id"]: m for m in json.load(open(f"{out}/server-info.json")).get("models", [])}
 peer = any(os.path.exists(f"{out}/peer-{m.replace('/', '-')}.json") for m in models)
-head = "| model | server FPS | ceiling FPS (batch) | ratio | p50 ms | p90 ms | 429s |"
+head = ("| model | served img/s | served as | bare best img/s | best configuration | ratio "
+        "| p50 / p90 ms | 1 client p50 ms | bare batch-1 ms |")
 if peer:
-    head += " peer FPS | peer p50 ms |"
-lines = [f"Machine: {os.cpu_count()} cores, {cpu}.", "", head, "|" + "---|" * (head.count("|") - 1)]
+    head += " peer img/s | peer 1 client p50 ms |"
+lines = [f"Machine: {os.cpu_count()} cores, {cpu}. Closed loop, best of trials.", "", head,
+         "|" + "---|" * (head.count("|") - 1)]
 data = {}
 for m in models:
     l = m.replace("/", "-")
     s = json.load(open(f"{out}/server-{l}.json"))
+    s1 = json.load(open(f"{out}/server-{l}-c1.json"))
     c = json.load(open(f"{out}/ceiling-{l}.json"))
+    served = info.get(m, {})
+    threads = served.get("intra_threads", 1)
+    bare1 = next((x["batch1_ms"] for x in c["latency"] if x["intra_threads"] == threads), float("nan"))
+    b = c["best"]
     ratio = s["images_per_second"] / c["images_per_second"]
-    line = (f"| {m} | {s['images_per_second']:.1f} | {c['images_per_second']:.1f} ({c['best_batch']}) | {ratio:.2f} "
-            f"| {s['latency_ms']['p50']:.0f} | {s['latency_ms']['p90']:.0f} | {s['by_status'].get('429', 0)} |")
+    line = (f"| {m} | {s['images_per_second']:.1f} "
+            f"| {served.get('instances', '?')} x {threads} thr, batch <= {served.get('max_batch_size', '?')} "
+            f"| {c['images_per_second']:.1f} | {b['instances']} x {b['intra_threads']} thr, batch {b['batch']} "
+            f"| {ratio:.2f} | {s['latency_ms']['p50']:.0f} / {s['latency_ms']['p90']:.0f} "
+            f"| {s1['latency_ms']['p50']:.1f} | {bare1:.1f} |")
     if peer:
-        p = json.load(open(f"{out}/peer-{l}.json")) if os.path.exists(f"{out}/peer-{l}.json") else None
-        line += f" {p['images_per_second']:.1f} | {p['latency_ms']['p50']:.0f} |" if p else " - | - |"
+        p = f"{out}/peer-{l}.json"
+        if os.path.exists(p):
+            p, p1 = json.load(open(p)), json.load(open(f"{out}/peer-{l}-c1.json"))
+            line += f" {p['images_per_second']:.1f} | {p1['latency_ms']['p50']:.1f} |"
+        else:
+            line += " - | - |"
     lines.append(line)
-    data[m] = {"server": s, "ceiling": c, "ratio": ratio}
+    data[m] = {"server": s, "server_one_client": s1, "ceiling": c, "ratio": ratio}
 open(f"{out}/fps_table.md", "w").write("\n".join(lines) + "\n")
 json.dump(data, open(f"{out}/fps_table.json", "w"), indent=1)
 print("\n".join(lines))

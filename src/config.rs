@@ -35,9 +35,10 @@ pub struct ServeConfig {
     pub preload_models: String,
 
     /// Largest batch the dynamic batcher forms for a model with a dynamic batch dimension
-    /// (Triton's `max_batch_size`).
-    #[arg(long, env = "MAX_BATCH_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
-    pub max_batch_size: u32,
+    /// (Triton's `max_batch_size`). `auto`: 2 on CPU, where single-threaded instances gain
+    /// nothing from larger batches and lose to cache misses (see README), 8 on a GPU.
+    #[arg(long, env = "MAX_BATCH_SIZE", default_value = "auto", value_parser = parse_auto)]
+    pub max_batch_size: Auto,
 
     /// Longest a request waits in the batcher for companions when a full batch cannot be formed
     /// (Triton's `max_queue_delay_microseconds`). A full batch is sent at once.
@@ -119,21 +120,39 @@ pub struct ServeConfig {
     #[arg(long, env = "URL_TIMEOUT_MS", default_value_t = 5000)]
     pub url_timeout_ms: u64,
 
-    /// Threads of the async HTTP front end (0 = number of cores, at most 4).
+    /// Threads of the async HTTP front end (0 = the CPU budget's share, see `CpuBudget`).
     #[arg(long, env = "HTTP_THREADS", default_value_t = 0)]
     pub http_threads: usize,
 
-    /// Threads of the decode pool (0 = number of cores).
+    /// Threads of the decode pool, which also parses large request bodies
+    /// (0 = the CPU budget's share).
     #[arg(long, env = "DECODE_THREADS", default_value_t = 0)]
     pub decode_threads: usize,
 
-    /// Threads of the preprocess pool (0 = number of cores).
+    /// Threads of the preprocess pool (0 = the CPU budget's share).
     #[arg(long, env = "PREPROCESS_THREADS", default_value_t = 0)]
     pub preprocess_threads: usize,
 
-    /// Threads of the postprocess pool (0 = number of cores).
+    /// Threads of the postprocess pool (0 = the CPU budget's share).
     #[arg(long, env = "POSTPROCESS_THREADS", default_value_t = 0)]
     pub postprocess_threads: usize,
+
+    /// Inference instances per model (Triton's instance group `count`): each runs its own
+    /// session on its own thread, and the batcher hands each batch to whichever is free.
+    /// `auto`: on CPU, enough instances of ORT_INTRA_THREADS threads to use every core.
+    #[arg(long, env = "INSTANCES_PER_MODEL", default_value = "auto", value_parser = parse_auto)]
+    pub instances_per_model: Auto,
+
+    /// Intra-op threads of each inference instance's session (`auto`: 1 when several
+    /// instances run, every core for a single instance). Spinning is always off so an idle
+    /// server uses no CPU.
+    #[arg(
+        long = "ort-intra-threads",
+        env = "ORT_INTRA_THREADS",
+        default_value = "auto",
+        value_parser = parse_auto
+    )]
+    pub intra_threads: Auto,
 
     /// ONNX Runtime settings (shared with `cvserve ceiling`).
     #[command(flatten)]
@@ -166,18 +185,10 @@ pub struct ServeConfig {
 }
 
 /// How ONNX Runtime runs: the server and `cvserve ceiling` share these, so the ceiling is
-/// measured with exactly the server's back-end settings.
+/// measured with the server's back-end settings (the ceiling searches instances and threads
+/// itself).
 #[derive(Debug, Clone, Args)]
 pub struct OrtSettings {
-    /// Intra-op threads of ONNX Runtime's one global pool, shared by all models
-    /// (0 = number of cores). Spinning is always off so an idle server uses no CPU.
-    #[arg(
-        long = "ort-intra-threads",
-        env = "ORT_INTRA_THREADS",
-        default_value_t = 0
-    )]
-    pub intra_threads: usize,
-
     /// ONNX Runtime's CPU arena allocator. With it each model's session keeps the peak memory
     /// of its largest batch for good; without it memory is returned after each run, so a
     /// server with several models needs far less (measured in README).
@@ -193,13 +204,67 @@ pub struct OrtSettings {
     pub dylib_path: PathBuf,
 }
 
-impl OrtSettings {
-    /// Intra-op threads (0 means the number of cores).
-    pub fn intra_threads(&self) -> usize {
-        if self.intra_threads == 0 {
-            available_cores()
-        } else {
-            self.intra_threads
+/// A count that may be left to the server (`auto`, or `0` as older settings wrote it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Auto {
+    Auto,
+    Count(usize),
+}
+
+fn parse_auto(s: &str) -> Result<Auto, String> {
+    match s.trim() {
+        "auto" | "0" | "" => Ok(Auto::Auto),
+        n => n
+            .parse::<usize>()
+            .map(Auto::Count)
+            .map_err(|_| format!("must be `auto` or a positive whole number, not {n}")),
+    }
+}
+
+/// How the machine's cores are shared between the stages: one policy, so that under full
+/// load the pools do not fight over the same cores.
+///
+/// * Inference: `instances x intra_threads = cores` (by default `cores` instances of one
+///   thread each: two sessions of one thread beat one session of two threads on every bundled
+///   model, because ORT's parallel-for waits at a barrier for its slowest thread).
+/// * Helpers: the decode, preprocess and postprocess pools are each half the cores (at least
+///   one thread): their work per image is small next to the network's, and they run between
+///   inference runs rather than beside them.
+/// * HTTP: one async thread per four cores (at least one): it only parses headers and moves
+///   bytes; bodies of megabytes are parsed on the decode pool.
+///
+/// An explicit setting of any of them wins over its share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuBudget {
+    pub cores: usize,
+    pub instances: usize,
+    pub intra_threads: usize,
+    pub http: usize,
+    pub decode: usize,
+    pub preprocess: usize,
+    pub postprocess: usize,
+}
+
+impl CpuBudget {
+    /// The budget for `cores` cores, with explicit settings where given.
+    pub fn new(cores: usize, instances: Auto, intra_threads: Auto) -> Self {
+        let cores = cores.max(1);
+        let (instances, intra_threads) = match (instances, intra_threads) {
+            (Auto::Count(i), Auto::Count(t)) => (i.max(1), t.max(1)),
+            (Auto::Count(1), Auto::Auto) => (1, cores),
+            (Auto::Count(i), Auto::Auto) => (i, 1),
+            (Auto::Auto, Auto::Count(t)) => ((cores / t.max(1)).max(1), t.max(1)),
+            (Auto::Auto, Auto::Auto) => (cores, 1),
+        };
+        let half = (cores / 2).max(1);
+        Self {
+            cores,
+            instances,
+            intra_threads,
+            http: (cores / 4).max(1),
+            decode: half,
+            preprocess: half,
+            postprocess: half,
         }
     }
 }
@@ -212,36 +277,80 @@ fn parse_overload_status(s: &str) -> Result<u16, String> {
     }
 }
 
+/// MAX_BATCH_SIZE when left to the server, on CPU.
+pub const CPU_MAX_BATCH: usize = 2;
+/// MAX_BATCH_SIZE when left to the server, on a GPU.
+pub const GPU_MAX_BATCH: usize = 8;
+
 impl ServeConfig {
-    fn or_cores(n: usize) -> usize {
-        if n == 0 {
-            available_cores()
-        } else {
-            n
+    /// The largest batch, `auto` resolved for the device the models run on.
+    pub fn max_batch(&self, on_gpu: bool) -> usize {
+        match self.max_batch_size {
+            Auto::Count(n) => n.clamp(1, 256),
+            Auto::Auto if on_gpu => GPU_MAX_BATCH,
+            Auto::Auto => CPU_MAX_BATCH,
         }
     }
 
-    /// Threads of the HTTP front end.
-    pub fn http_threads(&self) -> usize {
-        if self.http_threads == 0 {
-            available_cores().min(4)
-        } else {
-            self.http_threads
-        }
+    /// The CPU budget of this configuration on this machine, explicit pool sizes applied.
+    pub fn cpu_budget(&self) -> CpuBudget {
+        let mut b = CpuBudget::new(
+            available_cores(),
+            self.instances_per_model,
+            self.intra_threads,
+        );
+        let set = |n: usize, share: &mut usize| {
+            if n > 0 {
+                *share = n;
+            }
+        };
+        set(self.http_threads, &mut b.http);
+        set(self.decode_threads, &mut b.decode);
+        set(self.preprocess_threads, &mut b.preprocess);
+        set(self.postprocess_threads, &mut b.postprocess);
+        b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_fills_the_cores_with_single_threaded_instances_by_default() {
+        let b = CpuBudget::new(8, Auto::Auto, Auto::Auto);
+        assert_eq!((b.instances, b.intra_threads), (8, 1));
+        assert_eq!(
+            (b.http, b.decode, b.preprocess, b.postprocess),
+            (2, 4, 4, 4)
+        );
+        let b = CpuBudget::new(2, Auto::Auto, Auto::Auto);
+        assert_eq!((b.instances, b.intra_threads), (2, 1));
+        assert_eq!(
+            (b.http, b.decode, b.preprocess, b.postprocess),
+            (1, 1, 1, 1)
+        );
     }
 
-    /// Threads of the decode pool.
-    pub fn decode_threads(&self) -> usize {
-        Self::or_cores(self.decode_threads)
+    #[test]
+    fn budget_honours_explicit_instances_and_threads() {
+        // One instance: it gets every core.
+        let b = CpuBudget::new(8, Auto::Count(1), Auto::Auto);
+        assert_eq!((b.instances, b.intra_threads), (1, 8));
+        // Threads given: as many instances as fit.
+        let b = CpuBudget::new(8, Auto::Auto, Auto::Count(2));
+        assert_eq!((b.instances, b.intra_threads), (4, 2));
+        let b = CpuBudget::new(2, Auto::Count(3), Auto::Auto);
+        assert_eq!((b.instances, b.intra_threads), (3, 1));
+        let b = CpuBudget::new(2, Auto::Count(2), Auto::Count(2));
+        assert_eq!((b.instances, b.intra_threads), (2, 2));
     }
 
-    /// Threads of the preprocess pool.
-    pub fn preprocess_threads(&self) -> usize {
-        Self::or_cores(self.preprocess_threads)
-    }
-
-    /// Threads of the postprocess pool.
-    pub fn postprocess_threads(&self) -> usize {
-        Self::or_cores(self.postprocess_threads)
+    #[test]
+    fn auto_counts_parse() {
+        assert_eq!(parse_auto("auto"), Ok(Auto::Auto));
+        assert_eq!(parse_auto("0"), Ok(Auto::Auto));
+        assert_eq!(parse_auto("3"), Ok(Auto::Count(3)));
+        assert!(parse_auto("many").is_err());
     }
 }

@@ -1,12 +1,16 @@
 //! cvserve: a drop-in, single-process replacement for Roboflow Inference's HTTP server.
 //!
-//! A request walks: `http` (front end) → `pipeline::decode` (into a `pipeline::ring` slot) →
+//! A request walks: `http` (front end: parse, validate, serialise) → `engine` (owns the loaded
+//! models; one call per request) → `pipeline::decode` (into a `pipeline::ring` slot) →
 //! `pipeline::batcher` (per model; `pipeline::preprocess` into the batch tensor) →
-//! `model::backend` (ONNX Runtime) → `pipeline::postprocess` (`tasks::*` decoding) → response.
+//! `pipeline::instance` (a `model::backend` session, ONNX Runtime) → `pipeline::postprocess`
+//! (`tasks::*` decoding) → back to the handler. Lower rooms never import higher ones:
+//! `geometry` < `model` < `tasks` < `pipeline` < `engine` < `http` < `server`.
+//! The load generator and the ceiling are tools beside the server, in `src/bin/cvserve/`.
 
-pub mod bench;
-pub mod ceiling;
 pub mod config;
+pub mod engine;
+pub mod geometry;
 pub mod http;
 pub mod metrics;
 pub mod model;

@@ -30,6 +30,10 @@ pub struct Metrics {
     /// `stage` says where it was noticed.
     pub outcomes_total: IntCounterVec,
     pub queue_depth: IntGaugeVec,
+    /// Batches run by each inference instance of a model (how evenly the instances share).
+    pub instance_batches_total: IntCounterVec,
+    /// Inference instances of each loaded model, by the execution provider they run on.
+    pub model_instances: IntGaugeVec,
     pub ring_slots_in_use: IntGauge,
     pub ring_slots_total: IntGauge,
 }
@@ -95,6 +99,18 @@ impl Metrics {
                 "cvserve_queue_depth",
                 "Images waiting in a model's queue",
                 &["model"],
+                r
+            )?,
+            instance_batches_total: register_int_counter_vec_with_registry!(
+                "cvserve_instance_batches_total",
+                "Batches run, by model and inference instance",
+                &["model", "instance"],
+                r
+            )?,
+            model_instances: register_int_gauge_vec_with_registry!(
+                "cvserve_model_instances",
+                "Inference instances of a loaded model, by execution provider",
+                &["model", "execution_provider"],
                 r
             )?,
             ring_slots_in_use: register_int_gauge_with_registry!(

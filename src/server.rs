@@ -9,18 +9,22 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::config::ServeConfig;
+use crate::engine::models::{LoadSettings, ModelManager};
+use crate::engine::{DecodeSettings, Engine};
 use crate::http::{self, AppState};
 use crate::metrics::METRICS;
 use crate::model::backend::FaultInjection;
-use crate::model::manager::{LoadSettings, ModelManager};
+use crate::model::ort::SessionOptions;
 use crate::pipeline::batcher::BatcherConfig;
 use crate::pipeline::ring::Ring;
 use crate::pipeline::Pools;
 
 /// Runs the server until a shutdown signal; returns once drained.
 pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
+    let budget = cfg.cpu_budget();
+    tracing::info!(?budget, "CPU budget");
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.http_threads())
+        .worker_threads(budget.http)
         .thread_name("http")
         .enable_all()
         .build()?;
@@ -31,10 +35,11 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
 }
 
 fn build_state(cfg: ServeConfig) -> anyhow::Result<Arc<AppState>> {
+    let budget = cfg.cpu_budget();
     let pools = Arc::new(Pools::new(
-        cfg.decode_threads(),
-        cfg.preprocess_threads(),
-        cfg.postprocess_threads(),
+        budget.decode,
+        budget.preprocess,
+        budget.postprocess,
     )?);
     let ring = Ring::create(
         &cfg.ring_dir,
@@ -45,9 +50,13 @@ fn build_state(cfg: ServeConfig) -> anyhow::Result<Arc<AppState>> {
         LoadSettings {
             repository: cfg.model_cache_dir.clone(),
             ort_dylib: cfg.ort.dylib_path.clone(),
-            ort_intra_threads: cfg.ort.intra_threads(),
+            instances: budget.instances,
+            session: SessionOptions {
+                intra_threads: budget.intra_threads,
+                cpu_arena: cfg.ort.cpu_arena,
+            },
             batcher: BatcherConfig {
-                max_batch: cfg.max_batch_size as usize,
+                max_batch: cfg.max_batch(false),
                 max_queue_delay: Duration::from_micros(cfg.max_queue_delay_us),
                 max_queue_size: cfg.max_queue_size as usize,
             },
@@ -56,10 +65,19 @@ fn build_state(cfg: ServeConfig) -> anyhow::Result<Arc<AppState>> {
                 fail_batch: cfg.inject_fail_batch,
                 panic_batch: cfg.inject_panic_batch,
             },
-            ort_cpu_arena: cfg.ort.cpu_arena,
         },
         Arc::clone(&pools),
     ));
+    let engine = Engine::new(
+        manager,
+        ring,
+        pools,
+        DecodeSettings {
+            max_image_pixels: cfg.max_image_pixels,
+            reduced_scale: cfg.decode_reduced_scale,
+            disable_auto_orient: cfg.disable_preproc_auto_orient,
+        },
+    );
     let http_client = if cfg.allow_url_input {
         Some(
             reqwest::Client::builder()
@@ -71,9 +89,7 @@ fn build_state(cfg: ServeConfig) -> anyhow::Result<Arc<AppState>> {
         None
     };
     Ok(Arc::new(AppState {
-        manager,
-        ring,
-        pools,
+        engine,
         http_client,
         uuid: uuid::Uuid::new_v4().simple().to_string()[..6].to_string(),
         ready: Default::default(),
@@ -90,9 +106,11 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let drain = Duration::from_secs_f64(cfg.drain_timeout_s.max(0.0));
     let max_connections = cfg.max_connections as usize;
     let state = build_state(cfg)?;
-    METRICS.ring_slots_total.set(state.ring.slots() as i64);
-    if state.manager.settings().faults.is_active() {
-        tracing::warn!(faults = ?state.manager.settings().faults, "FAULT INJECTION IS ON (test setting)");
+    METRICS
+        .ring_slots_total
+        .set(state.engine.ring().slots() as i64);
+    if state.engine.models().settings().faults.is_active() {
+        tracing::warn!(faults = ?state.engine.models().settings().faults, "FAULT INJECTION IS ON (test setting)");
     }
     let listener = TcpListener::bind(&addr)
         .await
@@ -100,8 +118,8 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
     tracing::info!(
         %local,
-        ring_slots = state.ring.slots(),
-        ring_slot_mib = state.ring.slot_bytes() >> 20,
+        ring_slots = state.engine.ring().slots(),
+        ring_slot_mib = state.engine.ring().slot_bytes() >> 20,
         "listening"
     );
     // Tests and scripts read this line to find the port.
@@ -124,7 +142,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
 
 fn preload_models(state: &AppState) {
     let wanted: Vec<String> = match state.cfg.preload_models.trim() {
-        "all" => state.manager.available(),
+        "all" => state.engine.models().available(),
         "none" | "" => vec![],
         list => list
             .split(',')
@@ -133,13 +151,13 @@ fn preload_models(state: &AppState) {
             .collect(),
     };
     for id in wanted {
-        if let Err(e) = state.manager.add(&id) {
+        if let Err(e) = state.engine.models().add(&id) {
             // One broken model must not keep the others from serving.
             tracing::error!(model = id, error = %e, "model failed to load");
         }
     }
     state.ready.store(true, Ordering::Release);
-    tracing::info!(models = state.manager.list().len(), "ready");
+    tracing::info!(models = state.engine.models().list().len(), "ready");
 }
 
 async fn shutdown_signal() {

@@ -237,3 +237,61 @@ fn reduced_scale_decoding_still_finds_the_objects() {
         }
     }
 }
+
+/// Two inference instances with batches of up to 4, loaded by concurrent clients: every
+/// answer still matches Roboflow's, and both instances took batches.
+#[test]
+fn two_instances_under_concurrent_load_match_roboflow() {
+    let s = Server::start(
+        "coco/1",
+        &[
+            ("INSTANCES_PER_MODEL", "2"),
+            ("ORT_INTRA_THREADS", "1"),
+            ("MAX_BATCH_SIZE", "4"),
+            ("MAX_QUEUE_DELAY_MICROSECONDS", "20000"),
+        ],
+    );
+    let names = [
+        "astronaut",
+        "chelsea",
+        "coffee",
+        "dog",
+        "eagle",
+        "giraffe",
+        "horses",
+        "kite",
+        "person",
+    ];
+    std::thread::scope(|scope| {
+        for round in 0..3 {
+            for name in names {
+                let s = &s;
+                scope.spawn(move || {
+                    let g = golden(&format!("coco-1/{name}.json"));
+                    let r = s.detect("coco/1", &format!("images/{name}.jpg"), json!({}));
+                    assert_eq!(r.status, 200, "{name} round {round}: {}", r.body);
+                    assert_eq!(r.body["image"], g["response"]["image"], "{name}");
+                    assert_matches_golden(
+                        &r.body["predictions"],
+                        &g["response"]["predictions"],
+                        0.4,
+                        &format!("{name} round {round}"),
+                    );
+                });
+            }
+        }
+    });
+    let metrics = s.get("/metrics").body;
+    let text = metrics.as_str().expect("metrics are text");
+    for instance in ["0", "1"] {
+        let line =
+            format!("cvserve_instance_batches_total{{instance=\"{instance}\",model=\"coco/1\"}}");
+        assert!(
+            text.lines().any(|l| l.starts_with(&line)),
+            "instance {instance} ran no batch:\n{text}"
+        );
+    }
+    assert!(text.contains(
+        "cvserve_model_instances{execution_provider=\"CPUExecutionProvider\",model=\"coco/1\"} 2"
+    ));
+}

@@ -106,9 +106,14 @@ fn overload_status_can_be_503_for_load_balancers() {
 
 #[test]
 fn a_request_past_its_deadline_is_dropped_before_inference() {
+    // One instance, so that the second request has to wait for the first.
     let s = Server::start(
         MODEL,
-        &[("CVSERVE_INJECT_DELAY_MS", "500"), ("MAX_BATCH_SIZE", "1")],
+        &[
+            ("CVSERVE_INJECT_DELAY_MS", "500"),
+            ("MAX_BATCH_SIZE", "1"),
+            ("INSTANCES_PER_MODEL", "1"),
+        ],
     );
     let (slow, hurried) = std::thread::scope(|scope| {
         let slow = scope.spawn(|| classify(&s));
@@ -151,9 +156,14 @@ fn a_request_past_its_deadline_is_dropped_before_inference() {
 
 #[test]
 fn a_client_that_disconnects_is_skipped_before_inference() {
+    // One instance, so that the second request has to wait for the first.
     let s = Server::start(
         MODEL,
-        &[("CVSERVE_INJECT_DELAY_MS", "500"), ("MAX_BATCH_SIZE", "1")],
+        &[
+            ("CVSERVE_INJECT_DELAY_MS", "500"),
+            ("MAX_BATCH_SIZE", "1"),
+            ("INSTANCES_PER_MODEL", "1"),
+        ],
     );
     std::thread::scope(|scope| {
         let first = scope.spawn(|| classify(&s));

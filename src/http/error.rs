@@ -6,7 +6,8 @@ use http_body_util::Full;
 use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 
-use crate::model::manager::LoadError;
+use crate::engine::models::LoadError;
+use crate::engine::EngineError;
 use crate::model::repository::RepositoryError;
 use crate::pipeline::batcher::SubmitError;
 use crate::pipeline::decode::DecodeError;
@@ -97,13 +98,22 @@ impl From<PipelineError> for ApiError {
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
-            SubmitError::QueueFull => ApiError::overloaded(
-                "Server overloaded: the model's queue is full (MAX_QUEUE_SIZE); retry shortly",
-            ),
-            SubmitError::Closed => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "The model was unloaded while the request waited",
-            ),
+            SubmitError::QueueFull => ApiError::overloaded(e.to_string()),
+            SubmitError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Load(e) => e.into(),
+            EngineError::WrongTask { .. } => ApiError::bad_request(e.to_string()),
+            EngineError::Decode(e) => e.into(),
+            EngineError::RingFull => ApiError::overloaded(e.to_string()),
+            EngineError::Submit(e) => e.into(),
+            EngineError::Pipeline(e) => e.into(),
+            EngineError::Internal(_) => ApiError::internal(e.to_string()),
         }
     }
 }

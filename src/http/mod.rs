@@ -1,6 +1,7 @@
 //! The HTTP front end (hyper 1, HTTP/1.1): accepts connections, routes requests to handlers,
-//! and drains in-flight requests on shutdown. Handlers hand images to the decode pool and
-//! await the pipeline's answers; nothing CPU-heavy runs on the reactor threads.
+//! and drains in-flight requests on shutdown. Handlers parse and validate, call the engine
+//! (`crate::engine`), and serialise its answers; bodies of megabytes are parsed on the
+//! engine's CPU pool, so nothing CPU-heavy runs on the reactor threads.
 
 pub mod error;
 pub mod images;
@@ -20,16 +21,12 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::config::ServeConfig;
-use crate::model::manager::ModelManager;
-use crate::pipeline::ring::Ring;
-use crate::pipeline::Pools;
+use crate::engine::Engine;
 
 /// What every handler can reach.
 pub struct AppState {
     pub cfg: ServeConfig,
-    pub manager: Arc<ModelManager>,
-    pub ring: Arc<Ring>,
-    pub pools: Arc<Pools>,
+    pub engine: Engine,
     /// Client for URL images; `None` when ALLOW_URL_INPUT is off.
     pub http_client: Option<reqwest::Client>,
     /// Six characters identifying this process (`/info`'s `uuid`).

@@ -6,7 +6,7 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 
-use crate::model::manager::LoadedModel;
+use crate::engine::models::LoadedModel;
 use crate::tasks::classification::ClassificationOutput;
 use crate::tasks::detection::ObjectDetectionPrediction;
 use crate::tasks::segmentation::InstanceSegmentationPrediction;

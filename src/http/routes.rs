@@ -1,32 +1,27 @@
-//! Routing and handlers: an HTTP request in, a JSON response out. Inference handlers take an
-//! image slot per image, have it decoded, queue a job per image on the model's batcher and
-//! await the answers; they never block a reactor thread.
+//! Routing and handlers: an HTTP request in, a JSON response out. Inference handlers read the
+//! body (with a size limit), have it parsed off the reactor, build the task parameters, call
+//! `Engine::infer` and serialise its answers; they never block a reactor thread.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::future::try_join_all;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
-use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use super::error::ApiError;
-use super::images::decode_image;
+use super::images::fetch_url;
 use super::request::{legacy_params, ImageSource, InferRequest};
 use super::response::{json, ImageSize, InferResponse, ModelsDescriptions, ResolvedModel};
 use super::AppState;
+use crate::engine::{Engine, ImageInput};
 use crate::metrics::METRICS;
-use crate::model::manager::LoadedModel;
 use crate::model::repository::TaskType;
-use crate::pipeline::decode::{DecodeOptions, NeededSize};
-use crate::pipeline::preprocess::ResizeMode;
-use crate::pipeline::{Job, PipelineError};
 use crate::tasks::TaskParams;
 
 type HttpResponse = Response<Full<Bytes>>;
@@ -150,17 +145,11 @@ async fn route(
         };
     }
     match (&method, path.as_str()) {
-        (&Method::GET, "/info") => Ok(json(
-            StatusCode::OK,
-            &serde_json::json!({
-                "name": "cvserve",
-                "version": env!("CARGO_PKG_VERSION"),
-                "uuid": state.uuid,
-            }),
-        )),
+        (&Method::GET, "/info") => Ok(info(state)),
         (&Method::GET, "/healthz") => {
             let failed: serde_json::Map<String, serde_json::Value> = state
-                .manager
+                .engine
+                .models()
                 .failed()
                 .into_iter()
                 .map(|(id, why)| (id, why.into()))
@@ -184,16 +173,46 @@ async fn route(
         (&Method::POST, "/model/add") => model_add(state, req).await,
         (&Method::POST, "/model/remove") => model_remove(state, req).await,
         (&Method::POST, "/model/clear") => {
-            state.manager.clear();
+            state.engine.models().clear();
             Ok(registry(state))
         }
         _ => Err(ApiError::not_found(format!("Not Found: {method} {path}"))),
     }
 }
 
+/// Roboflow's `/info` (`name`, `version`, `uuid`), plus how each loaded model is served.
+fn info(state: &AppState) -> HttpResponse {
+    let models: Vec<serde_json::Value> = state
+        .engine
+        .models()
+        .list()
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "model_id": m.meta.id,
+                "execution_provider": m.provider,
+                "instances": m.instances,
+                "intra_threads": m.intra_threads,
+                "max_batch_size": m.max_batch,
+            })
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "name": "cvserve",
+            "version": env!("CARGO_PKG_VERSION"),
+            "uuid": state.uuid,
+            "models": models,
+        }),
+    )
+}
+
 fn metrics(state: &AppState) -> HttpResponse {
-    METRICS.ring_slots_in_use.set(state.ring.in_use() as i64);
-    for m in state.manager.list() {
+    METRICS
+        .ring_slots_in_use
+        .set(state.engine.ring().in_use() as i64);
+    for m in state.engine.models().list() {
         METRICS
             .queue_depth
             .with_label_values(&[&m.meta.id])
@@ -221,7 +240,7 @@ fn legacy_model_id(path: &str) -> Option<String> {
 fn registry(state: &AppState) -> HttpResponse {
     json(
         StatusCode::OK,
-        &ModelsDescriptions::of(&state.manager.list()),
+        &ModelsDescriptions::of(&state.engine.models().list()),
     )
 }
 
@@ -294,7 +313,7 @@ async fn model_add(
 ) -> Result<HttpResponse, ApiError> {
     let (_, body) = read_body(state, req).await?;
     let id = model_request(&body)?;
-    let manager = Arc::clone(&state.manager);
+    let manager = Arc::clone(state.engine.models());
     tokio::task::spawn_blocking(move || manager.add(&id))
         .await
         .map_err(|_| ApiError::internal("Internal error: model loading panicked"))?
@@ -308,24 +327,10 @@ async fn model_remove(
 ) -> Result<HttpResponse, ApiError> {
     let (_, body) = read_body(state, req).await?;
     let id = model_request(&body)?;
-    if !state.manager.remove(&id) {
+    if !state.engine.models().remove(&id) {
         return Err(ApiError::not_found(format!("Model '{id}' is not loaded")));
     }
     Ok(registry(state))
-}
-
-/// The loaded model, loading it (off the reactor) on first use.
-async fn load_model(state: &Arc<AppState>, id: &str) -> Result<Arc<LoadedModel>, ApiError> {
-    if let Some(m) = state.manager.get(id) {
-        return Ok(m);
-    }
-    let manager = Arc::clone(&state.manager);
-    let id = id.to_owned();
-    let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || span.in_scope(|| manager.get_or_load(&id)))
-        .await
-        .map_err(|_| ApiError::internal("Internal error: model loading panicked"))?
-        .map_err(ApiError::from)
 }
 
 fn task_params(task: TaskType, req: &InferRequest) -> Result<TaskParams, ApiError> {
@@ -345,8 +350,11 @@ async fn infer_json(
     let started = Instant::now();
     let deadline = deadline(state, &req, started)?;
     let (_, body) = read_body(state, req).await?;
-    let mut request = InferRequest::parse(&body)?;
-    drop(body);
+    // A JSON body of megabytes (base64 images) is parsed on the CPU pool.
+    let mut request = state
+        .engine
+        .run_cpu(move || InferRequest::parse(&body))
+        .await??;
     let model_id = request.model_id()?;
     let (images, is_list) = request.take_images()?;
     let inference_id = request.id.clone().unwrap_or_else(|| ctx.request_id.clone());
@@ -394,7 +402,12 @@ async fn infer_legacy(
             })?;
         let (_, body) = read_body(state, req).await?;
         if content_type.starts_with("multipart/form-data") {
-            ImageSource::Bytes(multipart_file(&content_type, body).await?)
+            // The body is in memory: parsing it never waits, so it runs on the CPU pool.
+            let file = state
+                .engine
+                .run_cpu(move || futures_executor::block_on(multipart_file(&content_type, body)))
+                .await??;
+            ImageSource::Bytes(file)
         } else if opts.image_type != "base64" {
             return Err(ApiError::bad_request(format!(
                 "image_type '{}' is not accepted; send base64 text or a multipart 'file'",
@@ -469,7 +482,6 @@ async fn multipart_file(content_type: &str, body: Bytes) -> Result<Bytes, ApiErr
     ))
 }
 
-/// Runs images through a model and renders one response per image, in order.
 /// What one inference call is about.
 struct InferCall<'a> {
     model_id: &'a str,
@@ -480,6 +492,7 @@ struct InferCall<'a> {
     deadline: Instant,
 }
 
+/// Runs images through a model and renders one response per image, in order.
 async fn infer(
     state: &Arc<AppState>,
     call: InferCall<'_>,
@@ -499,87 +512,46 @@ async fn infer(
             "visualize_predictions (server-side drawing) is not supported by cvserve",
         ));
     }
-    let model = load_model(state, model_id).await?;
+    let model = state.engine.model(model_id).await?;
     ctx.model = Some(model.meta.id.clone());
-    let task = model.meta.task;
     if let Some(expected) = expected {
-        if expected != task {
-            return Err(ApiError::bad_request(format!(
-                "Model '{model_id}' is a {} model; send it to {} instead of {}",
-                task.as_str(),
-                task.route(),
-                expected.route()
-            )));
-        }
+        Engine::check_task(&model, expected)?;
     }
-    let params = Arc::new(task_params(task, request)?);
-    let opts = DecodeOptions {
-        auto_orient: model.meta.auto_orient
-            && !state.cfg.disable_preproc_auto_orient
-            && !request.disable_preproc_auto_orient.unwrap_or(false),
-        max_image_pixels: state.cfg.max_image_pixels,
-        needed: state.cfg.decode_reduced_scale.then(|| NeededSize {
-            width: model.runtime.spec.width,
-            height: model.runtime.spec.height,
-            keep_aspect: matches!(model.runtime.spec.resize, ResizeMode::Letterbox { .. }),
-        }),
-    };
-    let decode_started = Instant::now();
-    let decoded = try_join_all(images.into_iter().map(|src| decode_image(state, src, opts)))
-        .await
-        .inspect_err(|e| {
-            if e.status == StatusCode::TOO_MANY_REQUESTS {
-                METRICS.outcome(model_id, "rejected", "ring");
-            }
-        })?;
-    METRICS
-        .decode_seconds
-        .with_label_values(&[model_id])
-        .observe(decode_started.elapsed().as_secs_f64() / decoded.len().max(1) as f64);
-    let mut pending = Vec::with_capacity(decoded.len());
-    for image in decoded {
-        let size = ImageSize {
-            width: image.orig_width,
-            height: image.orig_height,
-        };
-        let (reply, answer) = oneshot::channel();
-        let job = Job {
-            image,
-            params: Arc::clone(&params),
-            reply,
-            enqueued: Instant::now(),
+    let params = task_params(model.meta.task, request)?;
+    let mut inputs = Vec::with_capacity(images.len());
+    for image in images {
+        inputs.push(match image {
+            ImageSource::Base64(s) => ImageInput::Base64(s),
+            ImageSource::Bytes(b) => ImageInput::Bytes(b),
+            ImageSource::Url(u) => ImageInput::Bytes(fetch_url(state, &u).await?),
+        });
+    }
+    let outputs = state
+        .engine
+        .infer(
+            &model,
+            inputs,
+            params,
+            request.disable_preproc_auto_orient.unwrap_or(false),
             deadline,
-        };
-        model.queue.try_submit(job).map_err(|(e, _)| {
-            METRICS.outcome(model_id, "rejected", "queue");
-            ApiError::from(e)
-        })?;
-        pending.push((answer, size));
-    }
-    let mut responses = Vec::with_capacity(pending.len());
-    for (answer, image) in pending {
-        let output = match tokio::time::timeout_at(deadline.into(), answer).await {
-            Ok(answer) => answer.map_err(|_| {
-                ApiError::internal("Internal error: the pipeline dropped the request")
-            })??,
-            // Nobody waits any more: the pipeline drops the job (or discards its late result).
-            Err(_) => return Err(PipelineError::DeadlineExceeded("still in the pipeline").into()),
-        };
-        responses.push(InferResponse {
+        )
+        .await?;
+    let time = started.elapsed().as_secs_f64();
+    Ok(outputs
+        .into_iter()
+        .map(|o| InferResponse {
             inference_id: inference_id.to_owned(),
-            time: 0.0,
-            image,
-            body: output.into(),
+            time,
+            image: ImageSize {
+                width: o.width,
+                height: o.height,
+            },
+            body: o.output.into(),
             resolved_model: ResolvedModel {
                 model_id: model_id.to_owned(),
             },
-        });
-    }
-    let time = started.elapsed().as_secs_f64();
-    for r in &mut responses {
-        r.time = time;
-    }
-    Ok(responses)
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -67,19 +67,24 @@ impl FaultInjection {
     }
 }
 
-/// A back end that misbehaves as told, around a real one.
+/// A back end that misbehaves as told, around a real one. The instances of one model share
+/// `runs`, so "the N-th batch" counts the model's batches, whichever instance runs them.
 pub struct FaultyBackend {
     inner: Box<dyn Backend>,
     faults: FaultInjection,
-    runs: u64,
+    runs: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FaultyBackend {
-    pub fn new(inner: Box<dyn Backend>, faults: FaultInjection) -> Self {
+    pub fn new(
+        inner: Box<dyn Backend>,
+        faults: FaultInjection,
+        runs: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
         Self {
             inner,
             faults,
-            runs: 0,
+            runs,
         }
     }
 }
@@ -96,16 +101,13 @@ impl Backend for FaultyBackend {
         height: u32,
         width: u32,
     ) -> Result<Vec<OutputTensor>, BackendError> {
-        self.runs += 1;
+        let run = self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         std::thread::sleep(self.faults.delay);
-        if self.faults.fail_batch == Some(self.runs) {
-            return Err(BackendError(format!(
-                "injected failure of batch {}",
-                self.runs
-            )));
+        if self.faults.fail_batch == Some(run) {
+            return Err(BackendError(format!("injected failure of batch {run}")));
         }
-        if self.faults.panic_batch == Some(self.runs) {
-            panic!("injected panic in batch {}", self.runs);
+        if self.faults.panic_batch == Some(run) {
+            panic!("injected panic in batch {run}");
         }
         self.inner.run(input, batch, height, width)
     }

@@ -1,7 +1,7 @@
-//! Models: where they live on disk (repository), how they run (backend, ort), and which are
-//! loaded and serving (manager).
+//! Model files and back ends: where models live on disk and what their metadata says
+//! (`repository`), the back-end trait the pipeline runs (`backend`), and ONNX Runtime
+//! (`ort`). Knows nothing of the pipeline or of HTTP.
 
 pub mod backend;
-pub mod manager;
 pub mod ort;
 pub mod repository;

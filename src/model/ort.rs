@@ -1,11 +1,13 @@
 //! The ONNX Runtime back-end (crate `ort`, library loaded at run time from ORT_DYLIB_PATH).
-//! One process-wide environment with one global intra-op thread pool, spinning off, shared by
-//! every model's session, so N models do not start N pools fighting for the same cores.
+//! One process-wide environment; one session per inference instance, each with its own
+//! intra-op threads (`intra_threads`, usually 1: the instance's own thread does the work),
+//! spinning off so an idle server uses no CPU. The instances of one model share their
+//! pre-packed weights, so an extra instance costs its activations, not another weight copy.
 
 use std::path::Path;
 use std::sync::OnceLock;
 
-use ort::session::builder::GraphOptimizationLevel;
+use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights};
 use ort::session::Session;
 use ort::value::TensorRef;
 
@@ -14,10 +16,7 @@ use super::backend::{Backend, BackendError, NetworkInput, OutputTensor};
 static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
 
 /// Loads libonnxruntime once and builds the shared environment.
-pub fn environment(
-    dylib: &Path,
-    intra_threads: usize,
-) -> Result<&'static ort::environment::Environment, String> {
+pub fn environment(dylib: &Path) -> Result<&'static ort::environment::Environment, String> {
     ENVIRONMENT
         .get_or_init(|| {
             if !dylib.is_file() {
@@ -28,19 +27,22 @@ pub fn environment(
             }
             let builder = ort::init_from(dylib)
                 .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", dylib.display()))?;
-            let pool = ort::environment::GlobalThreadPoolOptions::default()
-                .with_intra_threads(intra_threads)
-                .and_then(|p| p.with_inter_threads(1))
-                .and_then(|p| p.with_spin_control(false))
-                .map_err(|e| format!("cannot configure the ONNX Runtime thread pool: {e}"))?;
             builder
                 .with_name("cvserve")
-                .with_global_thread_pool(pool)
                 .build()
                 .map_err(|e| format!("cannot create the ONNX Runtime environment: {e}"))
         })
         .as_ref()
         .map_err(Clone::clone)
+}
+
+/// How one session runs.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionOptions {
+    /// Intra-op threads of the session (1: the calling thread alone).
+    pub intra_threads: usize,
+    /// ONNX Runtime's CPU arena allocator.
+    pub cpu_arena: bool,
 }
 
 /// A model running on ONNX Runtime.
@@ -52,19 +54,25 @@ pub struct OrtBackend {
 
 impl OrtBackend {
     /// Creates a session for the model file at `path`.
+    /// Creates a session for the model file at `path`. Sessions given the same
+    /// `prepacked` (the instances of one model) share their pre-packed weights.
     pub fn load(
         env: &ort::environment::Environment,
         path: &Path,
-        cpu_arena: bool,
+        opts: SessionOptions,
+        prepacked: &PrepackedWeights,
     ) -> Result<Self, String> {
         let session = (|| -> ort::Result<Session> {
             let mut builder = Session::builder(env)?
                 .with_execution_providers([ort::ep::CPU::default()
-                    .with_arena_allocator(cpu_arena)
+                    .with_arena_allocator(opts.cpu_arena)
                     .build()])?
                 .with_optimization_level(GraphOptimizationLevel::Level3)?
+                .with_intra_threads(opts.intra_threads.max(1))?
+                .with_inter_threads(1)?
                 .with_intra_op_spinning(false)?
-                .with_inter_op_spinning(false)?;
+                .with_inter_op_spinning(false)?
+                .with_prepacked_weights(prepacked)?;
             builder.commit_from_file(path)
         })()
         .map_err(|e| format!("ONNX Runtime cannot load {}: {e}", path.display()))?;

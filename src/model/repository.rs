@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::pipeline::preprocess::ResizeMode;
+use crate::geometry::ResizeMode;
 
 /// The task a model performs, from `model_type.json`'s `project_task_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,21 +1,26 @@
-//! The dynamic batcher of one model: a dedicated batching thread and a dedicated inference
-//! thread. Jobs (decoded images in ring slots) arrive on a bounded queue; the batching thread
-//! groups them, up to `max_batch`, and has the preprocess pool resize each one straight into
-//! its row of the batch tensor *as it arrives*, while the inference thread runs the previous
-//! batch. A batch goes out when it is full, or when the inference thread is free and its first
-//! job has waited `max_queue_delay` (Triton's semantics). Two tensors alternate between the
-//! threads, so memory is fixed. Jobs whose client went away are skipped before preprocessing
-//! and before inference.
+//! The dynamic batcher of one model: one batching thread in front of the model's inference
+//! instances (Triton's instance group, see `instance.rs`). Jobs (decoded images in ring slots)
+//! arrive on a bounded queue; the batching thread groups them, up to `max_batch`, and has the
+//! preprocess pool resize each one straight into its row of the batch tensor *as it arrives*,
+//! while the instances run earlier batches.
+//!
+//! Triton's semantics: a batch goes out when it is full, or when an instance is free and its
+//! first job has waited `max_queue_delay`; while every instance is busy the batch keeps filling,
+//! never beyond `max_batch`. The count of free instances belongs to the batching thread alone:
+//! it goes down when a batch is handed over and up when an instance gives its tensor back, so
+//! it cannot drift. There are `instances + 1` tensors: one filling, one per running instance.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
+use crossbeam_channel::{after, bounded, never, select, Receiver, Sender, TrySendError};
 use tokio::sync::oneshot;
 
-use super::preprocess::{preprocess_into, Geometry, InputSpec};
-use super::{postprocess, Job, JobResult, PipelineError, Pools};
+use super::instance::{self, Batch};
+use super::preprocess::preprocess_into;
+use super::{Job, JobResult, PipelineError, Pools};
+use crate::geometry::{Geometry, InputSpec};
 use crate::metrics::METRICS;
 use crate::model::backend::Backend;
 use crate::tasks::{OutputDecoder, TaskParams};
@@ -39,11 +44,13 @@ pub struct ModelRuntime {
 }
 
 /// Why a job was not queued.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, PartialEq, thiserror::Error)]
 pub enum SubmitError {
     /// The model's queue is full: the caller answers 429 at once.
+    #[error("Server overloaded: the model's queue is full (MAX_QUEUE_SIZE); retry shortly")]
     QueueFull,
     /// The model is being unloaded.
+    #[error("The model was unloaded while the request waited")]
     Closed,
 }
 
@@ -57,13 +64,18 @@ pub struct BatchQueue {
 impl BatchQueue {
     /// Queues a job, or gives it back at once when the queue is full (never blocks).
     pub fn try_submit(&self, job: Job) -> Result<(), (SubmitError, Job)> {
+        // Counted before the send: the batching thread may take the job (and count it down)
+        // before `try_send` even returns.
+        self.depth.fetch_add(1, Ordering::Relaxed);
         match self.tx.try_send(job) {
-            Ok(()) => {
-                self.depth.fetch_add(1, Ordering::Relaxed);
-                Ok(())
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.depth.fetch_sub(1, Ordering::Relaxed);
+                match e {
+                    TrySendError::Full(job) => Err((SubmitError::QueueFull, job)),
+                    TrySendError::Disconnected(job) => Err((SubmitError::Closed, job)),
+                }
             }
-            Err(TrySendError::Full(job)) => Err((SubmitError::QueueFull, job)),
-            Err(TrySendError::Disconnected(job)) => Err((SubmitError::Closed, job)),
         }
     }
 
@@ -83,287 +95,475 @@ pub struct PreparedJob {
     pub geometry: Result<Geometry, String>,
 }
 
-struct Batch {
-    tensor: Vec<f32>,
-    jobs: Vec<PreparedJob>,
+/// Largest batch the batcher forms for a model: `max_batch`, capped by a fixed batch axis.
+pub fn effective_max_batch(max_batch: usize, fixed_batch: Option<usize>) -> usize {
+    match fixed_batch {
+        Some(fixed) => max_batch.min(fixed).max(1),
+        None => max_batch.max(1),
+    }
 }
 
-/// Starts the batching and inference threads of one model.
+/// Starts the batching thread of one model and one inference thread per back end (instance).
 pub fn start(
     runtime: Arc<ModelRuntime>,
-    backend: Box<dyn Backend>,
+    backends: Vec<Box<dyn Backend>>,
     cfg: BatcherConfig,
     pools: Arc<Pools>,
 ) -> std::io::Result<BatchQueue> {
-    let max_batch = match runtime.fixed_batch {
-        Some(fixed) => cfg.max_batch.min(fixed).max(1),
-        None => cfg.max_batch.max(1),
-    };
+    let instances = backends.len().max(1);
+    let max_batch = effective_max_batch(cfg.max_batch, runtime.fixed_batch);
     let rows = runtime.fixed_batch.unwrap_or(max_batch).max(max_batch);
     let (tx, rx) = bounded::<Job>(cfg.max_queue_size);
-    let (batch_tx, batch_rx) = bounded::<Batch>(1);
-    let (free_tx, free_rx) = bounded::<Vec<f32>>(2);
-    let (idle_tx, idle_rx) = bounded::<()>(1);
-    for _ in 0..2 {
-        let _ = free_tx.send(vec![0f32; rows * runtime.spec.image_len()]);
-    }
-    let busy = Arc::new(AtomicBool::new(false));
+    // A batch is only sent when an instance is free, so `instances` places never fill up.
+    let (work_tx, work_rx) = bounded::<Batch>(instances);
+    let (done_tx, done_rx) = bounded::<Vec<f32>>(instances + 1);
     let depth = Arc::new(AtomicUsize::new(0));
-
+    for (index, backend) in backends.into_iter().enumerate() {
+        instance::spawn(
+            index,
+            Arc::clone(&runtime),
+            backend,
+            Arc::clone(&pools),
+            work_rx.clone(),
+            done_tx.clone(),
+        )?;
+    }
     let batcher = Batcher {
+        tensors: (0..=instances)
+            .map(|_| vec![0f32; rows * runtime.spec.image_len()])
+            .collect(),
+        free_instances: instances,
         runtime: Arc::clone(&runtime),
         cfg: BatcherConfig { max_batch, ..cfg },
-        pools: Arc::clone(&pools),
+        pools,
         rx,
-        batch_tx,
-        free_rx,
-        idle_rx,
-        busy: Arc::clone(&busy),
+        work_tx,
+        done_rx,
         depth: Arc::clone(&depth),
     };
     std::thread::Builder::new()
         .name(format!("batcher-{}", runtime.id))
         .spawn(move || batcher.run())?;
-
-    let inference = Inference {
-        runtime: Arc::clone(&runtime),
-        backend,
-        pools,
-        batch_rx,
-        free_tx,
-        idle_tx,
-        busy,
-    };
-    std::thread::Builder::new()
-        .name(format!("infer-{}", runtime.id))
-        .spawn(move || inference.run())?;
-
     Ok(BatchQueue { tx, depth })
 }
 
+/// The batching thread's state; it alone owns the free-instance count and the idle tensors.
 struct Batcher {
     runtime: Arc<ModelRuntime>,
     cfg: BatcherConfig,
     pools: Arc<Pools>,
     rx: Receiver<Job>,
-    batch_tx: Sender<Batch>,
-    free_rx: Receiver<Vec<f32>>,
-    idle_rx: Receiver<()>,
-    busy: Arc<AtomicBool>,
+    work_tx: Sender<Batch>,
+    done_rx: Receiver<Vec<f32>>,
     depth: Arc<AtomicUsize>,
+    free_instances: usize,
+    tensors: Vec<Vec<f32>>,
+}
+
+/// What ended the filling of a batch besides it being full.
+enum Fill {
+    Continue,
+    /// The queue is closed (model unloaded) or every instance is gone: stop after this batch.
+    Closed,
 }
 
 impl Batcher {
-    fn run(self) {
-        let image_len = self.runtime.spec.image_len();
-        let mut spare: Option<Vec<f32>> = None;
+    /// An instance finished a batch and gave its tensor back.
+    fn instance_done(&mut self, tensor: Vec<f32>) {
+        self.free_instances += 1;
+        self.tensors.push(tensor);
+    }
+
+    /// Blocks until an instance is free; `false` if none will ever be.
+    fn wait_for_instance(&mut self) -> bool {
+        while self.free_instances == 0 {
+            match self.done_rx.recv() {
+                Ok(t) => self.instance_done(t),
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    fn run(mut self) {
         loop {
-            // Block (no polling) until a job arrives.
-            let Ok(first) = self.rx.recv() else { return };
-            self.depth.fetch_sub(1, Ordering::Relaxed);
-            let mut tensor = match spare.take() {
-                Some(t) => t,
-                None => match self.free_rx.recv() {
-                    Ok(t) => t,
-                    Err(_) => return,
-                },
+            // Idle: block (no polling) until a job arrives, counting instances that finish.
+            let first = loop {
+                select! {
+                    recv(self.rx) -> msg => match msg {
+                        Ok(job) => break job,
+                        Err(_) => return,
+                    },
+                    recv(self.done_rx) -> msg => match msg {
+                        Ok(t) => self.instance_done(t),
+                        Err(_) => return,
+                    },
+                }
             };
-            let deadline = first.enqueued + self.cfg.max_queue_delay;
-            let mut jobs: Vec<PreparedJob> = Vec::with_capacity(self.cfg.max_batch);
-            let mut geometries: Vec<Option<Result<Geometry, String>>> =
-                (0..self.cfg.max_batch).map(|_| None).collect();
-            let mut closed = false;
-            {
-                let mut rows = tensor.chunks_mut(image_len);
-                let mut results = geometries.iter_mut();
-                let spec = self.runtime.spec;
-                self.pools.preprocess.in_place_scope(|scope| {
-                    let model = self.runtime.id.as_str();
-                    let mut admit = |job: Job, jobs: &mut Vec<PreparedJob>| {
-                        let now = Instant::now();
-                        if now >= job.deadline {
-                            METRICS.outcome(model, "timed_out", "before_preprocess");
-                            let _ = job
-                                .reply
-                                .send(Err(PipelineError::DeadlineExceeded("expired in the queue")));
-                            return;
-                        }
-                        if job.reply.is_closed() {
-                            // The client went away: skipped before preprocessing.
-                            METRICS.outcome(model, "cancelled", "before_preprocess");
-                            return;
-                        }
-                        METRICS
-                            .queue_wait_seconds
-                            .with_label_values(&[model])
-                            .observe((now - job.enqueued).as_secs_f64());
-                        let (Some(row), Some(result)) = (rows.next(), results.next()) else {
-                            return;
-                        };
-                        let Job {
-                            image,
-                            params,
-                            reply,
-                            enqueued,
-                            deadline,
-                        } = job;
-                        jobs.push(PreparedJob {
-                            params,
-                            reply,
-                            enqueued,
-                            deadline,
-                            geometry: Err(String::new()),
-                        });
-                        let histogram = METRICS.preprocess_seconds.with_label_values(&[model]);
-                        scope.spawn(move |_| {
-                            let started = Instant::now();
-                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                preprocess_into(
-                                    image.pixels(),
-                                    image.width,
-                                    image.height,
-                                    image.orig_width,
-                                    image.orig_height,
-                                    &spec,
-                                    row,
-                                )
-                            }));
-                            *result =
-                                Some(r.unwrap_or_else(|_| {
-                                    Err("the preprocess stage panicked".into())
-                                }));
-                            drop(image); // the ring slot is free as soon as its pixels are in the tensor
-                            histogram.observe(started.elapsed().as_secs_f64());
-                        });
-                    };
-                    admit(first, &mut jobs);
-                    while jobs.len() < self.cfg.max_batch {
-                        let busy = self.busy.load(Ordering::Acquire);
-                        let now = Instant::now();
-                        if !busy && now >= deadline {
-                            break;
-                        }
-                        // While inference is busy keep growing the batch; once it is free,
-                        // wait only until the first job's delay runs out.
-                        let timeout = if busy {
-                            Duration::from_secs(60)
-                        } else {
-                            deadline - now
-                        };
-                        select! {
-                            recv(self.rx) -> msg => match msg {
-                                Ok(job) => {
-                                    self.depth.fetch_sub(1, Ordering::Relaxed);
-                                    admit(job, &mut jobs);
-                                }
-                                Err(_) => { closed = true; break; }
-                            },
-                            recv(self.idle_rx) -> _ => {}
-                            default(timeout) => {}
-                        }
-                    }
-                });
-            }
-            for (job, geo) in jobs.iter_mut().zip(geometries) {
-                job.geometry = geo.unwrap_or_else(|| Err("not preprocessed".into()));
-            }
+            self.depth.fetch_sub(1, Ordering::Relaxed);
+            let mut tensor = loop {
+                if let Some(t) = self.tensors.pop() {
+                    break t;
+                }
+                match self.done_rx.recv() {
+                    Ok(t) => self.instance_done(t),
+                    Err(_) => return,
+                }
+            };
+            let (jobs, fill) = self.fill(first, &mut tensor);
             if jobs.is_empty() {
-                spare = Some(tensor);
+                self.tensors.push(tensor);
             } else {
-                self.busy.store(true, Ordering::Release);
-                if self.batch_tx.send(Batch { tensor, jobs }).is_err() {
+                // Full (or closing) with every instance busy: hand over to the first to finish.
+                if !self.wait_for_instance() {
+                    return;
+                }
+                self.free_instances -= 1;
+                if self.work_tx.send(Batch { tensor, jobs }).is_err() {
                     return;
                 }
             }
-            if closed {
+            if let Fill::Closed = fill {
                 return;
             }
         }
     }
-}
 
-struct Inference {
-    runtime: Arc<ModelRuntime>,
-    backend: Box<dyn Backend>,
-    pools: Arc<Pools>,
-    batch_rx: Receiver<Batch>,
-    free_tx: Sender<Vec<f32>>,
-    idle_tx: Sender<()>,
-    busy: Arc<AtomicBool>,
-}
-
-impl Inference {
-    fn run(mut self) {
+    /// Fills one batch, starting with `first`: each admitted job is preprocessed into its row
+    /// of `tensor` on the preprocess pool while more jobs are awaited.
+    fn fill(&mut self, first: Job, tensor: &mut [f32]) -> (Vec<PreparedJob>, Fill) {
+        let image_len = self.runtime.spec.image_len();
         let spec = self.runtime.spec;
-        while let Ok(Batch { tensor, jobs }) = self.batch_rx.recv() {
-            let mut jobs: Vec<PreparedJob> = jobs;
-            // Preprocessing failures are answered now; their rows are ignored.
-            for job in jobs.iter_mut() {
-                if let Err(e) = &job.geometry {
-                    let (tx, _) = oneshot::channel();
-                    let reply = std::mem::replace(&mut job.reply, tx);
-                    METRICS.outcome(&self.runtime.id, "failed", "preprocess");
-                    let _ = reply.send(Err(PipelineError::Preprocess(e.clone())));
-                }
-            }
-            // Jobs whose client left, or whose deadline passed, are answered (or dropped) now.
-            let model = self.runtime.id.as_str();
-            let now = Instant::now();
-            for job in jobs.iter_mut().filter(|j| j.geometry.is_ok()) {
-                if now >= job.deadline {
-                    METRICS.outcome(model, "timed_out", "before_inference");
-                    let (tx, _) = oneshot::channel();
-                    let reply = std::mem::replace(&mut job.reply, tx);
-                    let _ = reply.send(Err(PipelineError::DeadlineExceeded(
-                        "expired before inference",
-                    )));
-                    job.geometry = Err("deadline exceeded".into());
-                } else if job.reply.is_closed() {
-                    METRICS.outcome(model, "cancelled", "before_inference");
-                    job.geometry = Err("client gone".into());
-                }
-            }
-            let live = jobs.iter().any(|j| j.geometry.is_ok());
-            let result = if live {
-                let rows = self.runtime.fixed_batch.unwrap_or(jobs.len());
-                let backend = &mut self.backend;
-                let started = Instant::now();
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    backend.run(&tensor, rows, spec.height, spec.width)
-                }))
-                .unwrap_or_else(|_| {
-                    Err(crate::model::backend::BackendError(
-                        "the inference stage panicked".into(),
-                    ))
-                });
-                METRICS
-                    .inference_seconds
-                    .with_label_values(&[model])
-                    .observe(started.elapsed().as_secs_f64());
-                METRICS
-                    .batch_size
-                    .with_label_values(&[model])
-                    .observe(rows as f64);
-                Some(r)
-            } else {
-                None // every client went away: skipped before inference
-            };
-            let _ = self.free_tx.send(tensor);
-            self.busy.store(false, Ordering::Release);
-            let _ = self.idle_tx.try_send(());
-            match result {
-                None => {}
-                Some(Ok(outputs)) => {
-                    postprocess::dispatch(&self.pools, &self.runtime, outputs, jobs)
-                }
-                Some(Err(e)) => {
-                    tracing::error!(model = %self.runtime.id, error = %e, "batch failed");
-                    for job in jobs.into_iter().filter(|j| j.geometry.is_ok()) {
-                        METRICS.outcome(model, "failed", "inference");
-                        let _ = job.reply.send(Err(PipelineError::Backend(e.0.clone())));
+        let max_batch = self.cfg.max_batch;
+        let deadline = first.enqueued + self.cfg.max_queue_delay;
+        let mut jobs: Vec<PreparedJob> = Vec::with_capacity(max_batch);
+        let mut geometries: Vec<Option<Result<Geometry, String>>> =
+            (0..max_batch).map(|_| None).collect();
+        let mut fill = Fill::Continue;
+        let pools = Arc::clone(&self.pools);
+        let runtime = Arc::clone(&self.runtime);
+        {
+            let mut rows = tensor.chunks_mut(image_len);
+            let mut results = geometries.iter_mut();
+            pools.preprocess.in_place_scope(|scope| {
+                let model = runtime.id.as_str();
+                let mut admit = |job: Job, jobs: &mut Vec<PreparedJob>| {
+                    let now = Instant::now();
+                    if now >= job.deadline {
+                        METRICS.outcome(model, "timed_out", "before_preprocess");
+                        let _ = job
+                            .reply
+                            .send(Err(PipelineError::DeadlineExceeded("expired in the queue")));
+                        return;
+                    }
+                    if job.reply.is_closed() {
+                        // The client went away: skipped before preprocessing.
+                        METRICS.outcome(model, "cancelled", "before_preprocess");
+                        return;
+                    }
+                    METRICS
+                        .queue_wait_seconds
+                        .with_label_values(&[model])
+                        .observe((now - job.enqueued).as_secs_f64());
+                    let (Some(row), Some(result)) = (rows.next(), results.next()) else {
+                        return;
+                    };
+                    let Job {
+                        image,
+                        params,
+                        reply,
+                        enqueued,
+                        deadline,
+                    } = job;
+                    jobs.push(PreparedJob {
+                        params,
+                        reply,
+                        enqueued,
+                        deadline,
+                        geometry: Err(String::new()),
+                    });
+                    let histogram = METRICS.preprocess_seconds.with_label_values(&[model]);
+                    scope.spawn(move |_| {
+                        let started = Instant::now();
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            preprocess_into(
+                                image.pixels(),
+                                image.width,
+                                image.height,
+                                image.orig_width,
+                                image.orig_height,
+                                &spec,
+                                row,
+                            )
+                        }));
+                        *result =
+                            Some(r.unwrap_or_else(|_| Err("the preprocess stage panicked".into())));
+                        drop(image); // the ring slot is free as soon as its pixels are in the tensor
+                        histogram.observe(started.elapsed().as_secs_f64());
+                    });
+                };
+                admit(first, &mut jobs);
+                while jobs.len() < max_batch {
+                    let now = Instant::now();
+                    if self.free_instances > 0 && now >= deadline {
+                        break;
+                    }
+                    // An instance is free: wait only until the first job's delay runs out.
+                    // Every instance busy: keep growing the batch until one is free.
+                    let timer = if self.free_instances > 0 {
+                        after(deadline - now)
+                    } else {
+                        never()
+                    };
+                    select! {
+                        recv(self.rx) -> msg => match msg {
+                            Ok(job) => {
+                                self.depth.fetch_sub(1, Ordering::Relaxed);
+                                admit(job, &mut jobs);
+                            }
+                            Err(_) => { fill = Fill::Closed; break; }
+                        },
+                        recv(self.done_rx) -> msg => match msg {
+                            Ok(t) => self.instance_done(t),
+                            Err(_) => { fill = Fill::Closed; break; }
+                        },
+                        recv(timer) -> _ => {}
                     }
                 }
-            }
+            });
         }
+        for (job, geo) in jobs.iter_mut().zip(geometries) {
+            job.geometry = geo.unwrap_or_else(|| Err("not preprocessed".into()));
+        }
+        (jobs, fill)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use crossbeam_channel::{unbounded, Receiver, Sender};
+
+    use super::*;
+    use crate::geometry::{Normalization, ResizeMode};
+    use crate::model::backend::{BackendError, NetworkInput, OutputTensor};
+    use crate::pipeline::decode::DecodedImage;
+    use crate::pipeline::ring::Ring;
+    use crate::tasks::classification::{ClassificationOutput, ClassificationParams};
+    use crate::tasks::TaskOutput;
+
+    const SIDE: u32 = 4;
+
+    /// A back end that reports each run (instance, batch size) and, when gated, waits for a
+    /// permit before answering. Its output for each row is the logits `[mean, -mean]` of that
+    /// row's input, so a white image answers class "a" and a black one class "b".
+    struct FakeBackend {
+        index: usize,
+        input: NetworkInput,
+        runs: Sender<(usize, usize)>,
+        gate: Option<Receiver<()>>,
+    }
+
+    impl Backend for FakeBackend {
+        fn input(&self) -> &NetworkInput {
+            &self.input
+        }
+
+        fn run(
+            &mut self,
+            input: &[f32],
+            batch: usize,
+            h: u32,
+            w: u32,
+        ) -> Result<Vec<OutputTensor>, BackendError> {
+            let _ = self.runs.send((self.index, batch));
+            if let Some(gate) = &self.gate {
+                let _ = gate.recv();
+            }
+            let len = 3 * h as usize * w as usize;
+            let data = input[..batch * len]
+                .chunks(len)
+                .flat_map(|row| {
+                    let mean = row.iter().sum::<f32>() / len as f32;
+                    [mean, -mean]
+                })
+                .collect();
+            Ok(vec![OutputTensor {
+                name: "logits".into(),
+                shape: vec![batch, 2],
+                data,
+            }])
+        }
+    }
+
+    struct Harness {
+        queue: BatchQueue,
+        ring: Arc<Ring>,
+        runs: Receiver<(usize, usize)>,
+        gate: Sender<()>,
+    }
+
+    fn harness(instances: usize, gated: bool, max_batch: usize, delay: Duration) -> Harness {
+        let (runs_tx, runs) = unbounded();
+        let (gate, gate_rx) = unbounded();
+        let backends = (0..instances)
+            .map(|index| {
+                Box::new(FakeBackend {
+                    index,
+                    input: NetworkInput {
+                        height: Some(SIDE),
+                        width: Some(SIDE),
+                        fixed_batch: None,
+                    },
+                    runs: runs_tx.clone(),
+                    gate: gated.then(|| gate_rx.clone()),
+                }) as Box<dyn Backend>
+            })
+            .collect();
+        let runtime = Arc::new(ModelRuntime {
+            id: "test/1".into(),
+            spec: InputSpec {
+                width: SIDE,
+                height: SIDE,
+                resize: ResizeMode::Stretch,
+                normalization: Normalization::MinusOneToOne,
+            },
+            decoder: OutputDecoder::Classification { multi_label: false },
+            class_names: vec!["a".into(), "b".into()],
+            fixed_batch: None,
+        });
+        let cfg = BatcherConfig {
+            max_batch,
+            max_queue_delay: delay,
+            max_queue_size: 64,
+        };
+        let pools = Arc::new(Pools::new(1, 1, 1).unwrap());
+        let queue = start(runtime, backends, cfg, pools).unwrap();
+        let ring = Ring::create(&std::env::temp_dir(), 16, (SIDE * SIDE * 3) as usize).unwrap();
+        Harness {
+            queue,
+            ring,
+            runs,
+            gate,
+        }
+    }
+
+    impl Harness {
+        /// Queues a uniformly `white` or black image; the receiver gets its answer.
+        fn submit(&self, white: bool) -> oneshot::Receiver<JobResult> {
+            let mut slot = self.ring.try_acquire().expect("a free slot");
+            slot.bytes_mut().fill(if white { 255 } else { 0 });
+            let (reply, answer) = oneshot::channel();
+            let job = Job {
+                image: DecodedImage {
+                    slot,
+                    width: SIDE,
+                    height: SIDE,
+                    orig_width: SIDE,
+                    orig_height: SIDE,
+                },
+                params: Arc::new(TaskParams::Classification(ClassificationParams {
+                    confidence: 0.0,
+                })),
+                reply,
+                enqueued: Instant::now(),
+                deadline: Instant::now() + Duration::from_secs(60),
+            };
+            assert!(self.queue.try_submit(job).is_ok());
+            answer
+        }
+
+        /// The next run, waiting at most `within`.
+        fn next_run(&self, within: Duration) -> Option<(usize, usize)> {
+            self.runs.recv_timeout(within).ok()
+        }
+    }
+
+    fn top(answer: oneshot::Receiver<JobResult>) -> String {
+        match answer
+            .blocking_recv()
+            .expect("an answer")
+            .expect("a result")
+        {
+            TaskOutput::Classification(ClassificationOutput::SingleLabel { top, .. }) => top,
+            other => panic!("unexpected output {other:?}"),
+        }
+    }
+
+    const LONG: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_full_batch_goes_out_without_waiting_for_the_delay() {
+        // The delay is far longer than the test waits: only a full batch can go out.
+        let h = harness(1, false, 4, Duration::from_secs(60));
+        let answers: Vec<_> = (0..4).map(|i| h.submit(i % 2 == 0)).collect();
+        assert_eq!(h.next_run(LONG), Some((0, 4)));
+        // Each job gets its own row's answer.
+        let tops: Vec<String> = answers.into_iter().map(top).collect();
+        assert_eq!(tops, ["a", "b", "a", "b"]);
+    }
+
+    #[test]
+    fn a_partial_batch_goes_out_after_the_delay_when_an_instance_is_free() {
+        let h = harness(1, false, 8, Duration::from_millis(20));
+        let answer = h.submit(true);
+        assert_eq!(h.next_run(LONG), Some((0, 1)));
+        assert_eq!(top(answer), "a");
+    }
+
+    #[test]
+    fn nothing_is_sent_while_every_instance_is_busy_and_the_batch_keeps_filling() {
+        let h = harness(1, true, 2, Duration::from_millis(1));
+        let first = h.submit(true);
+        assert_eq!(h.next_run(LONG), Some((0, 1)));
+        // The only instance is busy: three more jobs wait, far past the queue delay.
+        let rest: Vec<_> = (0..3).map(|_| h.submit(false)).collect();
+        assert_eq!(h.next_run(Duration::from_millis(300)), None);
+        // Once it is free, the full batch of two goes first, then the last job alone.
+        h.gate.send(()).unwrap();
+        assert_eq!(h.next_run(LONG), Some((0, 2)));
+        h.gate.send(()).unwrap();
+        assert_eq!(h.next_run(LONG), Some((0, 1)));
+        h.gate.send(()).unwrap();
+        assert_eq!(top(first), "a");
+        for answer in rest {
+            assert_eq!(top(answer), "b");
+        }
+    }
+
+    #[test]
+    fn batches_spread_over_the_free_instances() {
+        let h = harness(2, true, 1, Duration::from_millis(1));
+        let answers: Vec<_> = (0..4).map(|_| h.submit(true)).collect();
+        // Both instances take a batch while neither has finished.
+        let busy: HashSet<usize> = (0..2)
+            .filter_map(|_| h.next_run(LONG))
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(busy, HashSet::from([0, 1]));
+        assert_eq!(h.next_run(Duration::from_millis(200)), None);
+        for _ in 0..4 {
+            h.gate.send(()).unwrap();
+        }
+        for answer in answers {
+            assert_eq!(top(answer), "a");
+        }
+    }
+
+    #[test]
+    fn a_freed_instance_is_counted_once_so_no_early_small_batches_follow() {
+        // One instance, long delay: after a run finishes, the next batch must still wait for
+        // its delay or fill up; it is not sent early because a stale "free" was counted twice.
+        let h = harness(1, false, 3, Duration::from_secs(60));
+        let first: Vec<_> = (0..3).map(|_| h.submit(true)).collect();
+        assert_eq!(h.next_run(LONG), Some((0, 3)));
+        for a in first {
+            assert_eq!(top(a), "a");
+        }
+        let _pending = h.submit(true);
+        assert_eq!(h.next_run(Duration::from_millis(300)), None);
+        let _more: Vec<_> = (0..2).map(|_| h.submit(true)).collect();
+        assert_eq!(h.next_run(LONG), Some((0, 3)));
     }
 }

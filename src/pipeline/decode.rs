@@ -6,6 +6,8 @@
 use std::cell::RefCell;
 use std::io::Cursor;
 
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use base64::Engine;
 use fast_image_resize as fr;
 use image::metadata::Orientation;
 use image::ImageDecoder;
@@ -80,6 +82,31 @@ impl DecodedImage {
     pub fn pixels(&self) -> &[u8] {
         &self.slot.bytes()[..self.width as usize * self.height as usize * 3]
     }
+}
+
+/// Standard alphabet, padding optional (clients differ).
+const BASE64: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Decodes base64 text, accepting a `data:image/...;base64,` prefix and line breaks.
+pub fn base64_bytes(text: &str) -> Result<Vec<u8>, DecodeError> {
+    let text = text.trim();
+    let text = match text.strip_prefix("data:") {
+        Some(rest) => rest
+            .split_once(',')
+            .map(|(_, b)| b)
+            .ok_or(DecodeError::Base64)?,
+        None => text,
+    };
+    let decoded = if text.bytes().any(|b| b.is_ascii_whitespace()) {
+        let compact: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+        BASE64.decode(compact)
+    } else {
+        BASE64.decode(text)
+    };
+    decoded.map_err(|_| DecodeError::Base64)
 }
 
 thread_local! {
@@ -624,5 +651,24 @@ mod tests {
         };
         let d = decode_into(&with_exif, ring.try_acquire().unwrap(), &no_orient).unwrap();
         assert_eq!((d.width, d.height), (8, 4));
+    }
+
+    #[test]
+    fn base64_accepts_data_urls_missing_padding_and_line_breaks() {
+        assert_eq!(base64_bytes("aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(base64_bytes("aGVsbG8").unwrap(), b"hello");
+        assert_eq!(
+            base64_bytes("data:image/jpeg;base64,aGVsbG8=").unwrap(),
+            b"hello"
+        );
+        assert_eq!(base64_bytes("aGVs\nbG8=\n").unwrap(), b"hello");
+        assert_eq!(
+            base64_bytes("not base64!").unwrap_err(),
+            DecodeError::Base64
+        );
+        assert_eq!(
+            base64_bytes("data:nocomma").unwrap_err(),
+            DecodeError::Base64
+        );
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod batcher;
 pub mod decode;
+pub mod instance;
 pub mod postprocess;
 pub mod preprocess;
 pub mod ring;

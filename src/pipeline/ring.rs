@@ -31,7 +31,8 @@ unsafe impl Send for Ring {}
 unsafe impl Sync for Ring {}
 
 impl Ring {
-    /// Creates the backing file `<dir>/cvserve-ring-<pid>` and maps it.
+    /// Creates the backing file `<dir>/cvserve-ring-<pid>` (`-<n>` for the n-th further ring
+    /// of the process, e.g. in tests) and maps it.
     ///
     /// Fails with a clear message when `dir` has less free space than the ring needs, rather
     /// than dying later with SIGBUS when a page of a full tmpfs is first touched.
@@ -44,7 +45,12 @@ impl Ring {
             .checked_mul(slot_bytes)
             .ok_or_else(|| anyhow::anyhow!("ring size overflows"))?;
         check_free_space(dir, total)?;
-        let path = dir.join(format!("cvserve-ring-{}", std::process::id()));
+        static RINGS: AtomicUsize = AtomicUsize::new(0);
+        let name = match RINGS.fetch_add(1, Ordering::Relaxed) {
+            0 => format!("cvserve-ring-{}", std::process::id()),
+            n => format!("cvserve-ring-{}-{n}", std::process::id()),
+        };
+        let path = dir.join(name);
         let file: File = OpenOptions::new()
             .read(true)
             .write(true)

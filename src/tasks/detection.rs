@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 
-use crate::pipeline::preprocess::Geometry;
+use crate::geometry::Geometry;
 
 /// How a detection head lays out its output for one image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,11 +367,11 @@ mod tests {
 
     #[test]
     fn boxes_map_back_through_the_letterbox_clipped_and_rounded() {
-        let spec = crate::pipeline::preprocess::InputSpec {
+        let spec = crate::geometry::InputSpec {
             width: 640,
             height: 640,
-            resize: crate::pipeline::preprocess::ResizeMode::Letterbox { pad: 0 },
-            normalization: crate::pipeline::preprocess::Normalization::ZeroToOne,
+            resize: crate::geometry::ResizeMode::Letterbox { pad: 0 },
+            normalization: crate::geometry::Normalization::ZeroToOne,
         };
         let geo = Geometry::compute(640, 480, 640, 480, &spec);
         let c = cand(-5.0, 70.3, 100.4, 200.6, 0.9, 0);
@@ -380,11 +380,11 @@ mod tests {
 
     #[test]
     fn postprocess_builds_roboflow_predictions_and_applies_the_class_filter() {
-        let spec = crate::pipeline::preprocess::InputSpec {
+        let spec = crate::geometry::InputSpec {
             width: 100,
             height: 100,
-            resize: crate::pipeline::preprocess::ResizeMode::Stretch,
-            normalization: crate::pipeline::preprocess::Normalization::ZeroToOne,
+            resize: crate::geometry::ResizeMode::Stretch,
+            normalization: crate::geometry::Normalization::ZeroToOne,
         };
         let geo = Geometry::compute(200, 100, 200, 100, &spec);
         let out = v8_output(&[

@@ -6,9 +6,9 @@ pub mod detection;
 pub mod rle;
 pub mod segmentation;
 
+use crate::geometry::Geometry;
 use crate::model::backend::OutputTensor;
 use crate::model::repository::TaskType;
-use crate::pipeline::preprocess::Geometry;
 use classification::{ClassificationOutput, ClassificationParams};
 use detection::{DetectionParams, ObjectDetectionPrediction, YoloLayout};
 use segmentation::{InstanceSegmentationPrediction, SegLayout, SegmentationParams};

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::detection::{self, Candidate, DetectionParams, YoloLayout};
 use super::rle;
-use crate::pipeline::preprocess::Geometry;
+use crate::geometry::Geometry;
 
 /// Roboflow's `mask_decode_mode`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -611,11 +611,11 @@ mod tests {
     fn rle_at_original_resolution_matches_the_box() {
         // Stretch 64x64 network, original 128x32: a full mask over network box (0,0)-(32,64)
         // covers original columns 0..64, all rows.
-        let spec = crate::pipeline::preprocess::InputSpec {
+        let spec = crate::geometry::InputSpec {
             width: 64,
             height: 64,
-            resize: crate::pipeline::preprocess::ResizeMode::Stretch,
-            normalization: crate::pipeline::preprocess::Normalization::ZeroToOne,
+            resize: crate::geometry::ResizeMode::Stretch,
+            normalization: crate::geometry::Normalization::ZeroToOne,
         };
         let geo = Geometry::compute(128, 32, 128, 32, &spec);
         let mask = BoxMask {

@@ -1,9 +1,12 @@
 //! The `cvserve` binary: `cvserve serve` (the default) runs the server; `cvserve bench`
 //! load-tests one.
 
+mod bench;
+mod ceiling;
+
 use clap::{Parser, Subcommand};
 
-use cvserve::bench::BenchConfig;
+use bench::BenchConfig;
 use cvserve::config::ServeConfig;
 
 /// A Roboflow-compatible inference server for computer-vision ONNX models.
@@ -23,7 +26,7 @@ enum Command {
     /// Load-test a Roboflow-compatible server (this one or Roboflow Inference).
     Bench(BenchConfig),
     /// Measure a model's in-process ceiling (back end alone, best batch size).
-    Ceiling(cvserve::ceiling::CeilingConfig),
+    Ceiling(ceiling::CeilingConfig),
 }
 
 fn main() -> std::process::ExitCode {
@@ -32,11 +35,11 @@ fn main() -> std::process::ExitCode {
     let (name, result) = match cli.command {
         Some(Command::Bench(bench)) => {
             init_logging("text");
-            ("cvserve bench", cvserve::bench::run(bench).map(drop))
+            ("cvserve bench", bench::run(bench).map(drop))
         }
         Some(Command::Ceiling(c)) => {
             init_logging("text");
-            ("cvserve ceiling", cvserve::ceiling::run(c).map(drop))
+            ("cvserve ceiling", ceiling::run(c).map(drop))
         }
         Some(Command::Serve(cfg)) => serve(cfg),
         None => serve(cli.serve),

@@ -1,7 +1,9 @@
 //! The models that are loaded and serving. A model id in, a [`LoadedModel`] (its metadata
-//! and the queue of its batcher) out; loading reads the repository, opens an ONNX Runtime
-//! session, runs a warm-up batch to learn the output layout, and starts the model's threads.
-//! Unloading drops the queue: the model's threads finish the queued work and exit.
+//! and the queue of its batcher) out; loading reads the repository (`model::repository`),
+//! opens one ONNX Runtime session per inference instance (`model::ort`), runs warm-up batches
+//! to learn the output layout (`tasks`), and starts the model's pipeline threads
+//! (`pipeline::batcher`). Unloading drops the queue: the threads finish the queued work and
+//! exit.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -9,11 +11,12 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
-use super::backend::{Backend, FaultInjection, FaultyBackend};
-use super::ort::{environment, OrtBackend};
-use super::repository::{self, ModelMetadata, RepositoryError, TaskType};
+use crate::geometry::{InputSpec, Normalization};
+use crate::metrics::METRICS;
+use crate::model::backend::{Backend, FaultInjection, FaultyBackend};
+use crate::model::ort::{environment, OrtBackend, SessionOptions};
+use crate::model::repository::{self, ModelMetadata, RepositoryError, TaskType};
 use crate::pipeline::batcher::{self, BatchQueue, BatcherConfig, ModelRuntime};
-use crate::pipeline::preprocess::{InputSpec, Normalization};
 use crate::pipeline::Pools;
 use crate::tasks::OutputDecoder;
 
@@ -24,6 +27,12 @@ pub struct LoadedModel {
     pub queue: BatchQueue,
     /// Largest batch the batcher forms for it.
     pub max_batch: usize,
+    /// Inference instances (sessions) serving it.
+    pub instances: usize,
+    /// Intra-op threads of each instance's session.
+    pub intra_threads: usize,
+    /// The execution provider its sessions run on (ONNX Runtime's name for it).
+    pub provider: String,
 }
 
 /// Why a model could not be served.
@@ -40,10 +49,12 @@ pub enum LoadError {
 pub struct LoadSettings {
     pub repository: PathBuf,
     pub ort_dylib: PathBuf,
-    pub ort_intra_threads: usize,
+    /// Inference instances per model.
+    pub instances: usize,
+    /// How each instance's session runs.
+    pub session: SessionOptions,
     pub batcher: BatcherConfig,
     pub faults: FaultInjection,
-    pub ort_cpu_arena: bool,
 }
 
 /// The loaded models, by id.
@@ -124,9 +135,15 @@ impl ModelManager {
             task = model.meta.task.as_str(),
             input = %format!("{}x{}", model.runtime.spec.width, model.runtime.spec.height),
             max_batch = model.max_batch,
+            instances = model.instances,
+            intra_threads = self.settings.session.intra_threads,
             ms = started.elapsed().as_millis() as u64,
             "model loaded"
         );
+        METRICS
+            .model_instances
+            .with_label_values(&[id, &model.provider])
+            .set(model.instances as i64);
         self.models
             .write()
             .insert(id.to_string(), Arc::clone(&model));
@@ -147,12 +164,21 @@ impl ModelManager {
 
     /// Unloads a model; `false` if it was not loaded.
     pub fn remove(&self, id: &str) -> bool {
-        self.models.write().remove(id).is_some()
+        let removed = self.models.write().remove(id);
+        if let Some(m) = &removed {
+            let _ = METRICS
+                .model_instances
+                .remove_label_values(&[id, &m.provider]);
+        }
+        removed.is_some()
     }
 
     /// Unloads every model.
     pub fn clear(&self) {
-        self.models.write().clear();
+        let ids: Vec<String> = self.models.read().keys().cloned().collect();
+        for id in ids {
+            self.remove(&id);
+        }
     }
 
     /// The loaded models, sorted by id.
@@ -177,10 +203,17 @@ fn load(
         id: meta.id.clone(),
         reason,
     };
-    let env = environment(&settings.ort_dylib, settings.ort_intra_threads).map_err(failed)?;
-    let mut backend: Box<dyn Backend> =
-        Box::new(OrtBackend::load(env, &meta.weights, settings.ort_cpu_arena).map_err(failed)?);
-    let input = backend.input().clone();
+    let env = environment(&settings.ort_dylib).map_err(failed)?;
+    let instances = settings.instances.max(1);
+    // The instances of one model share their pre-packed weights.
+    let prepacked = ort::session::builder::PrepackedWeights::new();
+    let mut backends: Vec<Box<dyn Backend>> = Vec::with_capacity(instances);
+    for _ in 0..instances {
+        let backend =
+            OrtBackend::load(env, &meta.weights, settings.session, &prepacked).map_err(failed)?;
+        backends.push(Box::new(backend));
+    }
+    let input = backends[0].input().clone();
     let (rw, rh) = meta.resize_size.unwrap_or((640, 640));
     let spec = InputSpec {
         width: input.width.unwrap_or(rw),
@@ -192,33 +225,45 @@ fn load(
         },
     };
     let fixed_batch = input.fixed_batch.map(|b| b as usize);
-    let max_batch = fixed_batch
-        .unwrap_or(settings.batcher.max_batch)
-        .min(settings.batcher.max_batch)
-        .max(1);
+    let max_batch = batcher::effective_max_batch(settings.batcher.max_batch, fixed_batch);
 
-    // Warm-up: run the batch sizes the batcher will use, and learn the output layout.
+    // Warm-up of every instance at the batch sizes the batcher will use; the first run also
+    // tells the output layout.
     let mut decoder = None;
     let warm_sizes: Vec<usize> = match fixed_batch {
         Some(b) => vec![b],
         None if max_batch > 1 => vec![1, max_batch],
         None => vec![1],
     };
-    for rows in warm_sizes {
-        let zeros = vec![0f32; rows * spec.image_len()];
-        let outputs = backend
-            .run(&zeros, rows, spec.height, spec.width)
-            .map_err(|e| failed(format!("warm-up inference failed: {e}")))?;
-        if decoder.is_none() {
-            decoder = Some(
-                OutputDecoder::infer(meta.task, &outputs, meta.class_names.len(), meta.multiclass)
+    for backend in backends.iter_mut() {
+        for &rows in &warm_sizes {
+            let zeros = vec![0f32; rows * spec.image_len()];
+            let outputs = backend
+                .run(&zeros, rows, spec.height, spec.width)
+                .map_err(|e| failed(format!("warm-up inference failed: {e}")))?;
+            if decoder.is_none() {
+                decoder = Some(
+                    OutputDecoder::infer(
+                        meta.task,
+                        &outputs,
+                        meta.class_names.len(),
+                        meta.multiclass,
+                    )
                     .map_err(failed)?,
-            );
+                );
+            }
         }
     }
     let decoder = decoder.ok_or_else(|| failed("no warm-up run".into()))?;
     if settings.faults.is_active() {
-        backend = Box::new(FaultyBackend::new(backend, settings.faults));
+        let runs = Arc::default();
+        backends = backends
+            .into_iter()
+            .map(|b| {
+                Box::new(FaultyBackend::new(b, settings.faults, Arc::clone(&runs)))
+                    as Box<dyn Backend>
+            })
+            .collect();
     }
     let runtime = Arc::new(ModelRuntime {
         id: meta.id.clone(),
@@ -229,7 +274,7 @@ fn load(
     });
     let queue = batcher::start(
         Arc::clone(&runtime),
-        backend,
+        backends,
         BatcherConfig {
             max_batch,
             ..settings.batcher
@@ -242,5 +287,8 @@ fn load(
         runtime,
         queue,
         max_batch,
+        instances,
+        intra_threads: settings.session.intra_threads,
+        provider: "CPUExecutionProvider".into(),
     })
 }

@@ -214,7 +214,7 @@ fn cpu_seconds() -> f64 {
 /// Runs the benchmark and prints (and optionally writes) the report.
 pub fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
     let threads = if cfg.threads == 0 {
-        crate::config::available_cores()
+        cvserve::config::available_cores()
     } else {
         cfg.threads
     };

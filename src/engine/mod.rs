@@ -1,0 +1,245 @@
+//! The engine: owns the loaded models, the ring and the CPU pools, and runs one inference call
+//! from start to end: image bytes and task parameters in, one task output per image (or a
+//! typed [`EngineError`]) out. It takes a ring slot per image, has the decode pool decode into
+//! it, queues a job per image on the model's batcher and awaits the answers within the
+//! request's deadline. The HTTP front end calls it and knows nothing of the pipeline.
+
+pub mod models;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::future::try_join_all;
+use tokio::sync::oneshot;
+
+use crate::geometry::ResizeMode;
+use crate::metrics::METRICS;
+use crate::model::repository::TaskType;
+use crate::pipeline::batcher::SubmitError;
+use crate::pipeline::decode::{base64_bytes, decode_into, DecodeError, DecodeOptions, NeededSize};
+use crate::pipeline::ring::Ring;
+use crate::pipeline::{Job, PipelineError, Pools};
+use crate::tasks::{TaskOutput, TaskParams};
+use models::{LoadError, LoadedModel, ModelManager};
+
+/// Why an inference call got no answer. `http::error` maps each to its status.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("Model '{model}' is a {} model; send it to {} instead of {}", .task.as_str(), .task.route(), .asked.route())]
+    WrongTask {
+        model: String,
+        task: TaskType,
+        asked: TaskType,
+    },
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("Server overloaded: every image slot is in use (RING_SLOTS); retry shortly")]
+    RingFull,
+    #[error("{0}")]
+    Submit(SubmitError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error("Internal error: {0}")]
+    Internal(&'static str),
+}
+
+/// An image as the client sent it.
+pub enum ImageInput {
+    /// Base64 text (a `data:` prefix and line breaks are accepted).
+    Base64(String),
+    /// The file's bytes.
+    Bytes(Bytes),
+}
+
+/// Settings of decoding that hold for every request.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeSettings {
+    pub max_image_pixels: u64,
+    /// Decode large JPEGs at reduced DCT scale (DECODE_REDUCED_SCALE).
+    pub reduced_scale: bool,
+    /// Ignore EXIF orientation for every request (DISABLE_PREPROC_AUTO_ORIENT).
+    pub disable_auto_orient: bool,
+}
+
+/// One image's answer.
+#[derive(Debug)]
+pub struct ImageOutput {
+    pub output: TaskOutput,
+    /// The size of the image as the client sent it.
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Everything an inference call needs.
+pub struct Engine {
+    models: Arc<ModelManager>,
+    ring: Arc<Ring>,
+    pools: Arc<Pools>,
+    decode: DecodeSettings,
+}
+
+impl Engine {
+    pub fn new(
+        models: Arc<ModelManager>,
+        ring: Arc<Ring>,
+        pools: Arc<Pools>,
+        decode: DecodeSettings,
+    ) -> Self {
+        Self {
+            models,
+            ring,
+            pools,
+            decode,
+        }
+    }
+
+    /// The model manager (registry, add, remove).
+    pub fn models(&self) -> &Arc<ModelManager> {
+        &self.models
+    }
+
+    /// The ring of decoded images.
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// Runs CPU work of the front end (parsing a body of megabytes) on the decode pool, off
+    /// the async reactor threads.
+    pub async fn run_cpu<R: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.pools.decode.spawn(move || {
+            let _ = tx.send(work());
+        });
+        rx.await
+            .map_err(|_| EngineError::Internal("a CPU task of the front end panicked"))
+    }
+
+    /// The model, loading it (off the reactor, with the caller's log span) on first use.
+    pub async fn model(&self, id: &str) -> Result<Arc<LoadedModel>, EngineError> {
+        if let Some(m) = self.models.get(id) {
+            return Ok(m);
+        }
+        let models = Arc::clone(&self.models);
+        let id = id.to_owned();
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || span.in_scope(|| models.get_or_load(&id)))
+            .await
+            .map_err(|_| EngineError::Internal("model loading panicked"))?
+            .map_err(EngineError::from)
+    }
+
+    /// Checks that `model` serves the task of the route it was asked on.
+    pub fn check_task(model: &LoadedModel, asked: TaskType) -> Result<(), EngineError> {
+        if model.meta.task == asked {
+            Ok(())
+        } else {
+            Err(EngineError::WrongTask {
+                model: model.meta.id.clone(),
+                task: model.meta.task,
+                asked,
+            })
+        }
+    }
+
+    /// Runs `images` through `model`, answering one output per image, in order, or the first
+    /// error. Nothing is awaited past `deadline`: the pipeline drops what is still queued.
+    pub async fn infer(
+        &self,
+        model: &LoadedModel,
+        images: Vec<ImageInput>,
+        params: TaskParams,
+        disable_auto_orient: bool,
+        deadline: Instant,
+    ) -> Result<Vec<ImageOutput>, EngineError> {
+        let model_id = model.meta.id.as_str();
+        let spec = model.runtime.spec;
+        let opts = DecodeOptions {
+            auto_orient: model.meta.auto_orient
+                && !self.decode.disable_auto_orient
+                && !disable_auto_orient,
+            max_image_pixels: self.decode.max_image_pixels,
+            needed: self.decode.reduced_scale.then_some(NeededSize {
+                width: spec.width,
+                height: spec.height,
+                keep_aspect: matches!(spec.resize, ResizeMode::Letterbox { .. }),
+            }),
+        };
+        let decode_started = Instant::now();
+        let count = images.len();
+        let decoded = try_join_all(images.into_iter().map(|img| self.decode(img, opts)))
+            .await
+            .inspect_err(|e| {
+                if matches!(e, EngineError::RingFull) {
+                    METRICS.outcome(model_id, "rejected", "ring");
+                }
+            })?;
+        METRICS
+            .decode_seconds
+            .with_label_values(&[model_id])
+            .observe(decode_started.elapsed().as_secs_f64() / count.max(1) as f64);
+        let params = Arc::new(params);
+        let mut pending = Vec::with_capacity(decoded.len());
+        for image in decoded {
+            let (width, height) = (image.orig_width, image.orig_height);
+            let (reply, answer) = oneshot::channel();
+            let job = Job {
+                image,
+                params: Arc::clone(&params),
+                reply,
+                enqueued: Instant::now(),
+                deadline,
+            };
+            model.queue.try_submit(job).map_err(|(e, _)| {
+                METRICS.outcome(model_id, "rejected", "queue");
+                EngineError::Submit(e)
+            })?;
+            pending.push((answer, width, height));
+        }
+        let mut outputs = Vec::with_capacity(pending.len());
+        for (answer, width, height) in pending {
+            let output = match tokio::time::timeout_at(deadline.into(), answer).await {
+                Ok(answer) => answer
+                    .map_err(|_| EngineError::Internal("the pipeline dropped the request"))??,
+                // Nobody waits any more: the pipeline drops the job (or discards its late result).
+                Err(_) => {
+                    return Err(PipelineError::DeadlineExceeded("still in the pipeline").into())
+                }
+            };
+            outputs.push(ImageOutput {
+                output,
+                width,
+                height,
+            });
+        }
+        Ok(outputs)
+    }
+
+    /// Takes a ring slot (none free: an overload error at once) and decodes the image into it
+    /// on the decode pool.
+    async fn decode(
+        &self,
+        image: ImageInput,
+        opts: DecodeOptions,
+    ) -> Result<crate::pipeline::decode::DecodedImage, EngineError> {
+        let slot = self.ring.try_acquire().ok_or(EngineError::RingFull)?;
+        let (tx, rx) = oneshot::channel();
+        self.pools.decode.spawn(move || {
+            let result = match image {
+                ImageInput::Base64(text) => {
+                    base64_bytes(&text).and_then(|bytes| decode_into(&bytes, slot, &opts))
+                }
+                ImageInput::Bytes(bytes) => decode_into(&bytes, slot, &opts),
+            };
+            let _ = tx.send(result);
+        });
+        rx.await
+            .map_err(|_| EngineError::Internal("the decode stage failed"))?
+            .map_err(EngineError::from)
+    }
+}

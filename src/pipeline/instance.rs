@@ -1,0 +1,134 @@
+//! Inference instances (Triton's instance group): each is a thread with its own back end (an
+//! ONNX Runtime session). Every instance of a model takes batches from the same channel, so a
+//! batch goes to whichever is free; the instance answers the jobs that can no longer be
+//! served, runs the batch, gives the tensor back to the batcher (which counts it free again)
+//! and hands the outputs to the postprocess pool.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use tokio::sync::oneshot;
+
+use super::batcher::{ModelRuntime, PreparedJob};
+use super::{postprocess, PipelineError, Pools};
+use crate::metrics::METRICS;
+use crate::model::backend::{Backend, BackendError};
+
+/// A preprocessed batch on its way to an instance.
+pub struct Batch {
+    pub tensor: Vec<f32>,
+    pub jobs: Vec<PreparedJob>,
+}
+
+/// Starts instance `index` of a model.
+pub(super) fn spawn(
+    index: usize,
+    runtime: Arc<ModelRuntime>,
+    backend: Box<dyn Backend>,
+    pools: Arc<Pools>,
+    work: Receiver<Batch>,
+    done: Sender<Vec<f32>>,
+) -> std::io::Result<()> {
+    let instance = Instance {
+        index: index.to_string(),
+        runtime,
+        backend,
+        pools,
+        work,
+        done,
+    };
+    std::thread::Builder::new()
+        .name(format!("infer-{}-{index}", instance.runtime.id))
+        .spawn(move || instance.run())?;
+    Ok(())
+}
+
+struct Instance {
+    /// The instance's number, as the metrics label it.
+    index: String,
+    runtime: Arc<ModelRuntime>,
+    backend: Box<dyn Backend>,
+    pools: Arc<Pools>,
+    work: Receiver<Batch>,
+    done: Sender<Vec<f32>>,
+}
+
+/// Answers a job now with `error`, leaving a closed reply in its place.
+fn answer(job: &mut PreparedJob, error: PipelineError) {
+    let (tx, _) = oneshot::channel();
+    let _ = std::mem::replace(&mut job.reply, tx).send(Err(error));
+}
+
+impl Instance {
+    fn run(mut self) {
+        let spec = self.runtime.spec;
+        while let Ok(Batch { tensor, mut jobs }) = self.work.recv() {
+            let model = self.runtime.id.as_str();
+            // Preprocessing failures are answered now; their rows are ignored.
+            for job in jobs.iter_mut() {
+                if let Err(e) = &job.geometry {
+                    let e = e.clone();
+                    METRICS.outcome(model, "failed", "preprocess");
+                    answer(job, PipelineError::Preprocess(e));
+                }
+            }
+            // Jobs whose client left, or whose deadline passed, are answered (or dropped) now.
+            let now = Instant::now();
+            for job in jobs.iter_mut().filter(|j| j.geometry.is_ok()) {
+                if now >= job.deadline {
+                    METRICS.outcome(model, "timed_out", "before_inference");
+                    answer(
+                        job,
+                        PipelineError::DeadlineExceeded("expired before inference"),
+                    );
+                    job.geometry = Err("deadline exceeded".into());
+                } else if job.reply.is_closed() {
+                    METRICS.outcome(model, "cancelled", "before_inference");
+                    job.geometry = Err("client gone".into());
+                }
+            }
+            let result = if jobs.iter().any(|j| j.geometry.is_ok()) {
+                let rows = self.runtime.fixed_batch.unwrap_or(jobs.len());
+                let backend = &mut self.backend;
+                let started = Instant::now();
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    backend.run(&tensor, rows, spec.height, spec.width)
+                }))
+                .unwrap_or_else(|_| Err(BackendError("the inference stage panicked".into())));
+                METRICS
+                    .inference_seconds
+                    .with_label_values(&[model])
+                    .observe(started.elapsed().as_secs_f64());
+                METRICS
+                    .batch_size
+                    .with_label_values(&[model])
+                    .observe(rows as f64);
+                METRICS
+                    .instance_batches_total
+                    .with_label_values(&[model, &self.index])
+                    .inc();
+                Some(r)
+            } else {
+                None // every client went away: skipped before inference
+            };
+            // Free again: the batcher may hand this instance the next batch at once.
+            if self.done.send(tensor).is_err() {
+                return;
+            }
+            match result {
+                None => {}
+                Some(Ok(outputs)) => {
+                    postprocess::dispatch(&self.pools, &self.runtime, outputs, jobs)
+                }
+                Some(Err(e)) => {
+                    tracing::error!(model, error = %e, "batch failed");
+                    for job in jobs.into_iter().filter(|j| j.geometry.is_ok()) {
+                        METRICS.outcome(model, "failed", "inference");
+                        let _ = job.reply.send(Err(PipelineError::Backend(e.0.clone())));
+                    }
+                }
+            }
+        }
+    }
+}
