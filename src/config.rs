@@ -6,6 +6,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::model::ort::{SessionOptions, TensorRtOptions};
+use crate::model::provider::ProviderChoice;
+
 /// Number of logical cores this process may use; every pool size defaults from it.
 pub fn available_cores() -> usize {
     std::thread::available_parallelism()
@@ -35,7 +38,7 @@ pub struct ServeConfig {
     pub preload_models: String,
 
     /// Largest batch the dynamic batcher forms for a model with a dynamic batch dimension
-    /// (Triton's `max_batch_size`). `auto`: 2 on CPU, where single-threaded instances gain
+    /// (Triton's `max_batch_size`). `auto`: 1 on CPU, where single-threaded instances gain
     /// nothing from larger batches and lose to cache misses (see README), 8 on a GPU.
     #[arg(long, env = "MAX_BATCH_SIZE", default_value = "auto", value_parser = parse_auto)]
     pub max_batch_size: Auto,
@@ -154,6 +157,13 @@ pub struct ServeConfig {
     )]
     pub intra_threads: Auto,
 
+    /// Intra-op threads for a batch that runs while the model's other instances are idle and
+    /// nothing waits (a lone request): `auto` = every core on CPU when the instances are
+    /// single-threaded, so a lone request gets the latency of one wide session and a loaded
+    /// server the throughput of many narrow ones (one more session per model); `1` = off.
+    #[arg(long, env = "LONE_REQUEST_THREADS", default_value = "auto", value_parser = parse_auto)]
+    pub lone_request_threads: Auto,
+
     /// ONNX Runtime settings (shared with `cvserve ceiling`).
     #[command(flatten)]
     pub ort: OrtSettings,
@@ -195,6 +205,28 @@ pub struct OrtSettings {
     #[arg(long = "ort-cpu-arena", env = "ORT_CPU_ARENA", default_value_t = false, action = clap::ArgAction::Set)]
     pub cpu_arena: bool,
 
+    /// Execution providers, in priority order: `auto` (the best the loaded ONNX Runtime
+    /// library offers: TensorRT, then CUDA, then CPU, each fallback logged with its reason), or
+    /// a list of `tensorrt`, `cuda`, `cpu` (ONNX Runtime's names and Roboflow's bracketed list
+    /// are accepted too). A listed provider that cannot start fails the model's load with the
+    /// reason. When unset, Roboflow's ONNXRUNTIME_EXECUTION_PROVIDERS is read.
+    #[arg(long, env = "EXECUTION_PROVIDERS", value_parser = ProviderChoice::parse)]
+    pub execution_providers: Option<ProviderChoice>,
+
+    /// The GPU to run on (CUDA device ordinal).
+    #[arg(long, env = "DEVICE_ID", default_value_t = 0)]
+    pub device_id: i32,
+
+    /// Where TensorRT keeps its engine and timing caches (default: `tensorrt-cache/` beside
+    /// each model's weights), so engines are built once per GPU and model, not at every start.
+    #[arg(long, env = "TENSORRT_CACHE_PATH")]
+    pub tensorrt_cache_path: Option<PathBuf>,
+
+    /// Build TensorRT engines in FP16 (boxes move by a fraction of a pixel; about twice the
+    /// speed on a T4).
+    #[arg(long, env = "TENSORRT_FP16", default_value_t = true, action = clap::ArgAction::Set)]
+    pub tensorrt_fp16: bool,
+
     /// Path of libonnxruntime.so (build.sh fetches it from the `onnxruntime` PyPI wheel).
     #[arg(
         long = "ort-dylib-path",
@@ -211,6 +243,19 @@ pub enum Auto {
     Count(usize),
 }
 
+impl Auto {
+    /// The count, or `default` when left to the server.
+    pub fn count_or(self, default: usize) -> usize {
+        match self {
+            Auto::Auto => default,
+            Auto::Count(n) => n.max(1),
+        }
+    }
+}
+
+/// Inference instances per model on a GPU when left to the server.
+pub const GPU_INSTANCES: usize = 2;
+
 fn parse_auto(s: &str) -> Result<Auto, String> {
     match s.trim() {
         "auto" | "0" | "" => Ok(Auto::Auto),
@@ -226,7 +271,8 @@ fn parse_auto(s: &str) -> Result<Auto, String> {
 ///
 /// * Inference: `instances x intra_threads = cores` (by default `cores` instances of one
 ///   thread each: two sessions of one thread beat one session of two threads on every bundled
-///   model, because ORT's parallel-for waits at a barrier for its slowest thread).
+///   model, because ORT's parallel-for waits at a barrier for its slowest thread). On a GPU,
+///   two instances of one thread: the cores are left to decode and preprocessing.
 /// * Helpers: the decode, preprocess and postprocess pools are each half the cores (at least
 ///   one thread): their work per image is small next to the network's, and they run between
 ///   inference runs rather than beside them.
@@ -239,6 +285,8 @@ pub struct CpuBudget {
     pub cores: usize,
     pub instances: usize,
     pub intra_threads: usize,
+    /// Intra-op threads of the session that runs lone requests (1: no such session).
+    pub lone_threads: usize,
     pub http: usize,
     pub decode: usize,
     pub preprocess: usize,
@@ -247,9 +295,12 @@ pub struct CpuBudget {
 
 impl CpuBudget {
     /// The budget for `cores` cores, with explicit settings where given.
-    pub fn new(cores: usize, instances: Auto, intra_threads: Auto) -> Self {
+    pub fn new(cores: usize, instances: Auto, intra_threads: Auto, on_gpu: bool) -> Self {
         let cores = cores.max(1);
         let (instances, intra_threads) = match (instances, intra_threads) {
+            // On a GPU the network does not run on the cores: two instances overlap the
+            // upload, compute and download of consecutive batches.
+            (Auto::Auto, t) if on_gpu => (GPU_INSTANCES, t.count_or(1)),
             (Auto::Count(i), Auto::Count(t)) => (i.max(1), t.max(1)),
             (Auto::Count(1), Auto::Auto) => (1, cores),
             (Auto::Count(i), Auto::Auto) => (i, 1),
@@ -257,15 +308,51 @@ impl CpuBudget {
             (Auto::Auto, Auto::Auto) => (cores, 1),
         };
         let half = (cores / 2).max(1);
+        // A lone request may use every core when each instance uses one of them.
+        let lone_threads = if !on_gpu && instances > 1 && intra_threads == 1 {
+            cores
+        } else {
+            1
+        };
         Self {
             cores,
             instances,
             intra_threads,
+            lone_threads,
             http: (cores / 4).max(1),
             decode: half,
             preprocess: half,
             postprocess: half,
         }
+    }
+}
+
+impl OrtSettings {
+    /// The provider choice: EXECUTION_PROVIDERS, else Roboflow's
+    /// ONNXRUNTIME_EXECUTION_PROVIDERS, else `auto`.
+    pub fn providers(&self) -> Result<ProviderChoice, String> {
+        if let Some(p) = &self.execution_providers {
+            return Ok(p.clone());
+        }
+        match std::env::var("ONNXRUNTIME_EXECUTION_PROVIDERS") {
+            Ok(v) => ProviderChoice::parse(&v)
+                .map_err(|e| format!("ONNXRUNTIME_EXECUTION_PROVIDERS: {e}")),
+            Err(_) => Ok(ProviderChoice::Auto),
+        }
+    }
+
+    /// Session options with `intra_threads` threads per session.
+    pub fn session(&self, intra_threads: usize) -> Result<SessionOptions, String> {
+        Ok(SessionOptions {
+            intra_threads,
+            cpu_arena: self.cpu_arena,
+            providers: self.providers()?,
+            device_id: self.device_id,
+            tensorrt: TensorRtOptions {
+                cache_dir: self.tensorrt_cache_path.clone(),
+                fp16: self.tensorrt_fp16,
+            },
+        })
     }
 }
 
@@ -278,7 +365,7 @@ fn parse_overload_status(s: &str) -> Result<u16, String> {
 }
 
 /// MAX_BATCH_SIZE when left to the server, on CPU.
-pub const CPU_MAX_BATCH: usize = 2;
+pub const CPU_MAX_BATCH: usize = 1;
 /// MAX_BATCH_SIZE when left to the server, on a GPU.
 pub const GPU_MAX_BATCH: usize = 8;
 
@@ -293,17 +380,21 @@ impl ServeConfig {
     }
 
     /// The CPU budget of this configuration on this machine, explicit pool sizes applied.
-    pub fn cpu_budget(&self) -> CpuBudget {
+    pub fn cpu_budget(&self, on_gpu: bool) -> CpuBudget {
         let mut b = CpuBudget::new(
             available_cores(),
             self.instances_per_model,
             self.intra_threads,
+            on_gpu,
         );
         let set = |n: usize, share: &mut usize| {
             if n > 0 {
                 *share = n;
             }
         };
+        if let Auto::Count(n) = self.lone_request_threads {
+            b.lone_threads = n.max(1);
+        }
         set(self.http_threads, &mut b.http);
         set(self.decode_threads, &mut b.decode);
         set(self.preprocess_threads, &mut b.preprocess);
@@ -318,13 +409,13 @@ mod tests {
 
     #[test]
     fn budget_fills_the_cores_with_single_threaded_instances_by_default() {
-        let b = CpuBudget::new(8, Auto::Auto, Auto::Auto);
+        let b = CpuBudget::new(8, Auto::Auto, Auto::Auto, false);
         assert_eq!((b.instances, b.intra_threads), (8, 1));
         assert_eq!(
             (b.http, b.decode, b.preprocess, b.postprocess),
             (2, 4, 4, 4)
         );
-        let b = CpuBudget::new(2, Auto::Auto, Auto::Auto);
+        let b = CpuBudget::new(2, Auto::Auto, Auto::Auto, false);
         assert_eq!((b.instances, b.intra_threads), (2, 1));
         assert_eq!(
             (b.http, b.decode, b.preprocess, b.postprocess),
@@ -335,15 +426,24 @@ mod tests {
     #[test]
     fn budget_honours_explicit_instances_and_threads() {
         // One instance: it gets every core.
-        let b = CpuBudget::new(8, Auto::Count(1), Auto::Auto);
-        assert_eq!((b.instances, b.intra_threads), (1, 8));
+        let b = CpuBudget::new(8, Auto::Count(1), Auto::Auto, false);
+        assert_eq!((b.instances, b.intra_threads, b.lone_threads), (1, 8, 1));
         // Threads given: as many instances as fit.
-        let b = CpuBudget::new(8, Auto::Auto, Auto::Count(2));
+        let b = CpuBudget::new(8, Auto::Auto, Auto::Count(2), false);
         assert_eq!((b.instances, b.intra_threads), (4, 2));
-        let b = CpuBudget::new(2, Auto::Count(3), Auto::Auto);
+        let b = CpuBudget::new(2, Auto::Count(3), Auto::Auto, false);
         assert_eq!((b.instances, b.intra_threads), (3, 1));
-        let b = CpuBudget::new(2, Auto::Count(2), Auto::Count(2));
+        let b = CpuBudget::new(2, Auto::Count(2), Auto::Count(2), false);
         assert_eq!((b.instances, b.intra_threads), (2, 2));
+    }
+
+    #[test]
+    fn on_a_gpu_two_single_threaded_instances_leave_the_cores_to_the_helpers() {
+        let b = CpuBudget::new(8, Auto::Auto, Auto::Auto, true);
+        assert_eq!((b.instances, b.intra_threads, b.lone_threads), (2, 1, 1));
+        assert_eq!(b.decode, 4);
+        let b = CpuBudget::new(8, Auto::Count(3), Auto::Auto, true);
+        assert_eq!((b.instances, b.intra_threads), (3, 1));
     }
 
     #[test]

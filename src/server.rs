@@ -14,28 +14,68 @@ use crate::engine::{DecodeSettings, Engine};
 use crate::http::{self, AppState};
 use crate::metrics::METRICS;
 use crate::model::backend::FaultInjection;
-use crate::model::ort::SessionOptions;
+use crate::model::ort::{environment, library_offers, nvidia_gpu_present};
+use crate::model::provider::{Provider, ProviderChoice};
 use crate::pipeline::batcher::BatcherConfig;
 use crate::pipeline::ring::Ring;
 use crate::pipeline::Pools;
 
 /// Runs the server until a shutdown signal; returns once drained.
 pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
-    let budget = cfg.cpu_budget();
+    let providers = cfg.ort.providers().map_err(anyhow::Error::msg)?;
+    let on_gpu = runs_on_gpu(&cfg, &providers);
+    let budget = cfg.cpu_budget(on_gpu);
     tracing::info!(?budget, "CPU budget");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(budget.http)
         .thread_name("http")
         .enable_all()
         .build()?;
-    let result = runtime.block_on(serve(cfg));
+    let result = runtime.block_on(serve(cfg, on_gpu));
     // Do not wait for a model still loading in the blocking pool: exit within the drain time.
     runtime.shutdown_timeout(Duration::from_millis(500));
     result
 }
 
-fn build_state(cfg: ServeConfig) -> anyhow::Result<Arc<AppState>> {
-    let budget = cfg.cpu_budget();
+/// Whether the models will run on a GPU, for sizing the CPU budget and the batch: asked for
+/// by name, or `auto` with a GPU build of ONNX Runtime on a machine with an NVIDIA GPU. Says
+/// once in the log what the loaded library offers.
+fn runs_on_gpu(cfg: &ServeConfig, providers: &ProviderChoice) -> bool {
+    if let Err(e) = environment(&cfg.ort.dylib_path) {
+        // Every model will fail to load with this reason; the server still answers health.
+        tracing::error!(error = %e, "ONNX Runtime is not usable");
+        return false;
+    }
+    let offered: Vec<&str> = [Provider::TensorRt, Provider::Cuda, Provider::Cpu]
+        .into_iter()
+        .filter(|p| library_offers(*p).is_ok())
+        .map(Provider::ort_name)
+        .collect();
+    let gpu_present = nvidia_gpu_present();
+    tracing::info!(
+        library = %cfg.ort.dylib_path.display(),
+        offers = ?offered,
+        nvidia_gpu = gpu_present,
+        execution_providers = ?providers,
+        device_id = cfg.ort.device_id,
+        "ONNX Runtime"
+    );
+    if let ProviderChoice::Listed { ignored, .. } = providers {
+        if !ignored.is_empty() {
+            tracing::warn!(
+                ?ignored,
+                "execution providers this build does not offer are skipped"
+            );
+        }
+    }
+    match providers {
+        ProviderChoice::Listed { .. } => providers.wants_gpu(),
+        ProviderChoice::Auto => gpu_present && library_offers(Provider::Cuda).is_ok(),
+    }
+}
+
+fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> {
+    let budget = cfg.cpu_budget(on_gpu);
     let pools = Arc::new(Pools::new(
         budget.decode,
         budget.preprocess,
@@ -51,12 +91,13 @@ fn build_state(cfg: ServeConfig) -> anyhow::Result<Arc<AppState>> {
             repository: cfg.model_cache_dir.clone(),
             ort_dylib: cfg.ort.dylib_path.clone(),
             instances: budget.instances,
-            session: SessionOptions {
-                intra_threads: budget.intra_threads,
-                cpu_arena: cfg.ort.cpu_arena,
-            },
+            lone_threads: budget.lone_threads,
+            session: cfg
+                .ort
+                .session(budget.intra_threads)
+                .map_err(anyhow::Error::msg)?,
             batcher: BatcherConfig {
-                max_batch: cfg.max_batch(false),
+                max_batch: cfg.max_batch(on_gpu),
                 max_queue_delay: Duration::from_micros(cfg.max_queue_delay_us),
                 max_queue_size: cfg.max_queue_size as usize,
             },
@@ -101,11 +142,11 @@ fn build_state(cfg: ServeConfig) -> anyhow::Result<Arc<AppState>> {
     }))
 }
 
-async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+async fn serve(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<()> {
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let drain = Duration::from_secs_f64(cfg.drain_timeout_s.max(0.0));
     let max_connections = cfg.max_connections as usize;
-    let state = build_state(cfg)?;
+    let state = build_state(cfg, on_gpu)?;
     METRICS
         .ring_slots_total
         .set(state.engine.ring().slots() as i64);

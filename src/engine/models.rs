@@ -14,7 +14,8 @@ use parking_lot::{Mutex, RwLock};
 use crate::geometry::{InputSpec, Normalization};
 use crate::metrics::METRICS;
 use crate::model::backend::{Backend, FaultInjection, FaultyBackend};
-use crate::model::ort::{environment, OrtBackend, SessionOptions};
+use crate::model::ort::{environment, BatchProfile, OrtBackend, SessionOptions};
+use crate::model::provider::Provider;
 use crate::model::repository::{self, ModelMetadata, RepositoryError, TaskType};
 use crate::pipeline::batcher::{self, BatchQueue, BatcherConfig, ModelRuntime};
 use crate::pipeline::Pools;
@@ -51,6 +52,8 @@ pub struct LoadSettings {
     pub ort_dylib: PathBuf,
     /// Inference instances per model.
     pub instances: usize,
+    /// Intra-op threads of the extra session that runs lone requests (1: none).
+    pub lone_threads: usize,
     /// How each instance's session runs.
     pub session: SessionOptions,
     pub batcher: BatcherConfig,
@@ -137,6 +140,7 @@ impl ModelManager {
             max_batch = model.max_batch,
             instances = model.instances,
             intra_threads = self.settings.session.intra_threads,
+            provider = %model.provider,
             ms = started.elapsed().as_millis() as u64,
             "model loaded"
         );
@@ -205,16 +209,44 @@ fn load(
     };
     let env = environment(&settings.ort_dylib).map_err(failed)?;
     let instances = settings.instances.max(1);
+    let (rw, rh) = meta.resize_size.unwrap_or((640, 640));
+    let profile = BatchProfile {
+        max_batch: settings.batcher.max_batch.max(1),
+        height: rh,
+        width: rw,
+    };
     // The instances of one model share their pre-packed weights.
     let prepacked = ort::session::builder::PrepackedWeights::new();
     let mut backends: Vec<Box<dyn Backend>> = Vec::with_capacity(instances);
+    let started = std::time::Instant::now();
     for _ in 0..instances {
-        let backend =
-            OrtBackend::load(env, &meta.weights, settings.session, &prepacked).map_err(failed)?;
+        let backend = OrtBackend::load(
+            env,
+            &meta.weights,
+            &settings.session,
+            &prepacked,
+            Some(&profile),
+        )
+        .map_err(failed)?;
         backends.push(Box::new(backend));
     }
+    let provider = backends[0].provider().to_string();
+    // One wide session for lone requests, on the CPU only (on a GPU the network does not use
+    // the cores).
+    let mut lone: Option<Box<dyn Backend>> = None;
+    if settings.lone_threads > settings.session.intra_threads
+        && provider == Provider::Cpu.ort_name()
+    {
+        let opts = SessionOptions {
+            intra_threads: settings.lone_threads,
+            ..settings.session.clone()
+        };
+        let wide = OrtBackend::load(env, &meta.weights, &opts, &prepacked, Some(&profile))
+            .map_err(failed)?;
+        lone = Some(Box::new(wide));
+    }
+    let sessions_ms = started.elapsed().as_millis() as u64;
     let input = backends[0].input().clone();
-    let (rw, rh) = meta.resize_size.unwrap_or((640, 640));
     let spec = InputSpec {
         width: input.width.unwrap_or(rw),
         height: input.height.unwrap_or(rh),
@@ -227,17 +259,22 @@ fn load(
     let fixed_batch = input.fixed_batch.map(|b| b as usize);
     let max_batch = batcher::effective_max_batch(settings.batcher.max_batch, fixed_batch);
 
-    // Warm-up of every instance at the batch sizes the batcher will use; the first run also
-    // tells the output layout.
+    // Warm-up of every instance at the batch sizes the batcher will use, before the model
+    // serves (and before /readiness): on a GPU every size from 1 to max_batch, so no cuDNN
+    // algorithm search or TensorRT engine build ever happens on a live request; on the CPU
+    // the smallest and the largest. The first run also tells the output layout.
     let mut decoder = None;
+    let on_gpu = provider != "CPUExecutionProvider";
     let warm_sizes: Vec<usize> = match fixed_batch {
         Some(b) => vec![b],
+        None if on_gpu => (1..=max_batch).collect(),
         None if max_batch > 1 => vec![1, max_batch],
         None => vec![1],
     };
-    for backend in backends.iter_mut() {
+    let warm_started = std::time::Instant::now();
+    for backend in backends.iter_mut().chain(lone.iter_mut()) {
         for &rows in &warm_sizes {
-            let zeros = vec![0f32; rows * spec.image_len()];
+            let zeros = backend.alloc_batch(rows * spec.image_len());
             let outputs = backend
                 .run(&zeros, rows, spec.height, spec.width)
                 .map_err(|e| failed(format!("warm-up inference failed: {e}")))?;
@@ -255,15 +292,21 @@ fn load(
         }
     }
     let decoder = decoder.ok_or_else(|| failed("no warm-up run".into()))?;
+    tracing::info!(
+        model = %meta.id,
+        %provider,
+        sessions_ms,
+        warm_up_ms = warm_started.elapsed().as_millis() as u64,
+        batch_sizes = ?warm_sizes,
+        "sessions created and warmed up (TensorRT engines are built or loaded from the cache here)"
+    );
     if settings.faults.is_active() {
         let runs = Arc::default();
-        backends = backends
-            .into_iter()
-            .map(|b| {
-                Box::new(FaultyBackend::new(b, settings.faults, Arc::clone(&runs)))
-                    as Box<dyn Backend>
-            })
-            .collect();
+        let faulty = |b: Box<dyn Backend>| {
+            Box::new(FaultyBackend::new(b, settings.faults, Arc::clone(&runs))) as Box<dyn Backend>
+        };
+        backends = backends.into_iter().map(faulty).collect();
+        lone = lone.map(faulty);
     }
     let runtime = Arc::new(ModelRuntime {
         id: meta.id.clone(),
@@ -275,6 +318,7 @@ fn load(
     let queue = batcher::start(
         Arc::clone(&runtime),
         backends,
+        lone,
         BatcherConfig {
             max_batch,
             ..settings.batcher
@@ -289,6 +333,6 @@ fn load(
         max_batch,
         instances,
         intra_threads: settings.session.intra_threads,
-        provider: "CPUExecutionProvider".into(),
+        provider,
     })
 }

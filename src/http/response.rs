@@ -71,6 +71,9 @@ pub struct ModelDescription {
     pub vram_bytes: Option<u64>,
     pub request_aliases: Vec<String>,
     pub request_paths: Vec<&'static str>,
+    /// cvserve's: the execution provider the model runs on, and its inference instances.
+    pub execution_provider: String,
+    pub instances: usize,
 }
 
 /// `ModelsDescriptions`, the answer of `/model/registry`, `/model/add`, `/model/remove`, `/model/clear`.
@@ -96,6 +99,8 @@ impl ModelsDescriptions {
                     vram_bytes: None,
                     request_aliases: vec![],
                     request_paths: vec![m.meta.task.route()],
+                    execution_provider: m.provider.clone(),
+                    instances: m.instances,
                 })
                 .collect(),
             total_vram_bytes: None,

@@ -1,13 +1,163 @@
 //! The inference back-end seen by the batcher: a batch tensor in, the model's outputs out.
 //! ONNX Runtime implements it (`ort.rs`); tests wrap it to inject delays and failures.
 
+/// Host memory a batch is preprocessed into and the back end reads: ordinary heap memory,
+/// or memory the back end allocated for its device (pinned for a GPU, so the upload is a DMA
+/// transfer instead of a staged copy).
+pub struct BatchBuffer {
+    ptr: *mut f32,
+    len: usize,
+    pinned: bool,
+    /// Owns the memory `ptr` points into.
+    _owner: Box<dyn Send + Sync>,
+}
+
+// SAFETY: the buffer is owned by one holder at a time (moved between the batcher and the
+// instances), and `_owner` (Send + Sync) keeps the memory alive and in place.
+unsafe impl Send for BatchBuffer {}
+unsafe impl Sync for BatchBuffer {}
+
+impl BatchBuffer {
+    /// `len` zeroed floats on the heap.
+    pub fn heap(len: usize) -> Self {
+        let mut data = vec![0f32; len].into_boxed_slice();
+        let ptr = data.as_mut_ptr();
+        Self {
+            ptr,
+            len,
+            pinned: false,
+            _owner: Box::new(data),
+        }
+    }
+
+    /// `len` floats at `ptr`, owned by `owner`.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for reads and writes of `len` floats, aligned, and stay so while
+    /// `owner` lives; nothing else may access the memory.
+    pub unsafe fn from_owner(
+        ptr: *mut f32,
+        len: usize,
+        pinned: bool,
+        owner: Box<dyn Send + Sync>,
+    ) -> Self {
+        Self {
+            ptr,
+            len,
+            pinned,
+            _owner: owner,
+        }
+    }
+
+    /// Whether the memory is pinned (page-locked) for a GPU.
+    pub fn is_pinned(&self) -> bool {
+        self.pinned
+    }
+}
+
+impl std::ops::Deref for BatchBuffer {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: see `from_owner`; the heap case satisfies it by construction.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for BatchBuffer {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as above, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+/// The memory of one output, read-only: a vector (possibly lent by the back end's pool,
+/// which gets it back when this is dropped, once postprocessing is done with the batch), or
+/// memory owned by something else (a tensor ONNX Runtime allocated), never copied.
+pub struct OutputBuffer {
+    ptr: *const f32,
+    len: usize,
+    owner: Owner,
+}
+
+enum Owner {
+    Vec(Vec<f32>, Option<GiveBack>),
+    Other(#[allow(dead_code)] Box<dyn Send + Sync>),
+}
+
+type GiveBack = Box<dyn FnOnce(Vec<f32>) + Send + Sync>;
+
+// SAFETY: `ptr` points into memory `owner` owns and never moves; it is only read.
+unsafe impl Send for OutputBuffer {}
+unsafe impl Sync for OutputBuffer {}
+
+impl OutputBuffer {
+    /// A buffer that `give_back` receives again when it is dropped.
+    pub fn recycled(
+        data: Vec<f32>,
+        give_back: impl FnOnce(Vec<f32>) + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            ptr: data.as_ptr(),
+            len: data.len(),
+            owner: Owner::Vec(data, Some(Box::new(give_back))),
+        }
+    }
+
+    /// `len` floats at `ptr`, owned by `owner`.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for reads of `len` floats for as long as `owner` lives, and the
+    /// memory must not be written meanwhile.
+    pub unsafe fn from_owner(ptr: *const f32, len: usize, owner: Box<dyn Send + Sync>) -> Self {
+        Self {
+            ptr,
+            len,
+            owner: Owner::Other(owner),
+        }
+    }
+}
+
+impl From<Vec<f32>> for OutputBuffer {
+    fn from(data: Vec<f32>) -> Self {
+        Self {
+            ptr: data.as_ptr(),
+            len: data.len(),
+            owner: Owner::Vec(data, None),
+        }
+    }
+}
+
+impl std::ops::Deref for OutputBuffer {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: see `from_owner`; a vector's heap memory does not move with it.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for OutputBuffer {
+    fn drop(&mut self) {
+        if let Owner::Vec(data, give_back) = &mut self.owner {
+            if let Some(give_back) = give_back.take() {
+                give_back(std::mem::take(data));
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for OutputBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OutputBuffer({} floats)", self.len)
+    }
+}
+
 /// One output of a batch run, batch-major and contiguous.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct OutputTensor {
     pub name: String,
     /// Full shape, batch first.
     pub shape: Vec<usize>,
-    pub data: Vec<f32>,
+    pub data: OutputBuffer,
 }
 
 impl OutputTensor {
@@ -43,10 +193,20 @@ pub trait Backend: Send {
     /// What the network expects.
     fn input(&self) -> &NetworkInput;
 
+    /// The execution provider it runs on (ONNX Runtime's name).
+    fn provider(&self) -> &'static str {
+        "CPUExecutionProvider"
+    }
+
+    /// A batch tensor of `len` floats in the memory this back end reads fastest.
+    fn alloc_batch(&self, len: usize) -> BatchBuffer {
+        BatchBuffer::heap(len)
+    }
+
     /// Runs `batch` images laid out as `[batch, 3, height, width]` in `input`.
     fn run(
         &mut self,
-        input: &[f32],
+        input: &BatchBuffer,
         batch: usize,
         height: u32,
         width: u32,
@@ -94,9 +254,17 @@ impl Backend for FaultyBackend {
         self.inner.input()
     }
 
+    fn provider(&self) -> &'static str {
+        self.inner.provider()
+    }
+
+    fn alloc_batch(&self, len: usize) -> BatchBuffer {
+        self.inner.alloc_batch(len)
+    }
+
     fn run(
         &mut self,
-        input: &[f32],
+        input: &BatchBuffer,
         batch: usize,
         height: u32,
         width: u32,

@@ -4,4 +4,5 @@
 
 pub mod backend;
 pub mod ort;
+pub mod provider;
 pub mod repository;

@@ -1,19 +1,34 @@
-//! The ONNX Runtime back-end (crate `ort`, library loaded at run time from ORT_DYLIB_PATH).
-//! One process-wide environment; one session per inference instance, each with its own
-//! intra-op threads (`intra_threads`, usually 1: the instance's own thread does the work),
-//! spinning off so an idle server uses no CPU. The instances of one model share their
-//! pre-packed weights, so an extra instance costs its activations, not another weight copy.
+//! The ONNX Runtime back-end (crate `ort`, library loaded at run time from ORT_DYLIB_PATH: the
+//! CPU or the GPU build, one binary for both). One process-wide environment; one session per
+//! inference instance, each with its own intra-op threads (usually 1: the instance's own
+//! thread does the work), spinning off so an idle server uses no CPU. The instances of one
+//! model share their pre-packed weights.
+//!
+//! The session runs on the execution provider chosen by `provider::ProviderChoice` (TensorRT,
+//! CUDA or CPU), and says which. Runs go through an IO binding: the batch tensor is bound as
+//! the input where it lies, and outputs are written straight into preallocated buffers taken
+//! from a pool and given back when postprocessing drops them (no per-batch copy or
+//! allocation once the pool is warm).
 
-use std::path::Path;
-use std::sync::OnceLock;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
+use ort::ep;
+use ort::ep::ExecutionProvider;
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights};
+use ort::session::IoBinding;
 use ort::session::Session;
-use ort::value::TensorRef;
+use ort::value::{Shape, Tensor, TensorRef, TensorRefMut};
+use parking_lot::Mutex;
 
-use super::backend::{Backend, BackendError, NetworkInput, OutputTensor};
+use super::backend::{
+    Backend, BackendError, BatchBuffer, NetworkInput, OutputBuffer, OutputTensor,
+};
+use super::provider::{Provider, ProviderChoice};
 
-static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+static ENVIRONMENT: OnceLock<Result<(ort::environment::Environment, PathBuf), String>> =
+    OnceLock::new();
 
 /// Loads libonnxruntime once and builds the shared environment.
 pub fn environment(dylib: &Path) -> Result<&'static ort::environment::Environment, String> {
@@ -27,55 +42,174 @@ pub fn environment(dylib: &Path) -> Result<&'static ort::environment::Environmen
             }
             let builder = ort::init_from(dylib)
                 .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", dylib.display()))?;
-            builder
+            let env = builder
                 .with_name("cvserve")
                 .build()
-                .map_err(|e| format!("cannot create the ONNX Runtime environment: {e}"))
+                .map_err(|e| format!("cannot create the ONNX Runtime environment: {e}"))?;
+            Ok((env, dylib.to_path_buf()))
         })
         .as_ref()
+        .map(|(env, _)| env)
         .map_err(Clone::clone)
 }
 
+/// Whether the loaded library was built with `provider` (`Err` says why not, for the
+/// operator). Call after [`environment`].
+pub fn library_offers(provider: Provider) -> Result<(), String> {
+    let available = match provider {
+        Provider::Cpu => return Ok(()),
+        Provider::Cuda => ep::CUDA::is_available(),
+        Provider::TensorRt => ep::TensorRT::is_available(),
+    };
+    let library = ENVIRONMENT
+        .get()
+        .and_then(|e| e.as_ref().ok())
+        .map(|(_, p)| p.display().to_string())
+        .unwrap_or_else(|| "(not loaded)".into());
+    match available {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!(
+            "{provider} is not in the loaded ONNX Runtime library ({library}): it is the CPU \
+             build. Build the GPU flavour with CVSERVE_GPU=1 ./build.sh and start with ./run.sh"
+        )),
+        Err(e) => Err(format!("cannot ask ONNX Runtime for {provider}: {e}")),
+    }
+}
+
+/// Whether this machine shows an NVIDIA GPU to the driver (a cheap check, before any model
+/// is loaded, for sizing the CPU budget).
+pub fn nvidia_gpu_present() -> bool {
+    Path::new("/dev/nvidia0").exists() || Path::new("/proc/driver/nvidia/gpus").is_dir()
+}
+
+/// TensorRT settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorRtOptions {
+    /// Engine and timing caches (`None`: `tensorrt-cache/` beside the model file).
+    pub cache_dir: Option<PathBuf>,
+    /// Build FP16 engines.
+    pub fp16: bool,
+}
+
 /// How one session runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SessionOptions {
     /// Intra-op threads of the session (1: the calling thread alone).
     pub intra_threads: usize,
     /// ONNX Runtime's CPU arena allocator.
     pub cpu_arena: bool,
+    pub providers: ProviderChoice,
+    /// The GPU (CUDA device ordinal).
+    pub device_id: i32,
+    pub tensorrt: TensorRtOptions,
+}
+
+impl SessionOptions {
+    /// CPU only, `threads` intra-op threads (tests, tools).
+    pub fn cpu(intra_threads: usize) -> Self {
+        Self {
+            intra_threads,
+            cpu_arena: false,
+            providers: ProviderChoice::Listed {
+                providers: vec![Provider::Cpu],
+                ignored: vec![],
+            },
+            device_id: 0,
+            tensorrt: TensorRtOptions {
+                cache_dir: None,
+                fp16: true,
+            },
+        }
+    }
+}
+
+/// The batch range a TensorRT engine is built for (its optimisation profile).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchProfile {
+    pub max_batch: usize,
+    pub height: u32,
+    pub width: u32,
+}
+
+/// Recycled output buffers of one session: a buffer goes back when the last postprocess task
+/// holding the batch's outputs drops it.
+type BufferPool = Arc<Mutex<Vec<Vec<f32>>>>;
+
+/// One output of the model, and the per-image shape when the graph fixes it (then it is
+/// written into a preallocated buffer).
+struct OutputSpec {
+    name: String,
+    item_shape: Option<Vec<usize>>,
 }
 
 /// A model running on ONNX Runtime.
 pub struct OrtBackend {
     session: Session,
+    binding: IoBinding,
     input_name: String,
     input: NetworkInput,
+    outputs: Vec<OutputSpec>,
+    provider: Provider,
+    pool: BufferPool,
+    cpu_memory: MemoryInfo<'static>,
 }
 
+// SAFETY: the session and its binding are used by one thread at a time (`&mut self`); the
+// binding only holds values bound during one `run`, cleared before it returns.
+unsafe impl Send for OrtBackend {}
+
 impl OrtBackend {
-    /// Creates a session for the model file at `path`.
-    /// Creates a session for the model file at `path`. Sessions given the same
-    /// `prepacked` (the instances of one model) share their pre-packed weights.
+    /// Creates a session for the model file at `path` on the provider `opts` choose. Sessions
+    /// given the same `prepacked` (the instances of one model) share their pre-packed weights.
+    /// `profile`: the batch range for TensorRT when the batch axis is dynamic.
     pub fn load(
         env: &ort::environment::Environment,
         path: &Path,
-        opts: SessionOptions,
+        opts: &SessionOptions,
         prepacked: &PrepackedWeights,
+        profile: Option<&BatchProfile>,
     ) -> Result<Self, String> {
-        let session = (|| -> ort::Result<Session> {
-            let mut builder = Session::builder(env)?
-                .with_execution_providers([ort::ep::CPU::default()
-                    .with_arena_allocator(opts.cpu_arena)
-                    .build()])?
-                .with_optimization_level(GraphOptimizationLevel::Level3)?
-                .with_intra_threads(opts.intra_threads.max(1))?
-                .with_inter_threads(1)?
-                .with_intra_op_spinning(false)?
-                .with_inter_op_spinning(false)?
-                .with_prepacked_weights(prepacked)?;
-            builder.commit_from_file(path)
-        })()
-        .map_err(|e| format!("ONNX Runtime cannot load {}: {e}", path.display()))?;
+        let (candidates, strict) = opts.providers.candidates();
+        let mut fell_back: Vec<String> = Vec::new();
+        for provider in candidates {
+            if let Err(why) = library_offers(provider) {
+                if strict {
+                    return Err(why);
+                }
+                tracing::debug!(%provider, why, "provider not in this ONNX Runtime build");
+                continue;
+            }
+            match session(env, path, opts, prepacked, profile, provider) {
+                Ok(session) => {
+                    if !fell_back.is_empty() {
+                        tracing::warn!(
+                            model = %path.display(),
+                            %provider,
+                            reasons = fell_back.join("; "),
+                            "EXECUTION_PROVIDERS=auto fell back"
+                        );
+                    }
+                    return Self::new(session, provider);
+                }
+                Err(e) => {
+                    let why = format!("{provider} could not start: {e}{}", hint(provider));
+                    if strict || provider == Provider::Cpu {
+                        return Err(format!(
+                            "ONNX Runtime cannot load {}: {why}",
+                            path.display()
+                        ));
+                    }
+                    fell_back.push(why);
+                }
+            }
+        }
+        Err(format!(
+            "ONNX Runtime cannot load {}: no execution provider could start",
+            path.display()
+        ))
+    }
+
+    fn new(session: Session, provider: Provider) -> Result<Self, String> {
         let first = session
             .inputs()
             .first()
@@ -96,12 +230,263 @@ impl OrtBackend {
             height: dim(shape[2]),
             width: dim(shape[3]),
         };
+        let outputs = session
+            .outputs()
+            .iter()
+            .map(|o| OutputSpec {
+                name: o.name().to_string(),
+                item_shape: o.dtype().tensor_shape().and_then(|s| {
+                    s.iter()
+                        .skip(1)
+                        .map(|&d| (d > 0).then_some(d as usize))
+                        .collect::<Option<Vec<usize>>>()
+                }),
+            })
+            .collect();
+        let input_name = first.name().to_string();
+        let binding = session
+            .create_binding()
+            .map_err(|e| format!("cannot create an IO binding: {e}"))?;
+        let cpu_memory = MemoryInfo::new(
+            AllocationDevice::CPU,
+            0,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )
+        .map_err(|e| format!("cannot describe CPU memory: {e}"))?;
         Ok(Self {
-            input_name: first.name().to_string(),
             session,
+            binding,
+            input_name,
             input,
+            outputs,
+            provider,
+            pool: Arc::default(),
+            cpu_memory,
         })
     }
+
+    /// The execution provider this session runs on.
+    pub fn provider(&self) -> Provider {
+        self.provider
+    }
+
+    /// A buffer of `len` floats from the pool (or a new one).
+    fn take_buffer(&self, len: usize) -> Vec<f32> {
+        let mut free = self.pool.lock();
+        let mut data = match free.iter().position(|b| b.capacity() >= len) {
+            Some(i) => free.swap_remove(i),
+            None => Vec::with_capacity(len),
+        };
+        drop(free);
+        data.resize(len, 0.0);
+        data
+    }
+
+    /// Lends `data` to postprocessing; it comes back to the pool when dropped.
+    fn lend(&self, data: Vec<f32>) -> OutputBuffer {
+        let pool = Arc::clone(&self.pool);
+        OutputBuffer::recycled(data, move |buf| {
+            let mut free = pool.lock();
+            // Enough for the batches postprocessing may hold at once; the rest is freed.
+            if free.len() < 16 {
+                free.push(buf);
+            }
+        })
+    }
+
+    /// Runs with every output written into a preallocated buffer.
+    fn run_bound(
+        &mut self,
+        batch: usize,
+        input: &Tensor<f32>,
+    ) -> Result<Vec<OutputTensor>, ort::Error> {
+        self.binding.bind_input(&self.input_name, input)?;
+        let mut results = Vec::with_capacity(self.outputs.len());
+        for o in &self.outputs {
+            let item = o.item_shape.as_ref().expect("checked by the caller");
+            let mut shape = vec![batch];
+            shape.extend_from_slice(item);
+            let mut buf = self.take_buffer(shape.iter().product());
+            // SAFETY: `buf` is CPU memory of exactly the tensor's size; it outlives the bound
+            // value, which `clear_outputs` below releases before the buffer is handed on.
+            let value = unsafe {
+                TensorRefMut::<f32>::from_raw(
+                    self.cpu_memory.clone(),
+                    buf.as_mut_ptr().cast(),
+                    Shape::new(shape.iter().map(|&d| d as i64)),
+                )?
+            };
+            self.binding.bind_output(&o.name, value)?;
+            results.push(OutputTensor {
+                name: o.name.clone(),
+                shape,
+                data: self.lend(buf),
+            });
+        }
+        let run = self.session.run_binding(&self.binding).map(drop);
+        self.binding.clear_outputs();
+        self.binding.clear_inputs();
+        run?;
+        Ok(results)
+    }
+
+    /// Runs with outputs allocated by ONNX Runtime, handed on as they are (no copy).
+    fn run_plain(&mut self, input: &Tensor<f32>) -> Result<Vec<OutputTensor>, ort::Error> {
+        let names: Vec<String> = self.outputs.iter().map(|o| o.name.clone()).collect();
+        let mut outputs = self
+            .session
+            .run(ort::inputs![self.input_name.as_str() => input])?;
+        let mut result = Vec::with_capacity(names.len());
+        for name in names {
+            let Some(mut value) = outputs.remove(&name) else {
+                continue;
+            };
+            let (shape, data) = value.try_extract_tensor_mut::<f32>()?;
+            let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+            let (ptr, len) = (data.as_ptr(), data.len());
+            // SAFETY: the value owns the `len` floats at `ptr` and moves into the buffer.
+            let data = unsafe { OutputBuffer::from_owner(ptr, len, Box::new(value)) };
+            result.push(OutputTensor { name, shape, data });
+        }
+        Ok(result)
+    }
+}
+
+impl OrtBackend {
+    /// Runs one batch. On a GPU through the IO binding: the (pinned) host input is copied to
+    /// the device by ONNX Runtime and the outputs are written straight into pooled host
+    /// buffers. On the CPU the input is read where it lies and the outputs ONNX Runtime
+    /// allocates are handed on without a copy (binding a host input to a CPU session would
+    /// make ONNX Runtime copy it first).
+    fn run_tensor(
+        &mut self,
+        batch: usize,
+        input: &Tensor<f32>,
+    ) -> Result<Vec<OutputTensor>, ort::Error> {
+        if self.provider.is_gpu() && self.outputs.iter().all(|o| o.item_shape.is_some()) {
+            self.run_bound(batch, input)
+        } else {
+            self.run_plain(input)
+        }
+    }
+}
+
+/// What to check when a provider does not start.
+fn hint(provider: Provider) -> &'static str {
+    match provider {
+        Provider::Cuda => {
+            " (the CUDA provider needs an NVIDIA GPU with driver >= 580, and the CUDA 13 runtime \
+             and cuDNN 9 libraries on the library path: ./build.sh on the GPU machine fetches \
+             them into vendor/cuda/lib and ./run.sh adds it)"
+        }
+        Provider::TensorRt => {
+            " (the TensorRT provider needs the CUDA provider's libraries and TensorRT 10 for \
+             CUDA 13, libnvinfer.so.10 and libnvonnxparser.so.10, which ./build.sh fetches into \
+             vendor/cuda/lib)"
+        }
+        Provider::Cpu => "",
+    }
+}
+
+/// Builds a session registering `provider` first (with CUDA, then CPU, behind TensorRT for
+/// the nodes it does not take), failing if `provider` cannot register.
+fn session(
+    env: &ort::environment::Environment,
+    path: &Path,
+    opts: &SessionOptions,
+    prepacked: &PrepackedWeights,
+    profile: Option<&BatchProfile>,
+    provider: Provider,
+) -> ort::Result<Session> {
+    let cpu = ep::CPU::default()
+        .with_arena_allocator(opts.cpu_arena)
+        .build();
+    let cuda = || ep::CUDA::default().with_device_id(opts.device_id).build();
+    let providers = match provider {
+        Provider::Cpu => vec![cpu],
+        Provider::Cuda => vec![cuda().error_on_failure(), cpu],
+        Provider::TensorRt => {
+            let cache = opts.tensorrt.cache_dir.clone().unwrap_or_else(|| {
+                path.parent()
+                    .unwrap_or(Path::new("."))
+                    .join("tensorrt-cache")
+            });
+            let _ = std::fs::create_dir_all(&cache);
+            let cache = cache.to_string_lossy().into_owned();
+            let mut trt = ep::TensorRT::default()
+                .with_device_id(opts.device_id)
+                .with_fp16(opts.tensorrt.fp16)
+                .with_engine_cache(true)
+                .with_engine_cache_path(&cache)
+                .with_timing_cache(true)
+                .with_timing_cache_path(&cache);
+            if let Some(p) = profile {
+                // A dynamic batch axis: batch 1 .. max_batch in one engine, tuned for full
+                // batches. Symbolic height/width take the size preprocessing produces.
+                let probe = probe_input(env, path)?;
+                if probe.batch <= 0 {
+                    let h = if probe.height > 0 {
+                        probe.height as u32
+                    } else {
+                        p.height
+                    };
+                    let w = if probe.width > 0 {
+                        probe.width as u32
+                    } else {
+                        p.width
+                    };
+                    let name = probe.name;
+                    let shape = |b: usize| format!("{name}:{b}x3x{h}x{w}");
+                    trt = trt
+                        .with_profile_min_shapes(shape(1))
+                        .with_profile_opt_shapes(shape(p.max_batch))
+                        .with_profile_max_shapes(shape(p.max_batch));
+                }
+            }
+            vec![trt.build().error_on_failure(), cuda(), cpu]
+        }
+    };
+    Session::builder(env)?
+        .with_execution_providers(providers)?
+        .with_optimization_level(GraphOptimizationLevel::Level3)?
+        .with_intra_threads(opts.intra_threads.max(1))?
+        .with_inter_threads(1)?
+        .with_intra_op_spinning(false)?
+        .with_inter_op_spinning(false)?
+        .with_prepacked_weights(prepacked)?
+        .commit_from_file(path)
+}
+
+/// The model's first input as the graph declares it (dimensions <= 0 are symbolic).
+struct InputProbe {
+    name: String,
+    batch: i64,
+    height: i64,
+    width: i64,
+}
+
+/// Reads the first input with a plain CPU session: TensorRT's profile must name it before
+/// its own session exists.
+fn probe_input(env: &ort::environment::Environment, path: &Path) -> ort::Result<InputProbe> {
+    let probe = Session::builder(env)?
+        .with_optimization_level(GraphOptimizationLevel::Disable)?
+        .with_intra_threads(1)?
+        .commit_from_file(path)?;
+    let first = probe.inputs().first();
+    let dims: Vec<i64> = first
+        .and_then(|i| i.dtype().tensor_shape())
+        .map(|s| s.iter().copied().collect())
+        .unwrap_or_default();
+    let dim = |i: usize| dims.get(i).copied().unwrap_or(-1);
+    Ok(InputProbe {
+        name: first
+            .map(|i| i.name().to_string())
+            .unwrap_or_else(|| "images".into()),
+        batch: dim(0),
+        height: dim(2),
+        width: dim(3),
+    })
 }
 
 impl Backend for OrtBackend {
@@ -109,31 +494,156 @@ impl Backend for OrtBackend {
         &self.input
     }
 
+    fn provider(&self) -> &'static str {
+        self.provider.ort_name()
+    }
+
+    fn alloc_batch(&self, len: usize) -> BatchBuffer {
+        if !self.provider.is_gpu() {
+            return BatchBuffer::heap(len);
+        }
+        // Page-locked host memory from the CUDA provider's allocator: the upload is a DMA.
+        let pinned = (|| -> ort::Result<BatchBuffer> {
+            let info = MemoryInfo::new(
+                AllocationDevice::CUDA_PINNED,
+                0,
+                AllocatorType::Device,
+                MemoryType::CPUInput,
+            )?;
+            let allocator = Allocator::new(&self.session, info)?;
+            let mut tensor = Tensor::<f32>::new(&allocator, [len])?;
+            let (_, data) = tensor.try_extract_tensor_mut::<f32>()?;
+            data.fill(0.0);
+            let ptr = data.as_mut_ptr();
+            // SAFETY: the tensor owns `len` floats at `ptr` (and keeps its allocator alive);
+            // it moves into the buffer, so the memory lives exactly as long as the buffer.
+            Ok(unsafe { BatchBuffer::from_owner(ptr, len, true, Box::new(tensor)) })
+        })();
+        pinned.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot allocate pinned memory; the batch tensor is ordinary memory");
+            BatchBuffer::heap(len)
+        })
+    }
+
     fn run(
         &mut self,
-        input: &[f32],
+        input: &BatchBuffer,
         batch: usize,
         height: u32,
         width: u32,
     ) -> Result<Vec<OutputTensor>, BackendError> {
         let err = |e: ort::Error| BackendError(format!("inference failed: {e}"));
         let n = batch * 3 * height as usize * width as usize;
-        let tensor =
-            TensorRef::from_array_view(([batch, 3, height as usize, width as usize], &input[..n]))
-                .map_err(err)?;
-        let outputs = self
-            .session
-            .run(ort::inputs![self.input_name.as_str() => tensor])
-            .map_err(err)?;
-        let mut result = Vec::with_capacity(outputs.len());
-        for (name, value) in outputs.iter() {
-            let (shape, data) = value.try_extract_tensor::<f32>().map_err(err)?;
-            result.push(OutputTensor {
-                name: name.to_string(),
-                shape: shape.iter().map(|&d| d.max(0) as usize).collect(),
-                data: data.to_vec(),
-            });
+        if n > input.len() {
+            return Err(BackendError(format!(
+                "a batch of {batch} needs {n} floats, the tensor has {}",
+                input.len()
+            )));
         }
-        Ok(result)
+        let shape = [batch, 3, height as usize, width as usize];
+        if input.is_pinned() {
+            let info = MemoryInfo::new(
+                AllocationDevice::CUDA_PINNED,
+                0,
+                AllocatorType::Device,
+                MemoryType::CPUInput,
+            )
+            .map_err(err)?;
+            // SAFETY: the first `n` floats of `input` are valid pinned memory and outlive the
+            // run (the binding is cleared before `run` returns); ONNX Runtime only reads them.
+            let view = unsafe {
+                TensorRefMut::<f32>::from_raw(
+                    info,
+                    input.as_ptr().cast_mut().cast(),
+                    Shape::new(shape.iter().map(|&d| d as i64)),
+                )
+            }
+            .map_err(err)?;
+            self.run_tensor(batch, &view).map_err(err)
+        } else {
+            let view = TensorRef::from_array_view((shape, &input[..n])).map_err(err)?;
+            self.run_tensor(batch, &view).map_err(err)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dylib() -> PathBuf {
+        std::env::var_os("ORT_DYLIB_PATH")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("vendor/onnxruntime/libonnxruntime.so.1.31.1")
+            })
+    }
+
+    fn model() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shapes-seg/1/weights.onnx")
+    }
+
+    /// The IO-bound path (outputs written into pooled buffers, as on a GPU) gives exactly
+    /// what ONNX Runtime's own output allocation gives, for every output of a two-output
+    /// model, and its buffers come back to the pool once the outputs are dropped.
+    #[test]
+    fn bound_outputs_equal_plain_outputs_and_their_buffers_are_reused() {
+        let env = environment(&dylib()).expect("ONNX Runtime (scripts/setup.sh fetches it)");
+        let prepacked = PrepackedWeights::new();
+        let mut backend =
+            OrtBackend::load(env, &model(), &SessionOptions::cpu(1), &prepacked, None).unwrap();
+        assert_eq!(backend.provider(), Provider::Cpu);
+        assert!(backend.outputs.iter().all(|o| o.item_shape.is_some()));
+        let (h, w) = (640usize, 640usize);
+        let data: Vec<f32> = (0..2 * 3 * h * w)
+            .map(|i| (i % 251) as f32 / 251.0)
+            .collect();
+        // An owned input: ONNX Runtime binds it without a copy, as it does a host input of a
+        // GPU session.
+        let owned = Tensor::from_array(([2, 3, h, w], data.clone().into_boxed_slice())).unwrap();
+        let bound = backend.run_bound(2, &owned).unwrap();
+        let mut buffer = backend.alloc_batch(data.len());
+        assert!(!buffer.is_pinned());
+        buffer.copy_from_slice(&data);
+        let plain = backend.run(&buffer, 2, h as u32, w as u32).unwrap();
+        assert_eq!(bound.len(), 2);
+        for (b, p) in bound.iter().zip(&plain) {
+            assert_eq!(b.name, p.name);
+            assert_eq!(b.shape, p.shape);
+            assert_eq!(&b.data[..], &p.data[..], "output {}", b.name);
+        }
+        let mut first: Vec<*const f32> = bound.iter().map(|o| o.data.as_ptr()).collect();
+        drop(bound);
+        assert_eq!(backend.pool.lock().len(), 2);
+        let again = backend.run_bound(2, &owned).unwrap();
+        let mut reused: Vec<*const f32> = again.iter().map(|o| o.data.as_ptr()).collect();
+        first.sort();
+        reused.sort();
+        assert_eq!(first, reused, "the second run writes into the same buffers");
+        assert!(backend.pool.lock().is_empty());
+    }
+
+    #[test]
+    fn a_gpu_provider_asked_from_the_cpu_build_names_what_is_missing() {
+        let env = environment(&dylib()).unwrap();
+        let opts = SessionOptions {
+            providers: ProviderChoice::parse("cuda").unwrap(),
+            ..SessionOptions::cpu(1)
+        };
+        let err = OrtBackend::load(env, &model(), &opts, &PrepackedWeights::new(), None)
+            .err()
+            .expect("refused");
+        assert!(
+            err.contains("CUDAExecutionProvider is not in the loaded ONNX Runtime library"),
+            "{err}"
+        );
+        // `auto` falls back to the CPU.
+        let opts = SessionOptions {
+            providers: ProviderChoice::Auto,
+            ..SessionOptions::cpu(1)
+        };
+        let b = OrtBackend::load(env, &model(), &opts, &PrepackedWeights::new(), None).unwrap();
+        assert_eq!(b.provider(), Provider::Cpu);
     }
 }

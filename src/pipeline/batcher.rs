@@ -22,7 +22,7 @@ use super::preprocess::preprocess_into;
 use super::{Job, JobResult, PipelineError, Pools};
 use crate::geometry::{Geometry, InputSpec};
 use crate::metrics::METRICS;
-use crate::model::backend::Backend;
+use crate::model::backend::{Backend, BatchBuffer};
 use crate::tasks::{OutputDecoder, TaskParams};
 
 /// Batching limits of one model.
@@ -104,9 +104,12 @@ pub fn effective_max_batch(max_batch: usize, fixed_batch: Option<usize>) -> usiz
 }
 
 /// Starts the batching thread of one model and one inference thread per back end (instance).
+/// `lone`: a wider session the instances share for lone batches (sent while every other
+/// instance is idle and nothing waits), so a single request gets every core.
 pub fn start(
     runtime: Arc<ModelRuntime>,
     backends: Vec<Box<dyn Backend>>,
+    lone: Option<Box<dyn Backend>>,
     cfg: BatcherConfig,
     pools: Arc<Pools>,
 ) -> std::io::Result<BatchQueue> {
@@ -116,23 +119,31 @@ pub fn start(
     let (tx, rx) = bounded::<Job>(cfg.max_queue_size);
     // A batch is only sent when an instance is free, so `instances` places never fill up.
     let (work_tx, work_rx) = bounded::<Batch>(instances);
-    let (done_tx, done_rx) = bounded::<Vec<f32>>(instances + 1);
+    let (done_tx, done_rx) = bounded::<BatchBuffer>(instances + 1);
     let depth = Arc::new(AtomicUsize::new(0));
+    // In the memory the back end reads fastest (pinned for a GPU).
+    let tensors = match backends.first() {
+        Some(b) => (0..=instances)
+            .map(|_| b.alloc_batch(rows * runtime.spec.image_len()))
+            .collect(),
+        None => Vec::new(),
+    };
+    let lone = lone.map(|b| Arc::new(parking_lot::Mutex::new(b)));
     for (index, backend) in backends.into_iter().enumerate() {
         instance::spawn(
             index,
             Arc::clone(&runtime),
             backend,
+            lone.clone(),
             Arc::clone(&pools),
             work_rx.clone(),
             done_tx.clone(),
         )?;
     }
     let batcher = Batcher {
-        tensors: (0..=instances)
-            .map(|_| vec![0f32; rows * runtime.spec.image_len()])
-            .collect(),
+        tensors,
         free_instances: instances,
+        instances,
         runtime: Arc::clone(&runtime),
         cfg: BatcherConfig { max_batch, ..cfg },
         pools,
@@ -154,10 +165,11 @@ struct Batcher {
     pools: Arc<Pools>,
     rx: Receiver<Job>,
     work_tx: Sender<Batch>,
-    done_rx: Receiver<Vec<f32>>,
+    done_rx: Receiver<BatchBuffer>,
     depth: Arc<AtomicUsize>,
     free_instances: usize,
-    tensors: Vec<Vec<f32>>,
+    instances: usize,
+    tensors: Vec<BatchBuffer>,
 }
 
 /// What ended the filling of a batch besides it being full.
@@ -169,7 +181,7 @@ enum Fill {
 
 impl Batcher {
     /// An instance finished a batch and gave its tensor back.
-    fn instance_done(&mut self, tensor: Vec<f32>) {
+    fn instance_done(&mut self, tensor: BatchBuffer) {
         self.free_instances += 1;
         self.tensors.push(tensor);
     }
@@ -218,8 +230,10 @@ impl Batcher {
                 if !self.wait_for_instance() {
                     return;
                 }
+                // Alone: every other instance idle and nobody waiting.
+                let lone = self.free_instances == self.instances && self.rx.is_empty();
                 self.free_instances -= 1;
-                if self.work_tx.send(Batch { tensor, jobs }).is_err() {
+                if self.work_tx.send(Batch { tensor, jobs, lone }).is_err() {
                     return;
                 }
             }
@@ -372,7 +386,7 @@ mod tests {
 
         fn run(
             &mut self,
-            input: &[f32],
+            input: &BatchBuffer,
             batch: usize,
             h: u32,
             w: u32,
@@ -392,7 +406,7 @@ mod tests {
             Ok(vec![OutputTensor {
                 name: "logits".into(),
                 shape: vec![batch, 2],
-                data,
+                data: Vec::<f32>::into(data),
             }])
         }
     }
@@ -439,7 +453,7 @@ mod tests {
             max_queue_size: 64,
         };
         let pools = Arc::new(Pools::new(1, 1, 1).unwrap());
-        let queue = start(runtime, backends, cfg, pools).unwrap();
+        let queue = start(runtime, backends, None, cfg, pools).unwrap();
         let ring = Ring::create(&std::env::temp_dir(), 16, (SIDE * SIDE * 3) as usize).unwrap();
         Harness {
             queue,

@@ -8,32 +8,41 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::batcher::{ModelRuntime, PreparedJob};
 use super::{postprocess, PipelineError, Pools};
 use crate::metrics::METRICS;
-use crate::model::backend::{Backend, BackendError};
+use crate::model::backend::{Backend, BackendError, BatchBuffer};
 
 /// A preprocessed batch on its way to an instance.
 pub struct Batch {
-    pub tensor: Vec<f32>,
+    pub tensor: BatchBuffer,
     pub jobs: Vec<PreparedJob>,
+    /// Sent while every other instance was idle and nothing waited: it may run on the
+    /// model's wide session.
+    pub lone: bool,
 }
+
+/// The wide session of a model, shared by its instances for lone batches.
+pub type LoneBackend = Arc<Mutex<Box<dyn Backend>>>;
 
 /// Starts instance `index` of a model.
 pub(super) fn spawn(
     index: usize,
     runtime: Arc<ModelRuntime>,
     backend: Box<dyn Backend>,
+    lone: Option<LoneBackend>,
     pools: Arc<Pools>,
     work: Receiver<Batch>,
-    done: Sender<Vec<f32>>,
+    done: Sender<BatchBuffer>,
 ) -> std::io::Result<()> {
     let instance = Instance {
         index: index.to_string(),
         runtime,
         backend,
+        lone,
         pools,
         work,
         done,
@@ -49,9 +58,10 @@ struct Instance {
     index: String,
     runtime: Arc<ModelRuntime>,
     backend: Box<dyn Backend>,
+    lone: Option<LoneBackend>,
     pools: Arc<Pools>,
     work: Receiver<Batch>,
-    done: Sender<Vec<f32>>,
+    done: Sender<BatchBuffer>,
 }
 
 /// Answers a job now with `error`, leaving a closed reply in its place.
@@ -63,7 +73,12 @@ fn answer(job: &mut PreparedJob, error: PipelineError) {
 impl Instance {
     fn run(mut self) {
         let spec = self.runtime.spec;
-        while let Ok(Batch { tensor, mut jobs }) = self.work.recv() {
+        while let Ok(Batch {
+            tensor,
+            mut jobs,
+            lone,
+        }) = self.work.recv()
+        {
             let model = self.runtime.id.as_str();
             // Preprocessing failures are answered now; their rows are ignored.
             for job in jobs.iter_mut() {
@@ -90,7 +105,15 @@ impl Instance {
             }
             let result = if jobs.iter().any(|j| j.geometry.is_ok()) {
                 let rows = self.runtime.fixed_batch.unwrap_or(jobs.len());
-                let backend = &mut self.backend;
+                // A lone batch takes the wide session, unless another instance still has it.
+                let mut wide = match (&self.lone, lone) {
+                    (Some(l), true) => l.try_lock(),
+                    _ => None,
+                };
+                let backend: &mut Box<dyn Backend> = match wide.as_deref_mut() {
+                    Some(w) => w,
+                    None => &mut self.backend,
+                };
                 let started = Instant::now();
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     backend.run(&tensor, rows, spec.height, spec.width)

@@ -15,8 +15,8 @@ use clap::Args;
 use serde::Serialize;
 
 use cvserve::config::{available_cores, OrtSettings};
-use cvserve::model::backend::Backend;
-use cvserve::model::ort::{environment, OrtBackend, SessionOptions};
+use cvserve::model::backend::{Backend, BatchBuffer};
+use cvserve::model::ort::{environment, BatchProfile, OrtBackend};
 use cvserve::model::repository;
 
 /// Settings of `cvserve ceiling`.
@@ -76,6 +76,8 @@ pub struct Latency {
 #[derive(Debug, Serialize)]
 pub struct CeilingReport {
     pub model: String,
+    /// The execution provider the sessions ran on.
+    pub provider: &'static str,
     pub configurations: Vec<Measured>,
     pub best: Measured,
     pub images_per_second: f64,
@@ -97,10 +99,14 @@ pub fn run(cfg: CeilingConfig) -> anyhow::Result<CeilingReport> {
     let env = environment(&cfg.ort.dylib_path).map_err(anyhow::Error::msg)?;
     let mut configurations = Vec::new();
     let mut latency = Vec::new();
+    let mut provider = "";
     for &threads in &thread_counts {
-        let opts = SessionOptions {
-            intra_threads: threads,
-            cpu_arena: cfg.ort.cpu_arena,
+        let opts = cfg.ort.session(threads).map_err(anyhow::Error::msg)?;
+        let (rw, rh) = meta.resize_size.unwrap_or((640, 640));
+        let profile = BatchProfile {
+            max_batch: cfg.batches.iter().copied().max().unwrap_or(1),
+            height: rh,
+            width: rw,
         };
         let prepacked = ort::session::builder::PrepackedWeights::new();
         let max_instances = instance_counts
@@ -113,11 +119,11 @@ pub fn run(cfg: CeilingConfig) -> anyhow::Result<CeilingReport> {
             continue;
         }
         let mut sessions: Vec<OrtBackend> = (0..max_instances)
-            .map(|_| OrtBackend::load(env, &meta.weights, opts, &prepacked))
+            .map(|_| OrtBackend::load(env, &meta.weights, &opts, &prepacked, Some(&profile)))
             .collect::<Result<_, _>>()
             .map_err(anyhow::Error::msg)?;
+        provider = sessions[0].provider().ort_name();
         let input = sessions[0].input().clone();
-        let (rw, rh) = meta.resize_size.unwrap_or((640, 640));
         let (h, w) = (input.height.unwrap_or(rh), input.width.unwrap_or(rw));
         let fixed = input.fixed_batch.map(|b| b as usize);
         latency.push(Latency {
@@ -150,6 +156,7 @@ pub fn run(cfg: CeilingConfig) -> anyhow::Result<CeilingReport> {
         .ok_or_else(|| anyhow::anyhow!("no configuration could run"))?;
     let report = CeilingReport {
         model: cfg.model,
+        provider,
         images_per_second: best.images_per_second,
         best,
         configurations,
@@ -160,13 +167,15 @@ pub fn run(cfg: CeilingConfig) -> anyhow::Result<CeilingReport> {
 }
 
 /// Mid-grey input: a realistic, not degenerate, activation pattern.
-fn grey(batch: usize, h: u32, w: u32) -> Vec<f32> {
-    vec![0.5f32; batch * 3 * h as usize * w as usize]
+fn grey(session: &OrtBackend, batch: usize, h: u32, w: u32) -> BatchBuffer {
+    let mut input = session.alloc_batch(batch * 3 * h as usize * w as usize);
+    input.fill(0.5);
+    input
 }
 
 /// Median of 15 batch-1 runs of one session alone (after a warm-up run).
 fn batch1_latency(session: &mut OrtBackend, batch: usize, h: u32, w: u32) -> anyhow::Result<f64> {
-    let input = grey(batch, h, w);
+    let input = grey(session, batch, h, w);
     let mut times = Vec::new();
     for i in 0..16 {
         let started = Instant::now();
@@ -198,7 +207,7 @@ fn measure(
         for session in sessions.iter_mut() {
             let (images, stop, start, failed) = (&images, &stop, &start, Arc::clone(&failed));
             s.spawn(move || {
-                let input = grey(batch, h, w);
+                let input = grey(session, batch, h, w);
                 let warm = session.run(&input, batch, h, w);
                 start.wait();
                 if let Err(e) = warm {
