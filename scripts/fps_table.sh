@@ -11,6 +11,7 @@
 #   PEER_URL=http://127.0.0.1:9001 scripts/fps_table.sh   # also measure another server
 #                                                         # (e.g. Roboflow Inference) the same way
 #   SERVE_ARGS="--instances-per-model 1" scripts/fps_table.sh   # another server configuration
+#   RENDER_ONLY=1 scripts/fps_table.sh        # only re-render the table from bench-results/
 #
 # FPS counts 200 answers only.
 set -euo pipefail
@@ -57,6 +58,7 @@ PY
     --concurrency 1 --duration "$SECONDS_PER_TRIAL" --warmup 5 --json "$OUT/$label-c1.json" >/dev/null
 }
 
+if [ -z "${RENDER_ONLY:-}" ]; then
 # shellcheck disable=SC2086
 "$BIN" serve --host 127.0.0.1 --port "$PORT" --model-cache-dir models ${SERVE_ARGS:-} >/dev/null 2>"$OUT/server.log" &
 SERVER=$!
@@ -86,6 +88,7 @@ for m in $MODELS; do
   echo "searching the in-process ceiling of $m" >&2
   "$BIN" ceiling --model "$m" --seconds "$CEILING_SECONDS" > "$OUT/ceiling-$label.json" 2>/dev/null
 done
+fi
 
 python3 - "$OUT" $MODELS <<'PY'
 import json, os, platform, sys
@@ -94,7 +97,7 @@ cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.start
 info = {m["model_id"]: m for m in json.load(open(f"{out}/server-info.json")).get("models", [])}
 peer = any(os.path.exists(f"{out}/peer-{m.replace('/', '-')}.json") for m in models)
 head = ("| model | served img/s | served as | bare best img/s | best configuration | ratio "
-        "| p50 / p90 ms | 1 client p50 ms | bare batch-1 ms |")
+        "| p50 / p90 ms | 1 client p50 ms | bare batch-1 ms (lone / instance threads) |")
 if peer:
     head += " peer img/s | peer 1 client p50 ms |"
 lines = [f"Machine: {os.cpu_count()} cores, {cpu}. Closed loop, best of trials.", "", head,
@@ -107,14 +110,15 @@ for m in models:
     c = json.load(open(f"{out}/ceiling-{l}.json"))
     served = info.get(m, {})
     threads = served.get("intra_threads", 1)
-    bare1 = next((x["batch1_ms"] for x in c["latency"] if x["intra_threads"] == threads), float("nan"))
+    lone = served.get("lone_request_threads", threads)
+    bare = lambda t: next((x["batch1_ms"] for x in c["latency"] if x["intra_threads"] == t), float("nan"))
     b = c["best"]
     ratio = s["images_per_second"] / c["images_per_second"]
     line = (f"| {m} | {s['images_per_second']:.1f} "
             f"| {served.get('instances', '?')} x {threads} thr, batch <= {served.get('max_batch_size', '?')} "
             f"| {c['images_per_second']:.1f} | {b['instances']} x {b['intra_threads']} thr, batch {b['batch']} "
             f"| {ratio:.2f} | {s['latency_ms']['p50']:.0f} / {s['latency_ms']['p90']:.0f} "
-            f"| {s1['latency_ms']['p50']:.1f} | {bare1:.1f} |")
+            f"| {s1['latency_ms']['p50']:.1f} | {bare(lone):.1f} / {bare(threads):.1f} |")
     if peer:
         p = f"{out}/peer-{l}.json"
         if os.path.exists(p):

@@ -32,6 +32,8 @@ pub struct LoadedModel {
     pub instances: usize,
     /// Intra-op threads of each instance's session.
     pub intra_threads: usize,
+    /// Intra-op threads of the wide session that runs lone requests (1: none).
+    pub lone_threads: usize,
     /// The execution provider its sessions run on (ONNX Runtime's name for it).
     pub provider: String,
 }
@@ -315,6 +317,7 @@ fn load(
         class_names: meta.class_names.clone(),
         fixed_batch,
     });
+    let has_lone = lone.is_some();
     let queue = batcher::start(
         Arc::clone(&runtime),
         backends,
@@ -333,6 +336,7 @@ fn load(
         max_batch,
         instances,
         intra_threads: settings.session.intra_threads,
+        lone_threads: if has_lone { settings.lone_threads } else { 1 },
         provider,
     })
 }

@@ -193,6 +193,7 @@ fn info(state: &AppState) -> HttpResponse {
                 "execution_provider": m.provider,
                 "instances": m.instances,
                 "intra_threads": m.intra_threads,
+                "lone_request_threads": m.lone_threads,
                 "max_batch_size": m.max_batch,
             })
         })
