@@ -81,7 +81,7 @@ fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> 
         budget.preprocess,
         budget.postprocess,
     )?);
-    let ring = Ring::create(
+    let ring = Ring::create_fitting(
         &cfg.ring_dir,
         cfg.ring_slots as usize,
         cfg.ring_slot_pixels.saturating_mul(3),

@@ -450,3 +450,58 @@ fn json_logs_carry_the_request_id() {
         "{lines:?}"
     );
 }
+
+/// A 64 MiB tmpfs (Docker's default `/dev/shm`) for the ring, or `None` where this machine
+/// does not let the test mount one (not root).
+struct SmallShm(std::path::PathBuf);
+
+impl SmallShm {
+    fn mount() -> Option<Self> {
+        let dir = std::env::temp_dir().join(format!("cvserve-shm64-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+            .arg(&dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            Some(SmallShm(dir))
+        } else {
+            let _ = std::fs::remove_dir(&dir);
+            None
+        }
+    }
+}
+
+impl Drop for SmallShm {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn starts_with_defaults_on_a_64_mib_shm_and_restarts_after_sigkill() {
+    let Some(shm) = SmallShm::mount() else {
+        eprintln!("skipped: this machine does not allow mounting a tmpfs (needs root)");
+        return;
+    };
+    let dir = shm.0.to_str().unwrap();
+    let mut s = Server::start(MODEL, &[("RING_DIR", dir)]);
+    assert_eq!(classify(&s).status, 200);
+    assert!(
+        s.logs().contains("the ring was shrunk to fit"),
+        "{}",
+        s.logs()
+    );
+    // Killed without a chance to clean up: its ring file stays and fills most of the tmpfs.
+    s.signal(libc::SIGKILL);
+    let _ = s.child.wait();
+    let leftovers = std::fs::read_dir(&shm.0).unwrap().count();
+    assert_eq!(leftovers, 1, "the killed server's ring file is there");
+    let s = Server::start(MODEL, &[("RING_DIR", dir)]);
+    assert_eq!(classify(&s).status, 200);
+    assert!(s.logs().contains("removed ring files of dead processes"));
+    assert_eq!(std::fs::read_dir(&shm.0).unwrap().count(), 1);
+}

@@ -192,7 +192,14 @@ impl OrtBackend {
                     return Self::new(session, provider);
                 }
                 Err(e) => {
-                    let why = format!("{provider} could not start: {e}{}", hint(provider));
+                    let e = e.to_string();
+                    let driver = if e.contains("libcuda.so") {
+                        " (libcuda.so.1 comes with the NVIDIA driver: this machine has no NVIDIA \
+                         driver, or no GPU)"
+                    } else {
+                        ""
+                    };
+                    let why = format!("{provider} could not start: {e}{driver}{}", hint(provider));
                     if strict || provider == Provider::Cpu {
                         return Err(format!(
                             "ONNX Runtime cannot load {}: {why}",
@@ -382,8 +389,8 @@ fn hint(provider: Provider) -> &'static str {
         }
         Provider::TensorRt => {
             " (the TensorRT provider needs the CUDA provider's libraries and TensorRT 10 for \
-             CUDA 13, libnvinfer.so.10 and libnvonnxparser.so.10, which ./build.sh fetches into \
-             vendor/cuda/lib)"
+             CUDA 13, libnvinfer.so.10 and libnvonnxparser.so.10: ./build.sh fetches them into \
+             vendor/cuda/lib where NVIDIA's package index, pypi.nvidia.com, is reachable)"
         }
         Provider::Cpu => "",
     }

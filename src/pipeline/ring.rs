@@ -36,6 +36,41 @@ impl Ring {
     ///
     /// Fails with a clear message when `dir` has less free space than the ring needs, rather
     /// than dying later with SIGBUS when a page of a full tmpfs is first touched.
+    /// Like [`Ring::create`], but when `dir` is too small for `slots` slots (Docker's default
+    /// `/dev/shm` is 64 MiB) it creates as many as fit, at least [`MIN_FITTED_SLOTS`], and
+    /// says so in the log; below that it fails with what to do. Stale ring files of dead
+    /// processes are removed first.
+    pub fn create_fitting(
+        dir: &Path,
+        slots: usize,
+        slot_bytes: usize,
+    ) -> anyhow::Result<Arc<Self>> {
+        let stale = remove_stale_rings(dir);
+        if stale > 0 {
+            tracing::warn!(dir = %dir.display(), files = stale, "removed ring files of dead processes");
+        }
+        let available = free_space(dir)?;
+        let fitted = fitted_slots(slots, slot_bytes, available).ok_or_else(|| {
+            anyhow::anyhow!(
+                "ring directory {} has {} MiB free: not even {MIN_FITTED_SLOTS} ring slots of {} MiB fit (RING_SLOT_PIXELS x 3). Give it more room (docker run --shm-size=512m, or a Kubernetes emptyDir with medium: Memory on /dev/shm) or lower RING_SLOT_PIXELS",
+                dir.display(),
+                available >> 20,
+                slot_bytes >> 20
+            )
+        })?;
+        if fitted < slots {
+            tracing::warn!(
+                dir = %dir.display(),
+                free_mib = available >> 20,
+                slots = fitted,
+                asked = slots,
+                "the ring was shrunk to fit its directory: fewer images can be in flight (more 429s under load); give it {} MiB for all RING_SLOTS (docker --shm-size)",
+                (slots * slot_bytes) >> 20
+            );
+        }
+        Self::create(dir, fitted, slot_bytes)
+    }
+
     pub fn create(dir: &Path, slots: usize, slot_bytes: usize) -> anyhow::Result<Arc<Self>> {
         anyhow::ensure!(
             slots > 0 && slot_bytes > 0,
@@ -120,6 +155,67 @@ impl Drop for Ring {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Fewest slots a ring shrunk to fit its directory may have.
+pub const MIN_FITTED_SLOTS: usize = 4;
+
+/// How many slots of `slot_bytes` to create when `available` bytes are free and `wanted`
+/// slots were asked for: all of them if they fit; else as many as fit in 90 % of the room
+/// (tmpfs is shared with others), if that is at least [`MIN_FITTED_SLOTS`]; else `None`.
+pub fn fitted_slots(wanted: usize, slot_bytes: usize, available: u64) -> Option<usize> {
+    let needed = wanted as u128 * slot_bytes as u128;
+    if available as u128 >= needed {
+        return Some(wanted);
+    }
+    let fit = (available as u128 * 9 / 10 / slot_bytes.max(1) as u128) as usize;
+    (fit >= MIN_FITTED_SLOTS.min(wanted)).then_some(fit.min(wanted))
+}
+
+/// Free bytes in `dir`'s file system.
+pub fn free_space(dir: &Path) -> anyhow::Result<u64> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(dir.as_os_str().as_bytes())?;
+    // SAFETY: statvfs only writes into the struct we pass.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    anyhow::ensure!(
+        rc == 0,
+        "ring directory {} is not usable: {}",
+        dir.display(),
+        std::io::Error::last_os_error()
+    );
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Removes the ring files of processes that are gone (a SIGKILLed server leaves its file; in
+/// a container's `/dev/shm`, which outlives restarts, it would hold the room the restarted
+/// server needs). Returns how many were removed.
+pub fn remove_stale_rings(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("cvserve-ring-")) else {
+            continue;
+        };
+        let Ok(pid) = rest.split('-').next().unwrap_or("").parse::<i32>() else {
+            continue;
+        };
+        if pid as u32 == std::process::id() {
+            continue;
+        }
+        // SAFETY: signal 0 only asks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 fn check_free_space(dir: &Path, needed: usize) -> anyhow::Result<()> {
@@ -251,5 +347,37 @@ mod tests {
             .err()
             .expect("must fail");
         assert!(err.to_string().contains("free"), "{err}");
+    }
+
+    #[test]
+    fn a_ring_too_large_for_its_directory_is_shrunk_to_fit_or_refused() {
+        let slot = 12 << 20; // the default 4 MP slot
+                             // Docker's default /dev/shm (64 MiB) fits 4 of the 32 default slots.
+        assert_eq!(fitted_slots(32, slot, 64 << 20), Some(4));
+        assert_eq!(fitted_slots(32, slot, 512 << 20), Some(32));
+        assert_eq!(fitted_slots(32, slot, 32 << 20), None);
+        assert_eq!(fitted_slots(2, slot, 20 << 20), None);
+        assert_eq!(fitted_slots(2, 1 << 20, 20 << 20), Some(2));
+    }
+
+    #[test]
+    fn ring_files_of_dead_processes_are_removed_and_live_ones_kept() {
+        let dir = std::env::temp_dir().join(format!("cvserve-stale-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A pid that cannot exist (above the kernel's pid limit), one alive (our parent).
+        let dead = dir.join("cvserve-ring-4194305");
+        let dead_extra = dir.join("cvserve-ring-4194305-2");
+        let alive = dir.join(format!(
+            "cvserve-ring-{}",
+            std::os::unix::process::parent_id()
+        ));
+        let other = dir.join("something-else");
+        for f in [&dead, &dead_extra, &alive, &other] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        assert_eq!(remove_stale_rings(&dir), 2);
+        assert!(!dead.exists() && !dead_extra.exists());
+        assert!(alive.exists() && other.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
