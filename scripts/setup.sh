@@ -36,3 +36,20 @@ if [ "${1:-}" = "--sdk" ] && ! vendor/sdk-venv/bin/python -c "import inference_s
   vendor/sdk-venv/bin/pip install -q "inference-sdk==1.8.3"
   echo "setup: inference_sdk 1.8.3 in vendor/sdk-venv"
 fi
+
+# Tools of the deployment test (tests/deploy.rs): kubectl (for `kubectl kustomize`; Debian's
+# kubernetes-client when none is installed) and kubernetes-validate with the Kubernetes
+# schemas, in vendor/deploy-venv. Only with --sdk (the test command).
+if [ "${1:-}" = "--sdk" ]; then
+  if ! kubectl kustomize --help >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null
+  fi
+  if ! vendor/deploy-venv/bin/kubernetes-validate --version >/dev/null 2>&1; then
+    rm -rf vendor/deploy-venv
+    python3 -m venv vendor/deploy-venv
+    vendor/deploy-venv/bin/pip install -q "kubernetes-validate==1.37.0" "PyYAML>=6"
+    echo "setup: kubernetes-validate in vendor/deploy-venv"
+  fi
+fi

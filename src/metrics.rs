@@ -35,6 +35,8 @@ pub struct Metrics {
     /// Inference instances of each loaded model, by the execution provider they run on.
     pub model_instances: IntGaugeVec,
     pub ring_slots_in_use: IntGauge,
+    /// Inference requests admitted and not yet answered (what an autoscaler should watch).
+    pub inflight_requests: IntGauge,
     pub ring_slots_total: IntGauge,
 }
 
@@ -111,6 +113,11 @@ impl Metrics {
                 "cvserve_model_instances",
                 "Inference instances of a loaded model, by execution provider",
                 &["model", "execution_provider"],
+                r
+            )?,
+            inflight_requests: register_int_gauge_with_registry!(
+                "cvserve_inflight_requests",
+                "Inference requests admitted and not yet answered (at most MAX_INFLIGHT_REQUESTS)",
                 r
             )?,
             ring_slots_in_use: register_int_gauge_with_registry!(

@@ -213,6 +213,10 @@ fn metrics(state: &AppState) -> HttpResponse {
     METRICS
         .ring_slots_in_use
         .set(state.engine.ring().in_use() as i64);
+    let limit = state.cfg.max_inflight_requests as i64;
+    METRICS
+        .inflight_requests
+        .set(limit - state.inflight.available_permits() as i64);
     for m in state.engine.models().list() {
         METRICS
             .queue_depth
