@@ -6,6 +6,19 @@ mod common;
 use common::{assert_matches_golden, b64, boxes, fixture, golden, Server};
 use serde_json::json;
 
+/// The photos with Roboflow's answers for coco/1 in `tests/fixtures/golden/coco-1/`.
+const COCO_PHOTOS: [&str; 9] = [
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "dog",
+    "eagle",
+    "giraffe",
+    "horses",
+    "kite",
+    "person",
+];
+
 #[test]
 fn dog_jpg_finds_the_dog_and_matches_roboflow() {
     let s = Server::start("coco/1", &[]);
@@ -37,17 +50,7 @@ fn dog_jpg_finds_the_dog_and_matches_roboflow() {
 #[test]
 fn coco_matches_roboflow_on_every_photo() {
     let s = Server::start("coco/1", &[]);
-    for name in [
-        "astronaut",
-        "chelsea",
-        "coffee",
-        "dog",
-        "eagle",
-        "giraffe",
-        "horses",
-        "kite",
-        "person",
-    ] {
+    for name in COCO_PHOTOS {
         let g = golden(&format!("coco-1/{name}.json"));
         let r = s.detect("coco/1", &format!("images/{name}.jpg"), json!({}));
         assert_eq!(r.status, 200);
@@ -251,20 +254,9 @@ fn two_instances_under_concurrent_load_match_roboflow() {
             ("MAX_QUEUE_DELAY_MICROSECONDS", "20000"),
         ],
     );
-    let names = [
-        "astronaut",
-        "chelsea",
-        "coffee",
-        "dog",
-        "eagle",
-        "giraffe",
-        "horses",
-        "kite",
-        "person",
-    ];
     std::thread::scope(|scope| {
         for round in 0..3 {
-            for name in names {
+            for name in COCO_PHOTOS {
                 let s = &s;
                 scope.spawn(move || {
                     let g = golden(&format!("coco-1/{name}.json"));

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{after, bounded, never, select, Receiver, Sender, TrySendError};
 use tokio::sync::oneshot;
 
-use super::instance::{self, Batch};
+use super::instance::{Batch, Instance};
 use super::preprocess::preprocess_into;
 use super::{Job, JobResult, PipelineError, Pools};
 use crate::geometry::{Geometry, InputSpec};
@@ -130,15 +130,16 @@ pub fn start(
     };
     let lone = lone.map(|b| Arc::new(parking_lot::Mutex::new(b)));
     for (index, backend) in backends.into_iter().enumerate() {
-        instance::spawn(
+        Instance {
             index,
-            Arc::clone(&runtime),
+            runtime: Arc::clone(&runtime),
             backend,
-            lone.clone(),
-            Arc::clone(&pools),
-            work_rx.clone(),
-            done_tx.clone(),
-        )?;
+            lone: lone.clone(),
+            pools: Arc::clone(&pools),
+            work: work_rx.clone(),
+            done: done_tx.clone(),
+        }
+        .spawn()?;
     }
     let batcher = Batcher {
         tensors,

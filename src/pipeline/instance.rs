@@ -28,40 +28,26 @@ pub struct Batch {
 /// The wide session of a model, shared by its instances for lone batches.
 pub type LoneBackend = Arc<Mutex<Box<dyn Backend>>>;
 
-/// Starts instance `index` of a model.
-pub(super) fn spawn(
-    index: usize,
-    runtime: Arc<ModelRuntime>,
-    backend: Box<dyn Backend>,
-    lone: Option<LoneBackend>,
-    pools: Arc<Pools>,
-    work: Receiver<Batch>,
-    done: Sender<BatchBuffer>,
-) -> std::io::Result<()> {
-    let instance = Instance {
-        index: index.to_string(),
-        runtime,
-        backend,
-        lone,
-        pools,
-        work,
-        done,
-    };
-    std::thread::Builder::new()
-        .name(format!("infer-{}-{index}", instance.runtime.id))
-        .spawn(move || instance.run())?;
-    Ok(())
+/// One inference instance of a model, before its thread starts.
+pub(super) struct Instance {
+    /// The instance's number (the metrics' `instance` label).
+    pub index: usize,
+    pub runtime: Arc<ModelRuntime>,
+    pub backend: Box<dyn Backend>,
+    pub lone: Option<LoneBackend>,
+    pub pools: Arc<Pools>,
+    pub work: Receiver<Batch>,
+    pub done: Sender<BatchBuffer>,
 }
 
-struct Instance {
-    /// The instance's number, as the metrics label it.
-    index: String,
-    runtime: Arc<ModelRuntime>,
-    backend: Box<dyn Backend>,
-    lone: Option<LoneBackend>,
-    pools: Arc<Pools>,
-    work: Receiver<Batch>,
-    done: Sender<BatchBuffer>,
+impl Instance {
+    /// Starts the instance's thread.
+    pub(super) fn spawn(self) -> std::io::Result<()> {
+        std::thread::Builder::new()
+            .name(format!("infer-{}-{}", self.runtime.id, self.index))
+            .spawn(move || self.run())?;
+        Ok(())
+    }
 }
 
 /// Answers a job now with `error`, leaving a closed reply in its place.
@@ -73,6 +59,7 @@ fn answer(job: &mut PreparedJob, error: PipelineError) {
 impl Instance {
     fn run(mut self) {
         let spec = self.runtime.spec;
+        let label = self.index.to_string();
         while let Ok(Batch {
             tensor,
             mut jobs,
@@ -129,7 +116,7 @@ impl Instance {
                     .observe(rows as f64);
                 METRICS
                     .instance_batches_total
-                    .with_label_values(&[model, &self.index])
+                    .with_label_values(&[model, &label])
                     .inc();
                 Some(r)
             } else {

@@ -219,19 +219,7 @@ pub fn remove_stale_rings(dir: &Path) -> usize {
 }
 
 fn check_free_space(dir: &Path, needed: usize) -> anyhow::Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let c = CString::new(dir.as_os_str().as_bytes())?;
-    // SAFETY: statvfs only writes into the struct we pass.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    anyhow::ensure!(
-        rc == 0,
-        "ring directory {} is not usable: {}",
-        dir.display(),
-        std::io::Error::last_os_error()
-    );
-    let available = st.f_bavail as u128 * st.f_frsize as u128;
+    let available = free_space(dir)? as u128;
     anyhow::ensure!(
         available >= needed as u128,
         "ring directory {} has {} MiB free but the ring needs {} MiB \
