@@ -70,6 +70,11 @@ pub struct ServeConfig {
     #[arg(long, env = "MAX_INFLIGHT_REQUESTS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_inflight_requests: u32,
 
+    /// Seconds a connection may take to send a request's headers, and may stay idle between
+    /// requests (keep-alive); then it is closed. Bounds what idle or slow connections hold.
+    #[arg(long, env = "HEADER_READ_TIMEOUT_S", default_value_t = 10.0)]
+    pub header_read_timeout_s: f64,
+
     /// Open connections served at once; beyond it new connections wait in the kernel's accept
     /// backlog. With MAX_BODY_BYTES it bounds the memory request bodies can take.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]

@@ -209,3 +209,68 @@ fn a_task_mismatch_is_a_clear_400() {
     );
     assert_error(&r, 400, "/infer/object_detection");
 }
+
+/// A list of more images than the server can ever hold at once is a 413 naming the limit,
+/// without `Retry-After`: a 429 would have a polite client retry forever. At the limit the
+/// list is served.
+#[test]
+fn more_images_than_the_server_can_ever_take_is_413_not_429() {
+    let s = Server::start(
+        "shapes-det/1",
+        &[("RING_SLOTS", "4"), ("MAX_QUEUE_SIZE", "8")],
+    );
+    let one = b64(&fixture("samples/shapes/000001.jpg"));
+    let list = |n: usize| serde_json::Value::Array(vec![one.clone(); n]);
+    let r = det(&s, list(5), json!({}));
+    assert_error(&r, 413, "at most 4 per request (RING_SLOTS)");
+    assert_eq!(r.header("retry-after"), None);
+    let r = det(&s, list(4), json!({}));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body.as_array().map(Vec::len), Some(4));
+    // The queue's limit is checked the same way.
+    let s = Server::start(
+        "shapes-det/1",
+        &[("RING_SLOTS", "16"), ("MAX_QUEUE_SIZE", "2")],
+    );
+    assert_error(
+        &det(&s, list(3), json!({})),
+        413,
+        "at most 2 per request (MAX_QUEUE_SIZE)",
+    );
+}
+
+/// A connection that sends nothing, or stays idle after its request, is closed after
+/// HEADER_READ_TIMEOUT_S, so idle connections cannot pile up.
+#[test]
+fn idle_and_silent_connections_are_closed_after_the_header_timeout() {
+    use std::io::{Read, Write};
+    let s = Server::start("none", &[("HEADER_READ_TIMEOUT_S", "0.5")]);
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let closed_within = |mut c: std::net::TcpStream| {
+        c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        // Whatever is left of an answer, then 0 bytes: the server closed it (a read timeout
+        // would be an error instead).
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(_) => return false,
+            }
+        }
+    };
+    let silent = std::net::TcpStream::connect(&addr).unwrap();
+    assert!(closed_within(silent), "a silent connection stays open");
+    let mut idle = std::net::TcpStream::connect(&addr).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut head = [0u8; 12];
+    idle.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    assert!(
+        closed_within(idle),
+        "an idle keep-alive connection stays open"
+    );
+    assert_eq!(s.get("/healthz").status, 200);
+}

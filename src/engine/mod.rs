@@ -38,6 +38,13 @@ pub enum EngineError {
     Decode(#[from] DecodeError),
     #[error("Server overloaded: every image slot is in use (RING_SLOTS); retry shortly")]
     RingFull,
+    /// More images than the server can ever hold at once: retrying cannot help.
+    #[error("The request has {count} images; this server takes at most {limit} per request ({setting}): send them in several requests")]
+    TooManyImages {
+        count: usize,
+        limit: usize,
+        setting: &'static str,
+    },
     #[error("{0}")]
     Submit(SubmitError),
     #[error(transparent)]
@@ -158,6 +165,20 @@ impl Engine {
         deadline: Instant,
     ) -> Result<Vec<ImageOutput>, EngineError> {
         let model_id = model.meta.id.as_str();
+        // A request that could never fit is refused as such, not with a 429 that a client
+        // obeying Retry-After would retry forever.
+        for (limit, setting) in [
+            (self.ring.slots(), "RING_SLOTS"),
+            (model.queue.capacity(), "MAX_QUEUE_SIZE"),
+        ] {
+            if images.len() > limit {
+                return Err(EngineError::TooManyImages {
+                    count: images.len(),
+                    limit,
+                    setting,
+                });
+            }
+        }
         let spec = model.runtime.spec;
         let opts = DecodeOptions {
             auto_orient: model.meta.auto_orient

@@ -111,6 +111,9 @@ impl From<EngineError> for ApiError {
             EngineError::WrongTask { .. } => ApiError::bad_request(e.to_string()),
             EngineError::Decode(e) => e.into(),
             EngineError::RingFull => ApiError::overloaded(e.to_string()),
+            EngineError::TooManyImages { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+            }
             EngineError::Submit(e) => e.into(),
             EngineError::Pipeline(e) => e.into(),
             EngineError::Internal(_) => ApiError::internal(e.to_string()),

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::config::ServeConfig;
@@ -56,6 +56,7 @@ pub async fn serve(
     max_connections: usize,
 ) {
     let connections = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let header_timeout = Duration::from_secs_f64(state.cfg.header_read_timeout_s.max(0.001));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -89,6 +90,8 @@ pub async fn serve(
                 let conn = http1::Builder::new()
                     .keep_alive(true)
                     .max_buf_size(64 * 1024)
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
                     .serve_connection(TokioIo::new(stream), service);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {

@@ -79,6 +79,11 @@ impl BatchQueue {
         }
     }
 
+    /// Most jobs the queue holds.
+    pub fn capacity(&self) -> usize {
+        self.tx.capacity().unwrap_or(usize::MAX)
+    }
+
     /// Jobs waiting in the queue.
     pub fn depth(&self) -> usize {
         self.depth.load(Ordering::Relaxed)
