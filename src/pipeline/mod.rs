@@ -1,7 +1,8 @@
-//! The staged pipeline a request walks after the HTTP front end:
+//! The staged pipeline a request walks after the engine hands it in:
 //! decode (into a ring slot) → batcher (per model; preprocess into the batch tensor) →
-//! inference thread (per model) → postprocess pool → the waiting handler.
-//! Between stages travel slot handles, tensors and replies, never copies of pixels.
+//! inference instances (per model, one thread and session each) → postprocess pool → the
+//! waiting handler. Between stages travel slot handles, tensors and replies, never copies of
+//! pixels. Knows tensors and jobs; not HTTP, not model files.
 
 pub mod batcher;
 pub mod decode;
