@@ -424,9 +424,35 @@ mod tests {
         gate: Sender<()>,
     }
 
+    /// The index the fake reports for the model's wide (lone-request) session.
+    const LONE: usize = 99;
+
     fn harness(instances: usize, gated: bool, max_batch: usize, delay: Duration) -> Harness {
+        harness_with_lone(instances, gated, max_batch, delay, false)
+    }
+
+    fn harness_with_lone(
+        instances: usize,
+        gated: bool,
+        max_batch: usize,
+        delay: Duration,
+        with_lone: bool,
+    ) -> Harness {
         let (runs_tx, runs) = unbounded();
         let (gate, gate_rx) = unbounded();
+        let fake = |index: usize| {
+            Box::new(FakeBackend {
+                index,
+                input: NetworkInput {
+                    height: Some(SIDE),
+                    width: Some(SIDE),
+                    fixed_batch: None,
+                },
+                runs: runs_tx.clone(),
+                gate: gated.then(|| gate_rx.clone()),
+            }) as Box<dyn Backend>
+        };
+        let lone = with_lone.then(|| fake(LONE));
         let backends = (0..instances)
             .map(|index| {
                 Box::new(FakeBackend {
@@ -459,7 +485,7 @@ mod tests {
             max_queue_size: 64,
         };
         let pools = Arc::new(Pools::new(1, 1, 1).unwrap());
-        let queue = start(runtime, backends, None, cfg, pools).unwrap();
+        let queue = start(runtime, backends, lone, cfg, pools).unwrap();
         let ring = Ring::create(&std::env::temp_dir(), 16, (SIDE * SIDE * 3) as usize).unwrap();
         Harness {
             queue,
@@ -586,4 +612,22 @@ mod tests {
         let _more: Vec<_> = (0..2).map(|_| h.submit(true)).collect();
         assert_eq!(h.next_run(LONG), Some((0, 3)));
     }
+
+    #[test]
+    fn a_lone_request_runs_on_the_wide_session_and_a_concurrent_one_on_an_instance() {
+        let h = harness_with_lone(2, true, 1, Duration::from_millis(1), true);
+        let first = h.submit(true);
+        // Every instance idle and nothing waiting: the wide session takes it.
+        assert_eq!(h.next_run(LONE_WAIT), Some((LONE, 1)));
+        // While it runs, another request goes to an ordinary instance.
+        let second = h.submit(false);
+        let (index, batch) = h.next_run(LONE_WAIT).expect("a second run");
+        assert!(index < 2 && batch == 1, "ran on {index}");
+        h.gate.send(()).unwrap();
+        h.gate.send(()).unwrap();
+        assert_eq!(top(first), "a");
+        assert_eq!(top(second), "b");
+    }
+
+    const LONE_WAIT: Duration = Duration::from_secs(10);
 }
