@@ -44,6 +44,7 @@ fn bench_decode(c: &mut Criterion) {
         auto_orient: true,
         max_image_pixels: 100_000_000,
         needed: None,
+        deadline: None,
     };
     let mut g = c.benchmark_group("decode_jpeg");
     for (name, w, h) in SIZES {

@@ -91,6 +91,11 @@ pub struct ServeConfig {
     #[arg(long, env = "RING_SLOT_PIXELS", default_value_t = 2048 * 2048)]
     pub ring_slot_pixels: usize,
 
+    /// Share of the ring slots one model's requests may hold while other models are loaded
+    /// (0.5: half). A model whose backlog reaches it gets 429 while the others are served.
+    #[arg(long, env = "RING_MODEL_SHARE", default_value_t = 0.5)]
+    pub ring_model_share: f64,
+
     /// Directory of the ring's backing file (tmpfs). In containers give /dev/shm enough room:
     /// RING_SLOTS x RING_SLOT_PIXELS x 3 bytes.
     #[arg(long, env = "RING_DIR", default_value = "/dev/shm")]
@@ -99,6 +104,23 @@ pub struct ServeConfig {
     /// Largest accepted request body in bytes; beyond it the answer is 413.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
+
+    /// Bytes of request bodies the server holds at once, over every connection (bodies
+    /// being received and bodies being parsed). Counted as bytes arrive, so a stalled body
+    /// holds only what it sent; past it a request gets 429 with Retry-After.
+    #[arg(long, env = "MAX_BODY_MEMORY_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_body_memory_bytes: usize,
+
+    /// Largest body of the admin routes (`/model/add`, `/model/remove`): they carry a model
+    /// id, never an image.
+    #[arg(long, env = "ADMIN_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub admin_max_body_bytes: usize,
+
+    /// Work budget of one segmentation image: masks x pixels of the mask's output (the
+    /// original image for RLE, the mask grid for polygons). A request past it is refused
+    /// with 422 before any mask is computed.
+    #[arg(long, env = "MAX_MASK_WORK_PIXELS", default_value_t = 2_000_000_000)]
+    pub max_mask_work_pixels: u64,
 
     /// Largest image (width x height, from its header) accepted for decoding; beyond it 400.
     #[arg(long, env = "MAX_IMAGE_PIXELS", default_value_t = 100_000_000)]
@@ -119,6 +141,16 @@ pub struct ServeConfig {
     /// that fetches arbitrary URLs is a server-side request forgery risk.
     #[arg(long, env = "ALLOW_URL_INPUT", default_value_t = false, action = clap::ArgAction::Set)]
     pub allow_url_input: bool,
+
+    /// Refuse URL images on loopback, private, link-local (cloud metadata), multicast and
+    /// other special addresses, checked on the resolved address and on every redirect.
+    #[arg(long, env = "URL_DENY_PRIVATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub url_deny_private: bool,
+
+    /// Comma-separated host names or IP addresses that URL images may come from even when
+    /// special (e.g. an image store on the private network).
+    #[arg(long, env = "URL_ALLOW_HOSTS", default_value = "")]
+    pub url_allow_hosts: String,
 
     /// Largest image fetched from a URL, in bytes.
     #[arg(long, env = "URL_MAX_BYTES", default_value_t = 20 * 1024 * 1024)]
@@ -191,6 +223,10 @@ pub struct ServeConfig {
     pub inject_delay_ms: u64,
 
     /// Fault injection for tests: the N-th batch run of each model (1-based) fails.
+    /// Test setting: the model the injected faults apply to (default: every model).
+    #[arg(long, env = "CVSERVE_INJECT_MODEL", hide = true)]
+    pub inject_model: Option<String>,
+
     #[arg(long, env = "CVSERVE_INJECT_FAIL_BATCH", hide = true)]
     pub inject_fail_batch: Option<u64>,
 

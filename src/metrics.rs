@@ -6,9 +6,9 @@ use std::sync::LazyLock;
 
 use prometheus::{
     exponential_buckets, register_histogram_vec_with_registry,
-    register_int_counter_vec_with_registry, register_int_gauge_vec_with_registry,
-    register_int_gauge_with_registry, Encoder, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    Registry, TextEncoder,
+    register_int_counter_vec_with_registry, register_int_counter_with_registry,
+    register_int_gauge_vec_with_registry, register_int_gauge_with_registry, Encoder, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
 };
 
 /// Every metric of the process.
@@ -38,6 +38,10 @@ pub struct Metrics {
     /// Inference requests admitted and not yet answered (what an autoscaler should watch).
     pub inflight_requests: IntGauge,
     pub ring_slots_total: IntGauge,
+    /// Connections closed at once because MAX_CONNECTIONS and the health reserve were full.
+    pub connections_shed: IntCounter,
+    /// Bytes of request bodies held (at most MAX_BODY_MEMORY_BYTES).
+    pub body_bytes_held: IntGauge,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -128,6 +132,16 @@ impl Metrics {
             ring_slots_total: register_int_gauge_with_registry!(
                 "cvserve_ring_slots",
                 "Ring slots",
+                r
+            )?,
+            connections_shed: register_int_counter_with_registry!(
+                "cvserve_connections_shed_total",
+                "Connections closed on accept: MAX_CONNECTIONS and the health reserve were full",
+                r
+            )?,
+            body_bytes_held: register_int_gauge_with_registry!(
+                "cvserve_request_body_bytes",
+                "Bytes of request bodies held (at most MAX_BODY_MEMORY_BYTES)",
                 r
             )?,
             registry: r,

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use crate::config::ServeConfig;
 use crate::engine::models::{LoadSettings, ModelManager};
 use crate::engine::{DecodeSettings, Engine};
+use crate::http::images::UrlPolicy;
 use crate::http::{self, AppState};
 use crate::metrics::METRICS;
 use crate::model::backend::FaultInjection;
@@ -106,6 +107,7 @@ fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> 
                 fail_batch: cfg.inject_fail_batch,
                 panic_batch: cfg.inject_panic_batch,
             },
+            fault_model: cfg.inject_model.clone(),
         },
         Arc::clone(&pools),
     ));
@@ -117,19 +119,20 @@ fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> 
             max_image_pixels: cfg.max_image_pixels,
             reduced_scale: cfg.decode_reduced_scale,
             disable_auto_orient: cfg.disable_preproc_auto_orient,
+            ring_model_share: cfg.ring_model_share,
         },
     );
     let http_client = if cfg.allow_url_input {
         Some(
-            reqwest::Client::builder()
-                .timeout(Duration::from_millis(cfg.url_timeout_ms))
-                .redirect(reqwest::redirect::Policy::limited(3))
-                .build()?,
+            UrlPolicy::new(cfg.url_deny_private, &cfg.url_allow_hosts)
+                .client(Duration::from_millis(cfg.url_timeout_ms))?,
         )
     } else {
         None
     };
+    let url_policy = UrlPolicy::new(cfg.url_deny_private, &cfg.url_allow_hosts);
     Ok(Arc::new(AppState {
+        url_policy,
         engine,
         http_client,
         uuid: uuid::Uuid::new_v4().simple().to_string()[..6].to_string(),
@@ -138,6 +141,15 @@ fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> 
         inflight: Arc::new(tokio::sync::Semaphore::new(
             cfg.max_inflight_requests as usize,
         )),
+        drain_started: Default::default(),
+        body_memory: Arc::new(tokio::sync::Semaphore::new(
+            // At least one body of the largest size, or such a request could never pass.
+            cfg.max_body_memory_bytes
+                .max(cfg.max_body_bytes)
+                .div_ceil(1024)
+                .max(1),
+        )),
+        in_flight: Default::default(),
         cfg,
     }))
 }

@@ -38,6 +38,8 @@ pub enum EngineError {
     Decode(#[from] DecodeError),
     #[error("Server overloaded: every image slot is in use (RING_SLOTS); retry shortly")]
     RingFull,
+    #[error("Server overloaded: model '{model}' holds its share of the image slots ({limit}, RING_MODEL_SHARE); retry shortly")]
+    RingShareFull { model: String, limit: usize },
     /// More images than the server can ever hold at once: retrying cannot help.
     #[error("The request has {count} images; this server takes at most {limit} per request ({setting}): send them in several requests")]
     TooManyImages {
@@ -69,6 +71,8 @@ pub struct DecodeSettings {
     pub reduced_scale: bool,
     /// Ignore EXIF orientation for every request (DISABLE_PREPROC_AUTO_ORIENT).
     pub disable_auto_orient: bool,
+    /// Share of the ring one model may hold while others are loaded (RING_MODEL_SHARE).
+    pub ring_model_share: f64,
 }
 
 /// One image's answer.
@@ -165,10 +169,12 @@ impl Engine {
         deadline: Instant,
     ) -> Result<Vec<ImageOutput>, EngineError> {
         let model_id = model.meta.id.as_str();
+        let share = self.ring_share();
         // A request that could never fit is refused as such, not with a 429 that a client
         // obeying Retry-After would retry forever.
         for (limit, setting) in [
             (self.ring.slots(), "RING_SLOTS"),
+            (share, "RING_MODEL_SHARE of RING_SLOTS"),
             (model.queue.capacity(), "MAX_QUEUE_SIZE"),
         ] {
             if images.len() > limit {
@@ -190,16 +196,23 @@ impl Engine {
                 height: spec.height,
                 keep_aspect: matches!(spec.resize, ResizeMode::Letterbox { .. }),
             }),
+            deadline: Some(deadline),
         };
         let decode_started = Instant::now();
         let count = images.len();
-        let decoded = try_join_all(images.into_iter().map(|img| self.decode(img, opts)))
-            .await
-            .inspect_err(|e| {
-                if matches!(e, EngineError::RingFull) {
-                    METRICS.outcome(model_id, "rejected", "ring");
-                }
-            })?;
+        let decoded = try_join_all(
+            images
+                .into_iter()
+                .map(|img| self.decode(model, share, img, opts)),
+        )
+        .await
+        .inspect_err(|e| {
+            if matches!(e, EngineError::RingFull | EngineError::RingShareFull { .. }) {
+                METRICS.outcome(model_id, "rejected", "ring");
+            } else if matches!(e, EngineError::Decode(DecodeError::DeadlineExceeded)) {
+                METRICS.outcome(model_id, "timed_out", "decode");
+            }
+        })?;
         METRICS
             .decode_seconds
             .with_label_values(&[model_id])
@@ -229,7 +242,8 @@ impl Engine {
                     .map_err(|_| EngineError::Internal("the pipeline dropped the request"))??,
                 // Nobody waits any more: the pipeline drops the job (or discards its late result).
                 Err(_) => {
-                    return Err(PipelineError::DeadlineExceeded("still in the pipeline").into())
+                    METRICS.outcome(model_id, "timed_out", "waiting");
+                    return Err(PipelineError::DeadlineExceeded("still in the pipeline").into());
                 }
             };
             outputs.push(ImageOutput {
@@ -241,14 +255,35 @@ impl Engine {
         Ok(outputs)
     }
 
-    /// Takes a ring slot (none free: an overload error at once) and decodes the image into it
-    /// on the decode pool.
+    /// Slots one model may hold: all of them while it is the only model loaded, else its
+    /// RING_MODEL_SHARE (at least one).
+    fn ring_share(&self) -> usize {
+        let slots = self.ring.slots();
+        if self.models.list().len() <= 1 {
+            return slots;
+        }
+        ((slots as f64 * self.decode.ring_model_share).ceil() as usize).clamp(1, slots)
+    }
+
+    /// Takes a ring slot charged to `model` (none free, or the model at its share: an
+    /// overload error at once) and decodes the image into it on the decode pool.
     async fn decode(
         &self,
+        model: &LoadedModel,
+        share: usize,
         image: ImageInput,
         opts: DecodeOptions,
     ) -> Result<crate::pipeline::decode::DecodedImage, EngineError> {
-        let slot = self.ring.try_acquire().ok_or(EngineError::RingFull)?;
+        let slot = match self.ring.try_acquire_shared(&model.ring_held, share) {
+            Some(slot) => slot,
+            None if self.ring.in_use() >= self.ring.slots() => return Err(EngineError::RingFull),
+            None => {
+                return Err(EngineError::RingShareFull {
+                    model: model.meta.id.clone(),
+                    limit: share,
+                })
+            }
+        };
         let (tx, rx) = oneshot::channel();
         self.pools.decode.spawn(move || {
             let result = match image {

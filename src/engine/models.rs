@@ -36,6 +36,8 @@ pub struct LoadedModel {
     pub lone_threads: usize,
     /// The execution provider its sessions run on (ONNX Runtime's name for it).
     pub provider: String,
+    /// Ring slots its requests hold (decoded, waiting for preprocessing).
+    pub ring_held: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Why a model could not be served.
@@ -60,6 +62,8 @@ pub struct LoadSettings {
     pub session: SessionOptions,
     pub batcher: BatcherConfig,
     pub faults: FaultInjection,
+    /// The one model the faults apply to (`None`: every model).
+    pub fault_model: Option<String>,
 }
 
 /// The loaded models, by id.
@@ -124,7 +128,17 @@ impl ModelManager {
         if let Some(m) = self.get(id) {
             return Ok(m);
         }
-        let meta = repository::read(&self.settings.repository, id)?;
+        let meta = match repository::read(&self.settings.repository, id) {
+            Ok(meta) => meta,
+            Err(e) => {
+                // Broken metadata is a failed load too (`/healthz` lists it); a model that
+                // is simply absent is not.
+                if matches!(e, RepositoryError::Broken { .. }) {
+                    self.failed.write().insert(id.to_string(), e.to_string());
+                }
+                return Err(e.into());
+            }
+        };
         let started = std::time::Instant::now();
         let model = match load(meta, &self.settings, &self.pools) {
             Ok(m) => Arc::new(m),
@@ -265,7 +279,6 @@ fn load(
     // serves (and before /readiness): on a GPU every size from 1 to max_batch, so no cuDNN
     // algorithm search or TensorRT engine build ever happens on a live request; on the CPU
     // the smallest and the largest. The first run also tells the output layout.
-    let mut decoder = None;
     let on_gpu = provider != "CPUExecutionProvider";
     let warm_sizes: Vec<usize> = match fixed_batch {
         Some(b) => vec![b],
@@ -273,27 +286,38 @@ fn load(
         None if max_batch > 1 => vec![1, max_batch],
         None => vec![1],
     };
+    // Probe runs tell the output layout and, for classification, whether the graph ends in
+    // its own Softmax/Sigmoid: a black image and a ramp, decided once here, never per image.
+    let probe_rows = fixed_batch.unwrap_or(1);
+    let mut probes = Vec::new();
+    if let Some(backend) = backends.first_mut() {
+        for pattern in [0.0f32, 1.0] {
+            let mut input = backend.alloc_batch(probe_rows * spec.image_len());
+            for (i, v) in input.iter_mut().enumerate() {
+                *v = pattern * ((i % 251) as f32 / 125.0 - 1.0);
+            }
+            probes.push(
+                backend
+                    .run(&input, probe_rows, spec.height, spec.width)
+                    .map_err(|e| failed(format!("probe inference failed: {e}")))?,
+            );
+        }
+    }
+    let decoder = OutputDecoder::infer(meta.task, &probes, meta.class_names.len(), meta.multiclass)
+        .map_err(failed)?;
+    drop(probes);
+    if let OutputDecoder::Classification { activation, .. } = &decoder {
+        tracing::info!(model = %meta.id, ?activation, "classification outputs: activation decided at load");
+    }
     let warm_started = std::time::Instant::now();
     for backend in backends.iter_mut().chain(lone.iter_mut()) {
         for &rows in &warm_sizes {
             let zeros = backend.alloc_batch(rows * spec.image_len());
-            let outputs = backend
+            backend
                 .run(&zeros, rows, spec.height, spec.width)
                 .map_err(|e| failed(format!("warm-up inference failed: {e}")))?;
-            if decoder.is_none() {
-                decoder = Some(
-                    OutputDecoder::infer(
-                        meta.task,
-                        &outputs,
-                        meta.class_names.len(),
-                        meta.multiclass,
-                    )
-                    .map_err(failed)?,
-                );
-            }
         }
     }
-    let decoder = decoder.ok_or_else(|| failed("no warm-up run".into()))?;
     tracing::info!(
         model = %meta.id,
         %provider,
@@ -302,7 +326,7 @@ fn load(
         batch_sizes = ?warm_sizes,
         "sessions created and warmed up (TensorRT engines are built or loaded from the cache here)"
     );
-    if settings.faults.is_active() {
+    if settings.faults.is_active() && settings.fault_model.as_ref().is_none_or(|m| *m == meta.id) {
         let runs = Arc::default();
         let faulty = |b: Box<dyn Backend>| {
             Box::new(FaultyBackend::new(b, settings.faults, Arc::clone(&runs))) as Box<dyn Backend>
@@ -338,5 +362,6 @@ fn load(
         intra_threads: settings.session.intra_threads,
         lone_threads: if has_lone { settings.lone_threads } else { 1 },
         provider,
+        ring_held: Arc::default(),
     })
 }

@@ -13,6 +13,9 @@ use crate::pipeline::batcher::SubmitError;
 use crate::pipeline::decode::DecodeError;
 use crate::pipeline::PipelineError;
 
+/// Longest error message sent back.
+const MAX_MESSAGE_BYTES: usize = 512;
+
 /// An error answer: status, message, and for overload how long to wait.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
@@ -65,7 +68,16 @@ impl ApiError {
     }
 
     /// The HTTP response.
-    pub fn into_response(self) -> Response<Full<Bytes>> {
+    pub fn into_response(mut self) -> Response<Full<Bytes>> {
+        // Messages quote what the client sent (a model id, a field): never echo megabytes.
+        if self.message.len() > MAX_MESSAGE_BYTES {
+            let mut end = MAX_MESSAGE_BYTES;
+            while !self.message.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.message.truncate(end);
+            self.message.push_str("… (truncated)");
+        }
         let body = serde_json::json!({ "message": self.message }).to_string();
         let mut resp = Response::new(Full::new(Bytes::from(body)));
         *resp.status_mut() = self.status;
@@ -80,7 +92,12 @@ impl ApiError {
 
 impl From<DecodeError> for ApiError {
     fn from(e: DecodeError) -> Self {
-        ApiError::bad_request(e.to_string())
+        match e {
+            DecodeError::DeadlineExceeded => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string())
+            }
+            _ => ApiError::bad_request(e.to_string()),
+        }
     }
 }
 
@@ -90,6 +107,7 @@ impl From<PipelineError> for ApiError {
             PipelineError::DeadlineExceeded(_) => {
                 ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string())
             }
+            PipelineError::OverBudget(_) => ApiError::invalid(e.to_string()),
             _ => ApiError::internal(e.to_string()),
         }
     }
@@ -110,7 +128,9 @@ impl From<EngineError> for ApiError {
             EngineError::Load(e) => e.into(),
             EngineError::WrongTask { .. } => ApiError::bad_request(e.to_string()),
             EngineError::Decode(e) => e.into(),
-            EngineError::RingFull => ApiError::overloaded(e.to_string()),
+            EngineError::RingFull | EngineError::RingShareFull { .. } => {
+                ApiError::overloaded(e.to_string())
+            }
             EngineError::TooManyImages { .. } => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
             }
@@ -147,6 +167,19 @@ mod tests {
         assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(resp.headers()[RETRY_AFTER], "1");
         assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
+    }
+
+    #[test]
+    fn messages_quoting_huge_input_are_truncated() {
+        let e = ApiError::bad_request(format!("Invalid model id '{}'", "é".repeat(100_000)));
+        let resp = e.into_response();
+        let body = resp.into_body();
+        let bytes = futures_executor::block_on(http_body_util::BodyExt::collect(body))
+            .unwrap()
+            .to_bytes();
+        assert!(bytes.len() < 700, "{} bytes", bytes.len());
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert!(v["message"].as_str().unwrap().ends_with("(truncated)"));
     }
 
     #[test]

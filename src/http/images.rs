@@ -1,5 +1,14 @@
 //! Images given by URL (`type: url`, legacy `?image=`): fetched by the front end, when
 //! ALLOW_URL_INPUT permits, with size and time limits, and handed to the engine as bytes.
+//! Destinations are checked against server-side request forgery: loopback, private,
+//! link-local (cloud metadata), multicast and other special addresses are refused unless
+//! allow-listed (URL_ALLOW_HOSTS) or URL_DENY_PRIVATE=false, on the URL's host, on every
+//! address it resolves to (the resolver only hands allowed addresses to the connector), and
+//! again on every redirect.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -23,12 +32,15 @@ pub async fn fetch_url(state: &AppState, url: &str) -> Result<Bytes, ApiError> {
             parsed.scheme()
         )));
     }
+    if let Err(why) = state.url_policy.check_url(&parsed) {
+        return Err(cause(why));
+    }
     let max = state.cfg.url_max_bytes;
     let mut resp = client
         .get(parsed)
         .send()
         .await
-        .map_err(|e| cause(format!("fetching {url} failed: {e}")))?;
+        .map_err(|e| cause(format!("fetching {url} failed: {}", with_sources(&e))))?;
     if !resp.status().is_success() {
         return Err(cause(format!(
             "fetching {url} returned HTTP {}",
@@ -54,4 +66,210 @@ pub async fn fetch_url(state: &AppState, url: &str) -> Result<Bytes, ApiError> {
         body.extend_from_slice(&chunk);
     }
     Ok(Bytes::from(body))
+}
+
+/// An error and its causes, outermost first (reqwest's own message hides why).
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    msg
+}
+
+/// Which URL destinations may be fetched.
+#[derive(Debug, Clone)]
+pub struct UrlPolicy {
+    /// Refuse special-purpose addresses (URL_DENY_PRIVATE).
+    pub deny_private: bool,
+    /// Host names and IP addresses allowed even when special (URL_ALLOW_HOSTS).
+    pub allow: Vec<String>,
+}
+
+impl UrlPolicy {
+    pub fn new(deny_private: bool, allow_hosts: &str) -> Self {
+        Self {
+            deny_private,
+            allow: allow_hosts
+                .split(',')
+                .map(|h| h.trim().trim_matches(['[', ']']).to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
+        }
+    }
+
+    fn allowed_host(&self, host: &str) -> bool {
+        let host = host.trim_matches(['[', ']']).to_ascii_lowercase();
+        self.allow.contains(&host)
+    }
+
+    /// Whether `ip` may be connected to for a URL whose host is `host`.
+    pub fn check_ip(&self, host: &str, ip: IpAddr) -> Result<(), String> {
+        if !self.deny_private
+            || self.allowed_host(host)
+            || self.allowed_host(&ip.to_string())
+            || is_public(ip)
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "'{host}' is (or resolves to) {ip}, a loopback, private, link-local or otherwise special address, which this server does not fetch from (URL_DENY_PRIVATE; allow it with URL_ALLOW_HOSTS)"
+            ))
+        }
+    }
+
+    /// Checks a URL whose host is an IP address (names are checked when resolved).
+    pub fn check_url(&self, url: &reqwest::Url) -> Result<(), String> {
+        match url.host() {
+            Some(url::Host::Ipv4(ip)) => self.check_ip(&ip.to_string(), ip.into()),
+            Some(url::Host::Ipv6(ip)) => self.check_ip(&ip.to_string(), ip.into()),
+            Some(url::Host::Domain(_)) => Ok(()),
+            None => Err("the URL has no host".into()),
+        }
+    }
+
+    /// The HTTP client for URL images: every address it connects to, first request and
+    /// redirects alike, passes this policy; no proxy from the environment (a proxy would
+    /// resolve names where this policy cannot see them).
+    pub fn client(self, timeout: Duration) -> reqwest::Result<reqwest::Client> {
+        let policy = Arc::new(self);
+        let redirects = Arc::clone(&policy);
+        reqwest::Client::builder()
+            .timeout(timeout)
+            .no_proxy()
+            .dns_resolver(Arc::new(GuardedResolver(Arc::clone(&policy))))
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= 3 {
+                    return attempt.error("more than 3 redirects");
+                }
+                if !matches!(attempt.url().scheme(), "http" | "https") {
+                    let why = format!("redirect to a '{}' URL", attempt.url().scheme());
+                    return attempt.error(why);
+                }
+                match redirects.check_url(attempt.url()) {
+                    Ok(()) => attempt.follow(),
+                    Err(why) => attempt.error(format!("redirect refused: {why}")),
+                }
+            }))
+            .build()
+    }
+}
+
+/// Not loopback, private, link-local, shared, documentation, benchmarking, multicast,
+/// broadcast, unspecified or reserved (IPv4, IPv6 and IPv4-mapped IPv6).
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || o[0] == 0
+                || (o[0] == 100 && (64..128).contains(&o[1])) // shared (CGNAT)
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0) // IETF protocol assignments
+                || (o[0] == 198 && (18..20).contains(&o[1])) // benchmarking
+                || o[0] >= 240) // reserved
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let s = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link-local
+                || (s[0] == 0x2001 && s[1] == 0xdb8) // documentation
+                || (s[0] == 0x64 && s[1] == 0xff9)) // NAT64 (may reach private IPv4)
+        }
+    }
+}
+
+/// Resolves with the system resolver, then keeps only the addresses the policy allows.
+struct GuardedResolver(Arc<UrlPolicy>);
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = Arc::clone(&self.0);
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let mut refused = None;
+            let allowed: Vec<SocketAddr> = addrs
+                .into_iter()
+                .filter(|a| match policy.check_ip(&host, a.ip()) {
+                    Ok(()) => true,
+                    Err(why) => {
+                        refused = Some(why);
+                        false
+                    }
+                })
+                .collect();
+            if allowed.is_empty() {
+                let why = refused.unwrap_or_else(|| format!("'{host}' does not resolve"));
+                return Err(why.into());
+            }
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn special_addresses_are_not_public() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "ff02::1",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["8.8.8.8", "151.101.1.1", "2606:4700::1111"] {
+            assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn allow_list_and_switch_open_exactly_what_they_name() {
+        let p = UrlPolicy::new(true, "images.internal, 10.0.0.5");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(p.check_ip("images.internal", ip("10.9.9.9")).is_ok());
+        assert!(p.check_ip("other", ip("10.0.0.5")).is_ok());
+        assert!(p.check_ip("other", ip("10.0.0.6")).is_err());
+        assert!(p.check_ip("metadata", ip("169.254.169.254")).is_err());
+        assert!(UrlPolicy::new(false, "")
+            .check_ip("x", ip("127.0.0.1"))
+            .is_ok());
+        let url = |s: &str| reqwest::Url::parse(s).unwrap();
+        assert!(p.check_url(&url("http://[::1]:8080/x.jpg")).is_err());
+        assert!(p.check_url(&url("http://127.0.0.1/x.jpg")).is_err());
+        assert!(p.check_url(&url("http://example.com/x.jpg")).is_ok());
+    }
 }

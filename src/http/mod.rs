@@ -11,7 +11,7 @@ pub mod routes;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 
 use crate::config::ServeConfig;
 use crate::engine::Engine;
+use crate::metrics::METRICS;
 
 /// What every handler can reach.
 pub struct AppState {
@@ -29,14 +30,24 @@ pub struct AppState {
     pub engine: Engine,
     /// Client for URL images; `None` when ALLOW_URL_INPUT is off.
     pub http_client: Option<reqwest::Client>,
+    /// Where URL images may come from.
+    pub url_policy: images::UrlPolicy,
     /// Six characters identifying this process (`/info`'s `uuid`).
     pub uuid: String,
     /// Set once the preloaded models are loaded and warmed up.
     pub ready: AtomicBool,
     /// Set when shutdown begins.
     pub draining: AtomicBool,
-    /// Admission of inference requests (MAX_INFLIGHT_REQUESTS permits).
+    /// Notified when shutdown begins: requests still waiting for their bodies give up.
+    pub drain_started: tokio::sync::Notify,
+    /// Admission of inference requests (MAX_INFLIGHT_REQUESTS permits), taken once the body
+    /// has arrived.
     pub inflight: Arc<tokio::sync::Semaphore>,
+    /// Bytes of request bodies held at once (MAX_BODY_MEMORY_BYTES, in KiB permits), taken as
+    /// the bytes arrive: a stalled body holds only what it sent.
+    pub body_memory: Arc<tokio::sync::Semaphore>,
+    /// Requests being handled, for shutdown.
+    pub in_flight: InFlight,
 }
 
 impl AppState {
@@ -46,8 +57,66 @@ impl AppState {
     }
 }
 
-/// Serves connections until `shutdown` resolves, then stops accepting and waits up to
-/// `drain` for in-flight requests.
+/// Connections beyond MAX_CONNECTIONS that are still served, for health checks only: a
+/// flood of idle connections cannot keep `/healthz` and `/readiness` from answering.
+pub const RESERVED_CONNECTIONS: usize = 64;
+
+/// How long a connection over the cap may take to send its headers.
+const RESERVED_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// After the last in-flight request has answered, how long responses may take to flush.
+const FLUSH_GRACE: Duration = Duration::from_millis(200);
+
+/// Counts requests being handled, so shutdown can end the moment the last one answers.
+#[derive(Default)]
+pub struct InFlight {
+    count: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Held while one request is handled.
+pub struct InFlightGuard<'a>(&'a InFlight);
+
+impl InFlight {
+    pub fn enter(&self) -> InFlightGuard<'_> {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(self)
+    }
+
+    /// Resolves once no request is being handled.
+    pub async fn until_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Which service a connection gets.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ConnectionClass {
+    /// Within MAX_CONNECTIONS: every route, keep-alive.
+    Full,
+    /// Over the cap, within the reserve: health, readiness, metrics and info only, one
+    /// request, headers within a second.
+    Reserved,
+}
+
+/// Serves connections until `shutdown` resolves, then stops accepting, cancels requests
+/// still waiting for their bodies, and returns as soon as every in-flight request has
+/// answered (or after `drain`, whichever comes first). Idle and stalled connections do not
+/// hold shutdown up.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
@@ -56,60 +125,72 @@ pub async fn serve(
     max_connections: usize,
 ) {
     let connections = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let reserved = Arc::new(tokio::sync::Semaphore::new(RESERVED_CONNECTIONS));
     let header_timeout = Duration::from_secs_f64(state.cfg.header_read_timeout_s.max(0.001));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        // At the connection limit, leave new connections in the kernel's backlog.
-        let permit = tokio::select! {
-            p = Arc::clone(&connections).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
             },
             _ = &mut shutdown => break,
         };
-        tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let st = Arc::clone(&state);
-                let service = service_fn(move |req| {
-                    let st = Arc::clone(&st);
-                    async move { Ok::<_, Infallible>(routes::handle(st, req).await) }
-                });
-                // A small read buffer per connection (hyper's default grows to ~400 KB): with a
-                // thousand clients streaming large bodies, that alone would be 400 MB.
-                let conn = http1::Builder::new()
-                    .keep_alive(true)
-                    .max_buf_size(64 * 1024)
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(header_timeout)
-                    .serve_connection(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                    drop(permit);
-                });
-            }
-            _ = &mut shutdown => break,
-        }
+        // Every connection is accepted; over the cap it gets the health-only service, and
+        // over the reserve too it is closed at once (shed fast, never left in the backlog).
+        let (permit, class) = if let Ok(p) = Arc::clone(&connections).try_acquire_owned() {
+            (p, ConnectionClass::Full)
+        } else if let Ok(p) = Arc::clone(&reserved).try_acquire_owned() {
+            (p, ConnectionClass::Reserved)
+        } else {
+            METRICS.connections_shed.inc();
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let st = Arc::clone(&state);
+        let service = service_fn(move |req| {
+            let st = Arc::clone(&st);
+            async move { Ok::<_, Infallible>(routes::handle(st, req, class).await) }
+        });
+        // A small read buffer per connection (hyper's default grows to ~400 KB): with a
+        // thousand clients streaming large bodies, that alone would be 400 MB.
+        let conn = http1::Builder::new()
+            .keep_alive(class == ConnectionClass::Full)
+            .max_buf_size(64 * 1024)
+            .timer(TokioTimer::new())
+            .header_read_timeout(match class {
+                ConnectionClass::Full => header_timeout,
+                ConnectionClass::Reserved => header_timeout.min(RESERVED_HEADER_TIMEOUT),
+            })
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
     }
     state.draining.store(true, Ordering::Release);
+    state.drain_started.notify_waiters();
     drop(listener);
     tracing::info!(
         drain_timeout_s = drain.as_secs_f64(),
+        in_flight = state.in_flight.count.load(Ordering::Acquire),
         "shutting down: draining in-flight requests"
     );
+    let last_answer = async {
+        state.in_flight.until_idle().await;
+        tokio::time::sleep(FLUSH_GRACE).await;
+    };
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections drained"),
+        _ = graceful.shutdown() => tracing::info!("all connections closed"),
+        _ = last_answer => tracing::info!("every in-flight request answered; closing the remaining idle connections"),
         _ = tokio::time::sleep(drain) => tracing::warn!("drain timeout reached; closing remaining connections"),
     }
 }

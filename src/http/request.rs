@@ -7,7 +7,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use crate::tasks::classification::ClassificationParams;
 use crate::tasks::detection::DetectionParams;
-use crate::tasks::segmentation::{MaskDecodeMode, MaskFormat, SegmentationParams};
+use crate::tasks::segmentation::{self, MaskDecodeMode, MaskFormat, SegmentationParams};
 
 /// Where an image comes from.
 #[derive(Debug, Clone, PartialEq)]
@@ -181,6 +181,7 @@ impl InferRequest {
             detection: self.detection_params()?,
             mode,
             format,
+            max_work_pixels: segmentation::MAX_WORK_PIXELS,
         })
     }
 
@@ -234,10 +235,15 @@ pub fn legacy_params(query: &str) -> Result<(InferRequest, LegacyOptions), ApiEr
     };
     let mut opts = LegacyOptions::default();
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        // NaN and infinities parse as f64 but are no confidence or overlap (NaN was taken
+        // as 0.01 by the clamp below).
         let float = |v: &str| {
-            v.parse::<f64>().map_err(|_| {
-                ApiError::invalid(format!("query parameter {k} must be a number, got '{v}'"))
-            })
+            v.parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite())
+                .ok_or_else(|| {
+                    ApiError::invalid(format!("query parameter {k} must be a number, got '{v}'"))
+                })
         };
         let boolean = |v: &str| match v.to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" => Ok(true),
@@ -367,7 +373,8 @@ mod tests {
             SegmentationParams {
                 detection: DetectionParams::default(),
                 mode: MaskDecodeMode::Tradeoff(0.25),
-                format: MaskFormat::Rle
+                format: MaskFormat::Rle,
+                max_work_pixels: segmentation::MAX_WORK_PIXELS,
             }
         );
         assert_eq!(

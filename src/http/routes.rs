@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -18,16 +18,22 @@ use super::error::ApiError;
 use super::images::fetch_url;
 use super::request::{legacy_params, ImageSource, InferRequest};
 use super::response::{json, ImageSize, InferResponse, ModelsDescriptions, ResolvedModel};
-use super::AppState;
+use super::{AppState, ConnectionClass};
 use crate::engine::{Engine, ImageInput};
 use crate::metrics::METRICS;
 use crate::model::repository::TaskType;
+use crate::tasks::segmentation::SegmentationParams;
 use crate::tasks::TaskParams;
 
 type HttpResponse = Response<Full<Bytes>>;
 
 /// Entry point of every request: routes it, maps errors, tags the response with a request id.
-pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse {
+pub async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+    class: ConnectionClass,
+) -> HttpResponse {
+    let _in_flight = state.in_flight.enter();
     let request_id = req
         .headers()
         .get("x-request-id")
@@ -45,7 +51,18 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> HttpRespons
     };
     // Every log line emitted while serving the request carries its id.
     let span = tracing::info_span!("request", request_id = %ctx.request_id);
-    let mut resp = match route(&state, req, &mut ctx).instrument(span).await {
+    let routed = if class == ConnectionClass::Reserved && !HEALTH.contains(&path.as_str()) {
+        Err(ApiError {
+            retry_after_s: Some(1),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Too many connections (MAX_CONNECTIONS): this connection may only ask for health; retry shortly",
+            )
+        })
+    } else {
+        route(&state, req, &mut ctx).instrument(span).await
+    };
+    let mut resp = match routed {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
@@ -70,7 +87,8 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> HttpRespons
     }
     let request_id = ctx.request_id.as_str();
     let ms = seconds * 1000.0;
-    if status.is_server_error() {
+    // A 503 from /readiness while models load is the expected answer, not a failure.
+    if status.is_server_error() && path != "/readiness" {
         tracing::warn!(request_id, %method, path, status = status.as_u16(), ms, "request failed");
     } else {
         tracing::debug!(request_id, %method, path, status = status.as_u16(), ms, "request");
@@ -87,19 +105,32 @@ struct RequestContext {
     route: Option<&'static str>,
 }
 
+/// What a connection over MAX_CONNECTIONS may still ask (cheap, no body).
+const HEALTH: [&str; 3] = ["/healthz", "/readiness", "/info"];
+
 async fn route(
     state: &Arc<AppState>,
     req: Request<Incoming>,
     ctx: &mut RequestContext,
 ) -> Result<HttpResponse, ApiError> {
     let path = req.uri().path().to_owned();
-    let method = req.method().clone();
-    let task_route = match (&method, path.as_str()) {
-        (&Method::POST, "/infer/object_detection") => Some(TaskType::ObjectDetection),
-        (&Method::POST, "/infer/instance_segmentation") => Some(TaskType::InstanceSegmentation),
-        (&Method::POST, "/infer/classification") => Some(TaskType::Classification),
+    // HEAD is GET without the body (hyper leaves the body out).
+    let method = match req.method() {
+        &Method::HEAD => Method::GET,
+        m => m.clone(),
+    };
+    let task = match path.as_str() {
+        "/infer/object_detection" => Some(TaskType::ObjectDetection),
+        "/infer/instance_segmentation" => Some(TaskType::InstanceSegmentation),
+        "/infer/classification" => Some(TaskType::Classification),
         _ => None,
     };
+    if task.is_some() && method != Method::POST {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("Method Not Allowed: {path} takes POST"),
+        ));
+    }
     // Fixed routes win over `/{dataset}/{version}` (so "model/registry" is not a model id).
     const FIXED: [&str; 8] = [
         "/info",
@@ -111,36 +142,29 @@ async fn route(
         "/model/remove",
         "/model/clear",
     ];
-    let legacy = if task_route.is_none()
+    let legacy = if task.is_none()
         && !FIXED.contains(&path.as_str())
+        && !path.starts_with("/infer/")
         && matches!(method, Method::POST | Method::GET)
     {
         legacy_model_id(&path)
     } else {
         None
     };
-    if task_route.is_some() || legacy.is_some() {
-        ctx.route = Some(task_route.map_or("/{dataset}/{version}", TaskType::route));
+    if task.is_some() || legacy.is_some() {
+        ctx.route = Some(task.map_or("/{dataset}/{version}", TaskType::route));
         if state.draining.load(Ordering::Acquire) {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "The server is shutting down; send the request to another replica",
             ));
         }
-    }
-    if task_route.is_some() || legacy.is_some() {
-        // Admission before the body is buffered: a rejected body is read and dropped chunk by
-        // chunk (so the client gets its 429 cleanly), never held.
-        let Ok(_permit) = Arc::clone(&state.inflight).try_acquire_owned() else {
-            discard_body(state, req).await;
-            METRICS.outcome("none", "rejected", "admission");
-            return Err(ApiError::overloaded(
-                "Server overloaded: too many requests in flight (MAX_INFLIGHT_REQUESTS); retry shortly",
-            ));
-        };
-        return match (task_route, legacy) {
-            (Some(task), _) => infer_json(state, req, task, ctx).await,
-            (None, Some(model_id)) => infer_legacy(state, req, model_id, ctx).await,
+        // The deadline starts now and covers reading the body; admission (an in-flight
+        // permit) is taken once the body is in, so a stalled body never holds one.
+        let deadline = deadline(state, &req, Instant::now())?;
+        return match (task, legacy) {
+            (Some(task), _) => infer_json(state, req, task, deadline, ctx).await,
+            (None, Some(model_id)) => infer_legacy(state, req, model_id, deadline, ctx).await,
             (None, None) => unreachable!("checked above"),
         };
     }
@@ -249,16 +273,65 @@ fn registry(state: &AppState) -> HttpResponse {
     )
 }
 
-/// Reads a whole body, refusing more than MAX_BODY_BYTES with 413.
+/// A request body in memory, holding its share of MAX_BODY_MEMORY_BYTES until dropped.
+struct Body {
+    bytes: Bytes,
+    lease: BodyLease,
+}
+
+/// The share of MAX_BODY_MEMORY_BYTES (KiB permits) a body holds.
+#[derive(Default)]
+struct BodyLease {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl BodyLease {
+    fn held(&self) -> usize {
+        self.permit.as_ref().map_or(0, |p| p.num_permits())
+    }
+
+    /// Grows the lease to cover `total` bytes; `false` when the server holds too much.
+    fn cover(&mut self, pool: &Arc<tokio::sync::Semaphore>, total: usize) -> bool {
+        let needed = total.div_ceil(1024);
+        let held = self.held();
+        if needed <= held {
+            return true;
+        }
+        let Some(more) = u32::try_from(needed - held)
+            .ok()
+            .and_then(|n| Arc::clone(pool).try_acquire_many_owned(n).ok())
+        else {
+            return false;
+        };
+        METRICS.body_bytes_held.add(((needed - held) * 1024) as i64);
+        match &mut self.permit {
+            Some(p) => p.merge(more),
+            None => self.permit = Some(more),
+        }
+        true
+    }
+}
+
+impl Drop for BodyLease {
+    fn drop(&mut self) {
+        METRICS.body_bytes_held.sub((self.held() * 1024) as i64);
+    }
+}
+
+/// Reads a whole body of at most `limit` bytes (413 past it) before `deadline` (408 after
+/// it), counting its bytes against MAX_BODY_MEMORY_BYTES as they arrive (429 when the
+/// server holds too much). Shutdown cancels the read (503).
 async fn read_body(
     state: &AppState,
     req: Request<Incoming>,
-) -> Result<(hyper::http::request::Parts, Bytes), ApiError> {
-    let limit = state.cfg.max_body_bytes;
+    limit: usize,
+    setting: &'static str,
+    deadline: Instant,
+) -> Result<(hyper::http::request::Parts, Body), ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("Request body is larger than MAX_BODY_BYTES ({limit} bytes)"),
+            format!("Request body is larger than {setting} ({limit} bytes)"),
         )
     };
     let declared = req
@@ -269,35 +342,107 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let (parts, body) = req.into_parts();
-    let bytes = Limited::new(body, limit)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                too_large()
-            } else {
+    let (parts, mut body) = req.into_parts();
+    let mut lease = BodyLease::default();
+    // The declared length (up to BODY_UP_FRONT) is reserved before reading: under load the
+    // excess is refused at once, before its upload, instead of mid-body; beyond that, bytes
+    // are counted as they arrive, so a stalled body holds little.
+    let up_front = declared.unwrap_or(0).min(BODY_UP_FRONT);
+    let mut buf = bytes::BytesMut::new();
+    // Once refused for memory, the rest of the body is read and dropped (so the client gets
+    // its 429 instead of a reset connection), within the same deadline.
+    let mut refused = !lease.cover(&state.body_memory, up_front);
+    if !refused {
+        buf.reserve(declared.unwrap_or(0));
+    }
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
                 ApiError::bad_request(format!("Could not read the request body: {e}"))
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if refused {
+                continue;
             }
-        })?
-        .to_bytes();
-    Ok((parts, bytes))
+            let total = buf.len() + data.len();
+            if total > limit {
+                return Err(too_large());
+            }
+            if !lease.cover(&state.body_memory, total) {
+                refused = true;
+                buf = bytes::BytesMut::new();
+                lease = BodyLease::default();
+                continue;
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok(())
+    };
+    let drain = state.drain_started.notified();
+    if state.draining.load(Ordering::Acquire) {
+        return Err(shutting_down());
+    }
+    tokio::select! {
+        r = tokio::time::timeout_at(deadline.into(), read) => match r {
+            Ok(r) => r?,
+            Err(_) => return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "The request body did not arrive within the request's deadline (REQUEST_TIMEOUT_S)",
+            )),
+        },
+        _ = drain => return Err(shutting_down()),
+    }
+    if refused {
+        return Err(body_memory_full());
+    }
+    Ok((
+        parts,
+        Body {
+            bytes: buf.freeze(),
+            lease,
+        },
+    ))
 }
 
-/// Reads and drops a body, up to MAX_BODY_BYTES, without keeping it.
-async fn discard_body(state: &AppState, req: Request<Incoming>) {
-    let mut body = req.into_body();
-    let mut seen = 0usize;
-    while let Some(Ok(frame)) = body.frame().await {
-        if let Some(chunk) = frame.data_ref() {
-            seen += chunk.len();
-            if seen > state.cfg.max_body_bytes {
-                break;
-            }
-        }
-    }
+/// Bytes of a body's declared length reserved before it is read.
+const BODY_UP_FRONT: usize = 4 << 20;
+
+fn body_memory_full() -> ApiError {
+    ApiError::overloaded(
+        "Server overloaded: it holds as many request bodies as it may (MAX_BODY_MEMORY_BYTES); retry shortly",
+    )
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "The server is shutting down; send the request to another replica",
+    )
+}
+
+/// Admission of an inference request whose body has arrived: one of MAX_INFLIGHT_REQUESTS.
+fn admit(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    Arc::clone(&state.inflight)
+        .try_acquire_owned()
+        .map_err(|_| {
+            METRICS.outcome("none", "rejected", "admission");
+            ApiError::overloaded(
+            "Server overloaded: too many requests in flight (MAX_INFLIGHT_REQUESTS); retry shortly",
+        )
+        })
+}
+
+/// An admin route's body (ADMIN_MAX_BODY_BYTES).
+async fn read_admin_body(state: &AppState, req: Request<Incoming>) -> Result<Body, ApiError> {
+    let deadline = Instant::now() + Duration::from_secs_f64(state.cfg.request_timeout_s.max(0.0));
+    let limit = state.cfg.admin_max_body_bytes;
+    Ok(
+        read_body(state, req, limit, "ADMIN_MAX_BODY_BYTES", deadline)
+            .await?
+            .1,
+    )
 }
 
 #[derive(Deserialize)]
@@ -316,8 +461,8 @@ async fn model_add(
     state: &Arc<AppState>,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    let (_, body) = read_body(state, req).await?;
-    let id = model_request(&body)?;
+    let body = read_admin_body(state, req).await?;
+    let id = model_request(&body.bytes)?;
     let manager = Arc::clone(state.engine.models());
     tokio::task::spawn_blocking(move || manager.add(&id))
         .await
@@ -330,18 +475,25 @@ async fn model_remove(
     state: &Arc<AppState>,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    let (_, body) = read_body(state, req).await?;
-    let id = model_request(&body)?;
+    let body = read_admin_body(state, req).await?;
+    let id = model_request(&body.bytes)?;
     if !state.engine.models().remove(&id) {
         return Err(ApiError::not_found(format!("Model '{id}' is not loaded")));
     }
     Ok(registry(state))
 }
 
-fn task_params(task: TaskType, req: &InferRequest) -> Result<TaskParams, ApiError> {
+fn task_params(
+    state: &AppState,
+    task: TaskType,
+    req: &InferRequest,
+) -> Result<TaskParams, ApiError> {
     Ok(match task {
         TaskType::ObjectDetection => TaskParams::Detection(req.detection_params()?),
-        TaskType::InstanceSegmentation => TaskParams::Segmentation(req.segmentation_params()?),
+        TaskType::InstanceSegmentation => TaskParams::Segmentation(SegmentationParams {
+            max_work_pixels: state.cfg.max_mask_work_pixels,
+            ..req.segmentation_params()?
+        }),
         TaskType::Classification => TaskParams::Classification(req.classification_params()?),
     })
 }
@@ -350,15 +502,17 @@ async fn infer_json(
     state: &Arc<AppState>,
     req: Request<Incoming>,
     task: TaskType,
+    deadline: Instant,
     ctx: &mut RequestContext,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let deadline = deadline(state, &req, started)?;
-    let (_, body) = read_body(state, req).await?;
+    let limit = state.cfg.max_body_bytes;
+    let (_, body) = read_body(state, req, limit, "MAX_BODY_BYTES", deadline).await?;
+    let _permit = admit(state)?;
     // A JSON body of megabytes (base64 images) is parsed on the CPU pool.
     let mut request = state
         .engine
-        .run_cpu(move || InferRequest::parse(&body))
+        .run_cpu(move || InferRequest::parse(&body.bytes))
         .await??;
     let model_id = request.model_id()?;
     let (images, is_list) = request.take_images()?;
@@ -371,21 +525,27 @@ async fn infer_json(
         deadline,
     };
     let responses = infer(state, call, &request, images, ctx).await?;
-    Ok(if is_list {
-        json(StatusCode::OK, &responses)
-    } else {
-        json(StatusCode::OK, &responses[0])
-    })
+    // Thousands of RLE masks make megabytes of JSON: encoded on the CPU pool too.
+    Ok(state
+        .engine
+        .run_cpu(move || {
+            if is_list {
+                json(StatusCode::OK, &responses)
+            } else {
+                json(StatusCode::OK, &responses[0])
+            }
+        })
+        .await?)
 }
 
 async fn infer_legacy(
     state: &Arc<AppState>,
     req: Request<Incoming>,
     model_id: String,
+    deadline: Instant,
     ctx: &mut RequestContext,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let deadline = deadline(state, &req, started)?;
     let query = req.uri().query().unwrap_or("").to_owned();
     let (request, opts) = legacy_params(&query)?;
     if opts.format != "json" {
@@ -394,7 +554,10 @@ async fn infer_legacy(
             opts.format
         )));
     }
+    // The admission permit and the body's lease, held until the answer is ready.
+    let held;
     let source = if let Some(url) = opts.image_url.clone() {
+        held = (admit(state)?, None);
         ImageSource::Url(url)
     } else {
         let content_type = req
@@ -405,7 +568,10 @@ async fn infer_legacy(
             .ok_or_else(|| {
                 ApiError::bad_request("Content-Type header not provided with request.")
             })?;
-        let (_, body) = read_body(state, req).await?;
+        let limit = state.cfg.max_body_bytes;
+        let (_, Body { bytes: body, lease }) =
+            read_body(state, req, limit, "MAX_BODY_BYTES", deadline).await?;
+        held = (admit(state)?, Some(lease));
         if content_type.starts_with("multipart/form-data") {
             // The body is in memory: parsing it never waits, so it runs on the CPU pool.
             let file = state
@@ -436,7 +602,12 @@ async fn infer_legacy(
         deadline,
     };
     let responses = infer(state, call, &request, vec![source], ctx).await?;
-    Ok(json(StatusCode::OK, &responses[0]))
+    let resp = state
+        .engine
+        .run_cpu(move || json(StatusCode::OK, &responses[0]))
+        .await?;
+    drop(held);
+    Ok(resp)
 }
 
 /// The request's deadline: REQUEST_TIMEOUT_S after arrival, or sooner if the client asks with
@@ -522,7 +693,7 @@ async fn infer(
     if let Some(expected) = expected {
         Engine::check_task(&model, expected)?;
     }
-    let params = task_params(model.meta.task, request)?;
+    let params = task_params(state, model.meta.task, request)?;
     let mut inputs = Vec::with_capacity(images.len());
     for image in images {
         inputs.push(match image {

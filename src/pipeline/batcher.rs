@@ -84,9 +84,9 @@ impl BatchQueue {
         self.tx.capacity().unwrap_or(usize::MAX)
     }
 
-    /// Jobs waiting in the queue.
+    /// Jobs waiting in the queue (the channel's own count: exact, never negative).
     pub fn depth(&self) -> usize {
-        self.depth.load(Ordering::Relaxed)
+        self.tx.len()
     }
 }
 
@@ -475,7 +475,10 @@ mod tests {
                 resize: ResizeMode::Stretch,
                 normalization: Normalization::MinusOneToOne,
             },
-            decoder: OutputDecoder::Classification { multi_label: false },
+            decoder: OutputDecoder::Classification {
+                multi_label: false,
+                activation: crate::tasks::classification::Activation::Softmax,
+            },
             class_names: vec!["a".into(), "b".into()],
             fixed_batch: None,
         });

@@ -5,6 +5,7 @@
 
 use std::cell::RefCell;
 use std::io::Cursor;
+use std::time::Instant;
 
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine;
@@ -28,6 +29,9 @@ pub enum DecodeError {
          more than the {max} allowed (MAX_IMAGE_PIXELS)."
     )]
     TooManyPixels { width: u64, height: u64, max: u64 },
+    /// The request's deadline passed while decoding (504, not the client's input fault).
+    #[error("Deadline exceeded while decoding the image")]
+    DeadlineExceeded,
 }
 
 /// Per-request decode settings.
@@ -41,6 +45,14 @@ pub struct DecodeOptions {
     /// 1/2, 1/4 or 1/8 scale in the DCT domain (far cheaper than decoding it whole and
     /// shrinking it afterwards), never below what the network input needs.
     pub needed: Option<NeededSize>,
+    /// Decoding stops past this instant (checked between rows of large PNGs).
+    pub deadline: Option<Instant>,
+}
+
+impl DecodeOptions {
+    fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
 }
 
 /// What preprocessing needs of a decoded image to resize it without upsampling.
@@ -122,6 +134,9 @@ pub fn decode_into(
 ) -> Result<DecodedImage, DecodeError> {
     if data.is_empty() {
         return Err(DecodeError::Empty);
+    }
+    if data.starts_with(b"\x89PNG\r\n\x1a\n") {
+        return decode_png(data, slot, opts);
     }
     if data.starts_with(&[0xFF, 0xD8]) {
         match decode_jpeg(data, slot, opts) {
@@ -280,6 +295,99 @@ fn decode_jpeg(
     })
 }
 
+/// Bytes one decode may allocate per pixel of MAX_IMAGE_PIXELS in formats other than JPEG
+/// and PNG (8-bit RGBA), so 16-bit and alpha images cannot multiply a request's memory.
+const OTHER_BYTES_PER_PIXEL: u64 = 4;
+
+/// PNG, row by row into the slot: 16-bit samples are stripped to 8 bits, palettes and grey
+/// are expanded, alpha is dropped, and an image larger than a slot is shrunk on the fly by an
+/// integer box filter. Memory beyond the slot is one row, whatever the bit depth; the
+/// deadline is checked between rows. Interlaced PNGs and those with an EXIF orientation go
+/// through the general decoder.
+fn decode_png(
+    data: &[u8],
+    mut slot: SlotHandle,
+    opts: &DecodeOptions,
+) -> Result<DecodedImage, DecodeError> {
+    let bad = |e: png::DecodingError| DecodeError::Undecodable(format!("not a valid PNG ({e})."));
+    let mut decoder = png::Decoder::new(Cursor::new(data));
+    decoder.set_transformations(png::Transformations::normalize_to_color8());
+    let header = decoder.read_header_info().map_err(bad)?;
+    let (w, h) = (header.width, header.height);
+    check_pixels(w as u64, h as u64, opts)?;
+    let interlaced = header.interlaced;
+    let mut reader = decoder.read_info().map_err(bad)?;
+    let oriented = opts.auto_orient
+        && reader
+            .info()
+            .exif_metadata
+            .as_deref()
+            .and_then(Orientation::from_exif_chunk)
+            .is_some_and(|o| o != Orientation::NoTransforms);
+    if interlaced || oriented {
+        drop(reader);
+        return decode_other(data, slot, opts);
+    }
+    let channels = reader.output_color_type().0.samples();
+    let slot_pixels = slot.bytes().len() / 3;
+    // The smallest integer shrink that fits the slot.
+    let mut k = 1usize;
+    while (w as usize / k).max(1) * (h as usize / k).max(1) > slot_pixels {
+        k += 1;
+    }
+    let (dw, dh) = ((w as usize / k).max(1), (h as usize / k).max(1));
+    let out = &mut slot.bytes_mut()[..dw * dh * 3];
+    let mut acc = vec![0u32; if k > 1 { dw * 3 } else { 0 }];
+    let rgb = |px: &[u8]| -> [u8; 3] {
+        match channels {
+            1 | 2 => [px[0]; 3],
+            _ => [px[0], px[1], px[2]],
+        }
+    };
+    for y in 0..h as usize {
+        if y % 64 == 0 && opts.past_deadline() {
+            return Err(DecodeError::DeadlineExceeded);
+        }
+        let row = reader
+            .next_row()
+            .map_err(bad)?
+            .ok_or_else(|| DecodeError::Undecodable("the PNG ends early.".into()))?;
+        let row = row.data();
+        let oy = y / k;
+        if oy >= dh {
+            continue; // the last rows of a shrunk image that do not fill a block
+        }
+        if k == 1 {
+            let dst = &mut out[oy * dw * 3..(oy + 1) * dw * 3];
+            for (d, px) in dst.chunks_exact_mut(3).zip(row.chunks_exact(channels)) {
+                d.copy_from_slice(&rgb(px));
+            }
+            continue;
+        }
+        for (x, px) in row.chunks_exact(channels).take(dw * k).enumerate() {
+            let a = &mut acc[(x / k) * 3..(x / k) * 3 + 3];
+            for (a, v) in a.iter_mut().zip(rgb(px)) {
+                *a += v as u32;
+            }
+        }
+        if (y + 1) % k == 0 {
+            let n = (k * k) as u32;
+            let dst = &mut out[oy * dw * 3..(oy + 1) * dw * 3];
+            for (d, a) in dst.iter_mut().zip(acc.iter_mut()) {
+                *d = ((*a + n / 2) / n) as u8;
+                *a = 0;
+            }
+        }
+    }
+    Ok(DecodedImage {
+        slot,
+        width: dw as u32,
+        height: dh as u32,
+        orig_width: w,
+        orig_height: h,
+    })
+}
+
 fn decode_other(
     data: &[u8],
     mut slot: SlotHandle,
@@ -293,7 +401,7 @@ fn decode_other(
     let format = image::guess_format(data).map_err(undecodable)?;
     let mut reader = image::ImageReader::with_format(Cursor::new(data), format);
     let mut limits = image::Limits::default();
-    limits.max_alloc = Some(opts.max_image_pixels.saturating_mul(8));
+    limits.max_alloc = Some(opts.max_image_pixels.saturating_mul(OTHER_BYTES_PER_PIXEL));
     reader.limits(limits);
     let mut decoder = reader.into_decoder().map_err(undecodable)?;
     let (w, h) = decoder.dimensions();
@@ -426,6 +534,7 @@ mod tests {
         auto_orient: true,
         max_image_pixels: 100_000_000,
         needed: None,
+        deadline: None,
     };
 
     fn ring(pixels: usize) -> Arc<Ring> {
@@ -457,6 +566,74 @@ mod tests {
             (37, 21, 37, 21)
         );
         assert_eq!(d.pixels(), img.as_raw().as_slice());
+    }
+
+    #[test]
+    fn sixteen_bit_rgba_and_grey_pngs_decode_to_their_8_bit_rgb() {
+        let img = gradient(33, 17);
+        let rgba16 = image::DynamicImage::ImageRgb8(img.clone()).into_rgba16();
+        let grey = image::DynamicImage::ImageRgb8(img.clone()).into_luma8();
+        let ring = ring(4096);
+        let enc = |d: image::DynamicImage| {
+            let mut out = Cursor::new(Vec::new());
+            d.write_to(&mut out, image::ImageFormat::Png).unwrap();
+            out.into_inner()
+        };
+        let d = decode_into(
+            &enc(image::DynamicImage::ImageRgba16(rgba16)),
+            ring.try_acquire().unwrap(),
+            &OPTS,
+        )
+        .unwrap();
+        assert_eq!(d.pixels(), img.as_raw().as_slice());
+        let d = decode_into(
+            &enc(image::DynamicImage::ImageLuma8(grey.clone())),
+            ring.try_acquire().unwrap(),
+            &OPTS,
+        )
+        .unwrap();
+        let expected: Vec<u8> = grey.as_raw().iter().flat_map(|&v| [v; 3]).collect();
+        assert_eq!(d.pixels(), expected.as_slice());
+    }
+
+    #[test]
+    fn png_larger_than_a_slot_is_box_shrunk_in_the_slot() {
+        // 40x20 of 2x2 blocks of one colour each, in a slot of 300 pixels: halved exactly.
+        let img = image::RgbImage::from_fn(40, 20, |x, y| {
+            image::Rgb([(x / 2 * 10) as u8, (y / 2 * 20) as u8, 7])
+        });
+        let ring = ring(300);
+        let d = decode_into(
+            &encode(&img, image::ImageFormat::Png),
+            ring.try_acquire().unwrap(),
+            &OPTS,
+        )
+        .unwrap();
+        assert_eq!(
+            (d.width, d.height, d.orig_width, d.orig_height),
+            (20, 10, 40, 20)
+        );
+        let half = image::RgbImage::from_fn(20, 10, |x, y| {
+            image::Rgb([(x * 10) as u8, (y * 20) as u8, 7])
+        });
+        assert_eq!(d.pixels(), half.as_raw().as_slice());
+    }
+
+    #[test]
+    fn png_decoding_stops_at_the_deadline() {
+        let img = gradient(64, 200);
+        let ring = ring(64 * 200);
+        let opts = DecodeOptions {
+            deadline: Some(Instant::now()),
+            ..OPTS
+        };
+        let e = decode_into(
+            &encode(&img, image::ImageFormat::Png),
+            ring.try_acquire().unwrap(),
+            &opts,
+        )
+        .unwrap_err();
+        assert_eq!(e, DecodeError::DeadlineExceeded);
     }
 
     #[test]

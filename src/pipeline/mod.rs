@@ -28,6 +28,9 @@ pub enum PipelineError {
     Preprocess(String),
     #[error("Postprocessing failed: {0}")]
     Postprocess(String),
+    /// The answer would cost more than a work budget allows: the request's fault (422).
+    #[error("The request is refused: {0}")]
+    OverBudget(String),
     #[error("Internal error: the {0} stage panicked; the server goes on serving")]
     Panicked(&'static str),
     #[error("Deadline exceeded: the request could not be served within its deadline ({0}); it was dropped before inference")]

@@ -9,6 +9,7 @@ use super::batcher::{ModelRuntime, PreparedJob};
 use super::{PipelineError, Pools};
 use crate::metrics::METRICS;
 use crate::model::backend::OutputTensor;
+use crate::tasks::PostprocessError;
 
 /// Hands every job of a finished batch to the postprocess pool.
 pub fn dispatch(
@@ -35,6 +36,11 @@ pub fn dispatch(
         let runtime = Arc::clone(runtime);
         pools.postprocess.spawn(move || {
             let started = std::time::Instant::now();
+            // Past the deadline the handler has given up, and a client that hung up has
+            // dropped its end: either way the costly steps stop.
+            let deadline = job.deadline;
+            let reply = &job.reply;
+            let cancelled = || reply.is_closed() || std::time::Instant::now() >= deadline;
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 runtime.decoder.decode(
                     &outputs,
@@ -43,18 +49,31 @@ pub fn dispatch(
                     &runtime.class_names,
                     &geometry,
                     &job.params,
+                    &cancelled,
                 )
             }));
             let answer = match result {
                 Ok(Ok(out)) => Ok(out),
-                Ok(Err(e)) => Err(PipelineError::Postprocess(e)),
+                Ok(Err(PostprocessError::Model(e))) => Err(PipelineError::Postprocess(e)),
+                Ok(Err(PostprocessError::OverBudget(e))) => Err(PipelineError::OverBudget(e)),
+                Ok(Err(PostprocessError::Cancelled)) => {
+                    let late = std::time::Instant::now() >= job.deadline;
+                    METRICS.outcome(
+                        &runtime.id,
+                        if late { "timed_out" } else { "cancelled" },
+                        "postprocess",
+                    );
+                    return;
+                }
                 Err(_) => Err(PipelineError::Panicked("postprocess")),
             };
             METRICS
                 .postprocess_seconds
                 .with_label_values(&[&runtime.id])
                 .observe(started.elapsed().as_secs_f64());
-            if answer.is_err() {
+            if matches!(answer, Err(PipelineError::OverBudget(_))) {
+                METRICS.outcome(&runtime.id, "rejected", "work_budget");
+            } else if answer.is_err() {
                 METRICS.outcome(&runtime.id, "failed", "postprocess");
             }
             let _ = job.reply.send(answer);

@@ -121,7 +121,32 @@ impl Ring {
         Some(SlotHandle {
             ring: Arc::clone(self),
             index,
+            share: None,
         })
+    }
+
+    /// Takes a free slot charged to `share` (one model's count), or `None` when `share`
+    /// already holds `limit` slots or none is free: one model's backlog cannot take every
+    /// slot from the others.
+    pub fn try_acquire_shared(
+        self: &Arc<Self>,
+        share: &Arc<AtomicUsize>,
+        limit: usize,
+    ) -> Option<SlotHandle> {
+        if share.fetch_add(1, Ordering::AcqRel) >= limit {
+            share.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        match self.try_acquire() {
+            Some(mut slot) => {
+                slot.share = Some(Arc::clone(share));
+                Some(slot)
+            }
+            None => {
+                share.fetch_sub(1, Ordering::AcqRel);
+                None
+            }
+        }
     }
 
     /// Bytes one slot holds.
@@ -235,6 +260,8 @@ fn check_free_space(dir: &Path, needed: usize) -> anyhow::Result<()> {
 pub struct SlotHandle {
     ring: Arc<Ring>,
     index: u32,
+    /// The count this slot is charged to, if any.
+    share: Option<Arc<AtomicUsize>>,
 }
 
 impl SlotHandle {
@@ -272,6 +299,9 @@ impl SlotHandle {
 
 impl Drop for SlotHandle {
     fn drop(&mut self) {
+        if let Some(share) = &self.share {
+            share.fetch_sub(1, Ordering::AcqRel);
+        }
         self.ring.release(self.index);
     }
 }
@@ -288,6 +318,25 @@ mod tests {
 
     fn tmp_ring(slots: usize, bytes: usize) -> Arc<Ring> {
         Ring::create(&std::env::temp_dir(), slots, bytes).expect("ring")
+    }
+
+    #[test]
+    fn a_share_caps_its_slots_and_gets_them_back_on_drop() {
+        let ring = tmp_ring(4, 16);
+        let (a, b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let a1 = ring.try_acquire_shared(&a, 2).unwrap();
+        let _a2 = ring.try_acquire_shared(&a, 2).unwrap();
+        assert!(
+            ring.try_acquire_shared(&a, 2).is_none(),
+            "share of 2 exceeded"
+        );
+        let _b1 = ring.try_acquire_shared(&b, 2).unwrap();
+        let _b2 = ring.try_acquire_shared(&b, 2).unwrap();
+        assert_eq!(a.load(Ordering::Relaxed), 2);
+        drop(a1);
+        assert_eq!(a.load(Ordering::Relaxed), 1);
+        assert_eq!(ring.in_use(), 3);
+        assert!(ring.try_acquire_shared(&a, 2).is_some());
     }
 
     #[test]

@@ -52,11 +52,48 @@ fn is_distribution(v: &[f32]) -> bool {
     v.iter().all(|x| (0.0..=1.0).contains(x)) && (v.iter().sum::<f32>() - 1.0).abs() < 1e-3
 }
 
-/// Softmax, unless `logits` already sum to one (a model that ends in Softmax).
-pub fn softmax(logits: &[f32]) -> Vec<f32> {
-    if is_distribution(logits) {
-        return logits.to_vec();
+/// What turns a model's outputs into probabilities, decided once per model at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// The graph ends in Softmax/Sigmoid: its outputs are probabilities already.
+    None,
+    Softmax,
+    Sigmoid,
+}
+
+impl Activation {
+    /// Decides from probe outputs (rows of `[nc]` from different inputs) of a model: outputs
+    /// that are probabilities for every probe came through the graph's own Softmax
+    /// (single-label: each row sums to one) or Sigmoid (multi-label: every value in [0, 1]);
+    /// anything else is logits.
+    pub fn from_probes<'a>(rows: impl IntoIterator<Item = &'a [f32]>, multi_label: bool) -> Self {
+        let mut rows = rows.into_iter().peekable();
+        let probabilities = rows.peek().is_some()
+            && rows.all(|r| {
+                if multi_label {
+                    r.iter().all(|x| (0.0..=1.0).contains(x))
+                } else {
+                    is_distribution(r)
+                }
+            });
+        match (probabilities, multi_label) {
+            (true, _) => Activation::None,
+            (false, false) => Activation::Softmax,
+            (false, true) => Activation::Sigmoid,
+        }
     }
+
+    fn apply(self, v: &[f32]) -> Vec<f32> {
+        match self {
+            Activation::None => v.to_vec(),
+            Activation::Sigmoid => v.iter().map(|s| 1.0 / (1.0 + (-s).exp())).collect(),
+            Activation::Softmax => softmax(v),
+        }
+    }
+}
+
+/// Softmax of logits.
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let exp: Vec<f32> = logits.iter().map(|v| (v - max).exp()).collect();
     let sum: f32 = exp.iter().sum();
@@ -66,10 +103,11 @@ pub fn softmax(logits: &[f32]) -> Vec<f32> {
 /// Single-label answer: classes scoring at least `confidence`, best first.
 pub fn single_label(
     logits: &[f32],
+    activation: Activation,
     class_names: &[String],
     params: &ClassificationParams,
 ) -> ClassificationOutput {
-    let probs = softmax(logits);
+    let probs = activation.apply(logits);
     let mut predictions: Vec<ClassPrediction> = probs
         .iter()
         .enumerate()
@@ -97,18 +135,14 @@ pub fn single_label(
 /// Multi-label answer: every class's score, and the classes scoring above `confidence`.
 pub fn multi_label(
     scores: &[f32],
+    activation: Activation,
     class_names: &[String],
     params: &ClassificationParams,
 ) -> ClassificationOutput {
-    let already_probabilities = scores.iter().all(|x| (0.0..=1.0).contains(x));
+    let probs = activation.apply(scores);
     let mut predictions = BTreeMap::new();
     let mut predicted_classes = Vec::new();
-    for (i, (&s, name)) in scores.iter().zip(class_names).enumerate() {
-        let p = if already_probabilities {
-            s
-        } else {
-            1.0 / (1.0 + (-s).exp())
-        };
+    for (i, (&p, name)) in probs.iter().zip(class_names).enumerate() {
         if p > params.confidence {
             predicted_classes.push(name.clone());
         }
@@ -141,6 +175,7 @@ mod tests {
     fn single_label_softmaxes_sorts_and_filters() {
         let out = single_label(
             &[1.0, 3.0, 0.0],
+            Activation::Softmax,
             &names(),
             &ClassificationParams { confidence: 0.1 },
         );
@@ -161,8 +196,12 @@ mod tests {
 
     #[test]
     fn probabilities_are_not_softmaxed_twice() {
+        let probe: &[f32] = &[0.7, 0.2, 0.1];
+        let activation = Activation::from_probes([probe, &[0.0, 0.0, 1.0]], false);
+        assert_eq!(activation, Activation::None);
         let out = single_label(
-            &[0.7, 0.2, 0.1],
+            probe,
+            activation,
             &names(),
             &ClassificationParams { confidence: 0.4 },
         );
@@ -179,6 +218,7 @@ mod tests {
     fn nothing_above_the_threshold_gives_an_empty_top() {
         let out = single_label(
             &[0.0, 0.0, 0.0],
+            Activation::None,
             &names(),
             &ClassificationParams { confidence: 0.5 },
         );
@@ -196,6 +236,7 @@ mod tests {
     fn multi_label_reports_every_class() {
         let out = multi_label(
             &[2.0, -2.0, 0.1],
+            Activation::Sigmoid,
             &names(),
             &ClassificationParams { confidence: 0.5 },
         );
@@ -210,5 +251,26 @@ mod tests {
         assert_eq!(predicted_classes, vec!["cat", "fox"]);
         assert!((predictions["dog"].confidence - 0.1192).abs() < 1e-4);
         assert_eq!(predictions["fox"].class_id, 2);
+    }
+
+    #[test]
+    fn activation_is_decided_from_every_probe_not_one_image() {
+        // Logits that happen to fall in [0, 1] for one probe but not another are logits.
+        let a: &[f32] = &[0.2, 0.9, 0.4];
+        let b: &[f32] = &[1.7, -0.3, 0.4];
+        assert_eq!(Activation::from_probes([a, b], true), Activation::Sigmoid);
+        assert_eq!(Activation::from_probes([a, a], true), Activation::None);
+        assert_eq!(Activation::from_probes([a, b], false), Activation::Softmax);
+        // A multi-label model with a sigmoid gets its values as they are, whatever the image.
+        let out = multi_label(
+            &[0.3, 0.6, 0.9],
+            Activation::None,
+            &names(),
+            &ClassificationParams { confidence: 0.5 },
+        );
+        let ClassificationOutput::MultiLabel { predictions, .. } = out else {
+            panic!()
+        };
+        assert_eq!(predictions["cat"].confidence, 0.3);
     }
 }

@@ -9,7 +9,7 @@ pub mod segmentation;
 use crate::geometry::Geometry;
 use crate::model::backend::OutputTensor;
 use crate::model::repository::TaskType;
-use classification::{ClassificationOutput, ClassificationParams};
+use classification::{Activation, ClassificationOutput, ClassificationParams};
 use detection::{DetectionParams, ObjectDetectionPrediction, YoloLayout};
 use segmentation::{InstanceSegmentationPrediction, SegLayout, SegmentationParams};
 
@@ -29,6 +29,32 @@ pub enum TaskOutput {
     Classification(ClassificationOutput),
 }
 
+/// Why an image's outputs gave no answer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PostprocessError {
+    /// The outputs do not fit the model's layout (a server-side fault).
+    #[error("{0}")]
+    Model(String),
+    /// The answer would cost more than a work budget allows (the request's fault).
+    #[error("{0}")]
+    OverBudget(String),
+    /// Nobody waits for the answer any more (deadline passed or client gone).
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl From<&str> for PostprocessError {
+    fn from(s: &str) -> Self {
+        PostprocessError::Model(s.to_owned())
+    }
+}
+
+impl From<String> for PostprocessError {
+    fn from(s: String) -> Self {
+        PostprocessError::Model(s)
+    }
+}
+
 /// How to read one model's outputs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OutputDecoder {
@@ -39,18 +65,22 @@ pub enum OutputDecoder {
     Segmentation(SegLayout),
     Classification {
         multi_label: bool,
+        /// Softmax, sigmoid or none, decided once at load from probe runs.
+        activation: Activation,
     },
 }
 
 impl OutputDecoder {
-    /// Picks the decoder from the task and the outputs of a warm-up run, checking that the
-    /// class count agrees with `class_names.txt` (as Roboflow's `validate_model` does).
+    /// Picks the decoder from the task and the outputs of probe runs (each on a different
+    /// input), checking that the class count agrees with `class_names.txt` (as Roboflow's
+    /// `validate_model` does).
     pub fn infer(
         task: TaskType,
-        outputs: &[OutputTensor],
+        probes: &[Vec<OutputTensor>],
         num_classes: usize,
         multi_label: bool,
     ) -> Result<Self, String> {
+        let outputs = probes.first().ok_or("no probe run")?;
         match task {
             TaskType::ObjectDetection => {
                 let out = outputs.first().ok_or("the model has no output")?;
@@ -101,7 +131,15 @@ impl OutputDecoder {
             TaskType::Classification => {
                 let out = outputs.first().ok_or("the model has no output")?;
                 match out.item_shape() {
-                    [n] if *n == num_classes => Ok(OutputDecoder::Classification { multi_label }),
+                    [n] if *n == num_classes => Ok(OutputDecoder::Classification {
+                        multi_label,
+                        activation: Activation::from_probes(
+                            probes.iter().filter_map(|p| p.first()).flat_map(|o| {
+                                (0..o.shape.first().copied().unwrap_or(0)).map(|i| o.item(i))
+                            }),
+                            multi_label,
+                        ),
+                    }),
                     s => Err(format!(
                         "classification output must be [batch, {num_classes}] for the classes of class_names.txt, got {s:?}"
                     )),
@@ -110,7 +148,9 @@ impl OutputDecoder {
         }
     }
 
-    /// Decodes image `i` of a batch; `input` is the network's (height, width).
+    /// Decodes image `i` of a batch; `input` is the network's (height, width). Costly steps
+    /// stop once `cancelled()` is true.
+    #[allow(clippy::too_many_arguments)]
     pub fn decode(
         &self,
         outputs: &[OutputTensor],
@@ -119,7 +159,8 @@ impl OutputDecoder {
         class_names: &[String],
         geo: &Geometry,
         params: &TaskParams,
-    ) -> Result<TaskOutput, String> {
+        cancelled: &(dyn Fn() -> bool + Sync),
+    ) -> Result<TaskOutput, PostprocessError> {
         match (self, params) {
             (OutputDecoder::Detection { layout, dims }, TaskParams::Detection(p)) => {
                 let out = outputs.first().ok_or("missing output")?;
@@ -141,14 +182,21 @@ impl OutputDecoder {
                     class_names,
                     geo,
                     p,
-                )))
+                    cancelled,
+                )?))
             }
-            (OutputDecoder::Classification { multi_label }, TaskParams::Classification(p)) => {
+            (
+                OutputDecoder::Classification {
+                    multi_label,
+                    activation,
+                },
+                TaskParams::Classification(p),
+            ) => {
                 let out = outputs.first().ok_or("missing output")?;
                 Ok(TaskOutput::Classification(if *multi_label {
-                    classification::multi_label(out.item(i), class_names, p)
+                    classification::multi_label(out.item(i), *activation, class_names, p)
                 } else {
-                    classification::single_label(out.item(i), class_names, p)
+                    classification::single_label(out.item(i), *activation, class_names, p)
                 }))
             }
             _ => Err("the request's parameters do not fit the model's task".into()),

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::detection::{self, Candidate, DetectionParams, YoloLayout};
-use super::rle;
+use super::{rle, PostprocessError};
 use crate::geometry::Geometry;
 
 /// Roboflow's `mask_decode_mode`.
@@ -48,7 +48,12 @@ pub struct SegmentationParams {
     pub detection: DetectionParams,
     pub mode: MaskDecodeMode,
     pub format: MaskFormat,
+    /// Largest masks x mask-output pixels one image may cost (MAX_MASK_WORK_PIXELS).
+    pub max_work_pixels: u64,
 }
+
+/// Default of MAX_MASK_WORK_PIXELS.
+pub const MAX_WORK_PIXELS: u64 = 2_000_000_000;
 
 /// Output shapes of a segmentation model, per image.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -387,7 +392,10 @@ fn rle_mask(mask: &BoxMask, input: (usize, usize), geo: &Geometry) -> rle::Rle {
     }
 }
 
-/// Turns one image's outputs into its instances.
+/// Turns one image's outputs into its instances. Refuses (before computing any mask) an
+/// image whose masks would cost more than `params.max_work_pixels`, and stops as soon as
+/// `cancelled()` says nobody waits for the answer.
+#[allow(clippy::too_many_arguments)]
 pub fn postprocess(
     pred: &[f32],
     protos: &[f32],
@@ -396,7 +404,8 @@ pub fn postprocess(
     class_names: &[String],
     geo: &Geometry,
     params: &SegmentationParams,
-) -> Vec<InstanceSegmentationPrediction> {
+    cancelled: &(dyn Fn() -> bool + Sync),
+) -> Result<Vec<InstanceSegmentationPrediction>, PostprocessError> {
     let p = &params.detection;
     let cands = detection::candidates(
         pred,
@@ -425,8 +434,23 @@ pub fn postprocess(
     let grid = params
         .mode
         .grid((layout.proto_dims.1, layout.proto_dims.2), input);
+    let per_mask = match params.format {
+        MaskFormat::Rle => geo.orig_w as u64 * geo.orig_h as u64,
+        MaskFormat::Polygon => grid.0 as u64 * grid.1 as u64,
+    };
+    let work = kept.len() as u64 * per_mask;
+    if work > params.max_work_pixels {
+        return Err(PostprocessError::OverBudget(format!(
+            "{} masks x {per_mask} pixels each = {work} pixels of mask work, more than MAX_MASK_WORK_PIXELS ({}): raise confidence, lower max_detections or ask for polygons",
+            kept.len(),
+            params.max_work_pixels
+        )));
+    }
     kept.par_iter()
         .map(|c| {
+            if cancelled() {
+                return None;
+            }
             let coeffs: Vec<f32> = (0..nm.min(attrs - coeff_row))
                 .map(|k| pred[(coeff_row + k) * n + c.anchor])
                 .collect();
@@ -448,12 +472,13 @@ pub fn postprocess(
                     mask_format: "rle",
                 },
             };
-            InstanceSegmentationPrediction {
+            Some(InstanceSegmentationPrediction {
                 detection: detection::prediction(c, &class_names[c.class_id], geo),
                 mask: body,
-            }
+            })
         })
-        .collect()
+        .collect::<Option<Vec<_>>>()
+        .ok_or(PostprocessError::Cancelled)
 }
 
 #[cfg(test)]
