@@ -507,12 +507,19 @@ async fn infer_json(
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let limit = state.cfg.max_body_bytes;
-    let (_, body) = read_body(state, req, limit, "MAX_BODY_BYTES", deadline).await?;
+    // The body's lease is held until the answer: its parsed copies count under it.
+    let (
+        _,
+        Body {
+            bytes,
+            lease: _lease,
+        },
+    ) = read_body(state, req, limit, "MAX_BODY_BYTES", deadline).await?;
     let _permit = admit(state)?;
     // A JSON body of megabytes (base64 images) is parsed on the CPU pool.
     let mut request = state
         .engine
-        .run_cpu(move || InferRequest::parse(&body.bytes))
+        .run_cpu(move || InferRequest::parse(&bytes))
         .await??;
     let model_id = request.model_id()?;
     let (images, is_list) = request.take_images()?;
