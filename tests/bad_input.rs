@@ -274,3 +274,34 @@ fn idle_and_silent_connections_are_closed_after_the_header_timeout() {
     );
     assert_eq!(s.get("/healthz").status, 200);
 }
+
+/// Small review findings of the hardening issue, each as a user would meet it.
+#[test]
+fn methods_nan_and_echoed_input_are_answered_sensibly() {
+    let s = Server::start("shapes-det/1", &[]);
+    // GET on an inference route is 405, not a lookup of model "infer/object_detection".
+    let r = s.get("/infer/object_detection");
+    assert_eq!(r.status, 405, "{:?}", r.body);
+    // HEAD works wherever GET does.
+    let head = s.raw(
+        "HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"",
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // confidence=NaN is refused, not taken as 0.01.
+    let png = common::fixture("samples/shapes/000000.jpg");
+    let r = s.post_multipart("/shapes-det/1?confidence=NaN", "file", &png);
+    assert_error(&r, 422, "confidence");
+    // A megabyte model id is not echoed back whole.
+    let id = "a".repeat(1 << 20);
+    let r = s.post_json(
+        "/infer/object_detection",
+        &json!({"model_id": id, "image": {"type": "base64", "value": "AAAA"}}),
+    );
+    assert!((400..500).contains(&r.status), "{}", r.status);
+    assert!(
+        r.body["message"].as_str().unwrap().len() < 1024,
+        "{} bytes",
+        r.body["message"].as_str().unwrap().len()
+    );
+}

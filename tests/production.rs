@@ -251,7 +251,7 @@ fn a_corrupt_model_fails_alone_and_is_reported() {
     let root = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("broken-{}", std::process::id()));
     let src = common::repo().join("models/shapes-det/1");
-    for (id, corrupt) in [("good/1", false), ("bad/1", true)] {
+    for (id, corrupt) in [("good/1", false), ("bad/1", true), ("badmeta/1", true)] {
         let dir = root.join(id);
         std::fs::create_dir_all(&dir).unwrap();
         for f in [
@@ -262,7 +262,9 @@ fn a_corrupt_model_fails_alone_and_is_reported() {
         ] {
             std::fs::copy(src.join(f), dir.join(f)).unwrap();
         }
-        if corrupt {
+        if id == "badmeta/1" {
+            std::fs::write(dir.join("environment.json"), b"{ not json").unwrap();
+        } else if corrupt {
             std::fs::write(dir.join("weights.onnx"), b"this is not an onnx file").unwrap();
         }
     }
@@ -286,11 +288,14 @@ fn a_corrupt_model_fails_alone_and_is_reported() {
     );
     let health = s.get("/healthz");
     assert_eq!(health.status, 200);
-    assert!(
-        health.body["models_failed_to_load"]["bad/1"].is_string(),
-        "{:?}",
-        health.body
-    );
+    // Broken weights and broken metadata are both reported.
+    for id in ["bad/1", "badmeta/1"] {
+        assert!(
+            health.body["models_failed_to_load"][id].is_string(),
+            "{id}: {:?}",
+            health.body
+        );
+    }
     assert_eq!(s.get("/readiness").status, 200);
     let ids: Vec<_> = s.get("/model/registry").body["models"]
         .as_array()
