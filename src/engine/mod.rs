@@ -17,9 +17,12 @@ use crate::geometry::ResizeMode;
 use crate::metrics::METRICS;
 use crate::model::repository::TaskType;
 use crate::pipeline::batcher::SubmitError;
-use crate::pipeline::decode::{base64_bytes, decode_into, DecodeError, DecodeOptions, NeededSize};
+use crate::pipeline::decode::{
+    base64_bytes, decode_full, decode_into, DecodeError, DecodeOptions, NeededSize,
+};
 use crate::pipeline::ring::Ring;
 use crate::pipeline::{Job, PipelineError, Pools};
+use crate::tasks::draw::{self, DrawOptions};
 use crate::tasks::{TaskOutput, TaskParams};
 use models::{LoadError, LoadedModel, ModelManager};
 
@@ -56,6 +59,7 @@ pub enum EngineError {
 }
 
 /// An image as the client sent it.
+#[derive(Clone)]
 pub enum ImageInput {
     /// Base64 text (a `data:` prefix and line breaks are accepted).
     Base64(String),
@@ -253,6 +257,39 @@ impl Engine {
             });
         }
         Ok(outputs)
+    }
+
+    /// Draws `output` on the image as the client sent it (decoded again, full size, oriented
+    /// like the model saw it) and encodes it as JPEG, on the postprocess pool.
+    pub async fn visualize(
+        &self,
+        model: &LoadedModel,
+        image: ImageInput,
+        output: &TaskOutput,
+        opts: DrawOptions,
+        disable_auto_orient: bool,
+    ) -> Result<Vec<u8>, EngineError> {
+        let auto_orient =
+            model.meta.auto_orient && !self.decode.disable_auto_orient && !disable_auto_orient;
+        let max_pixels = self.decode.max_image_pixels;
+        let colors = model.meta.colors.clone();
+        let output = output.clone();
+        let (tx, rx) = oneshot::channel();
+        self.pools.postprocess.spawn(move || {
+            let result = (|| {
+                let bytes = match image {
+                    ImageInput::Base64(text) => base64_bytes(&text)?.into(),
+                    ImageInput::Bytes(b) => b,
+                };
+                let mut img = decode_full(&bytes, max_pixels, auto_orient)?;
+                draw::draw(&mut img, &output, &colors, opts);
+                draw::encode_jpeg(&img).map_err(DecodeError::Undecodable)
+            })();
+            let _ = tx.send(result);
+        });
+        rx.await
+            .map_err(|_| EngineError::Internal("drawing panicked"))?
+            .map_err(EngineError::from)
     }
 
     /// Slots one model may hold: all of them while it is the only model loaded, else its

@@ -7,6 +7,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use crate::tasks::classification::ClassificationParams;
 use crate::tasks::detection::DetectionParams;
+use crate::tasks::draw::DrawOptions;
 use crate::tasks::segmentation::{self, MaskDecodeMode, MaskFormat, SegmentationParams};
 
 /// Where an image comes from.
@@ -81,6 +82,8 @@ pub struct InferRequest {
     pub max_candidates: Option<i64>,
     pub disable_preproc_auto_orient: Option<bool>,
     pub visualize_predictions: Option<bool>,
+    pub visualization_labels: Option<bool>,
+    pub visualization_stroke_width: Option<i64>,
     pub mask_decode_mode: Option<String>,
     pub tradeoff_factor: Option<f64>,
     pub response_mask_format: Option<String>,
@@ -118,6 +121,26 @@ impl InferRequest {
                 Ok((sources, true))
             }
         }
+    }
+
+    /// What to draw, when `visualize_predictions` asks for a picture.
+    pub fn draw_options(&self) -> Result<Option<DrawOptions>, ApiError> {
+        if self.visualize_predictions != Some(true) {
+            return Ok(None);
+        }
+        let stroke = match self.visualization_stroke_width {
+            None => 1,
+            Some(w @ 1..=100) => w as u32,
+            Some(w) => {
+                return Err(ApiError::invalid(format!(
+                    "visualization_stroke_width must be 1 to 100, got {w}"
+                )))
+            }
+        };
+        Ok(Some(DrawOptions {
+            labels: self.visualization_labels.unwrap_or(false),
+            stroke,
+        }))
     }
 
     /// The detection parameters, validated.
@@ -229,6 +252,8 @@ pub fn legacy_params(query: &str) -> Result<(InferRequest, LegacyOptions), ApiEr
         max_candidates: None,
         disable_preproc_auto_orient: None,
         visualize_predictions: None,
+        visualization_labels: None,
+        visualization_stroke_width: None,
         mask_decode_mode: None,
         tradeoff_factor: None,
         response_mask_format: None,
@@ -282,10 +307,24 @@ pub fn legacy_params(query: &str) -> Result<(InferRequest, LegacyOptions), ApiEr
             "mask_decode_mode" => req.mask_decode_mode = Some(v.to_string()),
             "tradeoff_factor" => req.tradeoff_factor = Some(float(&v)?),
             "response_mask_format" => req.response_mask_format = Some(v.to_string()),
-            "format" => opts.format = v.to_string(),
+            "format" => {
+                if !matches!(v.as_ref(), "json" | "image" | "image_and_json") {
+                    return Err(ApiError::invalid(format!(
+                        "format must be json, image or image_and_json, got '{v}'"
+                    )));
+                }
+                req.visualize_predictions = Some(v != "json");
+                opts.format = v.to_string();
+            }
+            "labels" => req.visualization_labels = Some(boolean(&v)?),
+            "stroke" => {
+                req.visualization_stroke_width = Some(v.parse().map_err(|_| {
+                    ApiError::invalid(format!("stroke must be an integer, got '{v}'"))
+                })?)
+            }
             "image" => opts.image_url = Some(v.to_string()),
             "image_type" => opts.image_type = v.to_string(),
-            _ => {} // api_key, labels, stroke, ... are accepted and have no effect here
+            _ => {} // api_key and the like are accepted and have no effect here
         }
     }
     Ok((req, opts))

@@ -57,6 +57,9 @@ pub struct InferResponse {
     pub image: ImageSize,
     #[serde(flatten)]
     pub body: TaskBody,
+    /// The predictions drawn on the image (base64 JPEG), when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub visualization: Option<String>,
     pub resolved_model: ResolvedModel,
 }
 

@@ -531,11 +531,12 @@ async fn infer_json(
         started,
         deadline,
     };
-    let responses = infer(state, call, &request, images, ctx).await?;
+    let (mut responses, pictures) = infer(state, call, &request, images, ctx).await?;
     // Thousands of RLE masks make megabytes of JSON: encoded on the CPU pool too.
     Ok(state
         .engine
         .run_cpu(move || {
+            attach_pictures(&mut responses, pictures);
             if is_list {
                 json(StatusCode::OK, &responses)
             } else {
@@ -555,12 +556,6 @@ async fn infer_legacy(
     let started = Instant::now();
     let query = req.uri().query().unwrap_or("").to_owned();
     let (request, opts) = legacy_params(&query)?;
-    if opts.format != "json" {
-        return Err(ApiError::not_implemented(format!(
-            "format={} (server-side visualisation) is not supported by cvserve; use format=json",
-            opts.format
-        )));
-    }
     // The admission permit and the body's lease, held until the answer is ready.
     let held;
     let source = if let Some(url) = opts.image_url.clone() {
@@ -608,11 +603,22 @@ async fn infer_legacy(
         started,
         deadline,
     };
-    let responses = infer(state, call, &request, vec![source], ctx).await?;
-    let resp = state
-        .engine
-        .run_cpu(move || json(StatusCode::OK, &responses[0]))
-        .await?;
+    let (mut responses, mut pictures) = infer(state, call, &request, vec![source], ctx).await?;
+    let resp = if opts.format == "image" {
+        // The picture itself (Roboflow's `format=image`).
+        let mut resp = Response::new(Full::new(Bytes::from(pictures.remove(0))));
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("image/jpeg"));
+        resp
+    } else {
+        state
+            .engine
+            .run_cpu(move || {
+                attach_pictures(&mut responses, pictures);
+                json(StatusCode::OK, &responses[0])
+            })
+            .await?
+    };
     drop(held);
     Ok(resp)
 }
@@ -675,14 +681,16 @@ struct InferCall<'a> {
     deadline: Instant,
 }
 
-/// Runs images through a model and renders one response per image, in order.
+/// Runs images through a model and renders one response per image, in order; with
+/// `visualize_predictions`, also each image with its predictions drawn (JPEG), drawn on the
+/// postprocess pool.
 async fn infer(
     state: &Arc<AppState>,
     call: InferCall<'_>,
     request: &InferRequest,
     images: Vec<ImageSource>,
     ctx: &mut RequestContext,
-) -> Result<Vec<InferResponse>, ApiError> {
+) -> Result<(Vec<InferResponse>, Vec<Vec<u8>>), ApiError> {
     let InferCall {
         model_id,
         expected,
@@ -690,11 +698,7 @@ async fn infer(
         started,
         deadline,
     } = call;
-    if request.visualize_predictions == Some(true) {
-        return Err(ApiError::not_implemented(
-            "visualize_predictions (server-side drawing) is not supported by cvserve",
-        ));
-    }
+    let draw = request.draw_options()?;
     let model = state.engine.model(model_id).await?;
     ctx.model = Some(model.meta.id.clone());
     if let Some(expected) = expected {
@@ -709,18 +713,31 @@ async fn infer(
             ImageSource::Url(u) => ImageInput::Bytes(fetch_url(state, &u).await?),
         });
     }
+    // Drawing needs the image again: a refcount for bytes, a copy of base64 text.
+    let originals = draw.is_some().then(|| inputs.clone());
+    let disable_orient = request.disable_preproc_auto_orient.unwrap_or(false);
     let outputs = state
         .engine
-        .infer(
-            &model,
-            inputs,
-            params,
-            request.disable_preproc_auto_orient.unwrap_or(false),
-            deadline,
-        )
+        .infer(&model, inputs, params, disable_orient, deadline)
         .await?;
+    let mut pictures = Vec::new();
+    if let (Some(opts), Some(originals)) = (draw, originals) {
+        for (image, out) in originals.into_iter().zip(&outputs) {
+            let picture = state
+                .engine
+                .visualize(&model, image, &out.output, opts, disable_orient);
+            let picture = tokio::time::timeout_at(deadline.into(), picture)
+                .await
+                .map_err(|_| {
+                    ApiError::from(crate::pipeline::PipelineError::DeadlineExceeded(
+                        "while drawing",
+                    ))
+                })??;
+            pictures.push(picture);
+        }
+    }
     let time = started.elapsed().as_secs_f64();
-    Ok(outputs
+    let responses = outputs
         .into_iter()
         .map(|o| InferResponse {
             inference_id: inference_id.to_owned(),
@@ -730,11 +747,21 @@ async fn infer(
                 height: o.height,
             },
             body: o.output.into(),
+            visualization: None,
             resolved_model: ResolvedModel {
                 model_id: model_id.to_owned(),
             },
         })
-        .collect())
+        .collect();
+    Ok((responses, pictures))
+}
+
+/// Puts each picture, base64, in its response's `visualization`.
+fn attach_pictures(responses: &mut [InferResponse], pictures: Vec<Vec<u8>>) {
+    use base64::Engine as _;
+    for (r, p) in responses.iter_mut().zip(pictures) {
+        r.visualization = Some(base64::engine::general_purpose::STANDARD.encode(p));
+    }
 }
 
 #[cfg(test)]

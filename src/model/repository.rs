@@ -73,6 +73,18 @@ pub struct ModelMetadata {
     pub auto_orient: bool,
     /// `MULTICLASS` in environment.json (multi-label classification).
     pub multiclass: bool,
+    /// `COLORS` of environment.json: class name to RGB, for drawing.
+    pub colors: std::collections::HashMap<String, [u8; 3]>,
+}
+
+/// Parses `#RRGGBB` (or `RRGGBB`).
+pub fn parse_hex_color(s: &str) -> Option<[u8; 3]> {
+    let h = s.trim().trim_start_matches('#');
+    if h.len() != 6 {
+        return None;
+    }
+    let v = u32::from_str_radix(h, 16).ok()?;
+    Some([(v >> 16) as u8, (v >> 8) as u8, v as u8])
 }
 
 /// Checks that `id` is `dataset/version` with safe characters, so it cannot escape the root.
@@ -188,6 +200,20 @@ pub fn read(root: &Path, id: &str) -> Result<ModelMetadata, RepositoryError> {
     } else {
         ResizeMode::Stretch
     };
+    // COLORS: {"class": "#RRGGBB"}, as an object or a JSON string of one (like PREPROCESSING).
+    let colors = match env.get("COLORS") {
+        Some(Value::String(s)) => serde_json::from_str::<Value>(s).unwrap_or(Value::Null),
+        Some(v) => v.clone(),
+        None => Value::Null,
+    };
+    let colors = colors
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), parse_hex_color(v.as_str()?)?)))
+                .collect()
+        })
+        .unwrap_or_default();
     let multiclass = env
         .get("MULTICLASS")
         .and_then(Value::as_bool)
@@ -213,6 +239,7 @@ pub fn read(root: &Path, id: &str) -> Result<ModelMetadata, RepositoryError> {
         weights,
         task,
         model_type: model_type_name,
+        colors,
         class_names,
         resize_size,
         resize: resize_mode,
@@ -317,6 +344,13 @@ mod tests {
         assert!(!m.auto_orient);
         assert_eq!(m.resize, ResizeMode::Stretch);
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn colors_are_hex_rgb() {
+        assert_eq!(parse_hex_color("#FF8000"), Some([255, 128, 0]));
+        assert_eq!(parse_hex_color("4892ea"), Some([0x48, 0x92, 0xEA]));
+        assert_eq!(parse_hex_color("zz"), None);
     }
 
     #[test]

@@ -458,6 +458,42 @@ fn decode_other(
     })
 }
 
+/// The whole image as RGB, oriented (for drawing on it): at most `max_pixels`, with the
+/// `image` crate's allocation limit at 4 bytes per allowed pixel.
+pub fn decode_full(
+    data: &[u8],
+    max_pixels: u64,
+    auto_orient: bool,
+) -> Result<image::RgbImage, DecodeError> {
+    let undecodable = |e: image::ImageError| {
+        DecodeError::Undecodable(format!(
+            "the bytes are not an image in a known format ({e})."
+        ))
+    };
+    let format = image::guess_format(data).map_err(undecodable)?;
+    let mut reader = image::ImageReader::with_format(Cursor::new(data), format);
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(max_pixels.saturating_mul(OTHER_BYTES_PER_PIXEL));
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder().map_err(undecodable)?;
+    let (w, h) = decoder.dimensions();
+    let opts = DecodeOptions {
+        auto_orient,
+        max_image_pixels: max_pixels,
+        needed: None,
+        deadline: None,
+    };
+    check_pixels(w as u64, h as u64, &opts)?;
+    let orientation = if auto_orient {
+        decoder.orientation().unwrap_or(Orientation::NoTransforms)
+    } else {
+        Orientation::NoTransforms
+    };
+    let mut img = image::DynamicImage::from_decoder(decoder).map_err(undecodable)?;
+    img.apply_orientation(orientation);
+    Ok(img.into_rgb8())
+}
+
 /// Reads the EXIF orientation from a JPEG's APP1 segment without decoding anything else.
 pub fn exif_orientation(jpeg: &[u8]) -> Orientation {
     let mut i = 2; // after SOI

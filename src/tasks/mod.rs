@@ -3,6 +3,7 @@
 
 pub mod classification;
 pub mod detection;
+pub mod draw;
 pub mod rle;
 pub mod segmentation;
 
