@@ -241,6 +241,7 @@ fn bench_json(c: &mut Criterion) {
             height: 720,
         },
         body: TaskBody::Detection { predictions: preds },
+        visualization: None,
         resolved_model: ResolvedModel {
             model_id: "coco/1".into(),
         },
