@@ -53,3 +53,20 @@ if [ "${1:-}" = "--sdk" ]; then
     echo "setup: kubernetes-validate in vendor/deploy-venv"
   fi
 fi
+
+# Tools of the browser test (tests/web_page.rs): Debian's Chromium and its WebDriver, and
+# Selenium + openapi-spec-validator in vendor/web-venv. Only with --sdk (the test command).
+if [ "${1:-}" = "--sdk" ]; then
+  if ! command -v chromedriver >/dev/null || ! { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+    echo "setup: chromium and chromium-driver installed"
+  fi
+  if ! vendor/web-venv/bin/python -c "import selenium, openapi_spec_validator" 2>/dev/null; then
+    rm -rf vendor/web-venv
+    python3 -m venv vendor/web-venv
+    vendor/web-venv/bin/pip install -q "selenium==4.*" "openapi-spec-validator==0.7.*"
+    echo "setup: selenium and openapi-spec-validator in vendor/web-venv"
+  fi
+fi

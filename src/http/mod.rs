@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod images;
+pub mod openapi;
 pub mod request;
 pub mod response;
 pub mod routes;

@@ -22,10 +22,14 @@ pub enum ImageSource {
 }
 
 /// Roboflow's `InferenceRequestImage`: `{"type": "base64" | "url", "value": ...}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct RequestImage {
+    /// `base64`, or `url` (when the server allows URL input).
     #[serde(rename = "type")]
+    #[schema(pattern = "^(base64|url)$", example = "base64")]
     pub kind: String,
+    /// The base64 text (a `data:` prefix is accepted) or the URL.
+    #[schema(value_type = String)]
     pub value: Option<Value>,
 }
 
@@ -53,7 +57,7 @@ impl RequestImage {
 }
 
 /// One image or a list of them; a list gets a list of responses in the same order.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum OneOrMany {
     Many(Vec<RequestImage>),
@@ -61,31 +65,59 @@ pub enum OneOrMany {
 }
 
 /// `confidence` may be a number or Roboflow's "best" / "default" (both mean the default).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Confidence {
     Value(f64),
     Named(String),
 }
 
-/// The body of `/infer/object_detection` (and the detection fields other tasks share).
-#[derive(Debug, Deserialize)]
+/// The body of `/infer/object_detection`, `/infer/instance_segmentation` and
+/// `/infer/classification` (each route reads the fields of its task).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct InferRequest {
+    /// `dataset/version` of the model.
+    #[schema(example = "coco/1")]
     pub model_id: Option<String>,
+    /// One image, or a list of them (the answer is then a list, in order).
     pub image: Option<OneOrMany>,
+    /// Used as `inference_id` in the answer.
     pub id: Option<String>,
+    /// Lowest score kept: a number in [0, 1], or "best"/"default" (the default).
+    #[schema(value_type = Option<f64>, default = 0.4)]
     pub confidence: Option<Confidence>,
+    /// IoU above which NMS suppresses a box.
+    #[schema(default = 0.3)]
     pub iou_threshold: Option<f64>,
+    /// NMS across classes.
+    #[schema(default = false)]
     pub class_agnostic_nms: Option<bool>,
+    /// Only these class names.
     pub class_filter: Option<Vec<String>>,
+    #[schema(default = 300)]
     pub max_detections: Option<i64>,
+    /// Boxes entering NMS at most.
+    #[schema(default = 3000)]
     pub max_candidates: Option<i64>,
+    #[schema(default = false)]
     pub disable_preproc_auto_orient: Option<bool>,
+    /// Draw the predictions and return the picture (base64 JPEG) in `visualization`.
+    #[schema(default = false)]
     pub visualize_predictions: Option<bool>,
+    /// Label each box with "class confidence".
+    #[schema(default = false)]
     pub visualization_labels: Option<bool>,
+    /// Line width of the drawing, 1 to 100.
+    #[schema(default = 1)]
     pub visualization_stroke_width: Option<i64>,
+    /// Segmentation: the mask grid (`accurate`: network input, `fast`: prototypes,
+    /// `tradeoff`: between, by `tradeoff_factor`).
+    #[schema(default = "accurate", pattern = "^(accurate|fast|tradeoff)$")]
     pub mask_decode_mode: Option<String>,
+    #[schema(default = 0.0)]
     pub tradeoff_factor: Option<f64>,
+    /// Segmentation: `polygon` (points) or `rle` (COCO run-length, original resolution).
+    #[schema(default = "polygon", pattern = "^(polygon|rle)$")]
     pub response_mask_format: Option<String>,
 }
 

@@ -13,20 +13,20 @@ use crate::tasks::segmentation::InstanceSegmentationPrediction;
 use crate::tasks::TaskOutput;
 
 /// `{width, height}` of the image as the client sent it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ImageSize {
     pub width: u32,
     pub height: u32,
 }
 
 /// `resolved_model` (Roboflow 1.8.x standard server).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ResolvedModel {
     pub model_id: String,
 }
 
 /// The task-specific part of a response.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum TaskBody {
     Detection {
@@ -49,7 +49,7 @@ impl From<TaskOutput> for TaskBody {
 }
 
 /// One image's inference response.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct InferResponse {
     pub inference_id: String,
     /// Seconds from the request's arrival to its answer.
@@ -64,7 +64,7 @@ pub struct InferResponse {
 }
 
 /// `ModelsDescriptions` entry.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ModelDescription {
     pub model_id: String,
     pub task_type: &'static str,
@@ -80,7 +80,7 @@ pub struct ModelDescription {
 }
 
 /// `ModelsDescriptions`, the answer of `/model/registry`, `/model/add`, `/model/remove`, `/model/clear`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ModelsDescriptions {
     pub models: Vec<ModelDescription>,
     pub total_vram_bytes: Option<u64>,

@@ -132,7 +132,10 @@ async fn route(
         ));
     }
     // Fixed routes win over `/{dataset}/{version}` (so "model/registry" is not a model id).
-    const FIXED: [&str; 8] = [
+    const FIXED: [&str; 11] = [
+        "/docs",
+        "/openapi.json",
+        DOCS_SCRIPT,
         "/info",
         "/healthz",
         "/readiness",
@@ -169,6 +172,12 @@ async fn route(
         };
     }
     match (&method, path.as_str()) {
+        (&Method::GET, "/") => Ok(asset(INDEX_HTML, "text/html; charset=utf-8")),
+        (&Method::GET, "/docs") => Ok(asset(DOCS_HTML, "text/html; charset=utf-8")),
+        (&Method::GET, DOCS_SCRIPT) => Ok(asset(REDOC_JS, "application/javascript")),
+        (&Method::GET, "/openapi.json") => {
+            Ok(asset(super::openapi::document(), "application/json"))
+        }
         (&Method::GET, "/info") => Ok(info(state)),
         (&Method::GET, "/healthz") => {
             let failed: serde_json::Map<String, serde_json::Value> = state
@@ -202,6 +211,25 @@ async fn route(
         }
         _ => Err(ApiError::not_found(format!("Not Found: {method} {path}"))),
     }
+}
+
+/// The page to try models in a browser (no build step, no CDN: every asset is served here).
+const INDEX_HTML: &str = include_str!("../../assets/index.html");
+
+/// Redoc, from npm (`redoc` 2.5.4, MIT), rendering `/openapi.json` at `/docs`.
+const REDOC_JS: &[u8] = include_bytes!("../../assets/redoc.standalone.js");
+const DOCS_SCRIPT: &str = "/docs/redoc.standalone.js";
+const DOCS_HTML: &str = r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>cvserve API</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body><redoc spec-url="openapi.json"></redoc>
+<script src="docs/redoc.standalone.js"></script></body></html>"#;
+
+fn asset(body: impl Into<Bytes>, content_type: &'static str) -> HttpResponse {
+    let mut resp = Response::new(Full::new(body.into()));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
 }
 
 /// Roboflow's `/info` (`name`, `version`, `uuid`), plus how each loaded model is served.

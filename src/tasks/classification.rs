@@ -14,7 +14,7 @@ pub struct ClassificationParams {
 }
 
 /// One class of a single-label answer.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct ClassPrediction {
     #[serde(rename = "class")]
     pub class_name: String,
@@ -23,14 +23,14 @@ pub struct ClassPrediction {
 }
 
 /// One class of a multi-label answer.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct LabelScore {
     pub confidence: f32,
     pub class_id: usize,
 }
 
 /// The task-specific fields of a classification response.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum ClassificationOutput {
     SingleLabel {

@@ -187,7 +187,7 @@ pub fn nms(
 }
 
 /// One detection as Roboflow's `ObjectDetectionPrediction` puts it on the wire.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct ObjectDetectionPrediction {
     pub x: f32,
     pub y: f32,

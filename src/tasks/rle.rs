@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 /// `{"size": [height, width], "counts": "..."}`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Rle {
     pub size: [usize; 2],
     pub counts: String,

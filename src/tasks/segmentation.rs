@@ -303,14 +303,14 @@ fn simplify(points: Vec<(i32, i32)>) -> Vec<(i32, i32)> {
 }
 
 /// A polygon point in original-image pixels.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Point {
     pub x: f32,
     pub y: f32,
 }
 
 /// The mask part of a segmentation prediction.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum MaskBody {
     Polygon {
@@ -324,7 +324,7 @@ pub enum MaskBody {
 }
 
 /// One instance as Roboflow's `InstanceSegmentationPrediction` puts it on the wire.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct InstanceSegmentationPrediction {
     #[serde(flatten)]
     pub detection: detection::ObjectDetectionPrediction,
