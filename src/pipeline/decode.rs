@@ -587,16 +587,17 @@ mod tests {
         out.into_inner()
     }
 
+    /// `img` as PNG, decoded into a slot of `slot_pixels`.
+    fn png_in_slot(img: &image::RgbImage, slot_pixels: usize) -> DecodedImage {
+        let ring = ring(slot_pixels);
+        let data = encode(img, image::ImageFormat::Png);
+        decode_into(&data, ring.try_acquire().unwrap(), &OPTS).unwrap()
+    }
+
     #[test]
     fn png_decodes_exactly() {
         let img = gradient(37, 21);
-        let ring = ring(4096);
-        let d = decode_into(
-            &encode(&img, image::ImageFormat::Png),
-            ring.try_acquire().unwrap(),
-            &OPTS,
-        )
-        .unwrap();
+        let d = png_in_slot(&img, 4096);
         assert_eq!(
             (d.width, d.height, d.orig_width, d.orig_height),
             (37, 21, 37, 21)
@@ -610,24 +611,14 @@ mod tests {
         let rgba16 = image::DynamicImage::ImageRgb8(img.clone()).into_rgba16();
         let grey = image::DynamicImage::ImageRgb8(img.clone()).into_luma8();
         let ring = ring(4096);
-        let enc = |d: image::DynamicImage| {
+        let decode_png = |d: image::DynamicImage| {
             let mut out = Cursor::new(Vec::new());
             d.write_to(&mut out, image::ImageFormat::Png).unwrap();
-            out.into_inner()
+            decode_into(&out.into_inner(), ring.try_acquire().unwrap(), &OPTS).unwrap()
         };
-        let d = decode_into(
-            &enc(image::DynamicImage::ImageRgba16(rgba16)),
-            ring.try_acquire().unwrap(),
-            &OPTS,
-        )
-        .unwrap();
+        let d = decode_png(image::DynamicImage::ImageRgba16(rgba16));
         assert_eq!(d.pixels(), img.as_raw().as_slice());
-        let d = decode_into(
-            &enc(image::DynamicImage::ImageLuma8(grey.clone())),
-            ring.try_acquire().unwrap(),
-            &OPTS,
-        )
-        .unwrap();
+        let d = decode_png(image::DynamicImage::ImageLuma8(grey.clone()));
         let expected: Vec<u8> = grey.as_raw().iter().flat_map(|&v| [v; 3]).collect();
         assert_eq!(d.pixels(), expected.as_slice());
     }
@@ -638,13 +629,7 @@ mod tests {
         let img = image::RgbImage::from_fn(40, 20, |x, y| {
             image::Rgb([(x / 2 * 10) as u8, (y / 2 * 20) as u8, 7])
         });
-        let ring = ring(300);
-        let d = decode_into(
-            &encode(&img, image::ImageFormat::Png),
-            ring.try_acquire().unwrap(),
-            &OPTS,
-        )
-        .unwrap();
+        let d = png_in_slot(&img, 300);
         assert_eq!(
             (d.width, d.height, d.orig_width, d.orig_height),
             (20, 10, 40, 20)

@@ -24,12 +24,7 @@ pub fn dispatch(
             continue; // already answered with its preprocessing error
         };
         if job.reply.is_closed() {
-            let late = std::time::Instant::now() >= job.deadline;
-            METRICS.outcome(
-                &runtime.id,
-                if late { "timed_out" } else { "cancelled" },
-                "after_inference",
-            );
+            count_dropped(&runtime.id, job.deadline, "after_inference");
             continue;
         }
         let outputs = Arc::clone(&outputs);
@@ -57,12 +52,7 @@ pub fn dispatch(
                 Ok(Err(PostprocessError::Model(e))) => Err(PipelineError::Postprocess(e)),
                 Ok(Err(PostprocessError::OverBudget(e))) => Err(PipelineError::OverBudget(e)),
                 Ok(Err(PostprocessError::Cancelled)) => {
-                    let late = std::time::Instant::now() >= job.deadline;
-                    METRICS.outcome(
-                        &runtime.id,
-                        if late { "timed_out" } else { "cancelled" },
-                        "postprocess",
-                    );
+                    count_dropped(&runtime.id, job.deadline, "postprocess");
                     return;
                 }
                 Err(_) => Err(PipelineError::Panicked("postprocess")),
@@ -79,4 +69,11 @@ pub fn dispatch(
             let _ = job.reply.send(answer);
         });
     }
+}
+
+/// Counts an image nobody waits for any more: timed out past its deadline, else cancelled
+/// (the client hung up).
+fn count_dropped(model: &str, deadline: std::time::Instant, stage: &str) {
+    let late = std::time::Instant::now() >= deadline;
+    METRICS.outcome(model, if late { "timed_out" } else { "cancelled" }, stage);
 }
