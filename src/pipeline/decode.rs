@@ -393,27 +393,7 @@ fn decode_other(
     mut slot: SlotHandle,
     opts: &DecodeOptions,
 ) -> Result<DecodedImage, DecodeError> {
-    let undecodable = |e: image::ImageError| {
-        DecodeError::Undecodable(format!(
-            "the bytes are not an image in a known format ({e})."
-        ))
-    };
-    let format = image::guess_format(data).map_err(undecodable)?;
-    let mut reader = image::ImageReader::with_format(Cursor::new(data), format);
-    let mut limits = image::Limits::default();
-    limits.max_alloc = Some(opts.max_image_pixels.saturating_mul(OTHER_BYTES_PER_PIXEL));
-    reader.limits(limits);
-    let mut decoder = reader.into_decoder().map_err(undecodable)?;
-    let (w, h) = decoder.dimensions();
-    check_pixels(w as u64, h as u64, opts)?;
-    let orientation = if opts.auto_orient {
-        decoder.orientation().unwrap_or(Orientation::NoTransforms)
-    } else {
-        Orientation::NoTransforms
-    };
-    let mut img = image::DynamicImage::from_decoder(decoder).map_err(undecodable)?;
-    img.apply_orientation(orientation);
-    let rgb = img.into_rgb8();
+    let rgb = decode_full(data, opts.max_image_pixels, opts.auto_orient)?;
     let (w, h) = rgb.dimensions();
     let slot_pixels = slot.bytes().len() / 3;
     if (w as usize) * (h as usize) <= slot_pixels {
@@ -458,8 +438,9 @@ fn decode_other(
     })
 }
 
-/// The whole image as RGB, oriented (for drawing on it): at most `max_pixels`, with the
-/// `image` crate's allocation limit at 4 bytes per allowed pixel.
+/// The whole image as RGB, oriented, through the `image` crate (formats other than JPEG and
+/// plain PNG, and drawing): at most `max_pixels`, allocating at most 4 bytes per allowed
+/// pixel.
 pub fn decode_full(
     data: &[u8],
     max_pixels: u64,
