@@ -149,6 +149,13 @@ impl ModelManager {
                 return Err(e);
             }
         };
+        if !model.meta.unapplied_preprocessing.is_empty() {
+            tracing::warn!(
+                model = id,
+                steps = ?model.meta.unapplied_preprocessing,
+                "environment.json enables preprocessing steps cvserve does not apply yet: its answers will differ from Roboflow's"
+            );
+        }
         tracing::info!(
             model = id,
             task = model.meta.task.as_str(),

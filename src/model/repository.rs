@@ -73,6 +73,9 @@ pub struct ModelMetadata {
     pub auto_orient: bool,
     /// `MULTICLASS` in environment.json (multi-label classification).
     pub multiclass: bool,
+    /// Enabled `PREPROCESSING` steps cvserve does not apply yet (`static-crop`, `contrast`,
+    /// `grayscale`): the model's answers differ from Roboflow's, and the load says so.
+    pub unapplied_preprocessing: Vec<String>,
     /// `COLORS` of environment.json: class name to RGB, for drawing.
     pub colors: std::collections::HashMap<String, [u8; 3]>,
 }
@@ -244,6 +247,16 @@ pub fn read(root: &Path, id: &str) -> Result<ModelMetadata, RepositoryError> {
         resize_size,
         resize: resize_mode,
         auto_orient: pre.get("auto-orient").is_some(),
+        unapplied_preprocessing: ["static-crop", "contrast", "grayscale"]
+            .into_iter()
+            .filter(|step| {
+                pre.get(step)
+                    .and_then(|b| b.get("enabled"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false)
+            })
+            .map(str::to_owned)
+            .collect(),
         multiclass,
     })
 }
@@ -329,6 +342,22 @@ mod tests {
     }
 
     #[test]
+    fn enabled_preprocessing_steps_not_applied_are_named() {
+        let root = tmp_root("pre");
+        fixture(
+            &root.join("ds/2"),
+            r##"{"PREPROCESSING": {"static-crop": {"enabled": true, "x_min": 20}, "contrast": {"enabled": false, "type": "Contrast Stretching"}, "grayscale": {"enabled": true}}, "COLORS": "{\"a\": \"#FF0000\"}"}"##,
+            Some("a\n"),
+            "object-detection",
+            "weights.onnx",
+        );
+        let m = read(&root, "ds/2").unwrap();
+        assert_eq!(m.unapplied_preprocessing, vec!["static-crop", "grayscale"]);
+        assert_eq!(m.colors.get("a"), Some(&[255, 0, 0]));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn falls_back_to_class_map_and_yolov5_weights_name() {
         let root = tmp_root("v5");
         fixture(
@@ -342,6 +371,7 @@ mod tests {
         assert_eq!(m.class_names, vec!["a", "b", "k"]);
         assert!(m.weights.ends_with("yolov5s_weights.onnx"));
         assert!(!m.auto_orient);
+        assert!(m.unapplied_preprocessing.is_empty());
         assert_eq!(m.resize, ResizeMode::Stretch);
         std::fs::remove_dir_all(&root).unwrap();
     }
