@@ -3,6 +3,8 @@
 //! `DRAIN_TIMEOUT_S` or the ring's size that forgets the manifests fails here. The checks
 //! are in `deploy_check.py`; the tools come from `scripts/setup.sh --sdk`.
 
+mod common;
+
 use clap::Parser;
 use cvserve::config::ServeConfig;
 
@@ -21,22 +23,30 @@ fn manifests_and_dockerfiles_agree_with_the_servers_defaults() {
         .unwrap_or_else(|_| format!("{repo}/vendor/deploy-venv/bin/python"));
     let validator = std::path::Path::new(&python).with_file_name("kubernetes-validate");
     let ring_bytes = cfg.ring_slots as usize * cfg.ring_slot_pixels * 3;
-    let out = std::process::Command::new(&python)
-        .arg(format!("{repo}/tests/deploy_check.py"))
-        .args(["--repo", repo, "--kubectl", "kubectl"])
-        .arg("--validator")
-        .arg(&validator)
-        .args(["--port", &cfg.port.to_string()])
-        .args(["--drain-s", &cfg.drain_timeout_s.to_string()])
-        .args(["--ring-bytes", &ring_bytes.to_string()])
-        .args(["--max-inflight", &cfg.max_inflight_requests.to_string()])
-        .output()
-        .unwrap_or_else(|e| panic!("{python}: {e} (scripts/setup.sh --sdk installs it)"));
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{report}");
+    let ring_bytes = ring_bytes.to_string();
+    let port = cfg.port.to_string();
+    let drain = cfg.drain_timeout_s.to_string();
+    let inflight = cfg.max_inflight_requests.to_string();
+    let flags = [
+        "--repo",
+        repo,
+        "--kubectl",
+        "kubectl",
+        "--port",
+        &port,
+        "--drain-s",
+        &drain,
+        "--ring-bytes",
+        &ring_bytes,
+        "--max-inflight",
+        &inflight,
+    ];
+    let args: Vec<&std::ffi::OsStr> = flags
+        .iter()
+        .map(std::ffi::OsStr::new)
+        .chain([std::ffi::OsStr::new("--validator"), validator.as_os_str()])
+        .collect();
+    let (ok, report) = common::python_check(&python, "deploy_check.py", &args);
+    assert!(ok, "{report}");
     assert!(report.contains("deploy check: 0 problem(s)"), "{report}");
 }

@@ -13,19 +13,13 @@ fn the_page_runs_a_model_in_a_browser_and_the_api_is_documented() {
     let python = std::env::var("CVSERVE_WEB_PYTHON")
         .unwrap_or_else(|_| format!("{}/vendor/web-venv/bin/python", env!("CARGO_MANIFEST_DIR")));
     let screenshot = repo().join("target/web-page.png");
-    let out = std::process::Command::new(&python)
-        .arg(repo().join("tests/web_check.py"))
-        .arg(&s.base)
-        .arg(repo().join("tests/fixtures/images/dog.jpg"))
-        .arg(&screenshot)
-        .output()
-        .unwrap_or_else(|e| panic!("{python}: {e} (scripts/setup.sh --sdk installs it)"));
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let dog = repo().join("tests/fixtures/images/dog.jpg");
+    let (ok, report) = common::python_check(
+        &python,
+        "web_check.py",
+        &[s.base.as_ref(), dog.as_os_str(), screenshot.as_os_str()],
     );
-    assert!(out.status.success(), "{report}\n{}", s.logs());
+    assert!(ok, "{report}\n{}", s.logs());
     assert!(report.contains("web check: ok"), "{report}");
     assert!(screenshot.exists());
 }

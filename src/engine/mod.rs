@@ -268,6 +268,7 @@ impl Engine {
         output: &TaskOutput,
         opts: DrawOptions,
         disable_auto_orient: bool,
+        deadline: Instant,
     ) -> Result<Vec<u8>, EngineError> {
         let auto_orient =
             model.meta.auto_orient && !self.decode.disable_auto_orient && !disable_auto_orient;
@@ -276,12 +277,20 @@ impl Engine {
         let output = output.clone();
         let (tx, rx) = oneshot::channel();
         self.pools.postprocess.spawn(move || {
+            // Nothing more is done for a request whose deadline has passed.
+            let in_time = || {
+                (Instant::now() < deadline)
+                    .then_some(())
+                    .ok_or(DecodeError::DeadlineExceeded)
+            };
             let result = (|| {
+                in_time()?;
                 let bytes = match image {
                     ImageInput::Base64(text) => base64_bytes(&text)?.into(),
                     ImageInput::Bytes(b) => b,
                 };
                 let mut img = decode_full(&bytes, max_pixels, auto_orient)?;
+                in_time()?;
                 draw::draw(&mut img, &output, &colors, opts);
                 draw::encode_jpeg(&img).map_err(DecodeError::Undecodable)
             })();
@@ -296,7 +305,7 @@ impl Engine {
     /// RING_MODEL_SHARE (at least one).
     fn ring_share(&self) -> usize {
         let slots = self.ring.slots();
-        if self.models.list().len() <= 1 {
+        if self.models.count() <= 1 {
             return slots;
         }
         ((slots as f64 * self.decode.ring_model_share).ceil() as usize).clamp(1, slots)

@@ -208,6 +208,11 @@ impl ModelManager {
         }
     }
 
+    /// How many models are loaded (cheap: no list is built).
+    pub fn count(&self) -> usize {
+        self.models.read().len()
+    }
+
     /// The loaded models, sorted by id.
     pub fn list(&self) -> Vec<Arc<LoadedModel>> {
         let mut v: Vec<_> = self.models.read().values().cloned().collect();

@@ -24,6 +24,44 @@ pub struct ModelRequest {
     pub model_id: String,
 }
 
+/// The error answers every inference route may give.
+#[derive(utoipa::IntoResponses)]
+enum InferErrors {
+    #[response(
+        status = 400,
+        description = "Bad image or value, or the wrong task for the route"
+    )]
+    BadRequest(ErrorBody),
+    #[response(status = 404, description = "Unknown model")]
+    NotFound(ErrorBody),
+    #[response(
+        status = 408,
+        description = "The body did not arrive within the deadline"
+    )]
+    Timeout(ErrorBody),
+    #[response(
+        status = 413,
+        description = "Body or image list larger than the server ever takes"
+    )]
+    TooLarge(ErrorBody),
+    #[response(
+        status = 422,
+        description = "Body or parameter does not match the schema, or the masks would exceed MAX_MASK_WORK_PIXELS"
+    )]
+    Invalid(ErrorBody),
+    #[response(
+        status = 429,
+        description = "Overloaded; retry after `Retry-After` seconds"
+    )]
+    Overloaded(ErrorBody),
+    #[response(status = 500, description = "The model failed")]
+    Failed(ErrorBody),
+    #[response(status = 503, description = "Shutting down")]
+    ShuttingDown(ErrorBody),
+    #[response(status = 504, description = "Deadline exceeded")]
+    DeadlineExceeded(ErrorBody),
+}
+
 #[utoipa::path(
     post,
     path = "/infer/object_detection",
@@ -31,15 +69,7 @@ pub struct ModelRequest {
     request_body = InferRequest,
     responses(
         (status = 200, description = "One response per image (a list when `image` was a list)", body = InferResponse),
-        (status = 400, description = "Bad image or value", body = ErrorBody),
-        (status = 404, description = "Unknown model", body = ErrorBody),
-        (status = 408, description = "The body did not arrive within the deadline", body = ErrorBody),
-        (status = 413, description = "Body or image list larger than the server ever takes", body = ErrorBody),
-        (status = 422, description = "Body does not match the schema", body = ErrorBody),
-        (status = 429, description = "Overloaded; retry after `Retry-After` seconds", body = ErrorBody),
-        (status = 500, description = "The model failed", body = ErrorBody),
-        (status = 503, description = "Shutting down", body = ErrorBody),
-        (status = 504, description = "Deadline exceeded", body = ErrorBody),
+        InferErrors
     )
 )]
 fn object_detection() {}
@@ -51,12 +81,7 @@ fn object_detection() {}
     request_body = InferRequest,
     responses(
         (status = 200, description = "Instances with polygon or RLE masks", body = InferResponse),
-        (status = 400, description = "Bad image or value", body = ErrorBody),
-        (status = 404, description = "Unknown model", body = ErrorBody),
-        (status = 413, description = "Body or image list too large", body = ErrorBody),
-        (status = 422, description = "Body does not match the schema, or the masks would exceed MAX_MASK_WORK_PIXELS", body = ErrorBody),
-        (status = 429, description = "Overloaded; retry after `Retry-After` seconds", body = ErrorBody),
-        (status = 504, description = "Deadline exceeded", body = ErrorBody),
+        InferErrors
     )
 )]
 fn instance_segmentation() {}
@@ -68,11 +93,7 @@ fn instance_segmentation() {}
     request_body = InferRequest,
     responses(
         (status = 200, description = "Single-label (`predictions`, `top`, `confidence`) or multi-label (`predictions` map, `predicted_classes`)", body = InferResponse),
-        (status = 400, description = "Bad image or value", body = ErrorBody),
-        (status = 404, description = "Unknown model", body = ErrorBody),
-        (status = 422, description = "Body does not match the schema", body = ErrorBody),
-        (status = 429, description = "Overloaded; retry after `Retry-After` seconds", body = ErrorBody),
-        (status = 504, description = "Deadline exceeded", body = ErrorBody),
+        InferErrors
     )
 )]
 fn classification() {}
@@ -102,11 +123,7 @@ fn classification() {}
     request_body(content = String, description = "multipart/form-data with a `file` part, or base64 text", content_type = "multipart/form-data"),
     responses(
         (status = 200, description = "The predictions (JSON), or with `format=image` the drawn picture", body = InferResponse, content_type = "application/json"),
-        (status = 400, description = "Bad image or value", body = ErrorBody),
-        (status = 404, description = "Unknown model", body = ErrorBody),
-        (status = 422, description = "Bad query parameter", body = ErrorBody),
-        (status = 429, description = "Overloaded; retry after `Retry-After` seconds", body = ErrorBody),
-        (status = 504, description = "Deadline exceeded", body = ErrorBody),
+        InferErrors
     )
 )]
 fn legacy() {}

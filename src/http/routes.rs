@@ -435,7 +435,7 @@ async fn read_body(
 }
 
 /// Bytes of a body's declared length reserved before it is read.
-const BODY_UP_FRONT: usize = 4 << 20;
+const BODY_UP_FRONT: usize = 1 << 20;
 
 fn body_memory_full() -> ApiError {
     ApiError::overloaded(
@@ -751,9 +751,10 @@ async fn infer(
     let mut pictures = Vec::new();
     if let (Some(opts), Some(originals)) = (draw, originals) {
         for (image, out) in originals.into_iter().zip(&outputs) {
-            let picture = state
-                .engine
-                .visualize(&model, image, &out.output, opts, disable_orient);
+            let picture =
+                state
+                    .engine
+                    .visualize(&model, image, &out.output, opts, disable_orient, deadline);
             let picture = tokio::time::timeout_at(deadline.into(), picture)
                 .await
                 .map_err(|_| {

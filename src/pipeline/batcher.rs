@@ -453,20 +453,7 @@ mod tests {
             }) as Box<dyn Backend>
         };
         let lone = with_lone.then(|| fake(LONE));
-        let backends = (0..instances)
-            .map(|index| {
-                Box::new(FakeBackend {
-                    index,
-                    input: NetworkInput {
-                        height: Some(SIDE),
-                        width: Some(SIDE),
-                        fixed_batch: None,
-                    },
-                    runs: runs_tx.clone(),
-                    gate: gated.then(|| gate_rx.clone()),
-                }) as Box<dyn Backend>
-            })
-            .collect();
+        let backends = (0..instances).map(fake).collect();
         let runtime = Arc::new(ModelRuntime {
             id: "test/1".into(),
             spec: InputSpec {

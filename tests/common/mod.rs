@@ -327,3 +327,19 @@ pub fn assert_matches_golden(ours: &Value, golden: &Value, threshold: f64, what:
         );
     }
 }
+
+/// Runs a Python check script of `tests/` with the interpreter of a venv made by
+/// `scripts/setup.sh --sdk`, and returns whether it succeeded and what it printed.
+pub fn python_check(python: &str, script: &str, args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let out = Command::new(python)
+        .arg(repo().join("tests").join(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{python}: {e} (scripts/setup.sh --sdk installs it)"));
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), report)
+}
