@@ -8,7 +8,9 @@ use std::io::Cursor;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-use cvserve::geometry::{Geometry, InputSpec, Normalization, ResizeMode};
+use cvserve::geometry::{
+    Contrast, Geometry, InputSpec, Normalization, ResizeMode, StaticCrop, Steps,
+};
 use cvserve::http::response::{ImageSize, InferResponse, ResolvedModel, TaskBody};
 use cvserve::pipeline::decode::{decode_into, DecodeOptions, NeededSize};
 use cvserve::pipeline::preprocess::preprocess_into;
@@ -94,7 +96,78 @@ fn bench_preprocess(c: &mut Criterion) {
             let mut out = vec![0f32; spec.image_len()];
             g.bench_function(BenchmarkId::new(mode, name), |b| {
                 b.iter(|| {
-                    black_box(preprocess_into(img.as_raw(), w, h, w, h, &spec, &mut out).unwrap())
+                    black_box(
+                        preprocess_into(
+                            img.as_raw(),
+                            w,
+                            h,
+                            w,
+                            h,
+                            &Steps::default(),
+                            &spec,
+                            &mut out,
+                        )
+                        .unwrap(),
+                    )
+                })
+            });
+        }
+        // environment.json's steps before the 416 stretch (coco-* variants).
+        let spec = InputSpec {
+            width: 416,
+            height: 416,
+            resize: ResizeMode::Stretch,
+            normalization: Normalization::ZeroToOne,
+        };
+        let crop = StaticCrop {
+            x_min: 20.0,
+            y_min: 10.0,
+            x_max: 85.0,
+            y_max: 90.0,
+        };
+        let mut out = vec![0f32; spec.image_len()];
+        for (step, steps) in [
+            (
+                "static_crop",
+                Steps {
+                    static_crop: Some(crop),
+                    ..Steps::default()
+                },
+            ),
+            (
+                "grayscale",
+                Steps {
+                    grayscale: true,
+                    ..Steps::default()
+                },
+            ),
+            (
+                "contrast_stretching",
+                Steps {
+                    contrast: Some(Contrast::Stretching),
+                    ..Steps::default()
+                },
+            ),
+            (
+                "histogram_equalization",
+                Steps {
+                    contrast: Some(Contrast::HistogramEqualization),
+                    ..Steps::default()
+                },
+            ),
+            (
+                "adaptive_equalization",
+                Steps {
+                    contrast: Some(Contrast::AdaptiveEqualization),
+                    ..Steps::default()
+                },
+            ),
+        ] {
+            g.bench_function(BenchmarkId::new(format!("stretch416_{step}"), name), |b| {
+                b.iter(|| {
+                    black_box(
+                        preprocess_into(img.as_raw(), w, h, w, h, &steps, &spec, &mut out).unwrap(),
+                    )
                 })
             });
         }

@@ -137,6 +137,18 @@ pub struct ServeConfig {
     #[arg(long, env = "DISABLE_PREPROC_AUTO_ORIENT", default_value_t = false, action = clap::ArgAction::Set)]
     pub disable_preproc_auto_orient: bool,
 
+    /// Skip every model's static crop for every request (Roboflow's `DISABLE_PREPROC_STATIC_CROP`).
+    #[arg(long, env = "DISABLE_PREPROC_STATIC_CROP", default_value_t = false, action = clap::ArgAction::Set)]
+    pub disable_preproc_static_crop: bool,
+
+    /// Skip every model's contrast step for every request (Roboflow's `DISABLE_PREPROC_CONTRAST`).
+    #[arg(long, env = "DISABLE_PREPROC_CONTRAST", default_value_t = false, action = clap::ArgAction::Set)]
+    pub disable_preproc_contrast: bool,
+
+    /// Skip every model's grayscale step for every request (Roboflow's `DISABLE_PREPROC_GRAYSCALE`).
+    #[arg(long, env = "DISABLE_PREPROC_GRAYSCALE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub disable_preproc_grayscale: bool,
+
     /// Accept images given by URL (`type: url`, legacy `?image=`). Off by default: a server
     /// that fetches arbitrary URLs is a server-side request forgery risk.
     #[arg(long, env = "ALLOW_URL_INPUT", default_value_t = false, action = clap::ArgAction::Set)]

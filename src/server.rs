@@ -118,7 +118,12 @@ fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> 
         DecodeSettings {
             max_image_pixels: cfg.max_image_pixels,
             reduced_scale: cfg.decode_reduced_scale,
-            disable_auto_orient: cfg.disable_preproc_auto_orient,
+            disabled: crate::geometry::DisabledSteps {
+                auto_orient: cfg.disable_preproc_auto_orient,
+                static_crop: cfg.disable_preproc_static_crop,
+                contrast: cfg.disable_preproc_contrast,
+                grayscale: cfg.disable_preproc_grayscale,
+            },
             ring_model_share: cfg.ring_model_share,
         },
     );

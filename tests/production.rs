@@ -411,7 +411,7 @@ fn readiness_waits_for_every_model_to_load_and_warm_up() {
     let first = s.get("/readiness");
     assert_eq!(
         first.status, 503,
-        "ready before loading six models? {:?}",
+        "ready before loading ten models? {:?}",
         first.body
     );
     assert_eq!(first.body, json!({"status": "not ready"}));
@@ -421,7 +421,7 @@ fn readiness_waits_for_every_model_to_load_and_warm_up() {
         .as_array()
         .unwrap()
         .len();
-    assert_eq!(models, 6, "ready means every bundled model is loaded");
+    assert_eq!(models, 10, "ready means every bundled model is loaded");
     assert!(s.logs().contains("model loaded"));
 }
 

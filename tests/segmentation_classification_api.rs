@@ -433,6 +433,16 @@ fn registry_reports_each_task_and_its_route() {
         json!(["/infer/classification"])
     );
     assert_eq!(find("imagenet/1")["input_width"], 224);
+    assert_eq!(find("shapes-pose/1")["task_type"], "keypoint-detection");
+    assert_eq!(
+        find("shapes-pose/1")["request_paths"],
+        json!(["/infer/keypoints_detection"])
+    );
+    assert_eq!(
+        find("shapes-rfdetr/1")["batch_size"],
+        1,
+        "a static batch of one"
+    );
     let r = s.post_json(
         "/infer/object_detection",
         &json!({"model_id": "imagenet/1", "image": {"type": "base64", "value": b64("images/dog.jpg")}}),

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures_util::future::try_join_all;
 use tokio::sync::oneshot;
 
-use crate::geometry::ResizeMode;
+use crate::geometry::{DisabledSteps, ResizeMode};
 use crate::metrics::METRICS;
 use crate::model::repository::TaskType;
 use crate::pipeline::batcher::SubmitError;
@@ -73,8 +73,9 @@ pub struct DecodeSettings {
     pub max_image_pixels: u64,
     /// Decode large JPEGs at reduced DCT scale (DECODE_REDUCED_SCALE).
     pub reduced_scale: bool,
-    /// Ignore EXIF orientation for every request (DISABLE_PREPROC_AUTO_ORIENT).
-    pub disable_auto_orient: bool,
+    /// Steps off for every request (DISABLE_PREPROC_AUTO_ORIENT, _STATIC_CROP, _CONTRAST,
+    /// _GRAYSCALE).
+    pub disabled: DisabledSteps,
     /// Share of the ring one model may hold while others are loaded (RING_MODEL_SHARE).
     pub ring_model_share: f64,
 }
@@ -169,9 +170,11 @@ impl Engine {
         model: &LoadedModel,
         images: Vec<ImageInput>,
         params: TaskParams,
-        disable_auto_orient: bool,
+        disabled: DisabledSteps,
         deadline: Instant,
     ) -> Result<Vec<ImageOutput>, EngineError> {
+        let disabled = disabled.or(self.decode.disabled);
+        let steps = Arc::new(model.meta.steps.without(disabled));
         let model_id = model.meta.id.as_str();
         let share = self.ring_share();
         // A request that could never fit is refused as such, not with a 429 that a client
@@ -191,9 +194,7 @@ impl Engine {
         }
         let spec = model.runtime.spec;
         let opts = DecodeOptions {
-            auto_orient: model.meta.auto_orient
-                && !self.decode.disable_auto_orient
-                && !disable_auto_orient,
+            auto_orient: model.meta.auto_orient && !disabled.auto_orient,
             max_image_pixels: self.decode.max_image_pixels,
             needed: self.decode.reduced_scale.then_some(NeededSize {
                 width: spec.width,
@@ -229,6 +230,7 @@ impl Engine {
             let job = Job {
                 image,
                 params: Arc::clone(&params),
+                steps: Arc::clone(&steps),
                 reply,
                 enqueued: Instant::now(),
                 deadline,
@@ -271,7 +273,7 @@ impl Engine {
         deadline: Instant,
     ) -> Result<Vec<u8>, EngineError> {
         let auto_orient =
-            model.meta.auto_orient && !self.decode.disable_auto_orient && !disable_auto_orient;
+            model.meta.auto_orient && !self.decode.disabled.auto_orient && !disable_auto_orient;
         let max_pixels = self.decode.max_image_pixels;
         let colors = model.meta.colors.clone();
         let output = output.clone();

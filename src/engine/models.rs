@@ -19,7 +19,7 @@ use crate::model::provider::Provider;
 use crate::model::repository::{self, ModelMetadata, RepositoryError, TaskType};
 use crate::pipeline::batcher::{self, BatchQueue, BatcherConfig, ModelRuntime};
 use crate::pipeline::Pools;
-use crate::tasks::OutputDecoder;
+use crate::tasks::{heads, DecoderHints, OutputDecoder};
 
 /// A model ready to take jobs.
 pub struct LoadedModel {
@@ -149,16 +149,11 @@ impl ModelManager {
                 return Err(e);
             }
         };
-        if !model.meta.unapplied_preprocessing.is_empty() {
-            tracing::warn!(
-                model = id,
-                steps = ?model.meta.unapplied_preprocessing,
-                "environment.json enables preprocessing steps cvserve does not apply yet: its answers will differ from Roboflow's"
-            );
-        }
         tracing::info!(
             model = id,
             task = model.meta.task.as_str(),
+            model_type = %model.meta.model_type,
+            steps = ?model.meta.steps,
             input = %format!("{}x{}", model.runtime.spec.width, model.runtime.spec.height),
             max_batch = model.max_batch,
             instances = model.instances,
@@ -281,6 +276,11 @@ fn load(
         resize: meta.resize,
         normalization: match meta.task {
             TaskType::Classification => Normalization::MinusOneToOne,
+            _ if heads::Family::from_model_type(&meta.model_type)
+                == Some(heads::Family::RfDetr) =>
+            {
+                Normalization::ImageNet
+            }
             _ => Normalization::ZeroToOne,
         },
     };
@@ -315,8 +315,25 @@ fn load(
             );
         }
     }
-    let decoder = OutputDecoder::infer(meta.task, &probes, meta.class_names.len(), meta.multiclass)
-        .map_err(failed)?;
+    // Some RF-DETR exports list a background class in class_names.txt: its column is
+    // skipped and the name is not served (as Roboflow does).
+    let mut class_names = meta.class_names.clone();
+    let background = class_names
+        .iter()
+        .position(|n| n == heads::RFDETR_BACKGROUND)
+        .filter(|_| spec.normalization == Normalization::ImageNet);
+    if let Some(i) = background {
+        class_names.remove(i);
+    }
+    let hints = DecoderHints {
+        task: meta.task,
+        model_type: &meta.model_type,
+        num_classes: class_names.len(),
+        multi_label: meta.multiclass,
+        background,
+        keypoints: &meta.keypoints,
+    };
+    let decoder = OutputDecoder::infer(hints, &probes).map_err(failed)?;
     drop(probes);
     if let OutputDecoder::Classification { activation, .. } = &decoder {
         tracing::info!(model = %meta.id, ?activation, "classification outputs: activation decided at load");
@@ -350,7 +367,7 @@ fn load(
         id: meta.id.clone(),
         spec,
         decoder,
-        class_names: meta.class_names.clone(),
+        class_names,
         fixed_batch,
     });
     let has_lone = lone.is_some();

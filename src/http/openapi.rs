@@ -100,6 +100,18 @@ fn classification() {}
 
 #[utoipa::path(
     post,
+    path = "/infer/keypoints_detection",
+    tag = "inference",
+    request_body = InferRequest,
+    responses(
+        (status = 200, description = "Detections, each with its `keypoints` (x, y, confidence, class_id, class)", body = InferResponse),
+        InferErrors
+    )
+)]
+fn keypoints_detection() {}
+
+#[utoipa::path(
+    post,
     path = "/{dataset_id}/{version_id}",
     tag = "inference",
     description = "Roboflow's legacy route: the image as a multipart `file`, or base64 text as the body (`image_type=base64`), or `image=<url>`.",
@@ -119,6 +131,10 @@ fn classification() {}
         ("tradeoff_factor" = Option<f64>, Query, description = "Default 0"),
         ("response_mask_format" = Option<String>, Query, description = "`polygon` (default) or `rle`"),
         ("disable_preproc_auto_orient" = Option<bool>, Query, description = "Default false"),
+        ("disable_preproc_static_crop" = Option<bool>, Query, description = "Default false"),
+        ("disable_preproc_contrast" = Option<bool>, Query, description = "Default false"),
+        ("disable_preproc_grayscale" = Option<bool>, Query, description = "Default false"),
+        ("keypoint_confidence" = Option<f64>, Query, description = "Keypoint models: lowest keypoint score reported (default 0)"),
     ),
     request_body(content = String, description = "multipart/form-data with a `file` part, or base64 text", content_type = "multipart/form-data"),
     responses(
@@ -184,12 +200,13 @@ fn openapi_json() {}
 #[openapi(
     info(
         title = "cvserve",
-        description = "A drop-in, single-process replacement for Roboflow Inference's HTTP server: object detection, instance segmentation and classification of Roboflow-trained ONNX models."
+        description = "A drop-in, single-process replacement for Roboflow Inference's HTTP server: object detection, instance segmentation, classification and keypoint detection of Roboflow-trained ONNX models."
     ),
     paths(
         object_detection,
         instance_segmentation,
         classification,
+        keypoints_detection,
         legacy,
         healthz,
         readiness,

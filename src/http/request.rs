@@ -5,9 +5,11 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ApiError;
+use crate::geometry::DisabledSteps;
 use crate::tasks::classification::ClassificationParams;
 use crate::tasks::detection::DetectionParams;
 use crate::tasks::draw::DrawOptions;
+use crate::tasks::keypoints::KeypointsParams;
 use crate::tasks::segmentation::{self, MaskDecodeMode, MaskFormat, SegmentationParams};
 
 /// Where an image comes from.
@@ -101,6 +103,18 @@ pub struct InferRequest {
     pub max_candidates: Option<i64>,
     #[schema(default = false)]
     pub disable_preproc_auto_orient: Option<bool>,
+    /// Skip the model's contrast step.
+    #[schema(default = false)]
+    pub disable_preproc_contrast: Option<bool>,
+    /// Skip the model's grayscale step.
+    #[schema(default = false)]
+    pub disable_preproc_grayscale: Option<bool>,
+    /// Skip the model's static crop.
+    #[schema(default = false)]
+    pub disable_preproc_static_crop: Option<bool>,
+    /// Keypoint detection: keypoints scoring below it are left out.
+    #[schema(default = 0.0)]
+    pub keypoint_confidence: Option<f64>,
     /// Draw the predictions and return the picture (base64 JPEG) in `visualization`.
     #[schema(default = false)]
     pub visualize_predictions: Option<bool>,
@@ -246,6 +260,27 @@ impl InferRequest {
             confidence: self.detection_params()?.confidence,
         })
     }
+
+    /// Keypoint detection's parameters: detection's plus `keypoint_confidence` (default 0).
+    pub fn keypoints_params(&self) -> Result<KeypointsParams, ApiError> {
+        Ok(KeypointsParams {
+            detection: self.detection_params()?,
+            keypoint_confidence: match self.keypoint_confidence {
+                Some(v) => unit_interval("keypoint_confidence", v)?,
+                None => 0.0,
+            },
+        })
+    }
+
+    /// The `disable_preproc_*` switches of the request.
+    pub fn disabled_steps(&self) -> DisabledSteps {
+        DisabledSteps {
+            auto_orient: self.disable_preproc_auto_orient.unwrap_or(false),
+            static_crop: self.disable_preproc_static_crop.unwrap_or(false),
+            contrast: self.disable_preproc_contrast.unwrap_or(false),
+            grayscale: self.disable_preproc_grayscale.unwrap_or(false),
+        }
+    }
 }
 
 fn unit_interval(name: &str, v: f64) -> Result<f32, ApiError> {
@@ -283,6 +318,10 @@ pub fn legacy_params(query: &str) -> Result<(InferRequest, LegacyOptions), ApiEr
         max_detections: None,
         max_candidates: None,
         disable_preproc_auto_orient: None,
+        disable_preproc_contrast: None,
+        disable_preproc_grayscale: None,
+        disable_preproc_static_crop: None,
+        keypoint_confidence: None,
         visualize_predictions: None,
         visualization_labels: None,
         visualization_stroke_width: None,
@@ -336,6 +375,10 @@ pub fn legacy_params(query: &str) -> Result<(InferRequest, LegacyOptions), ApiEr
             }
             "class_agnostic_nms" => req.class_agnostic_nms = Some(boolean(&v)?),
             "disable_preproc_auto_orient" => req.disable_preproc_auto_orient = Some(boolean(&v)?),
+            "disable_preproc_contrast" => req.disable_preproc_contrast = Some(boolean(&v)?),
+            "disable_preproc_grayscale" => req.disable_preproc_grayscale = Some(boolean(&v)?),
+            "disable_preproc_static_crop" => req.disable_preproc_static_crop = Some(boolean(&v)?),
+            "keypoint_confidence" => req.keypoint_confidence = Some(float(&v)?),
             "mask_decode_mode" => req.mask_decode_mode = Some(v.to_string()),
             "tradeoff_factor" => req.tradeoff_factor = Some(float(&v)?),
             "response_mask_format" => req.response_mask_format = Some(v.to_string()),

@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::engine::models::LoadedModel;
 use crate::tasks::classification::ClassificationOutput;
 use crate::tasks::detection::ObjectDetectionPrediction;
+use crate::tasks::keypoints::KeypointsPrediction;
 use crate::tasks::segmentation::InstanceSegmentationPrediction;
 use crate::tasks::TaskOutput;
 
@@ -36,6 +37,9 @@ pub enum TaskBody {
         predictions: Vec<InstanceSegmentationPrediction>,
     },
     Classification(ClassificationOutput),
+    Keypoints {
+        predictions: Vec<KeypointsPrediction>,
+    },
 }
 
 impl From<TaskOutput> for TaskBody {
@@ -44,6 +48,7 @@ impl From<TaskOutput> for TaskBody {
             TaskOutput::Detection(predictions) => TaskBody::Detection { predictions },
             TaskOutput::Segmentation(predictions) => TaskBody::Segmentation { predictions },
             TaskOutput::Classification(c) => TaskBody::Classification(c),
+            TaskOutput::Keypoints(predictions) => TaskBody::Keypoints { predictions },
         }
     }
 }

@@ -123,6 +123,7 @@ async fn route(
         "/infer/object_detection" => Some(TaskType::ObjectDetection),
         "/infer/instance_segmentation" => Some(TaskType::InstanceSegmentation),
         "/infer/classification" => Some(TaskType::Classification),
+        "/infer/keypoints_detection" => Some(TaskType::KeypointDetection),
         _ => None,
     };
     if task.is_some() && method != Method::POST {
@@ -523,6 +524,7 @@ fn task_params(
             ..req.segmentation_params()?
         }),
         TaskType::Classification => TaskParams::Classification(req.classification_params()?),
+        TaskType::KeypointDetection => TaskParams::Keypoints(req.keypoints_params()?),
     })
 }
 
@@ -743,10 +745,11 @@ async fn infer(
     }
     // Drawing needs the image again: a refcount for bytes, a copy of base64 text.
     let originals = draw.is_some().then(|| inputs.clone());
-    let disable_orient = request.disable_preproc_auto_orient.unwrap_or(false);
+    let disabled = request.disabled_steps();
+    let disable_orient = disabled.auto_orient;
     let outputs = state
         .engine
-        .infer(&model, inputs, params, disable_orient, deadline)
+        .infer(&model, inputs, params, disabled, deadline)
         .await?;
     let mut pictures = Vec::new();
     if let (Some(opts), Some(originals)) = (draw, originals) {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::geometry::ResizeMode;
+use crate::geometry::{Contrast, ResizeMode, StaticCrop, Steps};
 
 /// The task a model performs, from `model_type.json`'s `project_task_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,6 +15,7 @@ pub enum TaskType {
     ObjectDetection,
     InstanceSegmentation,
     Classification,
+    KeypointDetection,
 }
 
 impl TaskType {
@@ -24,6 +25,7 @@ impl TaskType {
             TaskType::ObjectDetection => "object-detection",
             TaskType::InstanceSegmentation => "instance-segmentation",
             TaskType::Classification => "classification",
+            TaskType::KeypointDetection => "keypoint-detection",
         }
     }
 
@@ -33,6 +35,7 @@ impl TaskType {
             TaskType::ObjectDetection => "/infer/object_detection",
             TaskType::InstanceSegmentation => "/infer/instance_segmentation",
             TaskType::Classification => "/infer/classification",
+            TaskType::KeypointDetection => "/infer/keypoints_detection",
         }
     }
 
@@ -41,6 +44,7 @@ impl TaskType {
             "object-detection" => Some(TaskType::ObjectDetection),
             "instance-segmentation" => Some(TaskType::InstanceSegmentation),
             "classification" => Some(TaskType::Classification),
+            "keypoint-detection" => Some(TaskType::KeypointDetection),
             _ => None,
         }
     }
@@ -73,9 +77,10 @@ pub struct ModelMetadata {
     pub auto_orient: bool,
     /// `MULTICLASS` in environment.json (multi-label classification).
     pub multiclass: bool,
-    /// Enabled `PREPROCESSING` steps cvserve does not apply yet (`static-crop`, `contrast`,
-    /// `grayscale`): the model's answers differ from Roboflow's, and the load says so.
-    pub unapplied_preprocessing: Vec<String>,
+    /// `PREPROCESSING`'s static-crop, contrast and grayscale steps (those enabled).
+    pub steps: Steps,
+    /// Keypoint names by object class id (`keypoints_metadata.json`, keypoint models).
+    pub keypoints: Vec<Vec<String>>,
     /// `COLORS` of environment.json: class name to RGB, for drawing.
     pub colors: std::collections::HashMap<String, [u8; 3]>,
 }
@@ -236,6 +241,11 @@ pub fn read(root: &Path, id: &str) -> Result<ModelMetadata, RepositoryError> {
         return Err(broken("the model has no class names".into()));
     }
 
+    let keypoints = if task == TaskType::KeypointDetection {
+        keypoint_names(&dir.join("keypoints_metadata.json")).map_err(broken)?
+    } else {
+        Vec::new()
+    };
     Ok(ModelMetadata {
         id: id.to_string(),
         dir,
@@ -247,18 +257,91 @@ pub fn read(root: &Path, id: &str) -> Result<ModelMetadata, RepositoryError> {
         resize_size,
         resize: resize_mode,
         auto_orient: pre.get("auto-orient").is_some(),
-        unapplied_preprocessing: ["static-crop", "contrast", "grayscale"]
-            .into_iter()
-            .filter(|step| {
-                pre.get(step)
-                    .and_then(|b| b.get("enabled"))
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false)
-            })
-            .map(str::to_owned)
-            .collect(),
+        steps: steps(&pre).map_err(broken)?,
+        keypoints,
         multiclass,
     })
+}
+
+/// The enabled static-crop, contrast and grayscale steps of `PREPROCESSING` (Roboflow
+/// applies a step when its block exists with `"enabled": true`).
+fn steps(pre: &Value) -> Result<Steps, String> {
+    let enabled = |step: &str| {
+        pre.get(step)
+            .and_then(|b| b.get("enabled"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    };
+    let mut steps = Steps::default();
+    if enabled("static-crop") {
+        let b = &pre["static-crop"];
+        let pct = |k: &str| {
+            b.get(k)
+                .and_then(Value::as_f64)
+                .filter(|v| (0.0..=100.0).contains(v))
+                .ok_or_else(|| format!("PREPROCESSING static-crop needs {k} in percent (0 to 100)"))
+        };
+        let crop = StaticCrop {
+            x_min: pct("x_min")?,
+            y_min: pct("y_min")?,
+            x_max: pct("x_max")?,
+            y_max: pct("y_max")?,
+        };
+        if crop.x_max <= crop.x_min || crop.y_max <= crop.y_min {
+            return Err("PREPROCESSING static-crop keeps no pixels (max <= min)".into());
+        }
+        steps.static_crop = Some(crop);
+    }
+    if enabled("contrast") {
+        let t = pre["contrast"]
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        steps.contrast = Some(Contrast::from_roboflow(t).ok_or_else(|| {
+            format!("PREPROCESSING contrast type '{t}' is none of Contrast Stretching, Histogram Equalization, Adaptive Equalization")
+        })?);
+    }
+    steps.grayscale = enabled("grayscale");
+    Ok(steps)
+}
+
+/// `keypoints_metadata.json`: `[{"object_class_id": 0, "keypoints": {"0": "nose", ...}}, ...]`
+/// as keypoint names by object class id.
+fn keypoint_names(path: &Path) -> Result<Vec<Vec<String>>, String> {
+    let v = read_json(path)?;
+    let entries = v
+        .as_array()
+        .ok_or("keypoints_metadata.json must be a list of {object_class_id, keypoints}")?;
+    let mut names: Vec<Vec<String>> = Vec::new();
+    for e in entries {
+        let class = e
+            .get("object_class_id")
+            .and_then(Value::as_u64)
+            .ok_or("keypoints_metadata.json: an entry has no object_class_id")?
+            as usize;
+        if class > 100_000 {
+            return Err("keypoints_metadata.json: object_class_id out of range".into());
+        }
+        let map = e
+            .get("keypoints")
+            .and_then(Value::as_object)
+            .ok_or("keypoints_metadata.json: an entry has no keypoints object")?;
+        let mut pairs: Vec<(usize, String)> = map
+            .iter()
+            .filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string())))
+            .collect();
+        pairs.sort();
+        if pairs.iter().enumerate().any(|(i, (k, _))| i != *k) {
+            return Err(format!(
+                "keypoints_metadata.json: the keypoints of class {class} are not numbered 0, 1, 2, ..."
+            ));
+        }
+        if names.len() <= class {
+            names.resize(class + 1, Vec::new());
+        }
+        names[class] = pairs.into_iter().map(|(_, n)| n).collect();
+    }
+    Ok(names)
 }
 
 fn read_json(path: &Path) -> Result<Value, String> {
@@ -342,18 +425,78 @@ mod tests {
     }
 
     #[test]
-    fn enabled_preprocessing_steps_not_applied_are_named() {
+    fn preprocessing_steps_are_read_and_bad_ones_refused() {
         let root = tmp_root("pre");
         fixture(
             &root.join("ds/2"),
-            r##"{"PREPROCESSING": {"static-crop": {"enabled": true, "x_min": 20}, "contrast": {"enabled": false, "type": "Contrast Stretching"}, "grayscale": {"enabled": true}}, "COLORS": "{\"a\": \"#FF0000\"}"}"##,
+            r##"{"PREPROCESSING": {"static-crop": {"enabled": true, "x_min": 20, "y_min": 10, "x_max": 85, "y_max": 90}, "contrast": {"enabled": false, "type": "Contrast Stretching"}, "grayscale": {"enabled": true}}, "COLORS": "{\"a\": \"#FF0000\"}"}"##,
             Some("a\n"),
             "object-detection",
             "weights.onnx",
         );
         let m = read(&root, "ds/2").unwrap();
-        assert_eq!(m.unapplied_preprocessing, vec!["static-crop", "grayscale"]);
+        assert_eq!(
+            m.steps,
+            Steps {
+                static_crop: Some(StaticCrop {
+                    x_min: 20.0,
+                    y_min: 10.0,
+                    x_max: 85.0,
+                    y_max: 90.0
+                }),
+                contrast: None,
+                grayscale: true,
+            }
+        );
         assert_eq!(m.colors.get("a"), Some(&[255, 0, 0]));
+        for (i, pre) in [
+            r#"{"static-crop": {"enabled": true, "x_min": 20}}"#,
+            r#"{"static-crop": {"enabled": true, "x_min": 50, "y_min": 0, "x_max": 40, "y_max": 90}}"#,
+            r#"{"contrast": {"enabled": true, "type": "Sharpen"}}"#,
+        ]
+        .iter()
+        .enumerate()
+        {
+            let id = format!("bad/{i}");
+            fixture(
+                &root.join(&id),
+                &format!(r#"{{"PREPROCESSING": {pre}}}"#),
+                Some("a\n"),
+                "object-detection",
+                "weights.onnx",
+            );
+            let e = read(&root, &id).unwrap_err().to_string();
+            assert!(e.contains("PREPROCESSING"), "{e}");
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn keypoint_names_come_from_the_metadata() {
+        let root = tmp_root("kp");
+        let dir = root.join("pose/1");
+        fixture(
+            &dir,
+            "{}",
+            Some("a\nb\n"),
+            "keypoint-detection",
+            "weights.onnx",
+        );
+        assert!(read(&root, "pose/1")
+            .unwrap_err()
+            .to_string()
+            .contains("keypoints_metadata.json"));
+        std::fs::write(
+            dir.join("keypoints_metadata.json"),
+            r#"[{"object_class_id": 1, "keypoints": {"1": "tail", "0": "nose"}}, {"object_class_id": 0, "keypoints": {"0": "c"}}]"#,
+        )
+        .unwrap();
+        let m = read(&root, "pose/1").unwrap();
+        assert_eq!(m.task, TaskType::KeypointDetection);
+        assert_eq!(
+            m.keypoints,
+            vec![vec!["c".to_string()], vec!["nose".into(), "tail".into()]]
+        );
         std::fs::remove_dir_all(&root).unwrap();
     }
 
@@ -371,7 +514,7 @@ mod tests {
         assert_eq!(m.class_names, vec!["a", "b", "k"]);
         assert!(m.weights.ends_with("yolov5s_weights.onnx"));
         assert!(!m.auto_orient);
-        assert!(m.unapplied_preprocessing.is_empty());
+        assert_eq!(m.steps, Steps::default());
         assert_eq!(m.resize, ResizeMode::Stretch);
         std::fs::remove_dir_all(&root).unwrap();
     }

@@ -291,6 +291,7 @@ impl Batcher {
                     let Job {
                         image,
                         params,
+                        steps,
                         reply,
                         enqueued,
                         deadline,
@@ -312,6 +313,7 @@ impl Batcher {
                                 image.height,
                                 image.orig_width,
                                 image.orig_height,
+                                &steps,
                                 &spec,
                                 row,
                             )
@@ -502,6 +504,7 @@ mod tests {
                 params: Arc::new(TaskParams::Classification(ClassificationParams {
                     confidence: 0.0,
                 })),
+                steps: Default::default(),
                 reply,
                 enqueued: Instant::now(),
                 deadline: Instant::now() + Duration::from_secs(60),

@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
+use crate::geometry::Steps;
 use crate::tasks::{TaskOutput, TaskParams};
 use decode::DecodedImage;
 
@@ -44,6 +45,8 @@ pub type JobResult = Result<TaskOutput, PipelineError>;
 pub struct Job {
     pub image: DecodedImage,
     pub params: Arc<TaskParams>,
+    /// The model's static-crop, contrast and grayscale steps this request keeps.
+    pub steps: Arc<Steps>,
     pub reply: oneshot::Sender<JobResult>,
     pub enqueued: Instant,
     /// After this instant nobody waits for the answer: the job is dropped, not run.

@@ -1,84 +1,415 @@
 //! Preprocess: a decoded image (RGB pixels in a ring slot) in, one image's row of the model's
-//! NCHW float batch tensor out, resized as environment.json says (stretch, or letterbox with
-//! black/grey/white edges) and scaled to the model's range. The returned [`Geometry`] is what
-//! postprocessing needs to map network coordinates back to the original image.
+//! NCHW float batch tensor out: environment.json's static crop, contrast and grayscale steps
+//! (Roboflow's order), then the resize (stretch, or letterbox with black/grey/white edges) and
+//! the model's value range. The returned [`Geometry`] is what postprocessing needs to map
+//! network coordinates back to the client's image.
+//!
+//! The ring slot is only read. The crop is a window of the resize; contrast stretching and
+//! grayscale are per-value maps, applied to the resized pixels. The two equalisations need
+//! the histogram of the whole (cropped) image and turn it grey: they work on a one-byte grey
+//! plane of the crop (a third of an RGB copy), resized as grey.
 
 use std::cell::RefCell;
 
 use fast_image_resize as fr;
 
-use crate::geometry::{Geometry, InputSpec, ResizeMode};
+use crate::geometry::{Contrast, Geometry, InputSpec, ResizeMode, Steps};
 
-thread_local! {
-    static RESIZER: RefCell<(fr::Resizer, Vec<u8>)> = RefCell::new((fr::Resizer::new(), Vec::new()));
+#[derive(Default)]
+struct Scratch {
+    resizer: fr::Resizer,
+    /// The resized content (RGB, or grey on the grey path).
+    resized: Vec<u8>,
+    /// The grey plane of the crop (equalisations only).
+    grey: Vec<u8>,
 }
 
-/// Resizes `pixels` (`src_w x src_h` RGB) into `out`, one image's `3 x H x W` slice of the
-/// batch tensor, and returns its geometry.
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Resizes `pixels` (`src_w x src_h` RGB, standing for an `orig_w x orig_h` image) into
+/// `out`, one image's `3 x H x W` slice of the batch tensor, after `steps`; returns its
+/// geometry.
+#[allow(clippy::too_many_arguments)]
 pub fn preprocess_into(
     pixels: &[u8],
     src_w: u32,
     src_h: u32,
     orig_w: u32,
     orig_h: u32,
+    steps: &Steps,
     spec: &InputSpec,
     out: &mut [f32],
 ) -> Result<Geometry, String> {
     debug_assert_eq!(out.len(), spec.image_len());
-    let geo = Geometry::compute(src_w, src_h, orig_w, orig_h, spec);
+    // The window of the slot that is kept, in slot pixels, and the geometry in the client's.
+    let (window, geo) = match steps.static_crop {
+        Some(crop) => {
+            let r = crop.rect(orig_w, orig_h);
+            let (sx, sy) = (src_w as f64 / orig_w as f64, src_h as f64 / orig_h as f64);
+            let scale = |v: u32, k: f64, side: u32| ((v as f64 * k).round() as u32).min(side);
+            let (x0, y0) = (scale(r.x0, sx, src_w - 1), scale(r.y0, sy, src_h - 1));
+            let (x1, y1) = (
+                scale(r.x1, sx, src_w).max(x0 + 1),
+                scale(r.y1, sy, src_h).max(y0 + 1),
+            );
+            let geo = Geometry::compute(r.x1 - r.x0, r.y1 - r.y0, r.map_w, r.map_h, spec)
+                .cropped(&r, orig_w, orig_h);
+            ((x0, y0, x1 - x0, y1 - y0), geo)
+        }
+        None => (
+            (0, 0, src_w, src_h),
+            Geometry::compute(src_w, src_h, orig_w, orig_h, spec),
+        ),
+    };
     let (cw, ch) = (geo.content_w as u32, geo.content_h as u32);
-    let lut = spec.normalization.lut();
-    RESIZER.with(|cell| {
-        let (resizer, scratch) = &mut *cell.borrow_mut();
-        scratch.resize(cw as usize * ch as usize * 3, 0);
-        let src = fr::images::ImageRef::new(src_w, src_h, pixels, fr::PixelType::U8x3)
-            .map_err(|e| e.to_string())?;
-        let mut dst = fr::images::Image::from_slice_u8(cw, ch, scratch, fr::PixelType::U8x3)
-            .map_err(|e| e.to_string())?;
+    let luts = spec.normalization.luts();
+    let grey_path = matches!(
+        steps.contrast,
+        Some(Contrast::HistogramEqualization | Contrast::AdaptiveEqualization)
+    );
+    SCRATCH.with(|cell| {
+        let Scratch {
+            resizer,
+            resized,
+            grey,
+        } = &mut *cell.borrow_mut();
         // Bilinear interpolation without antialiasing: what OpenCV's INTER_LINEAR (and so
         // Roboflow) does.
-        resizer
-            .resize(
-                &src,
-                &mut dst,
-                &fr::ResizeOptions::new()
-                    .resize_alg(fr::ResizeAlg::Interpolation(fr::FilterType::Bilinear)),
-            )
-            .map_err(|e| e.to_string())?;
-        write_chw(scratch, cw as usize, ch as usize, &geo, spec, &lut, out);
+        let bilinear = fr::ResizeOptions::new()
+            .resize_alg(fr::ResizeAlg::Interpolation(fr::FilterType::Bilinear));
+        let (wx, wy, ww, wh) = window;
+        if grey_path {
+            grey_plane(pixels, src_w, window, grey);
+            match steps.contrast {
+                Some(Contrast::HistogramEqualization) => equalize_hist(grey),
+                _ => clahe(grey, ww as usize, wh as usize),
+            }
+            resized.resize(cw as usize * ch as usize, 0);
+            let src = fr::images::ImageRef::new(ww, wh, grey, fr::PixelType::U8)
+                .map_err(|e| e.to_string())?;
+            let mut dst = fr::images::Image::from_slice_u8(cw, ch, resized, fr::PixelType::U8)
+                .map_err(|e| e.to_string())?;
+            resizer
+                .resize(&src, &mut dst, &bilinear)
+                .map_err(|e| e.to_string())?;
+            write_chw(
+                resized,
+                1,
+                &Identity,
+                cw as usize,
+                ch as usize,
+                &geo,
+                spec,
+                &luts,
+                out,
+            );
+        } else {
+            resized.resize(cw as usize * ch as usize * 3, 0);
+            let src = fr::images::ImageRef::new(src_w, src_h, pixels, fr::PixelType::U8x3)
+                .map_err(|e| e.to_string())?;
+            let mut dst = fr::images::Image::from_slice_u8(cw, ch, resized, fr::PixelType::U8x3)
+                .map_err(|e| e.to_string())?;
+            let opts = if window == (0, 0, src_w, src_h) {
+                bilinear
+            } else {
+                bilinear.crop(wx as f64, wy as f64, ww as f64, wh as f64)
+            };
+            resizer
+                .resize(&src, &mut dst, &opts)
+                .map_err(|e| e.to_string())?;
+            let stretch = (steps.contrast == Some(Contrast::Stretching))
+                .then(|| stretch_lut(pixels, src_w, window));
+            let map = ValueMap {
+                lut: stretch.unwrap_or_else(identity_lut),
+                grey: steps.grayscale,
+            };
+            write_chw(
+                resized,
+                3,
+                &map,
+                cw as usize,
+                ch as usize,
+                &geo,
+                spec,
+                &luts,
+                out,
+            );
+        }
         Ok(geo)
     })
 }
 
-fn write_chw(
-    rgb: &[u8],
+/// What happens to each resized RGB pixel before normalising.
+trait PixelMap: Sync {
+    fn map(&self, px: &[u8]) -> [u8; 3];
+}
+
+struct Identity;
+
+impl PixelMap for Identity {
+    #[inline]
+    fn map(&self, px: &[u8]) -> [u8; 3] {
+        if px.len() == 1 {
+            [px[0]; 3]
+        } else {
+            [px[0], px[1], px[2]]
+        }
+    }
+}
+
+/// A per-value map of every channel (contrast stretching), then grey (OpenCV's weights).
+struct ValueMap {
+    lut: [u8; 256],
+    grey: bool,
+}
+
+impl PixelMap for ValueMap {
+    #[inline]
+    fn map(&self, px: &[u8]) -> [u8; 3] {
+        let (r, g, b) = (
+            self.lut[px[0] as usize],
+            self.lut[px[1] as usize],
+            self.lut[px[2] as usize],
+        );
+        if self.grey {
+            [grey(r, g, b); 3]
+        } else {
+            [r, g, b]
+        }
+    }
+}
+
+fn identity_lut() -> [u8; 256] {
+    std::array::from_fn(|v| v as u8)
+}
+
+/// OpenCV's `BGR2GRAY` on 8-bit values (fixed point, 14 bits).
+#[inline]
+fn grey(r: u8, g: u8, b: u8) -> u8 {
+    ((r as u32 * 4899 + g as u32 * 9617 + b as u32 * 1868 + (1 << 13)) >> 14) as u8
+}
+
+/// The grey plane of `window` (x, y, w, h) of an RGB image `width` pixels wide.
+fn grey_plane(rgb: &[u8], width: u32, window: (u32, u32, u32, u32), grey_out: &mut Vec<u8>) {
+    let (x0, y0, w, h) = (
+        window.0 as usize,
+        window.1 as usize,
+        window.2 as usize,
+        window.3 as usize,
+    );
+    grey_out.clear();
+    grey_out.reserve(w * h);
+    for y in y0..y0 + h {
+        let row = &rgb[(y * width as usize + x0) * 3..(y * width as usize + x0 + w) * 3];
+        grey_out.extend(row.chunks_exact(3).map(|p| grey(p[0], p[1], p[2])));
+    }
+}
+
+/// skimage's `rescale_intensity(image, in_range=(p2, p98))` with NumPy's (linearly
+/// interpolated) 2nd and 98th percentiles of every channel value in the window, as a table.
+fn stretch_lut(rgb: &[u8], width: u32, window: (u32, u32, u32, u32)) -> [u8; 256] {
+    let (x0, y0, w, h) = (
+        window.0 as usize,
+        window.1 as usize,
+        window.2 as usize,
+        window.3 as usize,
+    );
+    let mut hist = [0u64; 256];
+    for y in y0..y0 + h {
+        for &v in &rgb[(y * width as usize + x0) * 3..(y * width as usize + x0 + w) * 3] {
+            hist[v as usize] += 1;
+        }
+    }
+    let n: u64 = hist.iter().sum();
+    // The k-th smallest value (0-based).
+    let nth = |k: u64| {
+        let mut seen = 0;
+        for (v, &c) in hist.iter().enumerate() {
+            seen += c;
+            if seen > k {
+                return v as f64;
+            }
+        }
+        255.0
+    };
+    let percentile = |q: f64| {
+        let pos = q / 100.0 * (n.max(1) - 1) as f64;
+        let lo = pos.floor();
+        let (a, b) = (nth(lo as u64), nth((lo as u64 + 1).min(n.max(1) - 1)));
+        a + (pos - lo) * (b - a)
+    };
+    let (p2, p98) = (percentile(2.0), percentile(98.0));
+    std::array::from_fn(|v| {
+        let v = (v as f64).clamp(p2, p98);
+        if p98 > p2 {
+            ((v - p2) / (p98 - p2) * 255.0) as u8
+        } else {
+            v as u8
+        }
+    })
+}
+
+/// OpenCV's `equalizeHist`, in place.
+fn equalize_hist(grey: &mut [u8]) {
+    let mut hist = [0u64; 256];
+    for &v in grey.iter() {
+        hist[v as usize] += 1;
+    }
+    let total = grey.len() as u64;
+    let Some(first) = hist.iter().position(|&c| c > 0) else {
+        return;
+    };
+    if hist[first] == total {
+        return; // one value: OpenCV leaves it as it is
+    }
+    let scale = 255.0f32 / (total - hist[first]) as f32;
+    let mut lut = [0u8; 256];
+    let mut sum = 0u64;
+    for v in first + 1..256 {
+        sum += hist[v];
+        lut[v] = (sum as f32 * scale).round_ties_even().clamp(0.0, 255.0) as u8;
+    }
+    for v in grey.iter_mut() {
+        *v = lut[*v as usize];
+    }
+}
+
+/// OpenCV's CLAHE with Roboflow's settings (clip limit 0.03, 8x8 tiles), in place: a clipped
+/// histogram per tile (on the image extended by reflection to a multiple of the tiles, as
+/// OpenCV does), its cumulative table, and each pixel interpolated bilinearly between the
+/// tables of the four nearest tiles.
+fn clahe(grey: &mut [u8], w: usize, h: usize) {
+    clahe_with(grey, w, h, 0.03);
+}
+
+fn clahe_with(grey: &mut [u8], w: usize, h: usize, clip_limit: f64) {
+    const TILES: usize = 8;
+    if w == 0 || h == 0 {
+        return;
+    }
+    let (ew, eh) = if w.is_multiple_of(TILES) && h.is_multiple_of(TILES) {
+        (w, h)
+    } else {
+        (w + TILES - w % TILES, h + TILES - h % TILES)
+    };
+    // BORDER_REFLECT_101 past the right and bottom edges.
+    let reflect = |i: usize, n: usize| {
+        if i < n {
+            i
+        } else {
+            (2 * (n - 1)).saturating_sub(i).min(n - 1)
+        }
+    };
+    let (tw, th) = (ew / TILES, eh / TILES);
+    let tile_total = (tw * th) as f64;
+    let clip = ((clip_limit * tile_total / 256.0) as u64).max(1);
+    let lut_scale = 255.0 / tile_total as f32;
+    let mut luts = vec![[0u8; 256]; TILES * TILES];
+    for ty in 0..TILES {
+        for tx in 0..TILES {
+            let mut hist = [0u64; 256];
+            for y in ty * th..(ty + 1) * th {
+                let row = reflect(y, h) * w;
+                for x in tx * tw..(tx + 1) * tw {
+                    hist[grey[row + reflect(x, w)] as usize] += 1;
+                }
+            }
+            let mut clipped = 0;
+            for c in hist.iter_mut() {
+                if *c > clip {
+                    clipped += *c - clip;
+                    *c = clip;
+                }
+            }
+            let batch = clipped / 256;
+            let mut residual = clipped - batch * 256;
+            for c in hist.iter_mut() {
+                *c += batch;
+            }
+            if residual > 0 {
+                let step = (256 / residual as usize).max(1);
+                let mut i = 0;
+                while i < 256 && residual > 0 {
+                    hist[i] += 1;
+                    i += step;
+                    residual -= 1;
+                }
+            }
+            let lut = &mut luts[ty * TILES + tx];
+            let mut sum = 0u64;
+            for (v, c) in hist.iter().enumerate() {
+                sum += c;
+                lut[v] = (sum as f32 * lut_scale).round_ties_even().clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+    // Per column: the two tiles and the weight of the second.
+    let cols: Vec<(usize, usize, f32)> = (0..w)
+        .map(|x| {
+            let f = x as f32 * (1.0 / tw as f32) - 0.5;
+            let t1 = f.floor();
+            let a = f - t1;
+            let t1i = t1 as isize;
+            (t1i.max(0) as usize, ((t1i + 1) as usize).min(TILES - 1), a)
+        })
+        .collect();
+    for y in 0..h {
+        let f = y as f32 * (1.0 / th as f32) - 0.5;
+        let t1 = f.floor();
+        let ya = f - t1;
+        let t1i = t1 as isize;
+        let (r1, r2) = (t1i.max(0) as usize, ((t1i + 1) as usize).min(TILES - 1));
+        let row = &mut grey[y * w..(y + 1) * w];
+        for (v, &(c1, c2, xa)) in row.iter_mut().zip(&cols) {
+            let s = *v as usize;
+            let top =
+                luts[r1 * TILES + c1][s] as f32 * (1.0 - xa) + luts[r1 * TILES + c2][s] as f32 * xa;
+            let bottom =
+                luts[r2 * TILES + c1][s] as f32 * (1.0 - xa) + luts[r2 * TILES + c2][s] as f32 * xa;
+            *v = (top * (1.0 - ya) + bottom * ya)
+                .round_ties_even()
+                .clamp(0.0, 255.0) as u8;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_chw<M: PixelMap>(
+    pixels: &[u8],
+    channels: usize,
+    map: &M,
     cw: usize,
     ch: usize,
     geo: &Geometry,
     spec: &InputSpec,
-    lut: &[f32; 256],
+    luts: &[[f32; 256]; 3],
     out: &mut [f32],
 ) {
     let (nw, nh) = (spec.width as usize, spec.height as usize);
     let plane = nw * nh;
     if let ResizeMode::Letterbox { pad } = spec.resize {
         if cw != nw || ch != nh {
-            out.fill(lut[pad as usize]);
+            for (c, p) in out.chunks_mut(plane).enumerate() {
+                p.fill(spec.normalization.pad_value(luts, c, pad));
+            }
         }
     }
     let (left, top) = (geo.left as usize, geo.top as usize);
     let (r_plane, rest) = out.split_at_mut(plane);
     let (g_plane, b_plane) = rest.split_at_mut(plane);
     for y in 0..ch {
-        let row = &rgb[y * cw * 3..(y + 1) * cw * 3];
+        let row = &pixels[y * cw * channels..(y + 1) * cw * channels];
         let base = (top + y) * nw + left;
         let r = &mut r_plane[base..base + cw];
         let g = &mut g_plane[base..base + cw];
         let b = &mut b_plane[base..base + cw];
-        for (x, px) in row.chunks_exact(3).enumerate() {
-            r[x] = lut[px[0] as usize];
-            g[x] = lut[px[1] as usize];
-            b[x] = lut[px[2] as usize];
+        for (x, px) in row.chunks_exact(channels).enumerate() {
+            let [pr, pg, pb] = map.map(px);
+            r[x] = luts[0][pr as usize];
+            g[x] = luts[1][pg as usize];
+            b[x] = luts[2][pb as usize];
         }
     }
 }
@@ -86,7 +417,7 @@ fn write_chw(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::geometry::Normalization;
+    use crate::geometry::{Contrast, Normalization, Steps};
 
     fn spec(resize: ResizeMode) -> InputSpec {
         InputSpec {
@@ -166,7 +497,7 @@ mod tests {
         };
         let pixels = vec![255u8; 4 * 2 * 3];
         let mut out = vec![-1f32; s.image_len()];
-        let g = preprocess_into(&pixels, 4, 2, 4, 2, &s, &mut out).unwrap();
+        let g = preprocess_into(&pixels, 4, 2, 4, 2, &Steps::default(), &s, &mut out).unwrap();
         assert_eq!((g.top, g.content_h), (1.0, 2.0));
         for c in 0..3 {
             let plane = &out[c * 16..(c + 1) * 16];
@@ -188,9 +519,185 @@ mod tests {
         };
         let pixels = [255u8, 0, 127].repeat(4);
         let mut out = vec![0f32; s.image_len()];
-        preprocess_into(&pixels, 2, 2, 2, 2, &s, &mut out).unwrap();
+        preprocess_into(&pixels, 2, 2, 2, 2, &Steps::default(), &s, &mut out).unwrap();
         assert!(out[..4].iter().all(|&v| (v - 1.0).abs() < 1e-6));
         assert!(out[4..8].iter().all(|&v| (v + 1.0).abs() < 1e-6));
         assert!(out[8..].iter().all(|&v| v.abs() < 0.01));
+    }
+
+    /// A 42x26 grey test card (not a multiple of the tiles: OpenCV's reflection applies).
+    fn card() -> Vec<u8> {
+        let mut g = Vec::new();
+        for y in 0..26usize {
+            for x in 0..42usize {
+                let band = if (x / 9 + y / 5) % 2 == 1 { 40 } else { 0 };
+                g.push(((x * 7 + y * 13 + (x * y) % 17 + band) % 256) as u8);
+            }
+        }
+        g
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    // What OpenCV 4.12 (cv2.createCLAHE(clipLimit, (8, 8)).apply, cv2.equalizeHist) and
+    // skimage 0.26 (rescale_intensity between np.percentile 2 and 98) give for the card.
+    const CLAHE_003: &str = "1520354047474643378a80716060554a5c6e202e37405563757c81d4ecf4fa0e1e2a4059ff1520354a6a2a4060757e78706759aaa8a39a95939fb7983a4a6080949ca5a3a5ff1527354a668a648325395b758a9f4a6a8aaaa69f94918ab5b3adaaadb8bfddc65a759dbfc6cacfd4b80b2035506a8aaa9db14a6e93aac1d8637a8da09d9c7a7976c5c3c8a2afbbd7f0dc819ebdd2e2cbd7dce5405b46607da1c7b0c3617d92a49cb15a707f908e78727371aabcc6cdafceeafbed9abdd6e4dbe1e7f3ef5a70817294b9dac2cc7086927a8c9a7d8595b496adbb9ebf5a6a545e7950629088f3f411ff27462e5d812214304c2f47684d6bb2ac8e9ac5b06a80aa95b6ceb0d4ee405c8e657fa56abcaafa190b40705c85a39d35674065835a956c83b4919ccac3ed6a98c2b4d6bfd7eadd826f8fa98dc5ade0d0173435786a87a3a1bd3a5e7d63937aa57f96b4a2c3b4d9ec75a4d4cae4d2e2d8ed859f91b8a8d3c4eae6255e5f9a8c9e95b8b464567c6a8d7aa48788bfb3d0c4e5e17db7b0efd8e7dbf4eba499c9bedfd4f7f1ec4f4d969cb3a4beb6c75a8a7699879d8c757ea6cdbeefe8f72a4a4a8a7f9f9080a3f4ffffff1c1840404010123e406e5c4a6352cabfb5c0b1bfb5a5d1607163808487386a72a5a3a0bfbbbc12181a24262b4a58621e285d6a627e756f95bab3b6aaa0b2acabd0617b7b7ab6be50858a90c3c1c2e1df202135353c61656c773d4348807a76958882b0b4aaa4b6ada5a8d665639aa0b0da62a2aab2b6e0e0e3e552535759848ca2a4a8555f666a9892857d7eccc3b3c7bdbab4b8eb727a84bcccd280bfcad4d8dff4f8ff757e7ca0b1cadfdedf959596958f95848078dfccd8cfcecadfe3f194a0a6b5d4dffc121d252e383d506222272e374147484e5ecac0bdbdb7afabb6db655e6666594c4062b9f7faff18222aff2a45505762707e8c25323e454a536a797fc4bfbdb4b5bcc2bfca5565655d5a666a8bd213202e404f6115223d50606e76869d2a3a424d5e707f8d8bab9c958f9aa3acb5cd4f5a575f71777fa6c20f1e33526a843555809fa7b1c0cdd6608799a5aab3cabd86aaa3a7bfbec6dadfe4809aa7a4a6bfd4b8dc2a4a7eb5bcca6288a0bac7cccfd5d9657c87939fabb8aa86a9b6c6d7e3e9eef4e994a9b7c1d7e9f7f2ff4879a2cfdee41020406a7e85627384c4c4c6b4b1b0b4baa55d5a687a9b7892a8b4f40ffb1019212a2d4e152c498060852a486a95a47e8b8c97b4b6b2b7959fa7bdb254688ab297aebbcbb6ff19281b2d446360802c4f7e7295b24a6a95ca9ca6a07f8acad3adb4b893aad4c3608abdaac6d1baced3402a4e6a4e7cb59dc65a8a759fcab8608aaf9cb0ad90928ec2cad0b3c4dbbff2db8eb5a8cfe9d1dee9db426556759891cfbad57e6d98bfb4d06a8fb0aab19a929a89dfc5d6dcccf1dffdf4aacec5f4e6eaf2ecfa50758380aeacd4c9d69a86aea4c4c8bcc5d7cfe3cedacde885957b896e886da096ff16112a2039345d6122163928514168598bd0c7ddd4ece4";
+    const CLAHE_2: &str = "1520354047474643378a80716060554a5c6e202e37405563757c81d4ecf4fa0e1e2a4059ff1520354a6a2a4060757e78706759aaa8a39a95939fb7983a4a6080949ca5a3a5ff1527354a668a648325395b758a9f4a6a8aaaa69f94918ab5b3adaaadb8bfddc65a759dbfc6cacfd4b80b2035506a8aaa9db14a6e93aac1d8637a8da09d9c7a7976c5c3c8a2afbbd7f0dc819ebdd2e2cbd7dce5405b46607da1c7b0c3617d92a49cb15a707f908e78727371aabcc6cdafceeafbed9abdd6e4dbe1e7f3ef5a70817294b9dac2cc7086927a8c9a7d8595b496adbb9ebf5a6a545e7950629088f3f411ff27462e5d812214304c2f47684d6bb2ac8e9ac5b06a80aa95b6ceb0d4ee405c8e657fa56abcaafa190b40705c85a39d35674065835a956c83b4919ccac3ed6a98c2b4d6bfd7eadd826f8fa98dc5ade0d0173435786a87a3a1bd3a5e7d63937aa57f96b4a2c3b4d9ec75a4d4cae4d2e2d8ed859f91b8a8d3c4eae6255e5f9a8c9e95b8b464567c6a8d7aa48788bfb3d0c4e5e17db7b0efd8e7dbf4eba499c9bedfd4f7f1ec4f4d969cb3a4beb6c75a8a7699879d8c757ea6cdbeefe8f72a4a4a8a7f9f9080a3f4ffffff1c1840404010123e406e5c4a6352cabfb5c0b1bfb5a5d1607163808487386a72a5a3a0bfbbbc12181a24262b4a58621e285d6a627e756f95bab3b6aaa0b2acabd0617b7b7ab6be50858a90c3c1c2e1df202135353c61656c773d4348807a76958882b0b4aaa4b6ada5a8d665639aa0b0da62a2aab2b6e0e0e3e552535759848ca2a4a8555f666a9892857d7eccc3b3c7bdbab4b8eb727a84bcccd280bfcad4d8dff4f8ff757e7ca0b1cadfdedf959596958f95848078dfccd8cfcecadfe3f194a0a6b5d4dffc121d252e383d506222272e374147484e5ecac0bdbdb7afabb6db655e6666594c4062b9f7faff18222aff2a45505762707e8c25323e454a536a797fc4bfbdb4b5bcc2bfca5565655d5a666a8bd213202e404f6115223d50606e76869d2a3a424d5e707f8d8bab9c958f9aa3acb5cd4f5a575f71777fa6c20f1e33526a843555809fa7b1c0cdd6608799a5aab3cabd86aaa3a7bfbec6dadfe4809aa7a4a6bfd4b8dc2a4a7eb5bcca6288a0bac7cccfd5d9657c87939fabb8aa86a9b6c6d7e3e9eef4e994a9b7c1d7e9f7f2ff4879a2cfdee41020406a7e85627384c4c4c6b4b1b0b4baa55d5a687a9b7892a8b4f40ffb1019212a2d4e152c498060852a486a95a47e8b8c97b4b6b2b7959fa7bdb254688ab297aebbcbb6ff19281b2d446360802c4f7e7295b24a6a95ca9ca6a07f8acad3adb4b893aad4c3608abdaac6d1baced3402a4e6a4e7cb59dc65a8a759fcab8608aaf9cb0ad90928ec2cad0b3c4dbbff2db8eb5a8cfe9d1dee9db426556759891cfbad57e6d98bfb4d06a8fb0aab19a929a89dfc5d6dcccf1dffdf4aacec5f4e6eaf2ecfa50758380aeacd4c9d69a86aea4c4c8bcc5d7cfe3cedacde885957b896e886da096ff16112a2039345d6122163928514168598bd0c7ddd4ece4";
+    const EQUALIZED: &str = "00050c131e2934404b797b7e82868a929ba483878c949da6b1bcc8f6f8fbfd01060d141ffe02070f16220b131f2c3a46535f6882878d97a1aeb9c5b88c959facb8c3d1dae5fe030a111e2b38293609111c2936431a29384655626a7376858b95a1afbccbd7cd9dabb8c5d3dee8efe90109111f2e3d4b3e4c1a29384655622f40505f69736d75799ba8b8aebccdd9e6ddb1c0d1dde8e1ecf2f718291e2e3e4e5d5362324353625766445666707673787c81a1b1c1d3cbd9e7efecc8d7e5eee9f1f7faf82234463d4e5f6a66704b5d69626d757a7e848d8995a59eb08b9893a2b5aec0d2cbf8fc03ff09151020340c0713251e32443d507c817f858e8a7f86908c9cafa8bcd190a1b5afc1d5d1e1dbfd05020e1f182e433d11251f3449435751648381899590a18692a49fb5b0c5d9d5afabc0d4d1e3deedea0614112520384e495f1a32474359556764718d8a9b97abc090a4bab8cfcde0ddedb5cecbdedbeceaf5f3142c29413e56536766403d555166647270789f9db3b0c8c3a1b9b8d1cfe4e3f0efd7d5e8e8f3f2f9f9f82b2943415b596b6a7649626070707877777d9db5b3cdcbe0859494acacc5c5c5ddf9ffffff0e0e25252507071c1c38383853537f7f7f89899b9b9bb3849393ababab8ea6a8c3c5c8e0e1e303040416181a383a3a161836383a5657596d82828e9092abacaec990a8abacc8c99fbcc0c1dde0e3f2f3070920232746494c502e32345356596e70728597989cb8babdc0dba4a6c3c8cbe4b3d2d5d9ddf0f2f4f522272c3251565b5f6244494e536b6e71737b9c9fa4c1c8cdd1d4ecbac0c3e0e4e7c8e4e8eceef1fafbfc2b3238595f64686b705b6066696d797a7c7da4abcbd1d5dae0e5f5d2d7dbe1f2f5f70104090e131a222b10151e252e363e464e808285898c92989ec08e949ba1a8b0b8c0defbfcfe02060bfc0d131c252f3a434c151f29323d46505962888c939ba2acb5bdc8959da5afb8c0cbd3ed02070d131c25040a111a25323d47531e2934404b5660686e868a929ba4afb9c3cf9da6b1bcc8d2dae4ea01060d141f2b101a2734414e5b666d414e5b666d73767a76929ca6b3c0cdd7e1e9c0cdd7e1e9eff5eef40e1623323e4b2232404e5d677075794957646d74777b7f7ba4b1c0ced9e5edf2edc9d5e1eaf1f6f9f6f92232404e5d67030c162738473d4c5d7e838a858c98a5b5ab878e9cabb9afbdcedafb00fc020b15251a2b040e1a2b1f2f0f1e2f4153495b68728187909e97a5b5c8bd94a2b3c3bacddae8e1fe05100a15273a2f411323362c3e502034475b5364706a75909f98abbcb5c8d7d2a6b9cdc3d5e5deecf3110c1a2e253a4c44572b3e36495d55364b5f59697471777c97a8bcb5cbdbd7e7e3bcd1cbdbeae7f1f7f6182e273d514b5f5969433d51645f6d4b606e6b75757a807eb5b1c8dad7e8e5f0eed2e4e0edecf5faf8fd223a504b605d6b69755b56686672797b828b8a9b98aeabc0899897aca8c0bcd3d1fb01000d0b1e1a322f0c0a1c18322e46435b807f88869492";
+    const STRETCHED: &str = "0000080f171e262e356870787f878e969ea581899198a0a8afb7bef1f9ffff0001091018ff00030b131a070f182129323b434c8089929aa3acb5bdb39199a2abb3bcc5ced6ff00050e1720281e27040d161e2730151e28323c464f5963869099a3adb7c1cac2a0aab3bdc7d1dbe4dc00040e18222c352d36151e28323c46232e39434e59525c679ea9b3acb7c2ccd7d0afbac5d0dbd3dee9f4141e17222d38423b4625303b463e49313d4955615a66727ea3afbbc7c1ccd8e4debecad6e2dce8f4fff91a26322c38434f495535414d47535f6b7885928c99a6a1ae909d97a4b1acb9c6c1f9ff00ff04110c192608020f1c1724312c39717e7986938d798795919fada9b7c595a3b1adbbc9c5d3cfff00000a181422302c0e1c182634303e3a48817d8b9995a38796a5a2b1aebdccc9adaab9c8c5d4d1e0dd01100d1c1928383443152433303f3c4b4857928e9e9aaab995a5b6b3c4c2d2d0e0b2c3c1d1cfdfddedeb10211e2f2d3d3b4b492e2c3c3a4a48585666a2a0b0aebebca3b5b3c5c4d5d4e5e4cac9dbdaebeafbfaf9201e302f403f514f61344645565566656475a0b1b0c2c1d2869898ababbdbdbdd0fbffffff0a0a1c1c1c030316162828283b3b7979798b8b9e9e9eb0859797aaaaaa94a8a9bcbdbed2d3d400000013141528292a13142728293d3e3f537f80949596aaabacbf95a9aaabbebfa2b7b9bbd0d2d4e9eb0204191b1d323436392224263b3d3f545658869a9d9fb3b6b8bacfa5a8bcbec1d5b0c6c9ccd0e5e9ecef1a1d21243a3d4043473134383b5154575a709fa2a5bbbec2c5c8deb6b9bcd2d5d8bed5dadee2e7fdffff2024283f43484c51554045494d52686d7175a5aac1c5c9ced2d6edc6cacfd3eaeef80000040a0f151a200c11171c22272d32387b80868b91969ca1b993989ea3a9aeb3b9d1ffffff000107ff090f161c2329303611181e252c32393f468a91979ea4abb1b8be99a0a6adb3bac1c7e00002090f161c00050d151c242c333b171e262e353d454c54878e969ea5adb5bcc4a0a8afb7bec6ced5dd0001091018200c151d262f384049522f384049525a636c62969fa8b0b9c2cad3dcb9c2cad3dce4ede3ec0a131b242d351a242e38414b555f68343e48525b656f7970a5afb9c3ccd6e0eae1bfc9d3dde7f0faf1fb1a242e38414b0008131d28332c364178838d86919ca6b1aa89949faab5adb8c3ceff00ff0007111c1520000a152018230b17232f3b34404c587d8995a19aa6b2beb898a4b0bcb6c2cedad3ff000c05111d29232f0f1b27212d39192633403b48554f5c95a29daab7b1becbc6a8b5c2bcc9d6d1deeb0d0815221c2936313e202d2734413c2735433f4d5b5765739aa9b7b2c1cfcad8d4b7c5c1cfddd8e7f5f014221d2c3a35433f4d302c3a48435235455451605c6c7b78b2afbececadad6e5e2c6d5d2e1deedfcf9ff1a2939354541514d5c403d4c4958676f7f908d9e9cacaaba8c9d9aaba9b9b7c7c5ff00000907171525230805161424223230407c7a8a889896";
+
+    #[test]
+    fn equalisations_match_opencv() {
+        // CLAHE's interpolation rounds a float sum: at most one pixel in a thousand may land
+        // one level apart from OpenCV's.
+        for (clip, want) in [(0.03, CLAHE_003), (2.0, CLAHE_2)] {
+            let mut g = card();
+            clahe_with(&mut g, 42, 26, clip);
+            let want = hex(want);
+            let off: Vec<i32> = g
+                .iter()
+                .zip(&want)
+                .map(|(&a, &b)| (a as i32 - b as i32).abs())
+                .filter(|&d| d > 0)
+                .collect();
+            assert!(off.iter().all(|&d| d <= 1), "CLAHE clip {clip}: {off:?}");
+            assert!(
+                off.len() * 1000 <= want.len(),
+                "CLAHE clip {clip}: {} pixels differ",
+                off.len()
+            );
+        }
+        let mut g = card();
+        equalize_hist(&mut g);
+        assert_eq!(g, hex(EQUALIZED));
+    }
+
+    #[test]
+    fn contrast_stretching_matches_skimage_and_grey_matches_opencv() {
+        let rgb: Vec<u8> = card().iter().flat_map(|&v| [v, v, v]).collect();
+        let lut = stretch_lut(&rgb, 42, (0, 0, 42, 26));
+        let got: Vec<u8> = card().iter().map(|&v| lut[v as usize]).collect();
+        assert_eq!(got, hex(STRETCHED));
+        // cv2.cvtColor(BGR2GRAY) of red, green, blue, (12, 200, 99), (250, 251, 3).
+        let px = [
+            (255, 0, 0),
+            (0, 255, 0),
+            (0, 0, 255),
+            (12, 200, 99),
+            (250, 251, 3),
+        ];
+        let want = [76, 150, 29, 132, 222];
+        for ((r, g, b), w) in px.into_iter().zip(want) {
+            assert_eq!(grey(r, g, b), w);
+        }
+    }
+
+    #[test]
+    fn static_crop_maps_boxes_back_into_the_full_image() {
+        use crate::geometry::StaticCrop;
+        // A 200x100 image, crop x 20-85 %, y 10-90 %: pixels 40..170 x 10..90.
+        let steps = Steps {
+            static_crop: Some(StaticCrop {
+                x_min: 20.0,
+                y_min: 10.0,
+                x_max: 85.0,
+                y_max: 90.0,
+            }),
+            ..Steps::default()
+        };
+        let s = InputSpec {
+            width: 26,
+            height: 16,
+            resize: ResizeMode::Stretch,
+            normalization: Normalization::ZeroToOne,
+        };
+        // White inside the crop window, black outside: the input must be all white.
+        let image = |w: usize, h: usize, k: usize| -> Vec<u8> {
+            (0..h)
+                .flat_map(|y| (0..w).map(move |x| (x, y)))
+                .flat_map(|(x, y)| {
+                    let inside = (40 / k..170 / k).contains(&x) && (10 / k..90 / k).contains(&y);
+                    [if inside { 255 } else { 0 }; 3]
+                })
+                .collect()
+        };
+        let mut out = vec![0f32; s.image_len()];
+        let g = preprocess_into(
+            &image(200, 100, 1),
+            200,
+            100,
+            200,
+            100,
+            &steps,
+            &s,
+            &mut out,
+        )
+        .unwrap();
+        assert!(
+            out.iter().all(|&v| v > 0.99),
+            "the input sees only the crop"
+        );
+        assert_eq!(
+            (g.orig_w, g.orig_h, g.shift_x, g.shift_y),
+            (130, 80, 40, 10)
+        );
+        assert_eq!((g.full_w, g.full_h), (200, 100));
+        // The network's far corner is the crop's far corner in the client's image.
+        assert_eq!(g.to_full_rounded(26.0, 16.0), (170.0, 90.0));
+        assert_eq!(g.to_full_rounded(-5.0, 0.0), (40.0, 10.0));
+        // Decoded at half size: the same geometry in the client's pixels.
+        let g2 =
+            preprocess_into(&image(100, 50, 2), 100, 50, 200, 100, &steps, &s, &mut out).unwrap();
+        assert_eq!(g2, g);
+        assert!(out.iter().all(|&v| v > 0.99));
+    }
+
+    #[test]
+    fn grey_steps_make_the_three_planes_equal() {
+        let s = InputSpec {
+            width: 8,
+            height: 8,
+            resize: ResizeMode::Stretch,
+            normalization: Normalization::ZeroToOne,
+        };
+        let pixels: Vec<u8> = (0..16 * 16usize)
+            .flat_map(|i| [(i % 256) as u8, 200, (i * 3 % 256) as u8])
+            .collect();
+        for contrast in [
+            None,
+            Some(Contrast::HistogramEqualization),
+            Some(Contrast::AdaptiveEqualization),
+        ] {
+            let steps = Steps {
+                contrast,
+                grayscale: contrast.is_none(),
+                ..Steps::default()
+            };
+            let mut out = vec![0f32; s.image_len()];
+            preprocess_into(&pixels, 16, 16, 16, 16, &steps, &s, &mut out).unwrap();
+            assert_eq!(out[..64], out[64..128], "{contrast:?}");
+            assert_eq!(out[..64], out[128..], "{contrast:?}");
+        }
+    }
+
+    #[test]
+    fn imagenet_normalisation_pads_with_the_mean() {
+        let s = InputSpec {
+            width: 4,
+            height: 4,
+            resize: ResizeMode::Letterbox { pad: 0 },
+            normalization: Normalization::ImageNet,
+        };
+        let pixels = vec![255u8; 4 * 2 * 3];
+        let mut out = vec![-9f32; s.image_len()];
+        preprocess_into(&pixels, 4, 2, 4, 2, &Steps::default(), &s, &mut out).unwrap();
+        assert_eq!(out[0], 0.0, "padding is 0 after normalising");
+        assert!((out[4] - (1.0 - 0.485) / 0.229).abs() < 1e-5);
+        assert!((out[32 + 4] - (1.0 - 0.406) / 0.225).abs() < 1e-5);
     }
 }

@@ -200,23 +200,42 @@ pub struct ObjectDetectionPrediction {
     pub detection_id: String,
 }
 
-/// A kept box mapped to original-image pixels, clipped to the image and rounded to whole
-/// pixels (as Roboflow does, so `x` and `y` are multiples of 0.5).
+/// A kept box mapped to the client's image: clipped to the image (or static crop), rounded
+/// to whole pixels (as Roboflow does, so `x` and `y` are multiples of 0.5), then shifted by
+/// the crop.
 pub fn to_original_box(c: &Candidate, geo: &Geometry) -> (f32, f32, f32, f32) {
-    let (x1, y1) = geo.to_original(c.x1, c.y1);
-    let (x2, y2) = geo.to_original(c.x2, c.y2);
-    let (w, h) = (geo.orig_w as f32, geo.orig_h as f32);
-    (
-        x1.clamp(0.0, w).round(),
-        y1.clamp(0.0, h).round(),
-        x2.clamp(0.0, w).round(),
-        y2.clamp(0.0, h).round(),
-    )
+    let (x1, y1) = geo.to_full_rounded(c.x1, c.y1);
+    let (x2, y2) = geo.to_full_rounded(c.x2, c.y2);
+    (x1, y1, x2, y2)
 }
 
-/// A kept box as a prediction in original-image pixels (centre, size), with a fresh id.
-pub fn prediction(c: &Candidate, class_name: &str, geo: &Geometry) -> ObjectDetectionPrediction {
-    let (x1, y1, x2, y2) = to_original_box(c, geo);
+/// As [`to_original_box`] without the rounding (Roboflow's RF-DETR boxes).
+fn to_original_box_exact(c: &Candidate, geo: &Geometry) -> (f32, f32, f32, f32) {
+    let map = |x: f32, y: f32| {
+        let (ox, oy) = geo.to_original(x, y);
+        (
+            ox.clamp(0.0, geo.orig_w as f32) + geo.shift_x as f32,
+            oy.clamp(0.0, geo.orig_h as f32) + geo.shift_y as f32,
+        )
+    };
+    let (x1, y1) = map(c.x1, c.y1);
+    let (x2, y2) = map(c.x2, c.y2);
+    (x1, y1, x2, y2)
+}
+
+/// A kept box as a prediction in the client's image (centre, size), with a fresh id;
+/// `round`: corners rounded to whole pixels first.
+pub fn prediction_rounded(
+    c: &Candidate,
+    class_name: &str,
+    geo: &Geometry,
+    round: bool,
+) -> ObjectDetectionPrediction {
+    let (x1, y1, x2, y2) = if round {
+        to_original_box(c, geo)
+    } else {
+        to_original_box_exact(c, geo)
+    };
     ObjectDetectionPrediction {
         x: (x1 + x2) / 2.0,
         y: (y1 + y2) / 2.0,
@@ -229,6 +248,11 @@ pub fn prediction(c: &Candidate, class_name: &str, geo: &Geometry) -> ObjectDete
     }
 }
 
+/// A kept box as a prediction, corners rounded (every head but RF-DETR).
+pub fn prediction(c: &Candidate, class_name: &str, geo: &Geometry) -> ObjectDetectionPrediction {
+    prediction_rounded(c, class_name, geo, true)
+}
+
 /// Whether `class_filter` lets a class through.
 pub fn passes_filter(filter: &Option<Vec<String>>, class_name: &str) -> bool {
     filter
@@ -236,7 +260,7 @@ pub fn passes_filter(filter: &Option<Vec<String>>, class_name: &str) -> bool {
         .is_none_or(|f| f.iter().any(|c| c == class_name))
 }
 
-/// Turns one image's output into its predictions.
+/// Turns one image's output (YOLOv5/v8 layout) into its predictions.
 pub fn postprocess(
     out: &[f32],
     dims: (usize, usize),
@@ -253,13 +277,24 @@ pub fn postprocess(
         params.max_candidates,
         params.max_detections,
     );
+    predictions(&kept, class_names, geo, params, true)
+}
+
+/// Kept boxes as predictions, leaving out classes `class_filter` does not name.
+pub fn predictions(
+    kept: &[Candidate],
+    class_names: &[String],
+    geo: &Geometry,
+    params: &DetectionParams,
+    round: bool,
+) -> Vec<ObjectDetectionPrediction> {
     kept.iter()
         .filter_map(|c| {
             let name = class_names.get(c.class_id)?;
             if !passes_filter(&params.class_filter, name) {
                 return None;
             }
-            Some(prediction(c, name, geo))
+            Some(prediction_rounded(c, name, geo, round))
         })
         .collect()
 }

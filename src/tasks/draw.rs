@@ -11,7 +11,9 @@ use std::sync::LazyLock;
 
 use ab_glyph::{FontRef, PxScale};
 use image::{Rgb, RgbImage};
-use imageproc::drawing::{draw_filled_rect_mut, draw_line_segment_mut, draw_text_mut, text_size};
+use imageproc::drawing::{
+    draw_filled_circle_mut, draw_filled_rect_mut, draw_line_segment_mut, draw_text_mut, text_size,
+};
 use imageproc::rect::Rect;
 
 use super::classification::ClassificationOutput;
@@ -61,6 +63,21 @@ pub fn draw(
                     }
                 }
                 boxed(img, &p.detection, c, stroke, opts.labels);
+            }
+        }
+        TaskOutput::Keypoints(preds) => {
+            for p in preds {
+                let c = color(&p.detection.class_name);
+                boxed(img, &p.detection, c, stroke, opts.labels);
+                // Each keypoint a dot in the class colour (Roboflow's vertex annotator).
+                for k in &p.keypoints {
+                    draw_filled_circle_mut(
+                        img,
+                        (k.x as i32, k.y as i32),
+                        (stroke as i32 + 2).max(3),
+                        c,
+                    );
+                }
             }
         }
         TaskOutput::Classification(out) => {

@@ -4,6 +4,8 @@
 pub mod classification;
 pub mod detection;
 pub mod draw;
+pub mod heads;
+pub mod keypoints;
 pub mod rle;
 pub mod segmentation;
 
@@ -11,7 +13,9 @@ use crate::geometry::Geometry;
 use crate::model::backend::OutputTensor;
 use crate::model::repository::TaskType;
 use classification::{Activation, ClassificationOutput, ClassificationParams};
-use detection::{DetectionParams, ObjectDetectionPrediction, YoloLayout};
+use detection::{DetectionParams, ObjectDetectionPrediction};
+use heads::DetectionHead;
+use keypoints::{KeypointLayout, KeypointsParams, KeypointsPrediction};
 use segmentation::{InstanceSegmentationPrediction, SegLayout, SegmentationParams};
 
 /// Per-request settings of the task.
@@ -20,6 +24,7 @@ pub enum TaskParams {
     Detection(DetectionParams),
     Segmentation(SegmentationParams),
     Classification(ClassificationParams),
+    Keypoints(KeypointsParams),
 }
 
 /// One image's predictions.
@@ -28,6 +33,7 @@ pub enum TaskOutput {
     Detection(Vec<ObjectDetectionPrediction>),
     Segmentation(Vec<InstanceSegmentationPrediction>),
     Classification(ClassificationOutput),
+    Keypoints(Vec<KeypointsPrediction>),
 }
 
 /// Why an image's outputs gave no answer.
@@ -56,14 +62,27 @@ impl From<String> for PostprocessError {
     }
 }
 
+/// What the repository says that decides how a model's outputs are read.
+#[derive(Debug, Clone, Copy)]
+pub struct DecoderHints<'a> {
+    pub task: TaskType,
+    /// `model_type.json`'s `model_type` (picks the detection head).
+    pub model_type: &'a str,
+    /// Class names (the background class of an RF-DETR export already taken out).
+    pub num_classes: usize,
+    pub multi_label: bool,
+    /// RF-DETR: the background column class_names.txt listed.
+    pub background: Option<usize>,
+    /// Keypoint names by object class (keypoints_metadata.json).
+    pub keypoints: &'a [Vec<String>],
+}
+
 /// How to read one model's outputs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OutputDecoder {
-    Detection {
-        layout: YoloLayout,
-        dims: (usize, usize),
-    },
+    Detection(DetectionHead),
     Segmentation(SegLayout),
+    Keypoints(KeypointLayout),
     Classification {
         multi_label: bool,
         /// Softmax, sigmoid or none, decided once at load from probe runs.
@@ -72,46 +91,29 @@ pub enum OutputDecoder {
 }
 
 impl OutputDecoder {
-    /// Picks the decoder from the task and the outputs of probe runs (each on a different
-    /// input), checking that the class count agrees with `class_names.txt` (as Roboflow's
-    /// `validate_model` does).
-    pub fn infer(
-        task: TaskType,
-        probes: &[Vec<OutputTensor>],
-        num_classes: usize,
-        multi_label: bool,
-    ) -> Result<Self, String> {
+    /// Picks the decoder from the task, the model type and the outputs of probe runs (each
+    /// on a different input), checking that the class count agrees with `class_names.txt`
+    /// (as Roboflow's `validate_model` does). An error names the outputs found.
+    pub fn infer(hints: DecoderHints<'_>, probes: &[Vec<OutputTensor>]) -> Result<Self, String> {
         let outputs = probes.first().ok_or("no probe run")?;
-        match task {
+        let num_classes = hints.num_classes;
+        let with_outputs = |e: String| format!("{e} (outputs found: {})", heads::describe(outputs));
+        match hints.task {
             TaskType::ObjectDetection => {
+                DetectionHead::infer(hints.model_type, outputs, num_classes, hints.background)
+                    .map(OutputDecoder::Detection)
+            }
+            TaskType::KeypointDetection => {
                 let out = outputs.first().ok_or("the model has no output")?;
-                let dims = match out.item_shape() {
-                    [a, b] => (*a, *b),
-                    s => return Err(format!("detection output must be [batch, a, b], got {s:?}")),
-                };
-                if dims.0 == 4 + num_classes {
-                    Ok(OutputDecoder::Detection {
-                        layout: YoloLayout::V8,
-                        dims,
-                    })
-                } else if dims.1 == 5 + num_classes {
-                    Ok(OutputDecoder::Detection {
-                        layout: YoloLayout::V5,
-                        dims,
-                    })
-                } else {
-                    Err(format!(
-                        "output shape {:?} matches neither YOLOv8 [4+nc, N] nor YOLOv5 [N, 5+nc] \
-                         for the {num_classes} classes of class_names.txt",
-                        out.item_shape()
-                    ))
-                }
+                KeypointLayout::infer(out.item_shape(), num_classes, hints.keypoints.to_vec())
+                    .map(OutputDecoder::Keypoints)
+                    .map_err(with_outputs)
             }
             TaskType::InstanceSegmentation => {
                 let pred = outputs.iter().position(|o| o.item_shape().len() == 2);
                 let protos = outputs.iter().position(|o| o.item_shape().len() == 3);
                 let (Some(pred), Some(protos)) = (pred, protos) else {
-                    return Err("segmentation needs a [B, 4+nc+nm, N] output and a [B, nm, H, W] prototype output".into());
+                    return Err(with_outputs("segmentation needs a [B, 4+nc+nm, N] output and a [B, nm, H, W] prototype output (YOLOv8-seg)".into()));
                 };
                 let (pd, qd) = (outputs[pred].item_shape(), outputs[protos].item_shape());
                 let layout = SegLayout {
@@ -122,10 +124,10 @@ impl OutputDecoder {
                     num_classes,
                 };
                 if pd[0] != 4 + num_classes + qd[0] {
-                    return Err(format!(
+                    return Err(with_outputs(format!(
                         "output {pd:?} does not hold 4 box values, {num_classes} class scores and {} mask coefficients",
                         qd[0]
-                    ));
+                    )));
                 }
                 Ok(OutputDecoder::Segmentation(layout))
             }
@@ -133,17 +135,17 @@ impl OutputDecoder {
                 let out = outputs.first().ok_or("the model has no output")?;
                 match out.item_shape() {
                     [n] if *n == num_classes => Ok(OutputDecoder::Classification {
-                        multi_label,
+                        multi_label: hints.multi_label,
                         activation: Activation::from_probes(
                             probes.iter().filter_map(|p| p.first()).flat_map(|o| {
                                 (0..o.shape.first().copied().unwrap_or(0)).map(|i| o.item(i))
                             }),
-                            multi_label,
+                            hints.multi_label,
                         ),
                     }),
-                    s => Err(format!(
+                    s => Err(with_outputs(format!(
                         "classification output must be [batch, {num_classes}] for the classes of class_names.txt, got {s:?}"
-                    )),
+                    ))),
                 }
             }
         }
@@ -163,12 +165,21 @@ impl OutputDecoder {
         cancelled: &(dyn Fn() -> bool + Sync),
     ) -> Result<TaskOutput, PostprocessError> {
         match (self, params) {
-            (OutputDecoder::Detection { layout, dims }, TaskParams::Detection(p)) => {
+            (OutputDecoder::Detection(head), TaskParams::Detection(p)) => {
+                let kept = head.boxes(outputs, i, input, class_names.len(), p)?;
+                Ok(TaskOutput::Detection(detection::predictions(
+                    &kept,
+                    class_names,
+                    geo,
+                    p,
+                    head.rounds(),
+                )))
+            }
+            (OutputDecoder::Keypoints(layout), TaskParams::Keypoints(p)) => {
                 let out = outputs.first().ok_or("missing output")?;
-                Ok(TaskOutput::Detection(detection::postprocess(
+                Ok(TaskOutput::Keypoints(keypoints::postprocess(
                     out.item(i),
-                    *dims,
-                    *layout,
+                    layout,
                     class_names,
                     geo,
                     p,

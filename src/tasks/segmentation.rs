@@ -346,15 +346,16 @@ fn polygon(mask: &BoxMask, input: (usize, usize), geo: &Geometry) -> Vec<Point> 
                 (mask.y0 as i32 + y) as f32 * ky,
             );
             Point {
-                x: ox.clamp(0.0, geo.orig_w as f32),
-                y: oy.clamp(0.0, geo.orig_h as f32),
+                x: ox.clamp(0.0, geo.orig_w as f32) + geo.shift_x as f32,
+                y: oy.clamp(0.0, geo.orig_h as f32) + geo.shift_y as f32,
             }
         })
         .collect()
 }
 
 /// The mask at original-image resolution as COCO RLE: each original pixel takes the value of
-/// the grid cell its centre falls in. Only the box's columns are sampled.
+/// the grid cell its centre falls in. Only the box's columns are sampled. With a static crop
+/// the mask lies at the crop's place in the full image, empty around it.
 fn rle_mask(mask: &BoxMask, input: (usize, usize), geo: &Geometry) -> rle::Rle {
     let (ow, oh) = (geo.orig_w as usize, geo.orig_h as usize);
     let (gx_per_net, gy_per_net) = (
@@ -375,19 +376,28 @@ fn rle_mask(mask: &BoxMask, input: (usize, usize), geo: &Geometry) -> rle::Rle {
     let rows: Vec<Option<usize>> = (0..oh)
         .map(|oy| inside(cell_y(oy), mask.y0, mask.h))
         .collect();
+    let (fw, fh) = (geo.full_w as usize, geo.full_h as usize);
+    let (sx, sy) = (geo.shift_x as usize, geo.shift_y as usize);
+    // The crop's rows and columns that lie inside the full image.
+    let (kept_w, kept_h) = (ow.min(fw.saturating_sub(sx)), oh.min(fh.saturating_sub(sy)));
+    let below = fh - sy.min(fh) - kept_h;
     let mut runs = rle::RunBuilder::new();
-    for ox in 0..ow {
+    runs.push_many(false, sx.min(fw) * fh);
+    for ox in 0..kept_w {
+        runs.push_many(false, sy.min(fh));
         match inside(cell_x(ox), mask.x0, mask.w) {
-            None => runs.push_many(false, oh),
+            None => runs.push_many(false, kept_h),
             Some(cx) => {
-                for r in &rows {
+                for r in &rows[..kept_h] {
                     runs.push(r.is_some_and(|cy| mask.get(cx, cy)));
                 }
             }
         }
+        runs.push_many(false, below);
     }
+    runs.push_many(false, (fw - sx.min(fw) - kept_w) * fh);
     rle::Rle {
-        size: [oh, ow],
+        size: [fh, fw],
         counts: rle::encode_counts(&runs.finish()),
     }
 }
@@ -435,7 +445,7 @@ pub fn postprocess(
         .mode
         .grid((layout.proto_dims.1, layout.proto_dims.2), input);
     let per_mask = match params.format {
-        MaskFormat::Rle => geo.orig_w as u64 * geo.orig_h as u64,
+        MaskFormat::Rle => geo.full_w as u64 * geo.full_h as u64,
         MaskFormat::Polygon => grid.0 as u64 * grid.1 as u64,
     };
     let work = kept.len() as u64 * per_mask;
