@@ -137,6 +137,28 @@ pub struct ServeConfig {
     #[arg(long, env = "DISABLE_PREPROC_AUTO_ORIENT", default_value_t = false, action = clap::ArgAction::Set)]
     pub disable_preproc_auto_orient: bool,
 
+    /// Roboflow's API, where models missing from MODEL_CACHE_DIR are downloaded from when a
+    /// request gives an API key (Roboflow's `API_BASE_URL`).
+    #[arg(long, env = "API_BASE_URL", default_value = crate::model::download::DEFAULT_API_BASE_URL)]
+    pub api_base_url: String,
+
+    /// Never download models: only MODEL_CACHE_DIR serves (Roboflow's `OFFLINE_MODE`).
+    #[arg(long, env = "OFFLINE_MODE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub offline_mode: bool,
+
+    /// API key for downloads when a request carries none (Roboflow's `ROBOFLOW_API_KEY`).
+    #[arg(long, env = "ROBOFLOW_API_KEY", hide_env_values = true)]
+    pub roboflow_api_key: Option<String>,
+
+    /// Largest model weights file a download accepts; beyond it the download is refused (502)
+    /// and nothing is stored.
+    #[arg(long, env = "MODEL_DOWNLOAD_MAX_BYTES", default_value_t = 2 << 30)]
+    pub model_download_max_bytes: u64,
+
+    /// Deadline of one model's whole download (description, environment and weights).
+    #[arg(long, env = "MODEL_DOWNLOAD_TIMEOUT_S", default_value_t = 300)]
+    pub model_download_timeout_s: u64,
+
     /// Skip every model's static crop for every request (Roboflow's `DISABLE_PREPROC_STATIC_CROP`).
     #[arg(long, env = "DISABLE_PREPROC_STATIC_CROP", default_value_t = false, action = clap::ArgAction::Set)]
     pub disable_preproc_static_crop: bool,

@@ -111,8 +111,20 @@ fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> 
         },
         Arc::clone(&pools),
     ));
+    let downloader =
+        crate::model::download::Downloader::new(crate::model::download::DownloadSettings {
+            api_base_url: cfg.api_base_url.clone(),
+            offline: cfg.offline_mode,
+            max_bytes: cfg.model_download_max_bytes,
+            timeout: std::time::Duration::from_secs(cfg.model_download_timeout_s.max(1)),
+            default_api_key: cfg.roboflow_api_key.clone().filter(|k| !k.is_empty()),
+        })
+        .map_err(anyhow::Error::msg)?;
+    // Leftovers of a download a killed process left half done.
+    let _ = std::fs::remove_dir_all(crate::model::download::partial_dir(&cfg.model_cache_dir));
     let engine = Engine::new(
         manager,
+        downloader,
         ring,
         pools,
         DecodeSettings {

@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::geometry::{DisabledSteps, ResizeMode};
 use crate::metrics::METRICS;
+use crate::model::download::{DownloadError, Downloader};
 use crate::model::repository::TaskType;
 use crate::pipeline::batcher::SubmitError;
 use crate::pipeline::decode::{
@@ -31,6 +32,8 @@ use models::{LoadError, LoadedModel, ModelManager};
 pub enum EngineError {
     #[error(transparent)]
     Load(#[from] LoadError),
+    #[error(transparent)]
+    Download(#[from] DownloadError),
     #[error("Model '{model}' is a {} model; send it to {} instead of {}", .task.as_str(), .task.route(), .asked.route())]
     WrongTask {
         model: String,
@@ -92,6 +95,8 @@ pub struct ImageOutput {
 /// Everything an inference call needs.
 pub struct Engine {
     models: Arc<ModelManager>,
+    /// Fetches models missing from the repository from Roboflow's API.
+    downloader: Downloader,
     ring: Arc<Ring>,
     pools: Arc<Pools>,
     decode: DecodeSettings,
@@ -100,12 +105,14 @@ pub struct Engine {
 impl Engine {
     pub fn new(
         models: Arc<ModelManager>,
+        downloader: Downloader,
         ring: Arc<Ring>,
         pools: Arc<Pools>,
         decode: DecodeSettings,
     ) -> Self {
         Self {
             models,
+            downloader,
             ring,
             pools,
             decode,
@@ -136,11 +143,17 @@ impl Engine {
             .map_err(|_| EngineError::Internal("a CPU task of the front end panicked"))
     }
 
-    /// The model, loading it (off the reactor, with the caller's log span) on first use.
-    pub async fn model(&self, id: &str) -> Result<Arc<LoadedModel>, EngineError> {
+    /// The model, loading it (off the reactor, with the caller's log span) on first use;
+    /// one missing from the repository is downloaded first when an API key is given.
+    pub async fn model(
+        &self,
+        id: &str,
+        api_key: Option<&str>,
+    ) -> Result<Arc<LoadedModel>, EngineError> {
         if let Some(m) = self.models.get(id) {
             return Ok(m);
         }
+        self.fetch(id, api_key).await?;
         let models = Arc::clone(&self.models);
         let id = id.to_owned();
         let span = tracing::Span::current();
@@ -148,6 +161,15 @@ impl Engine {
             .await
             .map_err(|_| EngineError::Internal("model loading panicked"))?
             .map_err(EngineError::from)
+    }
+
+    /// Downloads `id` into the repository if it is missing there and a key is given.
+    pub async fn fetch(&self, id: &str, api_key: Option<&str>) -> Result<(), EngineError> {
+        let root = &self.models.settings().repository;
+        if self.downloader.ensure(root, id, api_key).await? {
+            tracing::info!(model = id, "model downloaded from Roboflow's API");
+        }
+        Ok(())
     }
 
     /// Checks that `model` serves the task of the route it was asked on.

@@ -8,6 +8,7 @@ use hyper::{Response, StatusCode};
 
 use crate::engine::models::LoadError;
 use crate::engine::EngineError;
+use crate::model::download::DownloadError;
 use crate::model::repository::RepositoryError;
 use crate::pipeline::batcher::SubmitError;
 use crate::pipeline::decode::DecodeError;
@@ -126,6 +127,7 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::Load(e) => e.into(),
+            EngineError::Download(e) => e.into(),
             EngineError::WrongTask { .. } => ApiError::bad_request(e.to_string()),
             EngineError::Decode(e) => e.into(),
             EngineError::RingFull | EngineError::RingShareFull { .. } => {
@@ -138,6 +140,21 @@ impl From<EngineError> for ApiError {
             EngineError::Pipeline(e) => e.into(),
             EngineError::Internal(_) => ApiError::internal(e.to_string()),
         }
+    }
+}
+
+impl From<DownloadError> for ApiError {
+    fn from(e: DownloadError) -> Self {
+        let status = match e {
+            DownloadError::NotAuthorized => StatusCode::UNAUTHORIZED,
+            DownloadError::Forbidden => StatusCode::FORBIDDEN,
+            DownloadError::NotFound => StatusCode::NOT_FOUND,
+            DownloadError::Connection(_) => StatusCode::SERVICE_UNAVAILABLE,
+            DownloadError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            DownloadError::TooLarge { .. } | DownloadError::Malformed(_) => StatusCode::BAD_GATEWAY,
+            DownloadError::Storage(_) => StatusCode::INSUFFICIENT_STORAGE,
+        };
+        ApiError::new(status, e.to_string())
     }
 }
 

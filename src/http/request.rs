@@ -85,6 +85,9 @@ pub struct InferRequest {
     pub image: Option<OneOrMany>,
     /// Used as `inference_id` in the answer.
     pub id: Option<String>,
+    /// Roboflow API key: a model missing from the cache is downloaded with it (else
+    /// `ROBOFLOW_API_KEY`); a cached model needs none.
+    pub api_key: Option<String>,
     /// Lowest score kept: a number in [0, 1], or "best"/"default" (the default).
     #[schema(value_type = Option<f64>, default = 0.4)]
     pub confidence: Option<Confidence>,
@@ -311,6 +314,7 @@ pub fn legacy_params(query: &str) -> Result<(InferRequest, LegacyOptions), ApiEr
         model_id: None,
         image: None,
         id: None,
+        api_key: None,
         confidence: None,
         iou_threshold: None,
         class_agnostic_nms: None,
@@ -398,8 +402,9 @@ pub fn legacy_params(query: &str) -> Result<(InferRequest, LegacyOptions), ApiEr
                 })?)
             }
             "image" => opts.image_url = Some(v.to_string()),
+            "api_key" => req.api_key = Some(v.to_string()),
             "image_type" => opts.image_type = v.to_string(),
-            _ => {} // api_key and the like are accepted and have no effect here
+            _ => {} // countinference and the like are accepted and have no effect here
         }
     }
     Ok((req, opts))

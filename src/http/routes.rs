@@ -477,21 +477,46 @@ async fn read_admin_body(state: &AppState, req: Request<Incoming>) -> Result<Bod
 #[derive(Deserialize)]
 struct ModelRequest {
     model_id: Option<String>,
+    api_key: Option<String>,
 }
 
-fn model_request(body: &[u8]) -> Result<String, ApiError> {
+/// `model_id` and `api_key` of an admin body (`api_key` may also come as a query parameter).
+fn model_request(body: &[u8]) -> Result<(String, Option<String>), ApiError> {
     let r: ModelRequest = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(format!("Invalid request body: {e}")))?;
-    r.model_id
-        .ok_or_else(|| ApiError::invalid("Invalid request body: field 'model_id' is required"))
+    let id = r
+        .model_id
+        .ok_or_else(|| ApiError::invalid("Invalid request body: field 'model_id' is required"))?;
+    Ok((id, r.api_key))
+}
+
+/// The API key a request carries outside its body: `?api_key=`, else `Authorization:
+/// Bearer <key>` (Roboflow's order; the body's `api_key` comes after both).
+fn query_api_key(req: &Request<Incoming>) -> Option<String> {
+    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "api_key")
+        .map(|(_, v)| v.into_owned())
+        .or_else(|| {
+            req.headers()
+                .get(hyper::header::AUTHORIZATION)?
+                .to_str()
+                .ok()?
+                .strip_prefix("Bearer ")
+                .map(|k| k.trim().to_string())
+        })
 }
 
 async fn model_add(
     state: &Arc<AppState>,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
+    let query_key = query_api_key(&req);
     let body = read_admin_body(state, req).await?;
-    let id = model_request(&body.bytes)?;
+    let (id, body_key) = model_request(&body.bytes)?;
+    state
+        .engine
+        .fetch(&id, query_key.or(body_key).as_deref())
+        .await?;
     let manager = Arc::clone(state.engine.models());
     tokio::task::spawn_blocking(move || manager.add(&id))
         .await
@@ -505,7 +530,7 @@ async fn model_remove(
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
     let body = read_admin_body(state, req).await?;
-    let id = model_request(&body.bytes)?;
+    let (id, _) = model_request(&body.bytes)?;
     if !state.engine.models().remove(&id) {
         return Err(ApiError::not_found(format!("Model '{id}' is not loaded")));
     }
@@ -537,6 +562,7 @@ async fn infer_json(
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let limit = state.cfg.max_body_bytes;
+    let outer_key = query_api_key(&req);
     // The body's lease is held until the answer: its parsed copies count under it.
     let (
         _,
@@ -551,6 +577,7 @@ async fn infer_json(
         .engine
         .run_cpu(move || InferRequest::parse(&bytes))
         .await??;
+    request.api_key = outer_key.or(request.api_key.take());
     let model_id = request.model_id()?;
     let (images, is_list) = request.take_images()?;
     let inference_id = request.id.clone().unwrap_or_else(|| ctx.request_id.clone());
@@ -585,7 +612,8 @@ async fn infer_legacy(
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let query = req.uri().query().unwrap_or("").to_owned();
-    let (request, opts) = legacy_params(&query)?;
+    let (mut request, opts) = legacy_params(&query)?;
+    request.api_key = query_api_key(&req);
     // The admission permit and the body's lease, held until the answer is ready.
     let held;
     let source = if let Some(url) = opts.image_url.clone() {
@@ -729,7 +757,10 @@ async fn infer(
         deadline,
     } = call;
     let draw = request.draw_options()?;
-    let model = state.engine.model(model_id).await?;
+    let model = state
+        .engine
+        .model(model_id, request.api_key.as_deref())
+        .await?;
     ctx.model = Some(model.meta.id.clone());
     if let Some(expected) = expected {
         Engine::check_task(&model, expected)?;

@@ -3,6 +3,7 @@
 //! (`ort`). Knows nothing of the pipeline or of HTTP.
 
 pub mod backend;
+pub mod download;
 pub mod ort;
 pub mod provider;
 pub mod repository;
