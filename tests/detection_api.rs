@@ -3,21 +3,8 @@
 
 mod common;
 
-use common::{assert_matches_golden, b64, boxes, fixture, golden, Server};
+use common::{assert_matches_golden, b64, boxes, fixture, golden, Server, COCO_PHOTOS};
 use serde_json::json;
-
-/// The photos with Roboflow's answers for coco/1 in `tests/fixtures/golden/coco-1/`.
-const COCO_PHOTOS: [&str; 9] = [
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "dog",
-    "eagle",
-    "giraffe",
-    "horses",
-    "kite",
-    "person",
-];
 
 #[test]
 fn dog_jpg_finds_the_dog_and_matches_roboflow() {

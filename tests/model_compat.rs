@@ -7,20 +7,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{boxes, golden, iou, repo, Server};
+use common::{boxes, golden, iou, repo, Server, COCO_PHOTOS};
 use serde_json::{json, Value};
-
-const PHOTOS: [&str; 9] = [
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "dog",
-    "eagle",
-    "giraffe",
-    "horses",
-    "kite",
-    "person",
-];
 
 const PRE_MODELS: [&str; 6] = [
     "coco-crop",
@@ -33,48 +21,10 @@ const PRE_MODELS: [&str; 6] = [
 
 type Box = (String, f64, f64, f64, f64, f64);
 
-/// The README's tolerance: each golden box scoring clearly above the threshold (by 0.03) has
-/// a box of ours of its class with IoU >= 0.9 and confidence within 0.02; each box of ours
-/// scoring clearly above it has such a golden box, or overlaps a golden box of its class
-/// (the reference's NMS suppresses overlaps harder: intersection over the other box's area).
-///
-/// One exception, counted and returned: an argmax tie between two classes of one anchor
-/// (scores within 0.002, so a JPEG decoder's last bit flips it). It shows as a golden box
-/// whose class ours gives to a stronger same-place box (IoU >= 0.9), or as two golden boxes
-/// of different classes at one place within 0.02 of which ours keeps one.
+/// The README's tolerance for these models: IoU >= 0.9 and confidence within 0.02 (see
+/// `common::match_golden`); returns the class ties it let through.
 fn compare(ours: &Value, gold: &Value, threshold: f64, what: &str) -> usize {
-    let ours = boxes(ours);
-    let gold = boxes(gold);
-    let close = |a: &Box, b: &Box| a.0 == b.0 && iou(a, b) >= 0.9 && (a.5 - b.5).abs() <= 0.02;
-    let mut ties = 0;
-    for g in gold.iter().filter(|g| g.5 >= threshold + 0.03) {
-        if ours.iter().any(|o| close(o, g)) {
-            continue;
-        }
-        let stronger_same_place = ours
-            .iter()
-            .any(|o| o.0 == g.0 && iou(o, g) >= 0.9 && o.5 > g.5);
-        let twin_kept = gold.iter().any(|t| {
-            t.0 != g.0
-                && iou(t, g) >= 0.9
-                && (t.5 - g.5).abs() <= 0.02
-                && ours.iter().any(|o| close(o, t))
-        });
-        assert!(
-            stronger_same_place || twin_kept,
-            "{what}: golden {g:?} has no match in {ours:?}"
-        );
-        ties += 1;
-    }
-    for o in ours.iter().filter(|o| o.5 >= threshold + 0.03) {
-        let matched = gold.iter().any(|g| close(o, g));
-        let overlapped = gold.iter().any(|g| g.0 == o.0 && iou(o, g) > 0.0);
-        assert!(
-            matched || overlapped,
-            "{what}: our {o:?} is not in golden {gold:?}"
-        );
-    }
-    ties
+    common::match_golden(ours, gold, threshold, 0.9, 0.02, what)
 }
 
 /// A model repository in the test's temporary directory: the preprocessing variants of coco/1
@@ -140,7 +90,7 @@ fn preprocessing_steps_match_roboflow_on_every_photo() {
     );
     for m in PRE_MODELS {
         let mut ties = 0;
-        for photo in PHOTOS {
+        for photo in COCO_PHOTOS {
             let g = golden(&format!("{m}-1/{photo}.json"));
             let r = detect(
                 &s,

@@ -54,8 +54,12 @@ fn inference_sdk_works_unchanged() {
     assert!(out["classification"]["top"]
         .as_str()
         .is_some_and(|t| t.contains("cat")));
+    let kp = &out["keypoints"]["predictions"][0];
+    assert_eq!(kp["class"], "rectangle", "{}", out["keypoints"]);
+    assert_eq!(kp["keypoints"].as_array().map(Vec::len), Some(4), "{kp}");
+    assert_eq!(kp["keypoints"][0]["class"], "corner0");
     let registry = out["registry"].to_string();
-    for id in ["coco/1", "shapes-seg/1", "imagenet/1"] {
+    for id in ["coco/1", "shapes-seg/1", "imagenet/1", "shapes-pose/1"] {
         assert!(registry.contains(id), "{id} missing from {registry}");
     }
 }

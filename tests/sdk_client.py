@@ -21,6 +21,7 @@ out = {
     ),
     "segmentation": client.infer(img("samples/shapes/000000.jpg"), model_id="shapes-seg/1"),
     "classification": client.infer(img("images/chelsea.jpg"), model_id="imagenet/1"),
+    "keypoints": client.infer(img("samples/shapes/000000.jpg"), model_id="shapes-pose/1"),
     "registry": client.list_loaded_models(),
 }
 # v0 mode: POST /{dataset}/{version} with a base64 body

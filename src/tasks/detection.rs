@@ -260,6 +260,23 @@ pub fn passes_filter(filter: &Option<Vec<String>>, class_name: &str) -> bool {
         .is_none_or(|f| f.iter().any(|c| c == class_name))
 }
 
+/// The boxes of one image's YOLO output that pass the threshold and survive NMS.
+pub fn kept(
+    out: &[f32],
+    dims: (usize, usize),
+    layout: YoloLayout,
+    num_classes: usize,
+    params: &DetectionParams,
+) -> Vec<Candidate> {
+    nms(
+        candidates(out, dims, layout, num_classes, params.confidence),
+        params.iou_threshold,
+        params.class_agnostic_nms,
+        params.max_candidates,
+        params.max_detections,
+    )
+}
+
 /// Turns one image's output (YOLOv5/v8 layout) into its predictions.
 pub fn postprocess(
     out: &[f32],
@@ -269,14 +286,7 @@ pub fn postprocess(
     geo: &Geometry,
     params: &DetectionParams,
 ) -> Vec<ObjectDetectionPrediction> {
-    let cands = candidates(out, dims, layout, class_names.len(), params.confidence);
-    let kept = nms(
-        cands,
-        params.iou_threshold,
-        params.class_agnostic_nms,
-        params.max_candidates,
-        params.max_detections,
-    );
+    let kept = kept(out, dims, layout, class_names.len(), params);
     predictions(&kept, class_names, geo, params, true)
 }
 

@@ -83,20 +83,7 @@ pub fn postprocess(
     params: &KeypointsParams,
 ) -> Vec<KeypointsPrediction> {
     let p = &params.detection;
-    let cands = detection::candidates(
-        out,
-        layout.dims,
-        YoloLayout::V8,
-        layout.num_classes,
-        p.confidence,
-    );
-    let kept = detection::nms(
-        cands,
-        p.iou_threshold,
-        p.class_agnostic_nms,
-        p.max_candidates,
-        p.max_detections,
-    );
+    let kept = detection::kept(out, layout.dims, YoloLayout::V8, layout.num_classes, p);
     let (_, n) = layout.dims;
     let first = 4 + layout.num_classes;
     kept.iter()

@@ -417,19 +417,12 @@ pub fn postprocess(
     cancelled: &(dyn Fn() -> bool + Sync),
 ) -> Result<Vec<InstanceSegmentationPrediction>, PostprocessError> {
     let p = &params.detection;
-    let cands = detection::candidates(
+    let kept: Vec<Candidate> = detection::kept(
         pred,
         layout.pred_dims,
         YoloLayout::V8,
         layout.num_classes,
-        p.confidence,
-    );
-    let kept: Vec<Candidate> = detection::nms(
-        cands,
-        p.iou_threshold,
-        p.class_agnostic_nms,
-        p.max_candidates,
-        p.max_detections,
+        p,
     )
     .into_iter()
     .filter(|c| {

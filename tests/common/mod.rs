@@ -302,21 +302,63 @@ pub fn iou(a: &(String, f64, f64, f64, f64, f64), b: &(String, f64, f64, f64, f6
     }
 }
 
-/// The golden tolerance: every golden box scoring clearly above the threshold (by 0.03) has a
-/// box of the same class with IoU >= 0.85 and confidence within 0.03; and every box of ours
-/// scoring clearly above the threshold has such a golden box, unless a golden box of its class
-/// overlaps it (the reference suppresses overlaps harder: intersection over the smaller box).
-pub fn assert_matches_golden(ours: &Value, golden: &Value, threshold: f64, what: &str) {
+/// The photos with Roboflow's answers in `tests/fixtures/golden/<model>-1/`.
+pub const COCO_PHOTOS: [&str; 9] = [
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "dog",
+    "eagle",
+    "giraffe",
+    "horses",
+    "kite",
+    "person",
+];
+
+type Box = (String, f64, f64, f64, f64, f64);
+
+/// Compares our predictions with golden ones: each golden box scoring clearly above the
+/// threshold (by 0.03) has a box of ours of its class with IoU >= `min_iou` and confidence
+/// within `conf_tol`; each box of ours scoring clearly above it has such a golden box, or
+/// overlaps a golden box of its class (the reference's NMS suppresses overlaps harder:
+/// intersection over the other box's area).
+///
+/// One exception, counted and returned for the caller to bound: an argmax tie between two
+/// classes of one anchor (scores within 0.002, so a JPEG decoder's last bit flips it). It
+/// shows as a golden box whose class ours gives to a stronger same-place box (IoU >=
+/// `min_iou`), or as two golden boxes of different classes at one place within `conf_tol` of
+/// which ours keeps one.
+pub fn match_golden(
+    ours: &Value,
+    golden: &Value,
+    threshold: f64,
+    min_iou: f64,
+    conf_tol: f64,
+    what: &str,
+) -> usize {
     let ours = boxes(ours);
     let gold = boxes(golden);
-    let close = |a: &(String, f64, f64, f64, f64, f64), b: &(String, f64, f64, f64, f64, f64)| {
-        a.0 == b.0 && iou(a, b) >= 0.85 && (a.5 - b.5).abs() <= 0.03
-    };
+    let close =
+        |a: &Box, b: &Box| a.0 == b.0 && iou(a, b) >= min_iou && (a.5 - b.5).abs() <= conf_tol;
+    let mut ties = 0;
     for g in gold.iter().filter(|g| g.5 >= threshold + 0.03) {
+        if ours.iter().any(|o| close(o, g)) {
+            continue;
+        }
+        let stronger_same_place = ours
+            .iter()
+            .any(|o| o.0 == g.0 && iou(o, g) >= min_iou && o.5 > g.5);
+        let twin_kept = gold.iter().any(|t| {
+            t.0 != g.0
+                && iou(t, g) >= min_iou
+                && (t.5 - g.5).abs() <= conf_tol
+                && ours.iter().any(|o| close(o, t))
+        });
         assert!(
-            ours.iter().any(|o| close(o, g)),
+            stronger_same_place || twin_kept,
             "{what}: golden {g:?} has no match in {ours:?}"
         );
+        ties += 1;
     }
     for o in ours.iter().filter(|o| o.5 >= threshold + 0.03) {
         let matched = gold.iter().any(|g| close(o, g));
@@ -326,6 +368,16 @@ pub fn assert_matches_golden(ours: &Value, golden: &Value, threshold: f64, what:
             "{what}: our {o:?} is not in golden {gold:?}"
         );
     }
+    ties
+}
+
+/// The tolerance of the first golden tests: IoU >= 0.85, confidence within 0.03, no ties.
+pub fn assert_matches_golden(ours: &Value, golden: &Value, threshold: f64, what: &str) {
+    let ties = match_golden(ours, golden, threshold, 0.85, 0.03, what);
+    assert_eq!(
+        ties, 0,
+        "{what}: a golden box is only matched by a class tie"
+    );
 }
 
 /// Runs a Python check script of `tests/` with the interpreter of a venv made by
