@@ -111,6 +111,7 @@ impl Downloader {
         };
         let lock = Arc::clone(self.in_flight.lock().entry(id.to_string()).or_default());
         let _guard = lock.lock().await;
+        let _forget = ForgetOnDrop(&self.in_flight, id);
         let result = if root.join(id).is_dir() {
             Ok(false) // another request downloaded it while this one waited
         } else {
@@ -122,7 +123,6 @@ impl Downloader {
                 Err(_) => Err(DownloadError::Timeout(id.to_string())),
             }
         };
-        self.in_flight.lock().remove(id);
         result
     }
 
@@ -189,14 +189,14 @@ impl Downloader {
             std::process::id(),
             uuid::Uuid::new_v4().simple()
         ));
+        // Removed however this ends, a client that went away mid-download included.
+        let _cleanup = RemoveOnDrop(partial.clone());
         let staged = self
             .stage(
                 &partial, id, model_url, &env, ort, task, model_type, deadline,
             )
             .await;
-        let result = staged.and_then(|()| publish(&partial, &root.join(id)));
-        let _ = std::fs::remove_dir_all(&partial);
-        result
+        staged.and_then(|()| publish(&partial, &root.join(id)))
     }
 
     /// Writes every file of the model into `dir`.
@@ -318,6 +318,27 @@ impl Downloader {
                 "Roboflow API answered {s}"
             ))),
         }
+    }
+}
+
+/// Drops a model's download lock from the map, even when the waiting request is cancelled.
+struct ForgetOnDrop<'a>(
+    &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    &'a str,
+);
+
+impl Drop for ForgetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.lock().remove(self.1);
+    }
+}
+
+/// Deletes a staging directory when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
