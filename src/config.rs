@@ -75,8 +75,8 @@ pub struct ServeConfig {
     #[arg(long, env = "HEADER_READ_TIMEOUT_S", default_value_t = 10.0)]
     pub header_read_timeout_s: f64,
 
-    /// Open connections served at once; beyond it new connections wait in the kernel's accept
-    /// backlog. With MAX_BODY_BYTES it bounds the memory request bodies can take.
+    /// Open connections served at once (64 more get health routes only; beyond that they are
+    /// closed on accept). With MAX_BODY_BYTES it bounds what request bodies can take.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 

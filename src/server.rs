@@ -6,8 +6,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-
 use crate::config::ServeConfig;
 use crate::engine::models::{LoadSettings, ModelManager};
 use crate::engine::{DecodeSettings, Engine};
@@ -182,10 +180,20 @@ async fn serve(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<()> {
     if state.engine.models().settings().faults.is_active() {
         tracing::warn!(faults = ?state.engine.models().settings().faults, "FAULT INJECTION IS ON (test setting)");
     }
-    let listener = TcpListener::bind(&addr)
+    let listener = http::listen(&addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr()?;
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if let Some(cap) = somaxconn.filter(|&cap| cap < max_connections) {
+        tracing::warn!(
+            max_connections,
+            somaxconn = cap,
+            "the kernel's accept backlog (net.core.somaxconn) is below MAX_CONNECTIONS: a burst of connections larger than it may be dropped or reset before cvserve sees it; raise net.core.somaxconn"
+        );
+    }
     tracing::info!(
         %local,
         ring_slots = state.engine.ring().slots(),

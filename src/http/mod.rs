@@ -104,6 +104,31 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
+/// Listens on `addr` (a host name resolves to its first address that binds) with the
+/// largest accept backlog the kernel allows (`net.core.somaxconn`). Every connection is
+/// accepted at once and MAX_CONNECTIONS applied here, where it is counted; the backlog only
+/// absorbs bursts while the accept loop waits for a core. The standard library's backlog
+/// (128) overflows on a burst of a few hundred clients on a busy box: the kernel then drops
+/// handshakes or answers with SYN cookies, and some clients are reset.
+pub async fn listen(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(i32::MAX as u32)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, "the host name has no address")
+    }))
+}
+
 /// Which service a connection gets.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum ConnectionClass {
