@@ -37,6 +37,20 @@ if [ "${1:-}" = "--sdk" ] && ! vendor/sdk-venv/bin/python -c "import inference_s
   echo "setup: inference_sdk 1.8.3 in vendor/sdk-venv"
 fi
 
+# Test models of the end-to-end layouts (YOLO26-seg, YOLO26-pose, RF-DETR-seg), derived from
+# the bundled shapes models by scripts/derive_test_models.py with the `onnx` package (in
+# vendor/models-venv) into vendor/test-models, rather than kept as three more weight files.
+if [ "${1:-}" = "--sdk" ]; then
+  if ! vendor/models-venv/bin/python -c "import onnx, numpy" 2>/dev/null; then
+    rm -rf vendor/models-venv
+    python3 -m venv vendor/models-venv
+    vendor/models-venv/bin/pip install -q "onnx==1.23.2" "numpy>=2,<3"
+    echo "setup: onnx in vendor/models-venv"
+  fi
+  vendor/models-venv/bin/python scripts/derive_test_models.py models vendor/test-models
+  echo "setup: derived test models in vendor/test-models"
+fi
+
 # Tools of the deployment test (tests/deploy.rs): kubectl (for `kubectl kustomize`; Debian's
 # kubernetes-client when none is installed) and kubernetes-validate with the Kubernetes
 # schemas, in vendor/deploy-venv. Only with --sdk (the test command).

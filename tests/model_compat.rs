@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{boxes, golden, iou, repo, Server, COCO_PHOTOS};
+use common::{boxes, golden, iou, pred_box, repo, Mask, Server, COCO_PHOTOS};
 use serde_json::{json, Value};
 
 const PRE_MODELS: [&str; 6] = [
@@ -293,6 +293,43 @@ fn keypoint_error(answers: &[Value], gt: &Value) -> (f64, usize) {
     (sum / n.max(1) as f64, n)
 }
 
+/// The keypoints of each box of ours matching one of the reference's (scoring clearly above
+/// the 0.4 threshold): the same names, x and y within 2 px, confidence within 0.02.
+fn assert_keypoints_match(ours: &Value, gold: &Value, what: &str) {
+    for gp in gold
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["confidence"].as_f64().unwrap() >= 0.43)
+    {
+        let gb = &boxes(&json!([gp]))[0];
+        let op = ours
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(boxes(ours))
+            .find(|(_, ob)| ob.0 == gb.0 && iou(ob, gb) >= 0.9)
+            .map(|(p, _)| p)
+            .unwrap_or_else(|| panic!("{what}: no box for {gp}"));
+        let gk = gp["keypoints"].as_array().unwrap();
+        let ok = op["keypoints"].as_array().unwrap();
+        assert_eq!(gk.len(), ok.len(), "{what}: {gp} vs {op}");
+        for (a, b) in gk.iter().zip(ok) {
+            assert_eq!(a["class"], b["class"]);
+            assert_eq!(a["class_id"], b["class_id"]);
+            for c in ["x", "y"] {
+                let d = (a[c].as_f64().unwrap() - b[c].as_f64().unwrap()).abs();
+                assert!(d <= 2.0, "{what}: keypoint {a} vs {b}");
+            }
+            assert!(
+                (a["confidence"].as_f64().unwrap() - b["confidence"].as_f64().unwrap()).abs()
+                    <= 0.02,
+                "{what}: keypoint {a} vs {b}"
+            );
+        }
+    }
+}
+
 #[test]
 fn keypoints_match_roboflow_and_the_ground_truth() {
     let s = Server::start("shapes-pose/1", &[]);
@@ -310,37 +347,7 @@ fn keypoints_match_roboflow_and_the_ground_truth() {
         );
         let gold = &g["response"]["predictions"];
         compare(&r["predictions"], gold, 0.4, &format!("pose {i}"));
-        // Keypoints of each matched box: the same names, within 2 px.
-        for gp in gold
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|p| p["confidence"].as_f64().unwrap() >= 0.43)
-        {
-            let gb = &boxes(&json!([gp]))[0];
-            let ours = r["predictions"].as_array().unwrap();
-            let op = ours
-                .iter()
-                .zip(boxes(&r["predictions"]))
-                .find(|(_, ob)| ob.0 == gb.0 && iou(ob, gb) >= 0.9)
-                .map(|(p, _)| p)
-                .unwrap_or_else(|| panic!("pose {i}: no box for {gp}"));
-            let gk = gp["keypoints"].as_array().unwrap();
-            let ok = op["keypoints"].as_array().unwrap();
-            assert_eq!(gk.len(), ok.len(), "pose {i}: {gp} vs {op}");
-            for (a, b) in gk.iter().zip(ok) {
-                assert_eq!(a["class"], b["class"]);
-                assert_eq!(a["class_id"], b["class_id"]);
-                for c in ["x", "y"] {
-                    let d = (a[c].as_f64().unwrap() - b[c].as_f64().unwrap()).abs();
-                    assert!(d <= 2.0, "pose {i}: keypoint {a} vs {b}");
-                }
-                assert!(
-                    (a["confidence"].as_f64().unwrap() - b["confidence"].as_f64().unwrap()).abs()
-                        <= 0.02
-                );
-            }
-        }
+        assert_keypoints_match(&r["predictions"], gold, &format!("pose {i}"));
         ours_all.push(r["predictions"].clone());
         gold_all.push(gold.clone());
     }
@@ -434,4 +441,172 @@ fn detect_status(s: &Server, model: &str) -> common::Resp {
         "/infer/object_detection",
         &json!({"model_id": model, "image": {"type": "base64", "value": common::b64("samples/shapes/000000.jpg")}}),
     )
+}
+
+/// The end-to-end test models (YOLO26-seg, YOLO26-pose, RF-DETR-seg) that
+/// scripts/derive_test_models.py derives from the bundled shapes models (run by
+/// `scripts/setup.sh --sdk`, part of the test command).
+fn derived_models() -> PathBuf {
+    let d = repo().join("vendor/test-models");
+    assert!(
+        d.join("shapes-rfdetrseg/1/weights.onnx").exists(),
+        "no derived test models in {}: run scripts/setup.sh --sdk",
+        d.display()
+    );
+    d
+}
+
+/// Where a box of ours and one of the reference's agree (same class, IoU > 0.9), their
+/// polygons cover the same pixels (raster IoU > 0.85). Returns how many were compared.
+fn polygons_match(ours: &Value, gold: &Value, (w, h): (usize, usize), what: &str) -> usize {
+    let poly = |p: &Value| -> Vec<(f64, f64)> {
+        p["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| (q["x"].as_f64().unwrap(), q["y"].as_f64().unwrap()))
+            .collect()
+    };
+    let mut compared = 0;
+    for o in ours.as_array().unwrap() {
+        let Some(g) =
+            gold.as_array().unwrap().iter().find(|q| {
+                q["class"] == o["class"] && common::bbox_iou(pred_box(q), pred_box(o)) > 0.9
+            })
+        else {
+            continue;
+        };
+        let iou = Mask::from_polygon(w, h, &poly(o)).iou(&Mask::from_polygon(w, h, &poly(g)));
+        assert!(iou > 0.85, "{what}: polygon IoU with Roboflow's {iou:.3}");
+        compared += 1;
+    }
+    compared
+}
+
+#[test]
+fn yolo26_and_rfdetr_segmentation_match_roboflow() {
+    let root = derived_models();
+    let s = Server::start(
+        "shapes-yolo26seg/1,shapes-rfdetrseg/1",
+        &[("MODEL_CACHE_DIR", root.to_str().unwrap())],
+    );
+    for model in ["shapes-yolo26seg", "shapes-rfdetrseg"] {
+        let (mut ties, mut polygons, mut unrounded) = (0, 0, 0);
+        for i in 0..10 {
+            for (suffix, extra) in [
+                ("", json!({})),
+                (
+                    ".mask_decode_mode=fast",
+                    json!({"mask_decode_mode": "fast"}),
+                ),
+            ] {
+                let what = format!("{model} {i}{suffix}");
+                let g = golden(&format!("{model}-1/{i:06}{suffix}.json"));
+                let r = detect(
+                    &s,
+                    "/infer/instance_segmentation",
+                    &format!("{model}/1"),
+                    &format!("samples/shapes/{i:06}.jpg"),
+                    extra,
+                );
+                let image = &g["response"]["image"];
+                assert_eq!(r["image"], *image, "{what}");
+                let gold = &g["response"]["predictions"];
+                ties += compare(&r["predictions"], gold, 0.4, &what);
+                let size = (
+                    image["width"].as_u64().unwrap() as usize,
+                    image["height"].as_u64().unwrap() as usize,
+                );
+                polygons += polygons_match(&r["predictions"], gold, size, &what);
+                for p in r["predictions"].as_array().unwrap() {
+                    let x1 = p["x"].as_f64().unwrap() - p["width"].as_f64().unwrap() / 2.0;
+                    unrounded += usize::from(x1.fract() != 0.0);
+                }
+            }
+        }
+        assert!(ties <= 1, "{model}: {ties} class ties");
+        assert!(polygons >= 60, "{model}: only {polygons} polygons compared");
+        // Roboflow rounds YOLO26 boxes to whole pixels, not RF-DETR's.
+        if model == "shapes-yolo26seg" {
+            assert_eq!(unrounded, 0, "{model}");
+        } else {
+            assert!(unrounded > 0, "{model}");
+        }
+    }
+    // Both formats of one RF-DETR mask cover the same pixels (RLE at full resolution).
+    let poly = detect(
+        &s,
+        "/infer/instance_segmentation",
+        "shapes-rfdetrseg/1",
+        "samples/shapes/000002.jpg",
+        json!({}),
+    );
+    let rle = detect(
+        &s,
+        "/infer/instance_segmentation",
+        "shapes-rfdetrseg/1",
+        "samples/shapes/000002.jpg",
+        json!({"response_mask_format": "rle"}),
+    );
+    let (w, h) = (
+        poly["image"]["width"].as_u64().unwrap() as usize,
+        poly["image"]["height"].as_u64().unwrap() as usize,
+    );
+    let (ps, rs) = (
+        poly["predictions"].as_array().unwrap(),
+        rle["predictions"].as_array().unwrap(),
+    );
+    assert!(!ps.is_empty() && ps.len() == rs.len());
+    for (p, r) in ps.iter().zip(rs) {
+        let pts: Vec<(f64, f64)> = p["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| (q["x"].as_f64().unwrap(), q["y"].as_f64().unwrap()))
+            .collect();
+        let counts =
+            cvserve::tasks::rle::decode_counts(r["rle"]["counts"].as_str().unwrap()).unwrap();
+        let iou = Mask::from_polygon(w, h, &pts).iou(&Mask::from_runs(h, w, &counts));
+        assert!(iou > 0.85, "polygon vs RLE of {p}: {iou:.3}");
+    }
+}
+
+#[test]
+fn yolo26_keypoints_match_roboflow_and_the_ground_truth() {
+    let root = derived_models();
+    let s = Server::start(
+        "shapes-yolo26pose/1",
+        &[("MODEL_CACHE_DIR", root.to_str().unwrap())],
+    );
+    let gt: Value = serde_json::from_slice(&common::fixture("samples/shapes-kp/gt.json")).unwrap();
+    let (mut ours_all, mut gold_all) = (Vec::new(), Vec::new());
+    let mut ties = 0;
+    for i in 0..10 {
+        let g = golden(&format!("shapes-yolo26pose-1/{i:06}.json"));
+        let r = detect(
+            &s,
+            "/infer/keypoints_detection",
+            "shapes-yolo26pose/1",
+            &format!("samples/shapes/{i:06}.jpg"),
+            json!({}),
+        );
+        let gold = &g["response"]["predictions"];
+        let what = format!("yolo26 pose {i}");
+        ties += compare(&r["predictions"], gold, 0.4, &what);
+        assert_keypoints_match(&r["predictions"], gold, &what);
+        ours_all.push(r["predictions"].clone());
+        gold_all.push(gold.clone());
+    }
+    assert!(ties <= 1, "{ties} class ties");
+    let (ours, n_ours) = keypoint_error(&ours_all, &gt);
+    let (reference, n_ref) = keypoint_error(&gold_all, &gt);
+    eprintln!("YOLO26 mean keypoint error: ours {ours:.2} px over {n_ours}, reference {reference:.2} px over {n_ref}");
+    assert!(
+        n_ours >= n_ref && n_ref > 20,
+        "matched keypoints: ours {n_ours}, reference {n_ref}"
+    );
+    assert!(
+        (ours - reference).abs() <= 1.0,
+        "ours {ours:.2} px vs reference {reference:.2} px"
+    );
 }

@@ -55,6 +55,11 @@ pub struct Candidate {
 }
 
 impl Candidate {
+    /// `(x1, y1, x2, y2)`.
+    pub fn corners(&self) -> (f32, f32, f32, f32) {
+        (self.x1, self.y1, self.x2, self.y2)
+    }
+
     fn area(&self) -> f32 {
         (self.x2 - self.x1).max(0.0) * (self.y2 - self.y1).max(0.0)
     }

@@ -259,7 +259,7 @@ impl DetectionHead {
 
 /// NMS-free rows `x1, y1, x2, y2, score, class`: those scoring above `confidence` (strictly,
 /// as Roboflow's YOLOv10 class), in the graph's order (by score), at most `max_detections`.
-fn end_to_end(
+pub(crate) fn end_to_end(
     out: &[f32],
     n: usize,
     attrs: usize,

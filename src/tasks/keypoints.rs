@@ -1,14 +1,16 @@
-//! Keypoint detection (YOLOv8/YOLOv11-pose): the detection rows carry `K` keypoints after the
+//! Keypoint detection. YOLOv8/YOLOv11-pose: the detection rows carry `K` keypoints after the
 //! class scores, `[4 + nc + 3K, N]` with (x, y, visibility confidence) each in network-input
-//! pixels. Boxes go through the same NMS as detection; each kept box's keypoints are read
-//! from its column, mapped to the client's image (clipped, rounded, shifted by a static crop,
-//! as Roboflow does) and named from `keypoints_metadata.json`.
+//! pixels, and boxes go through the same NMS as detection. YOLO26-pose (end-to-end): rows
+//! `[N, 6 + 3K]` = x1, y1, x2, y2, score, class, then the keypoints; NMS ran in the graph.
+//! Each kept box's keypoints are mapped to the client's image (clipped, rounded, shifted by a
+//! static crop, as Roboflow does) and named from `keypoints_metadata.json`.
 
 use serde::Serialize;
 
 use crate::geometry::Geometry;
 
 use super::detection::{self, DetectionParams, ObjectDetectionPrediction, YoloLayout};
+use super::heads::{self, Family};
 
 /// Per-request settings: detection's, plus the lowest keypoint confidence reported.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,8 +42,10 @@ pub struct KeypointsPrediction {
 /// The layout of a pose model's output for one image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeypointLayout {
-    /// `(4 + nc + 3K, N)`.
+    /// `(4 + nc + 3K, N)` (YOLOv8-pose) or `(N, 6 + 3K)` (end-to-end).
     pub dims: (usize, usize),
+    /// Rows `x1, y1, x2, y2, score, class, keypoints` with NMS done in the graph (YOLO26).
+    pub end_to_end: bool,
     pub num_classes: usize,
     /// K: the most keypoints any class has.
     pub num_keypoints: usize,
@@ -50,8 +54,10 @@ pub struct KeypointLayout {
 }
 
 impl KeypointLayout {
-    /// Checks a `[4 + nc + 3K, N]` output against the classes and the keypoint names.
+    /// Checks the output against the model type's layout (both layouts when the type is not
+    /// a known family), the classes and the keypoint names.
     pub fn infer(
+        model_type: &str,
         item_shape: &[usize],
         num_classes: usize,
         names: Vec<Vec<String>>,
@@ -60,15 +66,27 @@ impl KeypointLayout {
         if num_keypoints == 0 {
             return Err("keypoints_metadata.json names no keypoints".into());
         }
-        match item_shape {
-            [attrs, n] if *attrs == 4 + num_classes + 3 * num_keypoints => Ok(Self {
-                dims: (*attrs, *n),
-                num_classes,
-                num_keypoints,
-                names,
-            }),
-            s => Err(format!(
-                "keypoint output {s:?} is not YOLOv8-pose [4 + {num_classes} classes + 3 x {num_keypoints} keypoints, N]"
+        let k3 = 3 * num_keypoints;
+        let family = Family::from_model_type(model_type);
+        let layout = |dims: (usize, usize), end_to_end| Self {
+            dims,
+            end_to_end,
+            num_classes,
+            num_keypoints,
+            names: names.clone(),
+        };
+        match (item_shape, family) {
+            ([attrs, n], Some(Family::Yolo) | None) if *attrs == 4 + num_classes + k3 => {
+                Ok(layout((*attrs, *n), false))
+            }
+            ([n, attrs], Some(Family::EndToEnd) | None) if *attrs == 6 + k3 => {
+                Ok(layout((*n, *attrs), true))
+            }
+            (s, Some(Family::EndToEnd)) => Err(format!(
+                "keypoint output {s:?} of model_type '{model_type}' is not YOLO26-pose [N, 6 + 3 x {num_keypoints} keypoints]"
+            )),
+            (s, _) => Err(format!(
+                "keypoint output {s:?} of model_type '{model_type}' is not YOLOv8-pose [4 + {num_classes} classes + 3 x {num_keypoints} keypoints, N] (nor YOLO26-pose [N, 6 + {k3}])"
             )),
         }
     }
@@ -83,9 +101,21 @@ pub fn postprocess(
     params: &KeypointsParams,
 ) -> Vec<KeypointsPrediction> {
     let p = &params.detection;
-    let kept = detection::kept(out, layout.dims, YoloLayout::V8, layout.num_classes, p);
-    let (_, n) = layout.dims;
+    let (d0, d1) = layout.dims;
     let first = 4 + layout.num_classes;
+    // Value `a` (x, y, confidence) of keypoint `k` of the box from row/column `anchor`.
+    let at = |anchor: usize, k: usize, a: usize| {
+        if layout.end_to_end {
+            out[anchor * d1 + 6 + 3 * k + a]
+        } else {
+            out[(first + 3 * k + a) * d1 + anchor]
+        }
+    };
+    let kept = if layout.end_to_end {
+        heads::end_to_end(out, d0, d1, layout.num_classes, p)
+    } else {
+        detection::kept(out, layout.dims, YoloLayout::V8, layout.num_classes, p)
+    };
     kept.iter()
         .filter_map(|c| {
             let name = class_names.get(c.class_id)?;
@@ -95,12 +125,11 @@ pub fn postprocess(
             let kp_names = layout.names.get(c.class_id).map_or(&[][..], Vec::as_slice);
             let keypoints = (0..layout.num_keypoints.min(kp_names.len()))
                 .filter_map(|k| {
-                    let at = |a: usize| out[(first + 3 * k + a) * n + c.anchor];
-                    let confidence = at(2);
+                    let confidence = at(c.anchor, k, 2);
                     if confidence < params.keypoint_confidence {
                         return None;
                     }
-                    let (x, y) = geo.to_full_rounded(at(0), at(1));
+                    let (x, y) = geo.to_full_rounded(at(c.anchor, k, 0), at(c.anchor, k, 1));
                     Some(Keypoint {
                         x,
                         y,
@@ -127,7 +156,7 @@ mod tests {
     fn keypoints_are_mapped_named_and_filtered() {
         // One class with 2 keypoints, 2 columns; column 1 is the box.
         let names = vec![vec!["nose".to_string(), "tail".to_string()]];
-        let layout = KeypointLayout::infer(&[4 + 1 + 6, 2], 1, names).unwrap();
+        let layout = KeypointLayout::infer("yolov8n-pose", &[4 + 1 + 6, 2], 1, names).unwrap();
         let rows: [[f32; 2]; 11] = [
             [0.0, 50.0],
             [0.0, 50.0],
@@ -169,8 +198,46 @@ mod tests {
         };
         let preds = postprocess(&out, &layout, &["cat".into()], &geo, &strict);
         assert_eq!(preds[0].keypoints.len(), 1, "the tail's 0.2 is under 0.5");
-        assert!(
-            KeypointLayout::infer(&[4 + 1 + 3, 2], 1, vec![vec!["a".into(), "b".into()]]).is_err()
-        );
+        assert!(KeypointLayout::infer(
+            "yolov8n-pose",
+            &[4 + 1 + 3, 2],
+            1,
+            vec![vec!["a".into(), "b".into()]]
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn yolo26_rows_carry_their_keypoints_without_nms() {
+        let names = vec![vec!["nose".to_string()]];
+        // [N, 6 + 3]: two overlapping boxes of one class (both kept: NMS ran in the graph).
+        let rows = vec![
+            10.0, 10.0, 30.0, 30.0, 0.9, 0.0, 12.0, 14.0, 0.7, //
+            11.0, 11.0, 31.0, 31.0, 0.8, 0.0, 20.0, 22.0, 0.6, //
+            0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+        ];
+        let layout = KeypointLayout::infer("yolo26n-pose", &[3, 9], 1, names.clone()).unwrap();
+        assert!(layout.end_to_end);
+        let spec = InputSpec {
+            width: 100,
+            height: 100,
+            resize: ResizeMode::Stretch,
+            normalization: Normalization::ZeroToOne,
+        };
+        let geo = Geometry::compute(100, 100, 100, 100, &spec);
+        let params = KeypointsParams {
+            detection: DetectionParams::default(),
+            keypoint_confidence: 0.0,
+        };
+        let preds = postprocess(&rows, &layout, &["cat".into()], &geo, &params);
+        assert_eq!(preds.len(), 2);
+        let kp = |i: usize| {
+            let k = &preds[i].keypoints[0];
+            (k.x, k.y, k.confidence)
+        };
+        assert_eq!((kp(0), kp(1)), ((12.0, 14.0, 0.7), (20.0, 22.0, 0.6)));
+        // The YOLOv8 layout under a YOLO26 type (and the reverse) is refused.
+        assert!(KeypointLayout::infer("yolo26n-pose", &[4 + 1 + 3, 5], 1, names.clone()).is_err());
+        assert!(KeypointLayout::infer("yolov8n-pose", &[3, 9], 1, names).is_err());
     }
 }

@@ -105,31 +105,19 @@ impl OutputDecoder {
             }
             TaskType::KeypointDetection => {
                 let out = outputs.first().ok_or("the model has no output")?;
-                KeypointLayout::infer(out.item_shape(), num_classes, hints.keypoints.to_vec())
-                    .map(OutputDecoder::Keypoints)
-                    .map_err(with_outputs)
+                KeypointLayout::infer(
+                    hints.model_type,
+                    out.item_shape(),
+                    num_classes,
+                    hints.keypoints.to_vec(),
+                )
+                .map(OutputDecoder::Keypoints)
+                .map_err(with_outputs)
             }
             TaskType::InstanceSegmentation => {
-                let pred = outputs.iter().position(|o| o.item_shape().len() == 2);
-                let protos = outputs.iter().position(|o| o.item_shape().len() == 3);
-                let (Some(pred), Some(protos)) = (pred, protos) else {
-                    return Err(with_outputs("segmentation needs a [B, 4+nc+nm, N] output and a [B, nm, H, W] prototype output (YOLOv8-seg)".into()));
-                };
-                let (pd, qd) = (outputs[pred].item_shape(), outputs[protos].item_shape());
-                let layout = SegLayout {
-                    pred,
-                    protos,
-                    pred_dims: (pd[0], pd[1]),
-                    proto_dims: (qd[0], qd[1], qd[2]),
-                    num_classes,
-                };
-                if pd[0] != 4 + num_classes + qd[0] {
-                    return Err(with_outputs(format!(
-                        "output {pd:?} does not hold 4 box values, {num_classes} class scores and {} mask coefficients",
-                        qd[0]
-                    )));
-                }
-                Ok(OutputDecoder::Segmentation(layout))
+                SegLayout::infer(hints.model_type, outputs, num_classes, hints.background)
+                    .map(OutputDecoder::Segmentation)
+                    .map_err(with_outputs)
             }
             TaskType::Classification => {
                 let out = outputs.first().ok_or("the model has no output")?;
@@ -187,8 +175,8 @@ impl OutputDecoder {
             }
             (OutputDecoder::Segmentation(layout), TaskParams::Segmentation(p)) => {
                 Ok(TaskOutput::Segmentation(segmentation::postprocess(
-                    outputs[layout.pred].item(i),
-                    outputs[layout.protos].item(i),
+                    outputs,
+                    i,
                     layout,
                     input,
                     class_names,

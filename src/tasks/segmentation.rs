@@ -8,8 +8,10 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::detection::{self, Candidate, DetectionParams, YoloLayout};
+use super::heads::{self, DetectionHead};
 use super::{rle, PostprocessError};
 use crate::geometry::Geometry;
+use crate::model::backend::OutputTensor;
 
 /// Roboflow's `mask_decode_mode`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -56,15 +58,31 @@ pub struct SegmentationParams {
 pub const MAX_WORK_PIXELS: u64 = 2_000_000_000;
 
 /// Output shapes of a segmentation model, per image.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SegLayout {
-    /// Index of the `[4 + nc + nm, N]` output.
+    pub kind: SegKind,
+    /// Index of the detections output: `[4 + nc + nm, N]` (YOLO) or `[N, 6 + nm]` (end-to-end);
+    /// unused for RF-DETR (its head knows its outputs).
     pub pred: usize,
-    /// Index of the `[nm, mh, mw]` prototype output.
+    /// Index of the `[nm, mh, mw]` prototype output, or of RF-DETR's `[Q, mh, mw]` mask logits.
     pub protos: usize,
     pub pred_dims: (usize, usize),
     pub proto_dims: (usize, usize, usize),
     pub num_classes: usize,
+}
+
+/// How a segmentation model lays out its detections and masks.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SegKind {
+    /// YOLOv8/v11-seg: `[4 + nc + nm, N]` candidates, the server runs NMS; mask =
+    /// sigmoid(coefficients . prototypes) inside the box.
+    Yolo,
+    /// YOLO26-seg: `[N, 6 + nm]` rows `x1, y1, x2, y2, score, class, coefficients` (NMS in
+    /// the graph); masks as YOLO's.
+    EndToEnd,
+    /// RF-DETR-seg: boxes as its detection head; each query's own mask logits over the whole
+    /// input (`> 0`, not cropped to the box); boxes are not rounded.
+    RfDetr(DetectionHead),
 }
 
 /// A binary mask over a detection's box on the mask grid: `w x h` cells whose top-left cell
@@ -99,6 +117,54 @@ pub fn box_mask(
     grid: (usize, usize),
 ) -> BoxMask {
     let (nm, mh, mw) = proto_dims;
+    sampled_mask(bx, (mh, mw), input, grid, true, |(px0, px1), (py0, py1)| {
+        let rw = px1 - px0;
+        let mut region = vec![0f32; rw * (py1 - py0)];
+        for (k, &c) in coeffs.iter().enumerate().take(nm) {
+            let plane = &protos[k * mh * mw..(k + 1) * mh * mw];
+            for (r, dst) in region.chunks_exact_mut(rw).enumerate() {
+                let src = &plane[(py0 + r) * mw + px0..(py0 + r) * mw + px1];
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d += c * s;
+                }
+            }
+        }
+        for v in region.iter_mut() {
+            *v = 1.0 / (1.0 + (-*v).exp());
+        }
+        region
+    })
+}
+
+/// RF-DETR's mask of one query: its `mh x mw` logits bilinearly resampled on the grid over
+/// the letterboxed image's area `area` (x1, y1, x2, y2 in network pixels), kept where `> 0`.
+pub fn query_mask(
+    logits: &[f32],
+    dims: (usize, usize),
+    area: (f32, f32, f32, f32),
+    input: (usize, usize),
+    grid: (usize, usize),
+) -> BoxMask {
+    let mw = dims.1;
+    sampled_mask(area, dims, input, grid, false, |(px0, px1), (py0, py1)| {
+        (py0..py1)
+            .flat_map(|y| logits[y * mw + px0..y * mw + px1].iter().copied())
+            .collect()
+    })
+}
+
+/// The cells of the grid (h, w) inside `bx` (x1 <= cell < x2, network pixels), each the
+/// bilinear sample (cv2 INTER_LINEAR, half-pixel centres) of an `mh x mw` plane, kept when
+/// `>= 0.5` (`probabilities`) or `> 0` (logits). `region(xs, ys)` gives the plane's values
+/// over the cells the samples touch (row-major).
+fn sampled_mask(
+    bx: (f32, f32, f32, f32),
+    (mh, mw): (usize, usize),
+    input: (usize, usize),
+    grid: (usize, usize),
+    probabilities: bool,
+    region: impl FnOnce((usize, usize), (usize, usize)) -> Vec<f32>,
+) -> BoxMask {
     let (gh, gw) = grid;
     let (sx, sy) = (gw as f32 / input.1 as f32, gh as f32 / input.0 as f32);
     let span = |a: f32, b: f32, scale: f32, n: usize| {
@@ -121,42 +187,30 @@ pub fn box_mask(
     if w == 0 || h == 0 {
         return mask;
     }
-    // Where each grid cell samples the prototype grid (cv2 INTER_LINEAR, half-pixel centres).
-    let sample = |g: usize, n_grid: usize, n_proto: usize| -> (usize, usize, f32) {
-        if n_grid == n_proto {
+    // Where each grid cell samples the plane (cv2 INTER_LINEAR, half-pixel centres).
+    let sample = |g: usize, n_grid: usize, n_plane: usize| -> (usize, usize, f32) {
+        if n_grid == n_plane {
             return (g, g, 0.0);
         }
-        let src = ((g as f32 + 0.5) * n_proto as f32 / n_grid as f32 - 0.5).max(0.0);
-        let i0 = (src.floor() as usize).min(n_proto - 1);
-        let i1 = (i0 + 1).min(n_proto - 1);
+        let src = ((g as f32 + 0.5) * n_plane as f32 / n_grid as f32 - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(n_plane - 1);
+        let i1 = (i0 + 1).min(n_plane - 1);
         (i0, i1, src - i0 as f32)
     };
     let xs: Vec<_> = (gx0..gx1).map(|g| sample(g, gw, mw)).collect();
     let ys: Vec<_> = (gy0..gy1).map(|g| sample(g, gh, mh)).collect();
-    // The prototype cells those samples touch: logits only there.
+    // The plane cells those samples touch: values only there.
     let (px0, px1) = (xs[0].0, xs[w - 1].1 + 1);
     let (py0, py1) = (ys[0].0, ys[h - 1].1 + 1);
-    let (rw, rh) = (px1 - px0, py1 - py0);
-    let mut region = vec![0f32; rw * rh];
-    for (k, &c) in coeffs.iter().enumerate().take(nm) {
-        let plane = &protos[k * mh * mw..(k + 1) * mh * mw];
-        for r in 0..rh {
-            let src = &plane[(py0 + r) * mw + px0..(py0 + r) * mw + px1];
-            let dst = &mut region[r * rw..(r + 1) * rw];
-            for (d, s) in dst.iter_mut().zip(src) {
-                *d += c * s;
-            }
-        }
-    }
-    for v in region.iter_mut() {
-        *v = 1.0 / (1.0 + (-*v).exp());
-    }
-    let at = |x: usize, y: usize| region[(y - py0) * rw + (x - px0)];
+    let rw = px1 - px0;
+    let values = region((px0, px1), (py0, py1));
+    let at = |x: usize, y: usize| values[(y - py0) * rw + (x - px0)];
     for (j, &(y0, y1, fy)) in ys.iter().enumerate() {
         for (i, &(x0, x1, fx)) in xs.iter().enumerate() {
             let top = at(x0, y0) * (1.0 - fx) + at(x1, y0) * fx;
             let bottom = at(x0, y1) * (1.0 - fx) + at(x1, y1) * fx;
-            mask.bits[j * w + i] = top * (1.0 - fy) + bottom * fy >= 0.5;
+            let v = top * (1.0 - fy) + bottom * fy;
+            mask.bits[j * w + i] = if probabilities { v >= 0.5 } else { v > 0.0 };
         }
     }
     mask
@@ -402,13 +456,100 @@ fn rle_mask(mask: &BoxMask, input: (usize, usize), geo: &Geometry) -> rle::Rle {
     }
 }
 
-/// Turns one image's outputs into its instances. Refuses (before computing any mask) an
+impl SegLayout {
+    /// Picks the layout from the model type (when it names a known family) and the outputs;
+    /// with an unknown model type, the outputs alone decide. `background`: the background
+    /// column of an RF-DETR export.
+    pub fn infer(
+        model_type: &str,
+        outputs: &[OutputTensor],
+        num_classes: usize,
+        background: Option<usize>,
+    ) -> Result<Self, String> {
+        let family = heads::Family::from_model_type(model_type);
+        let pred = outputs.iter().position(|o| o.item_shape().len() == 2);
+        let three_d = outputs.iter().position(|o| o.item_shape().len() == 3);
+        let Some(protos) = three_d else {
+            return Err("segmentation needs a mask output: [B, nm, H, W] prototypes (YOLO) or [B, Q, H, W] mask logits (RF-DETR)".into());
+        };
+        let qd = outputs[protos].item_shape();
+        let proto_dims = (qd[0], qd[1], qd[2]);
+        let layout = |kind: SegKind, pred: usize, pd: &[usize]| SegLayout {
+            kind,
+            pred,
+            protos,
+            pred_dims: (pd[0], pd[1]),
+            proto_dims,
+            num_classes,
+        };
+        let rf_detr = || -> Result<SegLayout, String> {
+            let head = DetectionHead::infer("rfdetr", outputs, num_classes, background)?;
+            let DetectionHead::RfDetr { queries, .. } = head else {
+                unreachable!("an rfdetr model type gives the RF-DETR head")
+            };
+            if proto_dims.0 != queries {
+                return Err(format!(
+                    "RF-DETR masks {qd:?} do not hold one mask per query ({queries})"
+                ));
+            }
+            Ok(layout(SegKind::RfDetr(head), 0, &[queries, 4]))
+        };
+        let prototypes = |end_to_end: bool| -> Result<SegLayout, String> {
+            let pred = pred.ok_or("no [B, a, b] detections output")?;
+            let pd = outputs[pred].item_shape();
+            let nm = proto_dims.0;
+            if end_to_end {
+                if pd[1] != 6 + nm {
+                    return Err(format!(
+                        "YOLO26-seg needs [N, 6 + {nm}] rows (x1, y1, x2, y2, score, class, {nm} mask coefficients), got {pd:?}"
+                    ));
+                }
+                Ok(layout(SegKind::EndToEnd, pred, pd))
+            } else {
+                if pd[0] != 4 + num_classes + nm {
+                    return Err(format!(
+                        "YOLOv8-seg needs [4 + {num_classes} classes + {nm} mask coefficients, N], got {pd:?}"
+                    ));
+                }
+                Ok(layout(SegKind::Yolo, pred, pd))
+            }
+        };
+        let tried: Vec<Box<dyn Fn() -> Result<SegLayout, String>>> = match family {
+            Some(heads::Family::RfDetr) => vec![Box::new(rf_detr)],
+            Some(heads::Family::EndToEnd) => vec![Box::new(|| prototypes(true))],
+            Some(heads::Family::Yolo) => vec![Box::new(|| prototypes(false))],
+            Some(heads::Family::Nas) => {
+                return Err(format!(
+                    "model_type '{model_type}': YOLO-NAS has no segmentation layout"
+                ))
+            }
+            None => vec![
+                Box::new(|| prototypes(false)),
+                Box::new(|| prototypes(true)),
+                Box::new(rf_detr),
+            ],
+        };
+        let mut why = Vec::new();
+        for f in tried {
+            match f() {
+                Ok(l) => return Ok(l),
+                Err(e) => why.push(e),
+            }
+        }
+        Err(format!(
+            "cannot decode the outputs of segmentation model_type '{model_type}' for the {num_classes} classes of class_names.txt: {}",
+            why.join("; ")
+        ))
+    }
+}
+
+/// Turns image `i`'s outputs into its instances. Refuses (before computing any mask) an
 /// image whose masks would cost more than `params.max_work_pixels`, and stops as soon as
 /// `cancelled()` says nobody waits for the answer.
 #[allow(clippy::too_many_arguments)]
 pub fn postprocess(
-    pred: &[f32],
-    protos: &[f32],
+    outputs: &[OutputTensor],
+    i: usize,
     layout: &SegLayout,
     input: (usize, usize),
     class_names: &[String],
@@ -417,23 +558,38 @@ pub fn postprocess(
     cancelled: &(dyn Fn() -> bool + Sync),
 ) -> Result<Vec<InstanceSegmentationPrediction>, PostprocessError> {
     let p = &params.detection;
-    let kept: Vec<Candidate> = detection::kept(
-        pred,
-        layout.pred_dims,
-        YoloLayout::V8,
-        layout.num_classes,
-        p,
-    )
-    .into_iter()
-    .filter(|c| {
-        class_names
-            .get(c.class_id)
-            .is_some_and(|n| detection::passes_filter(&p.class_filter, n))
-    })
-    .collect();
-    let (attrs, n) = layout.pred_dims;
+    let item = |o: usize| {
+        outputs
+            .get(o)
+            .map(|t| t.item(i))
+            .ok_or_else(|| PostprocessError::Model(format!("output {o} is missing")))
+    };
+    let protos = item(layout.protos)?;
+    let nc = layout.num_classes;
     let nm = layout.proto_dims.0;
-    let coeff_row = 4 + layout.num_classes;
+    let (pred, kept): (&[f32], Vec<Candidate>) = match &layout.kind {
+        SegKind::Yolo => {
+            let pred = item(layout.pred)?;
+            (
+                pred,
+                detection::kept(pred, layout.pred_dims, YoloLayout::V8, nc, p),
+            )
+        }
+        SegKind::EndToEnd => {
+            let pred = item(layout.pred)?;
+            let (rows, width) = layout.pred_dims;
+            (pred, heads::end_to_end(pred, rows, width, nc, p))
+        }
+        SegKind::RfDetr(head) => (&[], head.boxes(outputs, i, input, nc, p)?),
+    };
+    let kept: Vec<Candidate> = kept
+        .into_iter()
+        .filter(|c| {
+            class_names
+                .get(c.class_id)
+                .is_some_and(|n| detection::passes_filter(&p.class_filter, n))
+        })
+        .collect();
     let grid = params
         .mode
         .grid((layout.proto_dims.1, layout.proto_dims.2), input);
@@ -449,22 +605,46 @@ pub fn postprocess(
             params.max_work_pixels
         )));
     }
+    let (_, mh, mw) = layout.proto_dims;
     kept.par_iter()
         .map(|c| {
             if cancelled() {
                 return None;
             }
-            let coeffs: Vec<f32> = (0..nm.min(attrs - coeff_row))
-                .map(|k| pred[(coeff_row + k) * n + c.anchor])
-                .collect();
-            let mask = box_mask(
-                &coeffs,
-                protos,
-                layout.proto_dims,
-                (c.x1, c.y1, c.x2, c.y2),
-                input,
-                grid,
-            );
+            let mask = match &layout.kind {
+                SegKind::Yolo => {
+                    let (attrs, n) = layout.pred_dims;
+                    let coeff_row = 4 + nc;
+                    let coeffs: Vec<f32> = (0..nm.min(attrs - coeff_row))
+                        .map(|k| pred[(coeff_row + k) * n + c.anchor])
+                        .collect();
+                    box_mask(&coeffs, protos, layout.proto_dims, c.corners(), input, grid)
+                }
+                SegKind::EndToEnd => {
+                    let width = layout.pred_dims.1;
+                    let row = &pred[c.anchor * width..(c.anchor + 1) * width];
+                    box_mask(
+                        &row[6..],
+                        protos,
+                        layout.proto_dims,
+                        c.corners(),
+                        input,
+                        grid,
+                    )
+                }
+                SegKind::RfDetr(_) => query_mask(
+                    &protos[c.anchor * mh * mw..(c.anchor + 1) * mh * mw],
+                    (mh, mw),
+                    (
+                        geo.left,
+                        geo.top,
+                        geo.left + geo.content_w,
+                        geo.top + geo.content_h,
+                    ),
+                    input,
+                    grid,
+                ),
+            };
             let body = match params.format {
                 MaskFormat::Polygon => MaskBody::Polygon {
                     points: polygon(&mask, input, geo),
@@ -475,8 +655,9 @@ pub fn postprocess(
                     mask_format: "rle",
                 },
             };
+            let round = !matches!(layout.kind, SegKind::RfDetr(_));
             Some(InstanceSegmentationPrediction {
-                detection: detection::prediction(c, &class_names[c.class_id], geo),
+                detection: detection::prediction_rounded(c, &class_names[c.class_id], geo, round),
                 mask: body,
             })
         })
@@ -659,5 +840,181 @@ mod tests {
         assert_eq!(r.size, [32, 128]);
         let counts = rle::decode_counts(&r.counts).unwrap();
         assert_eq!(counts, vec![0, 64 * 32, 64 * 32]);
+    }
+
+    fn tensor(name: &str, shape: &[usize], data: Vec<f32>) -> OutputTensor {
+        OutputTensor {
+            name: name.into(),
+            shape: shape.to_vec(),
+            data: crate::model::backend::OutputBuffer::from(data),
+        }
+    }
+
+    fn params() -> SegmentationParams {
+        SegmentationParams {
+            detection: DetectionParams::default(),
+            mode: MaskDecodeMode::Accurate,
+            format: MaskFormat::Polygon,
+            max_work_pixels: MAX_WORK_PIXELS,
+        }
+    }
+
+    fn stretch(size: u32) -> Geometry {
+        let spec = crate::geometry::InputSpec {
+            width: size,
+            height: size,
+            resize: crate::geometry::ResizeMode::Stretch,
+            normalization: crate::geometry::Normalization::ZeroToOne,
+        };
+        Geometry::compute(size, size, size, size, &spec)
+    }
+
+    #[test]
+    fn layouts_follow_the_model_type_and_name_what_they_need() {
+        let protos = || tensor("output1", &[1, 2, 4, 4], vec![0.0; 32]);
+        let v8 = [
+            tensor("output0", &[1, 4 + 3 + 2, 5], vec![0.0; 45]),
+            protos(),
+        ];
+        let e2e = [tensor("output0", &[1, 5, 6 + 2], vec![0.0; 40]), protos()];
+        assert_eq!(
+            SegLayout::infer("yolov8n-seg", &v8, 3, None).unwrap().kind,
+            SegKind::Yolo
+        );
+        assert_eq!(
+            SegLayout::infer("yolo26n-seg", &e2e, 3, None).unwrap().kind,
+            SegKind::EndToEnd
+        );
+        // An unknown type: the outputs decide.
+        assert_eq!(
+            SegLayout::infer("", &e2e, 3, None).unwrap().kind,
+            SegKind::EndToEnd
+        );
+        // A YOLO26 type with a YOLOv8 output: an error naming the expected rows.
+        let e = SegLayout::infer("yolo26n-seg", &v8, 3, None).unwrap_err();
+        assert!(e.contains("YOLO26-seg needs [N, 6 + 2]"), "{e}");
+        let dets = || tensor("dets", &[1, 3, 4], vec![0.0; 12]);
+        let labels = || tensor("labels", &[1, 3, 4], vec![0.0; 12]);
+        let detr = [
+            dets(),
+            labels(),
+            tensor("masks", &[1, 3, 4, 4], vec![0.0; 48]),
+        ];
+        let l = SegLayout::infer("rfdetr-seg-nano", &detr, 3, None).unwrap();
+        assert!(matches!(
+            l.kind,
+            SegKind::RfDetr(DetectionHead::RfDetr { queries: 3, .. })
+        ));
+        assert_eq!((l.protos, l.proto_dims), (2, (3, 4, 4)));
+        // Masks for 2 queries while there are 3: refused.
+        let short = [
+            dets(),
+            labels(),
+            tensor("masks", &[1, 2, 4, 4], vec![0.0; 32]),
+        ];
+        assert!(SegLayout::infer("rfdetr-seg-nano", &short, 3, None).is_err());
+    }
+
+    #[test]
+    fn end_to_end_rows_carry_their_own_coefficients_without_nms() {
+        // Prototype 0 is the left half of an 8x8 input, prototype 1 the right half.
+        let mut protos = vec![-10f32; 2 * 8 * 8];
+        for y in 0..8 {
+            for x in 0..8 {
+                protos[if x < 4 { 0 } else { 64 } + y * 8 + x] = 10.0;
+            }
+        }
+        // Two overlapping boxes of one class over the whole input (both kept: no NMS); the
+        // first selects prototype 0, the second prototype 1; a third row scores too low.
+        let rows = vec![
+            0.0, 0.0, 8.0, 8.0, 0.9, 0.0, 1.0, 0.0, //
+            0.0, 0.0, 8.0, 8.0, 0.8, 0.0, 0.0, 1.0, //
+            0.0, 0.0, 8.0, 8.0, 0.1, 0.0, 1.0, 1.0,
+        ];
+        let outputs = [
+            tensor("output0", &[1, 3, 8], rows),
+            tensor("output1", &[1, 2, 8, 8], protos),
+        ];
+        let layout = SegLayout::infer("yolo26n-seg", &outputs, 1, None).unwrap();
+        let preds = postprocess(
+            &outputs,
+            0,
+            &layout,
+            (8, 8),
+            &["a".into()],
+            &stretch(8),
+            &params(),
+            &|| false,
+        )
+        .unwrap();
+        assert_eq!(preds.len(), 2);
+        let xs = |p: &InstanceSegmentationPrediction| match &p.mask {
+            MaskBody::Polygon { points, .. } => points
+                .iter()
+                .map(|q| q.x)
+                .fold((f32::MAX, f32::MIN), |a, x| (a.0.min(x), a.1.max(x))),
+            MaskBody::Rle { .. } => unreachable!(),
+        };
+        assert!(xs(&preds[0]).1 <= 4.0, "left half: {:?}", xs(&preds[0]));
+        assert!(xs(&preds[1]).0 >= 4.0, "right half: {:?}", xs(&preds[1]));
+    }
+
+    #[test]
+    fn rf_detr_masks_are_the_query_logits_over_the_letterboxed_image() {
+        // A 16x8 image letterboxed into a 16x16 input: content rows 4..12. One query whose
+        // 4x4 logits are positive everywhere: its mask is the image, not the padding.
+        let spec = crate::geometry::InputSpec {
+            width: 16,
+            height: 16,
+            resize: crate::geometry::ResizeMode::Letterbox { pad: 0 },
+            normalization: crate::geometry::Normalization::ImageNet,
+        };
+        let geo = Geometry::compute(16, 8, 16, 8, &spec);
+        let m = query_mask(
+            &[5.0; 16],
+            (4, 4),
+            (
+                geo.left,
+                geo.top,
+                geo.left + geo.content_w,
+                geo.top + geo.content_h,
+            ),
+            (16, 16),
+            (16, 16),
+        );
+        assert_eq!((m.x0, m.y0, m.w, m.h), (0, 4, 16, 8));
+        assert!(m.bits.iter().all(|&b| b));
+        // Logits of zero are not kept (> 0, as Roboflow's `mask > 0`).
+        let m = query_mask(&[0.0; 16], (4, 4), (0.0, 0.0, 16.0, 16.0), (16, 16), (4, 4));
+        assert!(m.bits.iter().all(|&b| !b));
+        // Through the decoder: the box is not rounded and the mask is not cut to the box.
+        let dets = vec![0.25, 0.5, 0.25, 0.25]; // a box over x 2..6 of 16
+        let labels = vec![4.0, -20.0];
+        let outputs = [
+            tensor("dets", &[1, 1, 4], dets),
+            tensor("labels", &[1, 1, 2], labels),
+            tensor("masks", &[1, 1, 4, 4], vec![5.0; 16]),
+        ];
+        let layout = SegLayout::infer("rfdetr-seg-nano", &outputs, 2, None).unwrap();
+        let preds = postprocess(
+            &outputs,
+            0,
+            &layout,
+            (16, 16),
+            &["a".into(), "b".into()],
+            &geo,
+            &params(),
+            &|| false,
+        )
+        .unwrap();
+        assert_eq!(preds.len(), 1);
+        let MaskBody::Polygon { points, .. } = &preds[0].mask else {
+            unreachable!()
+        };
+        let max_x = points.iter().map(|p| p.x).fold(0f32, f32::max);
+        assert!(
+            max_x >= 15.0,
+            "the mask spans the image beyond its box: {points:?}"
+        );
     }
 }

@@ -395,3 +395,95 @@ pub fn python_check(python: &str, script: &str, args: &[&std::ffi::OsStr]) -> (b
     );
     (out.status.success(), report)
 }
+
+/// A binary mask, row-major.
+pub struct Mask {
+    pub w: usize,
+    pub h: usize,
+    pub bits: Vec<bool>,
+}
+
+impl Mask {
+    /// From COCO column-major run lengths.
+    pub fn from_runs(h: usize, w: usize, counts: &[u32]) -> Mask {
+        let mut bits = vec![false; w * h];
+        let (mut i, mut value) = (0usize, false);
+        for &c in counts {
+            for k in i..i + c as usize {
+                let (x, y) = (k / h, k % h);
+                bits[y * w + x] = value;
+            }
+            i += c as usize;
+            value = !value;
+        }
+        assert_eq!(i, w * h, "runs must cover the image");
+        Mask { w, h, bits }
+    }
+
+    /// Pixels whose centre is inside the polygon or within half a pixel of its outline.
+    pub fn from_polygon(w: usize, h: usize, pts: &[(f64, f64)]) -> Mask {
+        let mut bits = vec![false; w * h];
+        let n = pts.len();
+        for y in 0..h {
+            for x in 0..w {
+                let (px, py) = (x as f64, y as f64);
+                let mut inside = false;
+                let mut near = false;
+                for i in 0..n {
+                    let (a, b) = (pts[i], pts[(i + 1) % n]);
+                    if (a.1 > py) != (b.1 > py) && px < (b.0 - a.0) * (py - a.1) / (b.1 - a.1) + a.0
+                    {
+                        inside = !inside;
+                    }
+                    let (dx, dy) = (b.0 - a.0, b.1 - a.1);
+                    let len2 = dx * dx + dy * dy;
+                    let t = if len2 == 0.0 {
+                        0.0
+                    } else {
+                        (((px - a.0) * dx + (py - a.1) * dy) / len2).clamp(0.0, 1.0)
+                    };
+                    let (cx, cy) = (a.0 + t * dx - px, a.1 + t * dy - py);
+                    near |= cx * cx + cy * cy <= 0.25;
+                }
+                bits[y * w + x] = inside || near;
+            }
+        }
+        Mask { w, h, bits }
+    }
+
+    pub fn iou(&self, o: &Mask) -> f64 {
+        assert_eq!((self.w, self.h), (o.w, o.h));
+        let inter = self
+            .bits
+            .iter()
+            .zip(&o.bits)
+            .filter(|(a, b)| **a && **b)
+            .count();
+        let union = self
+            .bits
+            .iter()
+            .zip(&o.bits)
+            .filter(|(a, b)| **a || **b)
+            .count();
+        inter as f64 / union.max(1) as f64
+    }
+}
+
+/// IoU of two x1, y1, x2, y2 boxes.
+pub fn bbox_iou(a: [f64; 4], b: [f64; 4]) -> f64 {
+    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let i = w * h;
+    i / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - i)
+}
+
+/// A prediction's box as x1, y1, x2, y2.
+pub fn pred_box(p: &Value) -> [f64; 4] {
+    let (x, y, w, h) = (
+        p["x"].as_f64().unwrap(),
+        p["y"].as_f64().unwrap(),
+        p["width"].as_f64().unwrap(),
+        p["height"].as_f64().unwrap(),
+    );
+    [x - w / 2.0, y - h / 2.0, x + w / 2.0, y + h / 2.0]
+}
