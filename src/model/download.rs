@@ -189,14 +189,21 @@ impl Downloader {
             std::process::id(),
             uuid::Uuid::new_v4().simple()
         ));
-        // Removed however this ends, a client that went away mid-download included.
-        let _cleanup = RemoveOnDrop(partial.clone());
+        // Removed however this ends: here before answering, or by the guard when the client
+        // went away mid-download (the future is dropped).
+        let mut cleanup = RemoveOnDrop(partial.clone());
         let staged = self
             .stage(
                 &partial, id, model_url, &env, ort, task, model_type, deadline,
             )
             .await;
-        staged.and_then(|()| publish(&partial, &root.join(id)))
+        let done = match staged {
+            Ok(()) => publish(&partial, &root.join(id)).await,
+            Err(e) => Err(e),
+        };
+        let _ = tokio::fs::remove_dir_all(&partial).await;
+        cleanup.0 = PathBuf::new();
+        done
     }
 
     /// Writes every file of the model into `dir`.
@@ -212,29 +219,30 @@ impl Downloader {
         model_type: &str,
         deadline: Instant,
     ) -> Result<(), DownloadError> {
+        // File work goes through tokio::fs (the blocking pool), never on a reactor thread.
         let storage = |e: std::io::Error| DownloadError::Storage(e.to_string());
-        std::fs::create_dir_all(dir).map_err(storage)?;
+        tokio::fs::create_dir_all(dir).await.map_err(storage)?;
         self.fetch_to_file(model_url, &dir.join("weights.onnx"), id, deadline)
             .await?;
-        let write_json = |name: &str, v: &Value| {
-            std::fs::write(
-                dir.join(name),
-                serde_json::to_vec_pretty(v).unwrap_or_default(),
-            )
-            .map_err(storage)
-        };
-        write_json("environment.json", env)?;
-        write_json(
-            "model_type.json",
-            &json!({"project_task_type": task, "model_type": model_type, "model_id": id}),
-        )?;
+        let json = |v: &Value| serde_json::to_vec_pretty(v).unwrap_or_default();
+        let mut files = vec![
+            ("environment.json", json(env)),
+            (
+                "model_type.json",
+                json(&json!({"project_task_type": task, "model_type": model_type, "model_id": id})),
+            ),
+        ];
         if let Some(classes) = ort.get("classes").and_then(Value::as_array) {
             let lines: Vec<&str> = classes.iter().filter_map(Value::as_str).collect();
-            std::fs::write(dir.join("class_names.txt"), lines.join("\n") + "\n")
-                .map_err(storage)?;
+            files.push(("class_names.txt", (lines.join("\n") + "\n").into_bytes()));
         }
         if let Some(kp) = ort.get("keypoints_metadata") {
-            write_json("keypoints_metadata.json", kp)?;
+            files.push(("keypoints_metadata.json", json(kp)));
+        }
+        for (name, bytes) in files {
+            tokio::fs::write(dir.join(name), bytes)
+                .await
+                .map_err(storage)?;
         }
         Ok(())
     }
@@ -269,18 +277,18 @@ impl Downloader {
         id: &str,
         deadline: Instant,
     ) -> Result<(), DownloadError> {
-        use std::io::Write;
+        use tokio::io::AsyncWriteExt;
         let limit = self.settings.max_bytes;
         let too_large = || DownloadError::TooLarge {
             id: id.to_string(),
             limit,
         };
+        let storage = |e: std::io::Error| DownloadError::Storage(e.to_string());
         let mut resp = self.send(url, &[]).await?;
         if resp.content_length().is_some_and(|n| n > limit) {
             return Err(too_large());
         }
-        let mut file =
-            std::fs::File::create(path).map_err(|e| DownloadError::Storage(e.to_string()))?;
+        let mut file = tokio::fs::File::create(path).await.map_err(storage)?;
         let mut written = 0u64;
         while let Some(chunk) = resp.chunk().await.map_err(connection)? {
             written += chunk.len() as u64;
@@ -290,11 +298,9 @@ impl Downloader {
             if Instant::now() >= deadline {
                 return Err(DownloadError::Timeout(id.to_string()));
             }
-            file.write_all(&chunk)
-                .map_err(|e| DownloadError::Storage(e.to_string()))?;
+            file.write_all(&chunk).await.map_err(storage)?;
         }
-        file.sync_all()
-            .map_err(|e| DownloadError::Storage(e.to_string()))
+        file.sync_all().await.map_err(storage)
     }
 
     /// Sends a GET and maps Roboflow's error statuses.
@@ -333,12 +339,22 @@ impl Drop for ForgetOnDrop<'_> {
     }
 }
 
-/// Deletes a staging directory when dropped.
+/// Deletes a staging directory when dropped (on the blocking pool when a runtime runs).
 struct RemoveOnDrop(PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let dir = std::mem::take(&mut self.0);
+        if dir.as_os_str().is_empty() {
+            return;
+        }
+        let remove = move || {
+            let _ = std::fs::remove_dir_all(&dir);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(remove)),
+            Err(_) => remove(),
+        }
     }
 }
 
@@ -349,14 +365,14 @@ fn connection(e: reqwest::Error) -> DownloadError {
 
 /// Moves the staged model to its place in one rename (a concurrent process that got there
 /// first wins; its copy is as good).
-fn publish(staged: &Path, target: &Path) -> Result<(), DownloadError> {
+async fn publish(staged: &Path, target: &Path) -> Result<(), DownloadError> {
     let storage = |e: std::io::Error| DownloadError::Storage(e.to_string());
     if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent).map_err(storage)?;
+        tokio::fs::create_dir_all(parent).await.map_err(storage)?;
     }
-    match std::fs::rename(staged, target) {
+    match tokio::fs::rename(staged, target).await {
         Ok(()) => Ok(()),
-        Err(_) if target.is_dir() => Ok(()),
+        Err(_) if tokio::fs::metadata(target).await.is_ok_and(|m| m.is_dir()) => Ok(()),
         Err(e) => Err(storage(e)),
     }
 }

@@ -1,6 +1,8 @@
-//! Instance segmentation (YOLOv8-seg outputs): detections as in `detection`, plus a mask per
-//! detection = sigmoid(coefficients · prototypes), computed only inside the detection's box on
-//! the mask grid the request's `mask_decode_mode` picks, thresholded at 0.5, then returned as a
+//! Instance segmentation: detections as in `detection` (YOLOv8-seg, server NMS) or as the
+//! end-to-end heads give them (YOLO26-seg rows, RF-DETR queries), plus a mask per detection
+//! on the mask grid the request's `mask_decode_mode` picks. YOLO masks are sigmoid(coefficients
+//! . prototypes), computed only inside the detection's box and thresholded at 0.5; an RF-DETR
+//! query's mask is its own logits, `> 0`, over the letterboxed image. Each is returned as a
 //! polygon (outer contour of the largest piece) or as COCO RLE at original-image resolution.
 //! Full-image float masks are never built.
 
