@@ -37,6 +37,12 @@ pub struct ServeConfig {
     #[arg(long, env = "PRELOAD_MODELS", default_value = "all")]
     pub preload_models: String,
 
+    /// Most models loaded at once (Roboflow's MAX_ACTIVE_MODELS). Loading one more, on a
+    /// request or a download, unloads the least recently used, so no client can fill memory
+    /// with models. Default 16 (Roboflow's is 8): the bundled models all fit.
+    #[arg(long, env = "MAX_ACTIVE_MODELS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_active_models: u32,
+
     /// Largest batch the dynamic batcher forms for a model with a dynamic batch dimension
     /// (Triton's `max_batch_size`). `auto`: 1 on CPU, where single-threaded instances gain
     /// nothing from larger batches and lose to cache misses (see README), 8 on a GPU.

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub ring_slots_total: IntGauge,
     /// Connections closed at once because MAX_CONNECTIONS and the health reserve were full.
     pub connections_shed: IntCounter,
+    /// Models unloaded to load another past MAX_ACTIVE_MODELS.
+    pub models_evicted: IntCounter,
     /// Bytes of request bodies held (at most MAX_BODY_MEMORY_BYTES).
     pub body_bytes_held: IntGauge,
 }
@@ -137,6 +139,11 @@ impl Metrics {
             connections_shed: register_int_counter_with_registry!(
                 "cvserve_connections_shed_total",
                 "Connections closed on accept: MAX_CONNECTIONS and the health reserve were full",
+                r
+            )?,
+            models_evicted: register_int_counter_with_registry!(
+                "cvserve_models_evicted_total",
+                "Models unloaded (least recently used) to load another past MAX_ACTIVE_MODELS",
                 r
             )?,
             body_bytes_held: register_int_gauge_with_registry!(

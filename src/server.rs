@@ -106,6 +106,7 @@ fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> 
                 panic_batch: cfg.inject_panic_batch,
             },
             fault_model: cfg.inject_model.clone(),
+            max_active: cfg.max_active_models as usize,
         },
         Arc::clone(&pools),
     ));
@@ -228,7 +229,17 @@ fn preload_models(state: &AppState) {
             .filter(|s| !s.is_empty())
             .collect(),
     };
-    for id in wanted {
+    let max_active = state.cfg.max_active_models as usize;
+    if wanted.len() > max_active {
+        // Loading more would only unload the first ones again.
+        tracing::warn!(
+            wanted = wanted.len(),
+            max_active_models = max_active,
+            skipped = ?&wanted[max_active..],
+            "more models to preload than MAX_ACTIVE_MODELS: the rest load on their first request"
+        );
+    }
+    for id in wanted.into_iter().take(max_active) {
         if let Err(e) = state.engine.models().add(&id) {
             // One broken model must not keep the others from serving.
             tracing::error!(model = id, error = %e, "model failed to load");

@@ -194,6 +194,50 @@ fn sdk_flow_registry_add_infer_remove_clear() {
     assert_eq!(cleared.body["models"], json!([]));
 }
 
+/// MAX_ACTIVE_MODELS bounds the models held in memory: loading one more unloads the least
+/// recently used (as Roboflow's fixed-size model cache); an unloaded model loads again on
+/// its next request.
+#[test]
+fn loading_past_max_active_models_unloads_the_least_recently_used() {
+    let s = Server::start("none", &[("MAX_ACTIVE_MODELS", "2")]);
+    let loaded = || -> Vec<String> {
+        let mut ids: Vec<String> = s.get("/model/registry").body["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["model_id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let cls = |model: &str| {
+        let r = s.post_json(
+            "/infer/classification",
+            &json!({"model_id": model, "image": {"type": "base64", "value": b64("samples/shapes-cls/000000.jpg")}}),
+        );
+        assert_eq!(r.status, 200, "{model}: {}", r.body);
+    };
+    let det = |model: &str| {
+        let r = s.detect(model, "samples/shapes/000000.jpg", json!({}));
+        assert_eq!(r.status, 200, "{model}: {}", r.body);
+    };
+    det("shapes-det/1");
+    cls("shapes-cls/1");
+    det("shapes-det/1"); // shapes-cls/1 is now the least recently used
+    det("shapes-yolov10/1");
+    assert_eq!(loaded(), ["shapes-det/1", "shapes-yolov10/1"]);
+    cls("shapes-cls/1"); // loads again, unloading shapes-det/1
+    assert_eq!(loaded(), ["shapes-cls/1", "shapes-yolov10/1"]);
+    let metrics = s.get("/metrics").body;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("cvserve_models_evicted_total 2"),
+        "two unloads counted"
+    );
+}
+
 #[test]
 fn info_health_readiness() {
     let s = Server::start("none", &[]);

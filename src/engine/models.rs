@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -38,6 +39,8 @@ pub struct LoadedModel {
     pub provider: String,
     /// Ring slots its requests hold (decoded, waiting for preprocessing).
     pub ring_held: Arc<std::sync::atomic::AtomicUsize>,
+    /// When a request last asked for it (a use counter, for MAX_ACTIVE_MODELS' LRU).
+    pub last_used: std::sync::atomic::AtomicU64,
 }
 
 /// Why a model could not be served.
@@ -64,6 +67,9 @@ pub struct LoadSettings {
     pub faults: FaultInjection,
     /// The one model the faults apply to (`None`: every model).
     pub fault_model: Option<String>,
+    /// Most models loaded at once (MAX_ACTIVE_MODELS); loading one more unloads the least
+    /// recently used.
+    pub max_active: usize,
 }
 
 /// The loaded models, by id.
@@ -75,6 +81,8 @@ pub struct ModelManager {
     failed: RwLock<HashMap<String, String>>,
     /// Serialises loads so two concurrent requests for a cold model load it once.
     loading: Mutex<()>,
+    /// Ticks once per model lookup: the clock of `LoadedModel::last_used`.
+    uses: std::sync::atomic::AtomicU64,
 }
 
 impl ModelManager {
@@ -85,6 +93,7 @@ impl ModelManager {
             models: RwLock::new(HashMap::new()),
             failed: RwLock::new(HashMap::new()),
             loading: Mutex::new(()),
+            uses: Default::default(),
         }
     }
 
@@ -93,9 +102,12 @@ impl ModelManager {
         &self.settings
     }
 
-    /// The model if it is loaded.
+    /// The model if it is loaded (and marks it used now).
     pub fn get(&self, id: &str) -> Option<Arc<LoadedModel>> {
-        self.models.read().get(id).cloned()
+        let m = self.models.read().get(id).cloned()?;
+        let now = self.uses.fetch_add(1, Ordering::Relaxed) + 1;
+        m.last_used.store(now, Ordering::Relaxed);
+        Some(m)
     }
 
     /// The model, loading it from the repository first if needed. Blocks while loading:
@@ -166,9 +178,38 @@ impl ModelManager {
             .model_instances
             .with_label_values(&[id, &model.provider])
             .set(model.instances as i64);
-        self.models
-            .write()
-            .insert(id.to_string(), Arc::clone(&model));
+        let now = self.uses.fetch_add(1, Ordering::Relaxed) + 1;
+        model.last_used.store(now, Ordering::Relaxed);
+        let evicted = {
+            let mut models = self.models.write();
+            let mut evicted = Vec::new();
+            while models.len() >= self.settings.max_active.max(1) {
+                let Some(lru) = models
+                    .values()
+                    .min_by_key(|m| m.last_used.load(Ordering::Relaxed))
+                    .map(|m| m.meta.id.clone())
+                else {
+                    break;
+                };
+                evicted.extend(models.remove(&lru));
+            }
+            models.insert(id.to_string(), Arc::clone(&model));
+            evicted
+        };
+        // Requests already holding an evicted model finish on it; its sessions are freed
+        // when the last one answers.
+        for m in evicted {
+            let _ = METRICS
+                .model_instances
+                .remove_label_values(&[&m.meta.id, &m.provider]);
+            METRICS.models_evicted.inc();
+            tracing::info!(
+                model = %m.meta.id,
+                loading = id,
+                max_active_models = self.settings.max_active,
+                "model unloaded: least recently used of MAX_ACTIVE_MODELS"
+            );
+        }
         Ok(model)
     }
 
@@ -392,5 +433,6 @@ fn load(
         lone_threads: if has_lone { settings.lone_threads } else { 1 },
         provider,
         ring_held: Arc::default(),
+        last_used: Default::default(),
     })
 }
