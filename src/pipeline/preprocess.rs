@@ -280,6 +280,15 @@ fn equalize_hist(grey: &mut [u8]) {
 /// histogram per tile (on the image extended by reflection to a multiple of the tiles, as
 /// OpenCV does), its cumulative table, and each pixel interpolated bilinearly between the
 /// tables of the four nearest tiles.
+/// Rounds half to even, as OpenCV's `cvRound`, for `0 <= x < 2^22`: adding and subtracting
+/// 1.5 x 2^23 leaves the nearest integer. `f32::round_ties_even` is a libm call on baseline
+/// x86-64 (no SSE4.1 round instruction), once per pixel here.
+#[inline]
+fn round_half_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (x + MAGIC) - MAGIC
+}
+
 fn clahe(grey: &mut [u8], w: usize, h: usize) {
     clahe_with(grey, w, h, 0.03);
 }
@@ -345,7 +354,8 @@ fn clahe_with(grey: &mut [u8], w: usize, h: usize, clip_limit: f64) {
             }
         }
     }
-    // Per column: the two tiles and the weight of the second.
+    // Per column: the two tiles and the weight of the second; columns sharing their two
+    // tiles form a run, so the four tables of a run are picked once per row.
     let cols: Vec<(usize, usize, f32)> = (0..w)
         .map(|x| {
             let f = x as f32 * (1.0 / tw as f32) - 0.5;
@@ -355,6 +365,14 @@ fn clahe_with(grey: &mut [u8], w: usize, h: usize, clip_limit: f64) {
             (t1i.max(0) as usize, ((t1i + 1) as usize).min(TILES - 1), a)
         })
         .collect();
+    let mut runs: Vec<(usize, usize)> = Vec::new(); // (first column, end)
+    for x in 0..w {
+        match runs.last_mut() {
+            Some(r) if (cols[r.0].0, cols[r.0].1) == (cols[x].0, cols[x].1) => r.1 = x + 1,
+            _ => runs.push((x, x + 1)),
+        }
+    }
+    let weights: Vec<f32> = cols.iter().map(|c| c.2).collect();
     for y in 0..h {
         let f = y as f32 * (1.0 / th as f32) - 0.5;
         let t1 = f.floor();
@@ -362,15 +380,16 @@ fn clahe_with(grey: &mut [u8], w: usize, h: usize, clip_limit: f64) {
         let t1i = t1 as isize;
         let (r1, r2) = (t1i.max(0) as usize, ((t1i + 1) as usize).min(TILES - 1));
         let row = &mut grey[y * w..(y + 1) * w];
-        for (v, &(c1, c2, xa)) in row.iter_mut().zip(&cols) {
-            let s = *v as usize;
-            let top =
-                luts[r1 * TILES + c1][s] as f32 * (1.0 - xa) + luts[r1 * TILES + c2][s] as f32 * xa;
-            let bottom =
-                luts[r2 * TILES + c1][s] as f32 * (1.0 - xa) + luts[r2 * TILES + c2][s] as f32 * xa;
-            *v = (top * (1.0 - ya) + bottom * ya)
-                .round_ties_even()
-                .clamp(0.0, 255.0) as u8;
+        for &(x0, x1) in &runs {
+            let (c1, c2, _) = cols[x0];
+            let (l11, l12) = (&luts[r1 * TILES + c1], &luts[r1 * TILES + c2]);
+            let (l21, l22) = (&luts[r2 * TILES + c1], &luts[r2 * TILES + c2]);
+            for (v, &xa) in row[x0..x1].iter_mut().zip(&weights[x0..x1]) {
+                let s = *v as usize;
+                let top = l11[s] as f32 * (1.0 - xa) + l12[s] as f32 * xa;
+                let bottom = l21[s] as f32 * (1.0 - xa) + l22[s] as f32 * xa;
+                *v = round_half_even(top * (1.0 - ya) + bottom * ya).clamp(0.0, 255.0) as u8;
+            }
         }
     }
 }
@@ -416,6 +435,18 @@ fn write_chw<M: PixelMap>(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn round_half_even_is_cv_round_on_pixel_values() {
+        // Every quarter step from 0 to 256 (ties included) and values just off the ties.
+        for i in 0..=1024 {
+            let x = i as f32 / 4.0;
+            for v in [x, x + 1e-4, (x - 1e-4).max(0.0)] {
+                assert_eq!(round_half_even(v), v.round_ties_even(), "{v}");
+            }
+        }
+    }
+
     use super::*;
     use crate::geometry::{Contrast, Normalization, Steps};
 
