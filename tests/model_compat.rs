@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{boxes, golden, iou, pred_box, repo, Mask, Server, COCO_PHOTOS};
+use common::{boxes, golden, iou, polygon_points, pred_box, repo, Mask, Server, COCO_PHOTOS};
 use serde_json::{json, Value};
 
 const PRE_MODELS: [&str; 6] = [
@@ -293,6 +293,22 @@ fn keypoint_error(answers: &[Value], gt: &Value) -> (f64, usize) {
     (sum / n.max(1) as f64, n)
 }
 
+/// The bar of the issue: the mean error of matched visible keypoints against the ground truth
+/// is within 1 px of the reference's on the same images (and ours match at least as many).
+fn assert_keypoint_error_as_reference(ours: &[Value], gold: &[Value], gt: &Value, what: &str) {
+    let (ours, n_ours) = keypoint_error(ours, gt);
+    let (reference, n_ref) = keypoint_error(gold, gt);
+    eprintln!("{what} mean keypoint error: ours {ours:.2} px over {n_ours}, reference {reference:.2} px over {n_ref}");
+    assert!(
+        n_ours >= n_ref && n_ref > 20,
+        "{what}: matched keypoints: ours {n_ours}, reference {n_ref}"
+    );
+    assert!(
+        (ours - reference).abs() <= 1.0,
+        "{what}: ours {ours:.2} px vs reference {reference:.2} px"
+    );
+}
+
 /// The keypoints of each box of ours matching one of the reference's (scoring clearly above
 /// the 0.4 threshold): the same names, x and y within 2 px, confidence within 0.02.
 fn assert_keypoints_match(ours: &Value, gold: &Value, what: &str) {
@@ -351,17 +367,7 @@ fn keypoints_match_roboflow_and_the_ground_truth() {
         ours_all.push(r["predictions"].clone());
         gold_all.push(gold.clone());
     }
-    let (ours, n_ours) = keypoint_error(&ours_all, &gt);
-    let (reference, n_ref) = keypoint_error(&gold_all, &gt);
-    eprintln!("mean keypoint error: ours {ours:.2} px over {n_ours}, reference {reference:.2} px over {n_ref}");
-    assert!(
-        n_ours >= n_ref && n_ref > 20,
-        "matched keypoints: ours {n_ours}, reference {n_ref}"
-    );
-    assert!(
-        (ours - reference).abs() <= 1.0,
-        "ours {ours:.2} px vs reference {reference:.2} px"
-    );
+    assert_keypoint_error_as_reference(&ours_all, &gold_all, &gt, "YOLOv8-pose");
 
     // keypoint_confidence drops the keypoints under it (Roboflow's field, default 0).
     let r = detect(
@@ -459,14 +465,6 @@ fn derived_models() -> PathBuf {
 /// Where a box of ours and one of the reference's agree (same class, IoU > 0.9), their
 /// polygons cover the same pixels (raster IoU > 0.85). Returns how many were compared.
 fn polygons_match(ours: &Value, gold: &Value, (w, h): (usize, usize), what: &str) -> usize {
-    let poly = |p: &Value| -> Vec<(f64, f64)> {
-        p["points"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|q| (q["x"].as_f64().unwrap(), q["y"].as_f64().unwrap()))
-            .collect()
-    };
     let mut compared = 0;
     for o in ours.as_array().unwrap() {
         let Some(g) =
@@ -476,7 +474,11 @@ fn polygons_match(ours: &Value, gold: &Value, (w, h): (usize, usize), what: &str
         else {
             continue;
         };
-        let iou = Mask::from_polygon(w, h, &poly(o)).iou(&Mask::from_polygon(w, h, &poly(g)));
+        let iou = Mask::from_polygon(w, h, &polygon_points(o)).iou(&Mask::from_polygon(
+            w,
+            h,
+            &polygon_points(g),
+        ));
         assert!(iou > 0.85, "{what}: polygon IoU with Roboflow's {iou:.3}");
         compared += 1;
     }
@@ -558,12 +560,7 @@ fn yolo26_and_rfdetr_segmentation_match_roboflow() {
     );
     assert!(!ps.is_empty() && ps.len() == rs.len());
     for (p, r) in ps.iter().zip(rs) {
-        let pts: Vec<(f64, f64)> = p["points"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|q| (q["x"].as_f64().unwrap(), q["y"].as_f64().unwrap()))
-            .collect();
+        let pts = polygon_points(p);
         let counts =
             cvserve::tasks::rle::decode_counts(r["rle"]["counts"].as_str().unwrap()).unwrap();
         let iou = Mask::from_polygon(w, h, &pts).iou(&Mask::from_runs(h, w, &counts));
@@ -598,15 +595,5 @@ fn yolo26_keypoints_match_roboflow_and_the_ground_truth() {
         gold_all.push(gold.clone());
     }
     assert!(ties <= 1, "{ties} class ties");
-    let (ours, n_ours) = keypoint_error(&ours_all, &gt);
-    let (reference, n_ref) = keypoint_error(&gold_all, &gt);
-    eprintln!("YOLO26 mean keypoint error: ours {ours:.2} px over {n_ours}, reference {reference:.2} px over {n_ref}");
-    assert!(
-        n_ours >= n_ref && n_ref > 20,
-        "matched keypoints: ours {n_ours}, reference {n_ref}"
-    );
-    assert!(
-        (ours - reference).abs() <= 1.0,
-        "ours {ours:.2} px vs reference {reference:.2} px"
-    );
+    assert_keypoint_error_as_reference(&ours_all, &gold_all, &gt, "YOLO26-pose");
 }

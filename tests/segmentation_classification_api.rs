@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{assert_matches_golden, b64, bbox_iou, fixture, golden, pred_box, Mask, Server};
+use common::{
+    assert_matches_golden, b64, bbox_iou, fixture, golden, polygon_points, pred_box, Mask, Server,
+};
 use cvserve::tasks::rle::decode_counts;
 use serde_json::{json, Value};
 
@@ -174,16 +176,11 @@ fn segmentation_boxes_and_polygons_match_roboflow() {
                 else {
                     continue;
                 };
-                let poly = |p: &Value| -> Vec<(f64, f64)> {
-                    p["points"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|q| (q["x"].as_f64().unwrap(), q["y"].as_f64().unwrap()))
-                        .collect()
-                };
-                let iou =
-                    Mask::from_polygon(w, h, &poly(o)).iou(&Mask::from_polygon(w, h, &poly(gm)));
+                let iou = Mask::from_polygon(w, h, &polygon_points(o)).iou(&Mask::from_polygon(
+                    w,
+                    h,
+                    &polygon_points(gm),
+                ));
                 assert!(
                     iou > 0.85,
                     "seg {i}{suffix}: polygon IoU with Roboflow's {iou:.3}"

@@ -487,3 +487,13 @@ pub fn pred_box(p: &Value) -> [f64; 4] {
     );
     [x - w / 2.0, y - h / 2.0, x + w / 2.0, y + h / 2.0]
 }
+
+/// A prediction's polygon (`points`) as (x, y) pairs.
+pub fn polygon_points(p: &Value) -> Vec<(f64, f64)> {
+    p["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| (q["x"].as_f64().unwrap(), q["y"].as_f64().unwrap()))
+        .collect()
+}
