@@ -516,24 +516,26 @@ impl SegLayout {
                 Ok(layout(SegKind::Yolo, pred, pd))
             }
         };
-        let tried: Vec<Box<dyn Fn() -> Result<SegLayout, String>>> = match family {
-            Some(heads::Family::RfDetr) => vec![Box::new(rf_detr)],
-            Some(heads::Family::EndToEnd) => vec![Box::new(|| prototypes(true))],
-            Some(heads::Family::Yolo) => vec![Box::new(|| prototypes(false))],
-            Some(heads::Family::Nas) => {
+        use heads::Family;
+        let tried: &[Family] = match family {
+            Some(Family::Nas) => {
                 return Err(format!(
                     "model_type '{model_type}': YOLO-NAS has no segmentation layout"
                 ))
             }
-            None => vec![
-                Box::new(|| prototypes(false)),
-                Box::new(|| prototypes(true)),
-                Box::new(rf_detr),
-            ],
+            Some(Family::RfDetr) => &[Family::RfDetr],
+            Some(Family::EndToEnd) => &[Family::EndToEnd],
+            Some(Family::Yolo) => &[Family::Yolo],
+            None => &[Family::Yolo, Family::EndToEnd, Family::RfDetr],
         };
         let mut why = Vec::new();
-        for f in tried {
-            match f() {
+        for &f in tried {
+            let attempt = match f {
+                Family::RfDetr => rf_detr(),
+                Family::EndToEnd => prototypes(true),
+                _ => prototypes(false),
+            };
+            match attempt {
                 Ok(l) => return Ok(l),
                 Err(e) => why.push(e),
             }
