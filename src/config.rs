@@ -70,10 +70,11 @@ pub struct ServeConfig {
     #[arg(long, env = "REQUEST_TIMEOUT_S", default_value_t = 10.0)]
     pub request_timeout_s: f64,
 
-    /// Inference requests admitted at once (their bodies in memory). Beyond it a request is
-    /// answered 429 before its body is buffered: with MAX_BODY_BYTES this bounds the memory
-    /// request bodies can take, whatever the number of clients.
-    #[arg(long, env = "MAX_INFLIGHT_REQUESTS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Inference requests in the server at once, waiting for their turn or being served
+    /// (their bodies in memory, within MAX_BODY_MEMORY_BYTES). A request comes in only if the
+    /// predicted wait (requests ahead ÷ the measured rate) fits its deadline; beyond either
+    /// it is answered 429 with Retry-After as soon as its headers are read, its body unread.
+    #[arg(long, env = "MAX_INFLIGHT_REQUESTS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_inflight_requests: u32,
 
     /// Seconds a connection may take to send a request's headers, and may stay idle between
@@ -244,6 +245,17 @@ pub struct ServeConfig {
     /// ONNX Runtime settings (shared with `cvserve ceiling`).
     #[command(flatten)]
     pub ort: OrtSettings,
+
+    /// Seconds the server must be idle (no inference request in it) before freed memory is
+    /// returned to the OS, once (0: never). While busy, freed memory is kept for reuse.
+    #[arg(long, env = "IDLE_TRIM_S", default_value_t = 1.0)]
+    pub idle_trim_s: f64,
+
+    /// Seconds an inference instance beyond a model's first may stay idle before it stops
+    /// and its session is freed. Instances start when a model's queue waits while every
+    /// instance is busy and a core is free, up to INSTANCES_PER_MODEL.
+    #[arg(long, env = "INSTANCE_IDLE_TIMEOUT_S", default_value_t = 10.0)]
+    pub instance_idle_timeout_s: f64,
 
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT before the process exits.
     #[arg(long, env = "DRAIN_TIMEOUT_S", default_value_t = 30.0)]

@@ -12,6 +12,7 @@ pub mod config;
 pub mod engine;
 pub mod geometry;
 pub mod http;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

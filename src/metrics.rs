@@ -44,6 +44,14 @@ pub struct Metrics {
     pub models_evicted: IntCounter,
     /// Bytes of request bodies held (at most MAX_BODY_MEMORY_BYTES).
     pub body_bytes_held: IntGauge,
+    /// Times free memory was returned to the OS after the server went quiet.
+    pub memory_trims: IntCounter,
+    /// Inference instances started on demand and stopped when idle, by model.
+    pub instances_started: IntCounterVec,
+    pub instances_stopped: IntCounterVec,
+    /// Inference requests refused as soon as their headers were read: the predicted wait
+    /// did not fit their deadline.
+    pub admission_refused: IntCounter,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -123,7 +131,7 @@ impl Metrics {
             )?,
             inflight_requests: register_int_gauge_with_registry!(
                 "cvserve_inflight_requests",
-                "Inference requests admitted and not yet answered (at most MAX_INFLIGHT_REQUESTS)",
+                "Inference requests in the server, waiting or being served (at most MAX_INFLIGHT_REQUESTS)",
                 r
             )?,
             ring_slots_in_use: register_int_gauge_with_registry!(
@@ -149,6 +157,28 @@ impl Metrics {
             body_bytes_held: register_int_gauge_with_registry!(
                 "cvserve_request_body_bytes",
                 "Bytes of request bodies held (at most MAX_BODY_MEMORY_BYTES)",
+                r
+            )?,
+            memory_trims: register_int_counter_with_registry!(
+                "cvserve_memory_trims_total",
+                "Times freed memory was returned to the OS once the server had been idle",
+                r
+            )?,
+            instances_started: register_int_counter_vec_with_registry!(
+                "cvserve_instances_started_total",
+                "Inference instances started because the model's queue waited while every instance was busy",
+                &["model"],
+                r
+            )?,
+            instances_stopped: register_int_counter_vec_with_registry!(
+                "cvserve_instances_stopped_total",
+                "Inference instances stopped after being idle (INSTANCE_IDLE_TIMEOUT_S)",
+                &["model"],
+                r
+            )?,
+            admission_refused: register_int_counter_with_registry!(
+                "cvserve_admission_refused_total",
+                "Inference requests refused at their headers: the predicted wait did not fit their deadline",
                 r
             )?,
             registry: r,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::ServeConfig;
+use crate::engine::admission::Activity;
 use crate::engine::models::{LoadSettings, ModelManager};
 use crate::engine::{DecodeSettings, Engine};
 use crate::http::images::UrlPolicy;
@@ -16,6 +17,7 @@ use crate::model::backend::FaultInjection;
 use crate::model::ort::{environment, library_offers, nvidia_gpu_present};
 use crate::model::provider::{Provider, ProviderChoice};
 use crate::pipeline::batcher::BatcherConfig;
+use crate::pipeline::cores::CoreBudget;
 use crate::pipeline::ring::Ring;
 use crate::pipeline::Pools;
 
@@ -90,6 +92,9 @@ fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> 
             repository: cfg.model_cache_dir.clone(),
             ort_dylib: cfg.ort.dylib_path.clone(),
             instances: budget.instances,
+            instance_idle_timeout: Duration::try_from_secs_f64(cfg.instance_idle_timeout_s)
+                .map_err(|e| anyhow::anyhow!("INSTANCE_IDLE_TIMEOUT_S: {e}"))?,
+            cores: Arc::new(CoreBudget::new(budget.cores)),
             lone_threads: budget.lone_threads,
             session: cfg
                 .ort
@@ -121,11 +126,28 @@ fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> 
         .map_err(anyhow::Error::msg)?;
     // Leftovers of a download a killed process left half done.
     let _ = std::fs::remove_dir_all(crate::model::download::partial_dir(&cfg.model_cache_dir));
+    // Once the server has been quiet for IDLE_TRIM_S, freed memory goes back to the OS: every
+    // pool thread's mimalloc heap, then glibc's heaps (ONNX Runtime's buffers).
+    let idle_trim = Duration::try_from_secs_f64(cfg.idle_trim_s)
+        .map_err(|e| anyhow::anyhow!("IDLE_TRIM_S: {e}"))?;
+    let trimmer = (!idle_trim.is_zero())
+        .then(|| {
+            let pools = Arc::clone(&pools);
+            crate::memory::IdleTrimmer::start(idle_trim, move || {
+                for pool in [&pools.decode, &pools.preprocess, &pools.postprocess] {
+                    pool.broadcast(|_| crate::memory::return_free_memory());
+                }
+                crate::memory::return_free_memory();
+            })
+        })
+        .transpose()?;
+    let activity = Activity::new(cfg.max_inflight_requests as usize, trimmer);
     let engine = Engine::new(
         manager,
         downloader,
         ring,
         pools,
+        activity,
         DecodeSettings {
             max_image_pixels: cfg.max_image_pixels,
             reduced_scale: cfg.decode_reduced_scale,
@@ -154,9 +176,6 @@ fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> 
         uuid: uuid::Uuid::new_v4().simple().to_string()[..6].to_string(),
         ready: Default::default(),
         draining: Default::default(),
-        inflight: Arc::new(tokio::sync::Semaphore::new(
-            cfg.max_inflight_requests as usize,
-        )),
         drain_started: Default::default(),
         body_memory: Arc::new(tokio::sync::Semaphore::new(
             // At least one body of the largest size, or such a request could never pass.

@@ -4,8 +4,10 @@
 //! it, queues a job per image on the model's batcher and awaits the answers within the
 //! request's deadline. The HTTP front end calls it and knows nothing of the pipeline.
 
+pub mod admission;
 pub mod models;
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,10 +23,11 @@ use crate::pipeline::batcher::SubmitError;
 use crate::pipeline::decode::{
     base64_bytes, decode_full, decode_into, DecodeError, DecodeOptions, NeededSize,
 };
-use crate::pipeline::ring::Ring;
+use crate::pipeline::ring::{Ring, SlotHandle};
 use crate::pipeline::{Job, PipelineError, Pools};
 use crate::tasks::draw::{self, DrawOptions};
 use crate::tasks::{TaskOutput, TaskParams};
+use admission::{Activity, Ticket};
 use models::{LoadError, LoadedModel, ModelManager};
 
 /// Why an inference call got no answer. `http::error` maps each to its status.
@@ -42,10 +45,16 @@ pub enum EngineError {
     },
     #[error(transparent)]
     Decode(#[from] DecodeError),
-    #[error("Server overloaded: every image slot is in use (RING_SLOTS); retry shortly")]
-    RingFull,
-    #[error("Server overloaded: model '{model}' holds its share of the image slots ({limit}, RING_MODEL_SHARE); retry shortly")]
-    RingShareFull { model: String, limit: usize },
+    /// The request waited for its turn (ring slots of its model) until its deadline.
+    #[error("Server overloaded: the request waited for model '{model}' until its deadline (REQUEST_TIMEOUT_S) without its turn coming; retry later")]
+    WaitedPastDeadline { model: String },
+    /// Refused when its headers were read: the predicted wait did not fit its deadline.
+    #[error("Server overloaded: {ahead} requests are ahead and the predicted wait ({:.1} s) does not fit the request's deadline; retry after {} s", .predicted.as_secs_f64(), .retry_after.as_secs())]
+    Overloaded {
+        ahead: usize,
+        predicted: std::time::Duration,
+        retry_after: std::time::Duration,
+    },
     /// More images than the server can ever hold at once: retrying cannot help.
     #[error("The request has {count} images; this server takes at most {limit} per request ({setting}): send them in several requests")]
     TooManyImages {
@@ -99,6 +108,8 @@ pub struct Engine {
     downloader: Downloader,
     ring: Arc<Ring>,
     pools: Arc<Pools>,
+    /// Every inference request in the server (MAX_INFLIGHT_REQUESTS; the idle trimmer).
+    activity: Activity,
     decode: DecodeSettings,
 }
 
@@ -108,6 +119,7 @@ impl Engine {
         downloader: Downloader,
         ring: Arc<Ring>,
         pools: Arc<Pools>,
+        activity: Activity,
         decode: DecodeSettings,
     ) -> Self {
         Self {
@@ -115,6 +127,7 @@ impl Engine {
             downloader,
             ring,
             pools,
+            activity,
             decode,
         }
     }
@@ -122,6 +135,37 @@ impl Engine {
     /// The model manager (registry, add, remove).
     pub fn models(&self) -> &Arc<ModelManager> {
         &self.models
+    }
+
+    /// Every inference request in the server.
+    pub fn activity(&self) -> &Activity {
+        &self.activity
+    }
+
+    /// The waiting room: lets a request for `model_id` in if, by its model's measured rate,
+    /// it can be answered before `deadline` (see `admission`). A model not loaded yet has no
+    /// rate: the request comes in with no ticket.
+    pub fn admit(
+        &self,
+        model_id: &str,
+        now: Instant,
+        deadline: Instant,
+    ) -> Result<Option<Ticket>, EngineError> {
+        let Some(model) = self.models.get(model_id) else {
+            return Ok(None);
+        };
+        match model.line.enter(now, deadline) {
+            Ok(ticket) => Ok(Some(ticket)),
+            Err(refusal) => {
+                METRICS.admission_refused.inc();
+                METRICS.outcome(model_id, "rejected", "admission");
+                Err(EngineError::Overloaded {
+                    ahead: refusal.ahead,
+                    predicted: refusal.predicted,
+                    retry_after: refusal.retry_after,
+                })
+            }
+        }
     }
 
     /// The ring of decoded images.
@@ -225,18 +269,20 @@ impl Engine {
             }),
             deadline: Some(deadline),
         };
-        let decode_started = Instant::now();
         let count = images.len();
+        // The waiting room: in arrival order, each request waits for ring slots of its model
+        // (its share of them), at most until its deadline.
+        let slots = self.acquire_slots(model, count, deadline).await?;
+        let decode_started = Instant::now();
         let decoded = try_join_all(
             images
                 .into_iter()
-                .map(|img| self.decode(model, share, img, opts)),
+                .zip(slots)
+                .map(|(img, slot)| self.decode(slot, img, opts)),
         )
         .await
         .inspect_err(|e| {
-            if matches!(e, EngineError::RingFull | EngineError::RingShareFull { .. }) {
-                METRICS.outcome(model_id, "rejected", "ring");
-            } else if matches!(e, EngineError::Decode(DecodeError::DeadlineExceeded)) {
+            if matches!(e, EngineError::Decode(DecodeError::DeadlineExceeded)) {
                 METRICS.outcome(model_id, "timed_out", "decode");
             }
         })?;
@@ -335,25 +381,59 @@ impl Engine {
         ((slots as f64 * self.decode.ring_model_share).ceil() as usize).clamp(1, slots)
     }
 
-    /// Takes a ring slot charged to `model` (none free, or the model at its share: an
-    /// overload error at once) and decodes the image into it on the decode pool.
-    async fn decode(
+    /// Waits, in arrival order among the requests of `model`, until `count` ring slots
+    /// within the model's share are free, and takes them. Past `deadline` the request is
+    /// refused as overload (it never started: a retry can succeed).
+    async fn acquire_slots(
         &self,
         model: &LoadedModel,
-        share: usize,
+        count: usize,
+        deadline: Instant,
+    ) -> Result<Vec<SlotHandle>, EngineError> {
+        let too_late = || {
+            METRICS.outcome(&model.meta.id, "rejected", "waiting_room");
+            EngineError::WaitedPastDeadline {
+                model: model.meta.id.clone(),
+            }
+        };
+        let _turn = tokio::time::timeout_at(deadline.into(), model.slot_line.lock())
+            .await
+            .map_err(|_| too_late())?;
+        let mut taken = Vec::with_capacity(count);
+        loop {
+            // Registered before looking, so a slot freed in between wakes this wait.
+            let released = self.ring.released().notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            let share = self.ring_share();
+            let missing = count - taken.len();
+            let room = self.ring.slots().saturating_sub(self.ring.in_use());
+            let model_room = share.saturating_sub(model.ring_held.load(Ordering::Acquire));
+            if room >= missing && model_room >= missing {
+                while taken.len() < count {
+                    match self.ring.try_acquire_shared(&model.ring_held, share) {
+                        Some(slot) => taken.push(slot),
+                        // Another model took it first: keep what we have, wait for the rest.
+                        None => break,
+                    }
+                }
+                if taken.len() == count {
+                    return Ok(taken);
+                }
+            }
+            tokio::time::timeout_at(deadline.into(), released)
+                .await
+                .map_err(|_| too_late())?;
+        }
+    }
+
+    /// Decodes the image into its ring slot on the decode pool.
+    async fn decode(
+        &self,
+        slot: SlotHandle,
         image: ImageInput,
         opts: DecodeOptions,
     ) -> Result<crate::pipeline::decode::DecodedImage, EngineError> {
-        let slot = match self.ring.try_acquire_shared(&model.ring_held, share) {
-            Some(slot) => slot,
-            None if self.ring.in_use() >= self.ring.slots() => return Err(EngineError::RingFull),
-            None => {
-                return Err(EngineError::RingShareFull {
-                    model: model.meta.id.clone(),
-                    limit: share,
-                })
-            }
-        };
         let (tx, rx) = oneshot::channel();
         self.pools.decode.spawn(move || {
             let result = match image {

@@ -18,7 +18,8 @@ use crate::model::backend::{Backend, FaultInjection, FaultyBackend};
 use crate::model::ort::{environment, BatchProfile, OrtBackend, SessionOptions};
 use crate::model::provider::Provider;
 use crate::model::repository::{self, ModelMetadata, RepositoryError, TaskType};
-use crate::pipeline::batcher::{self, BatchQueue, BatcherConfig, ModelRuntime};
+use crate::pipeline::batcher::{self, BatchQueue, BatcherConfig, InstancePolicy, ModelRuntime};
+use crate::pipeline::cores::CoreBudget;
 use crate::pipeline::Pools;
 use crate::tasks::{heads, DecoderHints, OutputDecoder};
 
@@ -29,7 +30,7 @@ pub struct LoadedModel {
     pub queue: BatchQueue,
     /// Largest batch the batcher forms for it.
     pub max_batch: usize,
-    /// Inference instances (sessions) serving it.
+    /// Most inference instances (sessions) serving it; `queue.instances()` run now.
     pub instances: usize,
     /// Intra-op threads of each instance's session.
     pub intra_threads: usize,
@@ -41,6 +42,10 @@ pub struct LoadedModel {
     pub ring_held: Arc<std::sync::atomic::AtomicUsize>,
     /// When a request last asked for it (a use counter, for MAX_ACTIVE_MODELS' LRU).
     pub last_used: std::sync::atomic::AtomicU64,
+    /// Its requests take their turn for ring slots here, in arrival order.
+    pub slot_line: tokio::sync::Mutex<()>,
+    /// Its requests in the server and the rate it answers them: the waiting room's prediction.
+    pub line: Arc<crate::engine::admission::Line>,
 }
 
 /// Why a model could not be served.
@@ -57,8 +62,12 @@ pub enum LoadError {
 pub struct LoadSettings {
     pub repository: PathBuf,
     pub ort_dylib: PathBuf,
-    /// Inference instances per model.
+    /// Most inference instances per model (one starts with the model, the rest on demand).
     pub instances: usize,
+    /// An instance beyond a model's last stops after this long without work.
+    pub instance_idle_timeout: std::time::Duration,
+    /// The cores every model's CPU inference runs share.
+    pub cores: Arc<CoreBudget>,
     /// Intra-op threads of the extra session that runs lone requests (1: none).
     pub lone_threads: usize,
     /// How each instance's session runs.
@@ -279,21 +288,19 @@ fn load(
         height: rh,
         width: rw,
     };
-    // The instances of one model share their pre-packed weights.
+    // The instances of one model share their pre-packed weights. One instance starts with
+    // the model; the rest start on demand (`InstancePolicy`).
     let prepacked = ort::session::builder::PrepackedWeights::new();
-    let mut backends: Vec<Box<dyn Backend>> = Vec::with_capacity(instances);
     let started = std::time::Instant::now();
-    for _ in 0..instances {
-        let backend = OrtBackend::load(
-            env,
-            &meta.weights,
-            &settings.session,
-            &prepacked,
-            Some(&profile),
-        )
-        .map_err(failed)?;
-        backends.push(Box::new(backend));
-    }
+    let first = OrtBackend::load(
+        env,
+        &meta.weights,
+        &settings.session,
+        &prepacked,
+        Some(&profile),
+    )
+    .map_err(failed)?;
+    let mut backends: Vec<Box<dyn Backend>> = vec![Box::new(first)];
     let provider = backends[0].provider().to_string();
     // One wide session for lone requests, on the CPU only (on a GPU the network does not use
     // the cores).
@@ -396,14 +403,57 @@ fn load(
         batch_sizes = ?warm_sizes,
         "sessions created and warmed up (TensorRT engines are built or loaded from the cache here)"
     );
-    if settings.faults.is_active() && settings.fault_model.as_ref().is_none_or(|m| *m == meta.id) {
-        let runs = Arc::default();
-        let faulty = |b: Box<dyn Backend>| {
-            Box::new(FaultyBackend::new(b, settings.faults, Arc::clone(&runs))) as Box<dyn Backend>
-        };
-        backends = backends.into_iter().map(faulty).collect();
-        lone = lone.map(faulty);
-    }
+    let faults = (settings.faults.is_active()
+        && settings.fault_model.as_ref().is_none_or(|m| *m == meta.id))
+    .then(|| (settings.faults, Arc::default()));
+    let faulty = {
+        let faults = faults.clone();
+        move |b: Box<dyn Backend>| match &faults {
+            Some((f, runs)) => {
+                Box::new(FaultyBackend::new(b, *f, Arc::clone(runs))) as Box<dyn Backend>
+            }
+            None => b,
+        }
+    };
+    backends = backends.into_iter().map(&faulty).collect();
+    lone = lone.map(&faulty);
+    // More instances of the same session settings, warmed up at the same batch sizes, made
+    // on the batcher's request on a thread of their own.
+    let factory: batcher::InstanceFactory = {
+        let weights = meta.weights.clone();
+        let session = settings.session.clone();
+        let prepacked = prepacked.clone();
+        let warm_sizes = warm_sizes.clone();
+        Arc::new(move || {
+            let mut b: Box<dyn Backend> = Box::new(OrtBackend::load(
+                env,
+                &weights,
+                &session,
+                &prepacked,
+                Some(&profile),
+            )?);
+            for &rows in &warm_sizes {
+                let zeros = b.alloc_batch(rows * spec.image_len());
+                b.run(&zeros, rows, spec.height, spec.width)
+                    .map_err(|e| format!("warm-up inference failed: {e}"))?;
+            }
+            Ok(faulty(b))
+        })
+    };
+    let on_cpu = provider == Provider::Cpu.ort_name();
+    let policy = InstancePolicy {
+        max: instances,
+        factory: (instances > 1).then_some(factory),
+        idle_timeout: settings.instance_idle_timeout,
+        cores: if on_cpu {
+            Arc::clone(&settings.cores)
+        } else {
+            // A GPU session does not compute on the cores.
+            Arc::new(CoreBudget::unlimited())
+        },
+        intra_threads: settings.session.intra_threads,
+        lone_threads: settings.lone_threads,
+    };
     let runtime = Arc::new(ModelRuntime {
         id: meta.id.clone(),
         spec,
@@ -421,6 +471,7 @@ fn load(
             ..settings.batcher
         },
         Arc::clone(pools),
+        policy,
     )
     .map_err(|e| failed(format!("cannot start the model's threads: {e}")))?;
     Ok(LoadedModel {
@@ -434,5 +485,7 @@ fn load(
         provider,
         ring_held: Arc::default(),
         last_used: Default::default(),
+        slot_line: Default::default(),
+        line: Arc::default(),
     })
 }

@@ -130,9 +130,11 @@ impl From<EngineError> for ApiError {
             EngineError::Download(e) => e.into(),
             EngineError::WrongTask { .. } => ApiError::bad_request(e.to_string()),
             EngineError::Decode(e) => e.into(),
-            EngineError::RingFull | EngineError::RingShareFull { .. } => {
-                ApiError::overloaded(e.to_string())
-            }
+            EngineError::WaitedPastDeadline { .. } => ApiError::overloaded(e.to_string()),
+            EngineError::Overloaded { retry_after, .. } => ApiError {
+                retry_after_s: Some(retry_after.as_secs().clamp(1, u32::MAX as u64) as u32),
+                ..ApiError::overloaded(e.to_string())
+            },
             EngineError::TooManyImages { .. } => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
             }

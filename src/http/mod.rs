@@ -41,9 +41,6 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Notified when shutdown begins: requests still waiting for their bodies give up.
     pub drain_started: tokio::sync::Notify,
-    /// Admission of inference requests (MAX_INFLIGHT_REQUESTS permits), taken once the body
-    /// has arrived.
-    pub inflight: Arc<tokio::sync::Semaphore>,
     /// Bytes of request bodies held at once (MAX_BODY_MEMORY_BYTES, in KiB permits), taken as
     /// the bytes arrive: a stalled body holds only what it sent.
     pub body_memory: Arc<tokio::sync::Semaphore>,

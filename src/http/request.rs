@@ -428,9 +428,36 @@ impl Default for LegacyOptions {
     }
 }
 
+/// The top-level `"model_id"` string of a JSON body, read from its first bytes without
+/// parsing the rest (so the waiting room can decide before the image is read). `None` when
+/// the prefix does not hold the whole value yet, or the value has escapes: the caller then
+/// decides after parsing.
+pub fn scan_model_id(prefix: &[u8]) -> Option<&str> {
+    const KEY: &[u8] = b"\"model_id\"";
+    let at = prefix.windows(KEY.len()).position(|w| w == KEY)?;
+    let rest = &prefix[at + KEY.len()..];
+    let rest = rest.trim_ascii_start().strip_prefix(b":")?;
+    let rest = rest.trim_ascii_start().strip_prefix(b"\"")?;
+    let end = rest.iter().position(|&b| b == b'"' || b == b'\\')?;
+    if rest[end] != b'"' {
+        return None;
+    }
+    std::str::from_utf8(&rest[..end]).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_model_id_is_read_from_the_first_bytes() {
+        let body = br#"{"api_key": "x", "model_id" : "coco/1", "image": {"type": "base64", "value": "/9j/4AAQ"#;
+        assert_eq!(scan_model_id(body), Some("coco/1"));
+        // Not all there yet, or escaped: decided after parsing.
+        assert_eq!(scan_model_id(br#"{"model_id": "coc"#), None);
+        assert_eq!(scan_model_id(br#"{"model_id": "co\u0063o/1"}"#), None);
+        assert_eq!(scan_model_id(br#"{"image": "abc"}"#), None);
+    }
 
     #[test]
     fn defaults_are_roboflows() {

@@ -79,9 +79,11 @@ pub struct ModelDescription {
     pub vram_bytes: Option<u64>,
     pub request_aliases: Vec<String>,
     pub request_paths: Vec<&'static str>,
-    /// cvserve's: the execution provider the model runs on, and its inference instances.
+    /// cvserve's: the execution provider the model runs on, its inference instances running
+    /// now, and how many may start on demand (INSTANCES_PER_MODEL).
     pub execution_provider: String,
     pub instances: usize,
+    pub max_instances: usize,
 }
 
 /// `ModelsDescriptions`, the answer of `/model/registry`, `/model/add`, `/model/remove`, `/model/clear`.
@@ -108,7 +110,8 @@ impl ModelsDescriptions {
                     request_aliases: vec![],
                     request_paths: vec![m.meta.task.route()],
                     execution_provider: m.provider.clone(),
-                    instances: m.instances,
+                    instances: m.queue.instances(),
+                    max_instances: m.instances,
                 })
                 .collect(),
             total_vram_bytes: None,

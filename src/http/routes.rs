@@ -19,6 +19,7 @@ use super::images::fetch_url;
 use super::request::{legacy_params, ImageSource, InferRequest};
 use super::response::{json, ImageSize, InferResponse, ModelsDescriptions, ResolvedModel};
 use super::{AppState, ConnectionClass};
+use crate::engine::admission::Ticket;
 use crate::engine::{Engine, ImageInput};
 use crate::metrics::METRICS;
 use crate::model::repository::TaskType;
@@ -48,6 +49,7 @@ pub async fn handle(
         request_id,
         model: None,
         route: None,
+        ticket: None,
     };
     // Every log line emitted while serving the request carries its id.
     let span = tracing::info_span!("request", request_id = %ctx.request_id);
@@ -103,6 +105,8 @@ struct RequestContext {
     model: Option<String>,
     /// The inference route, for inference requests.
     route: Option<&'static str>,
+    /// Its place in its model's line (the waiting room), once let in.
+    ticket: Option<Ticket>,
 }
 
 /// What a connection over MAX_CONNECTIONS may still ask (cheap, no body).
@@ -163,14 +167,36 @@ async fn route(
                 "The server is shutting down; send the request to another replica",
             ));
         }
-        // The deadline starts now and covers reading the body; admission (an in-flight
-        // permit) is taken once the body is in, so a stalled body never holds one.
-        let deadline = deadline(state, &req, Instant::now())?;
-        return match (task, legacy) {
-            (Some(task), _) => infer_json(state, req, task, deadline, ctx).await,
-            (None, Some(model_id)) => infer_legacy(state, req, model_id, deadline, ctx).await,
+        // The deadline starts now and covers reading the body and waiting for a turn.
+        let now = Instant::now();
+        let deadline = deadline(state, &req, now)?;
+        // Counted in (MAX_INFLIGHT_REQUESTS), then let in or refused as soon as the model is
+        // known (see `engine::admission`): a refused body is never buffered.
+        let Some(_presence) = state.engine.activity().enter() else {
+            METRICS.outcome("none", "rejected", "admission");
+            discard_body(state, req, deadline).await;
+            return Err(ApiError::overloaded(
+                "Server overloaded: MAX_INFLIGHT_REQUESTS inference requests are in the server; retry shortly",
+            ));
+        };
+        let answer = match (task, legacy) {
+            (Some(task), _) => infer_json(state, req, task, now, deadline, ctx).await,
+            (None, Some(model_id)) => match state.engine.admit(&model_id, now, deadline) {
+                Ok(ticket) => {
+                    ctx.ticket = ticket;
+                    infer_legacy(state, req, model_id, deadline, ctx).await
+                }
+                Err(e) => {
+                    discard_body(state, req, deadline).await;
+                    Err(e.into())
+                }
+            },
             (None, None) => unreachable!("checked above"),
         };
+        if let (Ok(_), Some(ticket)) = (&answer, ctx.ticket.as_mut()) {
+            ticket.served();
+        }
+        return answer;
     }
     match (&method, path.as_str()) {
         (&Method::GET, "/") => Ok(asset(INDEX_HTML, "text/html; charset=utf-8")),
@@ -244,7 +270,8 @@ fn info(state: &AppState) -> HttpResponse {
             serde_json::json!({
                 "model_id": m.meta.id,
                 "execution_provider": m.provider,
-                "instances": m.instances,
+                "instances": m.queue.instances(),
+                "max_instances": m.instances,
                 "intra_threads": m.intra_threads,
                 "lone_request_threads": m.lone_threads,
                 "max_batch_size": m.max_batch,
@@ -266,15 +293,18 @@ fn metrics(state: &AppState) -> HttpResponse {
     METRICS
         .ring_slots_in_use
         .set(state.engine.ring().in_use() as i64);
-    let limit = state.cfg.max_inflight_requests as i64;
     METRICS
         .inflight_requests
-        .set(limit - state.inflight.available_permits() as i64);
+        .set(state.engine.activity().in_server() as i64);
     for m in state.engine.models().list() {
         METRICS
             .queue_depth
             .with_label_values(&[&m.meta.id])
             .set(m.queue.depth() as i64);
+        METRICS
+            .model_instances
+            .with_label_values(&[&m.meta.id, &m.provider])
+            .set(m.queue.instances() as i64);
     }
     let mut resp = Response::new(Full::new(Bytes::from(METRICS.render())));
     resp.headers_mut().insert(
@@ -356,6 +386,7 @@ async fn read_body(
     limit: usize,
     setting: &'static str,
     deadline: Instant,
+    mut early: Option<&mut (dyn FnMut(&str) -> Result<(), ApiError> + Send)>,
 ) -> Result<(hyper::http::request::Parts, Body), ApiError> {
     let too_large = || {
         ApiError::new(
@@ -384,6 +415,8 @@ async fn read_body(
     if !refused {
         buf.reserve(declared.unwrap_or(0));
     }
+    // Refused by `early` (the waiting room) once it could tell from the first bytes.
+    let mut turned_away: Option<ApiError> = None;
     let read = async {
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
@@ -405,7 +438,22 @@ async fn read_body(
                 lease = BodyLease::default();
                 continue;
             }
+            let scanned = buf.len();
             buf.extend_from_slice(&data);
+            if let Some(check) = early.as_mut() {
+                if scanned < MODEL_ID_SCAN {
+                    let prefix = &buf[..buf.len().min(MODEL_ID_SCAN)];
+                    if let Some(id) = super::request::scan_model_id(prefix) {
+                        if let Err(e) = check(id) {
+                            turned_away = Some(e);
+                            refused = true;
+                            buf = bytes::BytesMut::new();
+                            lease = BodyLease::default();
+                        }
+                        early = None;
+                    }
+                }
+            }
         }
         Ok(())
     };
@@ -423,6 +471,9 @@ async fn read_body(
         },
         _ = drain => return Err(shutting_down()),
     }
+    if let Some(e) = turned_away {
+        return Err(e);
+    }
     if refused {
         return Err(body_memory_full());
     }
@@ -435,8 +486,41 @@ async fn read_body(
     ))
 }
 
+/// Bytes at the start of a JSON body searched for its `model_id`.
+const MODEL_ID_SCAN: usize = 64 << 10;
+
 /// Bytes of a body's declared length reserved before it is read.
 const BODY_UP_FRONT: usize = 1 << 20;
+
+/// Reads a refused request's body and drops it as it arrives (nothing is buffered), so the
+/// client, still sending, receives its answer instead of a reset connection. Gives up after
+/// MAX_BODY_BYTES or [`DISCARD_TIME`] (the connection is then closed after the answer).
+async fn discard_body(state: &AppState, req: Request<Incoming>, deadline: Instant) {
+    // A client waiting for `100 Continue` has not sent its body: nothing to read.
+    let expects_continue = req
+        .headers()
+        .get(hyper::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        return;
+    }
+    let limit = state.cfg.max_body_bytes;
+    let mut body = req.into_body();
+    let read = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > limit {
+                break;
+            }
+        }
+    };
+    let until = deadline.min(Instant::now() + DISCARD_TIME);
+    let _ = tokio::time::timeout_at(until.into(), read).await;
+}
+
+/// Longest a refused body is read (and dropped) before the answer goes out anyway.
+const DISCARD_TIME: Duration = Duration::from_secs(2);
 
 fn body_memory_full() -> ApiError {
     ApiError::overloaded(
@@ -451,24 +535,12 @@ fn shutting_down() -> ApiError {
     )
 }
 
-/// Admission of an inference request whose body has arrived: one of MAX_INFLIGHT_REQUESTS.
-fn admit(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-    Arc::clone(&state.inflight)
-        .try_acquire_owned()
-        .map_err(|_| {
-            METRICS.outcome("none", "rejected", "admission");
-            ApiError::overloaded(
-            "Server overloaded: too many requests in flight (MAX_INFLIGHT_REQUESTS); retry shortly",
-        )
-        })
-}
-
 /// An admin route's body (ADMIN_MAX_BODY_BYTES).
 async fn read_admin_body(state: &AppState, req: Request<Incoming>) -> Result<Body, ApiError> {
     let deadline = Instant::now() + Duration::from_secs_f64(state.cfg.request_timeout_s.max(0.0));
     let limit = state.cfg.admin_max_body_bytes;
     Ok(
-        read_body(state, req, limit, "ADMIN_MAX_BODY_BYTES", deadline)
+        read_body(state, req, limit, "ADMIN_MAX_BODY_BYTES", deadline, None)
             .await?
             .1,
     )
@@ -557,12 +629,21 @@ async fn infer_json(
     state: &Arc<AppState>,
     req: Request<Incoming>,
     task: TaskType,
+    arrived: Instant,
     deadline: Instant,
     ctx: &mut RequestContext,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let limit = state.cfg.max_body_bytes;
     let outer_key = query_api_key(&req);
+    // The waiting room decides as soon as the body's first bytes name the model; the rest of
+    // a refused body is read and dropped.
+    let mut admitted: Option<(String, Option<Ticket>)> = None;
+    let mut early = |id: &str| -> Result<(), ApiError> {
+        let ticket = state.engine.admit(id, arrived, deadline)?;
+        admitted = Some((id.to_owned(), ticket));
+        Ok(())
+    };
     // The body's lease is held until the answer: its parsed copies count under it.
     let (
         _,
@@ -570,8 +651,15 @@ async fn infer_json(
             bytes,
             lease: _lease,
         },
-    ) = read_body(state, req, limit, "MAX_BODY_BYTES", deadline).await?;
-    let _permit = admit(state)?;
+    ) = read_body(
+        state,
+        req,
+        limit,
+        "MAX_BODY_BYTES",
+        deadline,
+        Some(&mut early),
+    )
+    .await?;
     // A JSON body of megabytes (base64 images) is parsed on the CPU pool.
     let mut request = state
         .engine
@@ -579,6 +667,11 @@ async fn infer_json(
         .await??;
     request.api_key = outer_key.or(request.api_key.take());
     let model_id = request.model_id()?;
+    // Not named in the first bytes (or named otherwise than parsed): decided now.
+    match admitted {
+        Some((id, ticket)) if id == model_id => ctx.ticket = ticket,
+        _ => ctx.ticket = state.engine.admit(&model_id, arrived, deadline)?,
+    }
     let (images, is_list) = request.take_images()?;
     let inference_id = request.id.clone().unwrap_or_else(|| ctx.request_id.clone());
     let call = InferCall {
@@ -614,10 +707,10 @@ async fn infer_legacy(
     let query = req.uri().query().unwrap_or("").to_owned();
     let (mut request, opts) = legacy_params(&query)?;
     request.api_key = query_api_key(&req);
-    // The admission permit and the body's lease, held until the answer is ready.
+    // The body's lease, held until the answer is ready.
     let held;
     let source = if let Some(url) = opts.image_url.clone() {
-        held = (admit(state)?, None);
+        held = None;
         ImageSource::Url(url)
     } else {
         let content_type = req
@@ -630,8 +723,8 @@ async fn infer_legacy(
             })?;
         let limit = state.cfg.max_body_bytes;
         let (_, Body { bytes: body, lease }) =
-            read_body(state, req, limit, "MAX_BODY_BYTES", deadline).await?;
-        held = (admit(state)?, Some(lease));
+            read_body(state, req, limit, "MAX_BODY_BYTES", deadline, None).await?;
+        held = Some(lease);
         if content_type.starts_with("multipart/form-data") {
             // The body is in memory: parsing it never waits, so it runs on the CPU pool.
             let file = state

@@ -124,7 +124,7 @@ impl SessionOptions {
 }
 
 /// The batch range a TensorRT engine is built for (its optimisation profile).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BatchProfile {
     pub max_batch: usize,
     pub height: u32,

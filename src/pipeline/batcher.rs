@@ -8,16 +8,24 @@
 //! first job has waited `max_queue_delay`; while every instance is busy the batch keeps filling,
 //! never beyond `max_batch`. The count of free instances belongs to the batching thread alone:
 //! it goes down when a batch is handed over and up when an instance gives its tensor back, so
-//! it cannot drift. There are `instances + 1` tensors: one filling, one per running instance.
+//! it cannot drift. There is one tensor per instance plus the one filling.
+//!
+//! Instances on demand: a model starts with one instance. When a batch is ready, every
+//! instance is busy and a core of the shared budget is free, the batching thread has one more
+//! session created and warmed up on a thread of its own (off the request path), up to
+//! `InstancePolicy::max`; an instance beyond the first that gets no batch for
+//! `InstancePolicy::idle_timeout` stops and frees its session. The last one never stops, and
+//! waits without a timer: an idle model wakes no thread.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{after, bounded, never, select, Receiver, Sender, TrySendError};
+use crossbeam_channel::{after, bounded, never, select, unbounded, Receiver, Sender, TrySendError};
 use tokio::sync::oneshot;
 
-use super::instance::{Batch, Instance};
+use super::cores::CoreBudget;
+use super::instance::{Batch, Done, Instance, LoneBackend};
 use super::preprocess::preprocess_into;
 use super::{Job, JobResult, PipelineError, Pools};
 use crate::geometry::{Geometry, InputSpec};
@@ -31,6 +39,26 @@ pub struct BatcherConfig {
     pub max_batch: usize,
     pub max_queue_delay: Duration,
     pub max_queue_size: usize,
+}
+
+/// Creates one more inference session of a model, warmed up (it runs on a thread of its own).
+pub type InstanceFactory = Arc<dyn Fn() -> Result<Box<dyn Backend>, String> + Send + Sync>;
+
+/// How a model's instances come and go, and the cores they run on.
+#[derive(Clone)]
+pub struct InstancePolicy {
+    /// Most instances (INSTANCES_PER_MODEL).
+    pub max: usize,
+    /// Makes more instances; `None`: the instances the model started with are all it gets.
+    pub factory: Option<InstanceFactory>,
+    /// An instance beyond the last one stops after this long without a batch.
+    pub idle_timeout: Duration,
+    /// The cores every model's inference runs share.
+    pub cores: Arc<CoreBudget>,
+    /// Cores one run of an instance takes (its session's intra-op threads).
+    pub intra_threads: usize,
+    /// Cores one run of the wide session takes.
+    pub lone_threads: usize,
 }
 
 /// What the pipeline threads of a model share: how to feed it and read it.
@@ -58,25 +86,17 @@ pub enum SubmitError {
 /// once the queued work is done.
 pub struct BatchQueue {
     tx: Sender<Job>,
-    depth: Arc<AtomicUsize>,
+    /// Instances running now.
+    live: Arc<AtomicUsize>,
 }
 
 impl BatchQueue {
     /// Queues a job, or gives it back at once when the queue is full (never blocks).
     pub fn try_submit(&self, job: Job) -> Result<(), (SubmitError, Job)> {
-        // Counted before the send: the batching thread may take the job (and count it down)
-        // before `try_send` even returns.
-        self.depth.fetch_add(1, Ordering::Relaxed);
-        match self.tx.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.depth.fetch_sub(1, Ordering::Relaxed);
-                match e {
-                    TrySendError::Full(job) => Err((SubmitError::QueueFull, job)),
-                    TrySendError::Disconnected(job) => Err((SubmitError::Closed, job)),
-                }
-            }
-        }
+        self.tx.try_send(job).map_err(|e| match e {
+            TrySendError::Full(job) => (SubmitError::QueueFull, job),
+            TrySendError::Disconnected(job) => (SubmitError::Closed, job),
+        })
     }
 
     /// Most jobs the queue holds.
@@ -87,6 +107,11 @@ impl BatchQueue {
     /// Jobs waiting in the queue (the channel's own count: exact, never negative).
     pub fn depth(&self) -> usize {
         self.tx.len()
+    }
+
+    /// Inference instances running now.
+    pub fn instances(&self) -> usize {
+        self.live.load(Ordering::Acquire)
     }
 }
 
@@ -108,60 +133,64 @@ pub fn effective_max_batch(max_batch: usize, fixed_batch: Option<usize>) -> usiz
     }
 }
 
-/// Starts the batching thread of one model and one inference thread per back end (instance).
-/// `lone`: a wider session the instances share for lone batches (sent while every other
-/// instance is idle and nothing waits), so a single request gets every core.
+/// Starts the batching thread of one model and one inference thread per back end given
+/// (instance); more start on demand (see [`InstancePolicy`]). `lone`: a wider session the
+/// instances share for lone batches (sent while every other instance is idle and nothing
+/// waits), so a single request gets every core.
 pub fn start(
     runtime: Arc<ModelRuntime>,
     backends: Vec<Box<dyn Backend>>,
     lone: Option<Box<dyn Backend>>,
     cfg: BatcherConfig,
     pools: Arc<Pools>,
+    policy: InstancePolicy,
 ) -> std::io::Result<BatchQueue> {
-    let instances = backends.len().max(1);
+    let max_instances = policy.max.max(backends.len()).max(1);
     let max_batch = effective_max_batch(cfg.max_batch, runtime.fixed_batch);
     let rows = runtime.fixed_batch.unwrap_or(max_batch).max(max_batch);
     let (tx, rx) = bounded::<Job>(cfg.max_queue_size);
-    // A batch is only sent when an instance is free, so `instances` places never fill up.
-    let (work_tx, work_rx) = bounded::<Batch>(instances);
-    let (done_tx, done_rx) = bounded::<BatchBuffer>(instances + 1);
-    let depth = Arc::new(AtomicUsize::new(0));
-    // In the memory the back end reads fastest (pinned for a GPU).
-    let tensors = match backends.first() {
-        Some(b) => (0..=instances)
-            .map(|_| b.alloc_batch(rows * runtime.spec.image_len()))
-            .collect(),
-        None => Vec::new(),
-    };
-    let lone = lone.map(|b| Arc::new(parking_lot::Mutex::new(b)));
-    for (index, backend) in backends.into_iter().enumerate() {
-        Instance {
-            index,
-            runtime: Arc::clone(&runtime),
-            backend,
-            lone: lone.clone(),
-            pools: Arc::clone(&pools),
-            work: work_rx.clone(),
-            done: done_tx.clone(),
-        }
-        .spawn()?;
-    }
-    let batcher = Batcher {
-        tensors,
-        free_instances: instances,
-        instances,
+    // A batch is only sent when an instance is free, so `max_instances` places never fill up.
+    let (work_tx, work_rx) = bounded::<Batch>(max_instances);
+    let (done_tx, done_rx) = unbounded::<Done>();
+    let (grown_tx, grown_rx) = unbounded();
+    let live = Arc::new(AtomicUsize::new(0));
+    let mut batcher = Batcher {
         runtime: Arc::clone(&runtime),
         cfg: BatcherConfig { max_batch, ..cfg },
         pools,
         rx,
         work_tx,
+        work_rx,
+        done_tx,
         done_rx,
-        depth: Arc::clone(&depth),
+        grown_tx,
+        grown_rx,
+        free_instances: 0,
+        instances: 0,
+        tensors: Vec::new(),
+        rows,
+        lone: lone.map(|b| Arc::new(parking_lot::Mutex::new(b))),
+        live: Arc::clone(&live),
+        policy: InstancePolicy {
+            max: max_instances,
+            ..policy
+        },
+        next_index: 0,
+        starting: false,
     };
+    // The tensor that fills while every instance runs, in the memory the back end reads
+    // fastest (pinned for a GPU), like each instance's own.
+    let filling = backends
+        .first()
+        .map(|b| b.alloc_batch(rows * runtime.spec.image_len()));
+    for backend in backends {
+        batcher.add_instance(backend)?;
+    }
+    batcher.tensors.extend(filling);
     std::thread::Builder::new()
         .name(format!("batcher-{}", runtime.id))
         .spawn(move || batcher.run())?;
-    Ok(BatchQueue { tx, depth })
+    Ok(BatchQueue { tx, live })
 }
 
 /// The batching thread's state; it alone owns the free-instance count and the idle tensors.
@@ -171,11 +200,27 @@ struct Batcher {
     pools: Arc<Pools>,
     rx: Receiver<Job>,
     work_tx: Sender<Batch>,
-    done_rx: Receiver<BatchBuffer>,
-    depth: Arc<AtomicUsize>,
-    free_instances: usize,
+    /// Handed to each new instance.
+    work_rx: Receiver<Batch>,
+    done_tx: Sender<Done>,
+    done_rx: Receiver<Done>,
+    /// Sessions created on demand arrive here.
+    grown_tx: Sender<Result<Box<dyn Backend>, String>>,
+    grown_rx: Receiver<Result<Box<dyn Backend>, String>>,
+    /// Instances not running a batch, as this thread counts them. It may dip below zero for a
+    /// moment: an instance that stops is counted out when its word arrives, possibly after a
+    /// batch was handed to the channel that another instance then takes.
+    free_instances: isize,
     instances: usize,
     tensors: Vec<BatchBuffer>,
+    /// Rows of each batch tensor.
+    rows: usize,
+    lone: Option<LoneBackend>,
+    live: Arc<AtomicUsize>,
+    policy: InstancePolicy,
+    next_index: usize,
+    /// A session is being created.
+    starting: bool,
 }
 
 /// What ended the filling of a batch besides it being full.
@@ -186,18 +231,114 @@ enum Fill {
 }
 
 impl Batcher {
-    /// An instance finished a batch and gave its tensor back.
-    fn instance_done(&mut self, tensor: BatchBuffer) {
+    /// Starts an instance's thread on `backend`, with a tensor of its own.
+    fn add_instance(&mut self, backend: Box<dyn Backend>) -> std::io::Result<()> {
+        let tensor = backend.alloc_batch(self.rows * self.runtime.spec.image_len());
+        // Counted before the thread starts, so it never sees itself as the last one wrongly.
+        self.live.fetch_add(1, Ordering::AcqRel);
+        let spawned = Instance {
+            index: self.next_index,
+            runtime: Arc::clone(&self.runtime),
+            backend,
+            lone: self.lone.clone(),
+            pools: Arc::clone(&self.pools),
+            work: self.work_rx.clone(),
+            done: self.done_tx.clone(),
+            live: Arc::clone(&self.live),
+            policy: self.policy.clone(),
+        }
+        .spawn();
+        if let Err(e) = spawned {
+            self.live.fetch_sub(1, Ordering::AcqRel);
+            return Err(e);
+        }
+        self.next_index += 1;
+        self.instances += 1;
         self.free_instances += 1;
         self.tensors.push(tensor);
+        Ok(())
+    }
+
+    /// A word from an instance: it finished a batch (and gave its tensor back) or stopped.
+    fn instance_done(&mut self, done: Done) {
+        match done {
+            Done::Free(tensor) => {
+                self.free_instances += 1;
+                self.tensors.push(tensor);
+            }
+            Done::Retired => {
+                self.free_instances -= 1;
+                self.instances -= 1;
+            }
+        }
+        // One tensor per instance and the filling one; the rest of a shrunk group is freed.
+        while self.tensors.len() > self.instances + 1 {
+            self.tensors.pop();
+        }
+    }
+
+    /// A session created on demand is ready (or failed to start).
+    fn grown(&mut self, backend: Result<Box<dyn Backend>, String>) {
+        self.starting = false;
+        let runtime = Arc::clone(&self.runtime);
+        let model = runtime.id.as_str();
+        match backend
+            .map_err(|e| e.to_string())
+            .and_then(|b| self.add_instance(b).map_err(|e| e.to_string()))
+        {
+            Ok(()) => {
+                METRICS.instances_started.with_label_values(&[model]).inc();
+                tracing::info!(
+                    model,
+                    instances = self.instances,
+                    "inference instance started: its queue waited while every instance was busy"
+                );
+            }
+            Err(e) => {
+                tracing::error!(model, error = %e, "could not start one more inference instance")
+            }
+        }
+    }
+
+    /// Every instance busy with work waiting: start one more when the policy allows it and a
+    /// core of the shared budget is idle (otherwise another instance would only wait for it).
+    fn maybe_grow(&mut self) {
+        let Some(factory) = &self.policy.factory else {
+            return;
+        };
+        if self.starting
+            || self.free_instances > 0
+            || self.instances >= self.policy.max
+            || self.policy.cores.available()
+                < self.policy.intra_threads.min(self.policy.cores.total())
+        {
+            return;
+        }
+        self.starting = true;
+        let factory = Arc::clone(factory);
+        let tx = self.grown_tx.clone();
+        let started = std::thread::Builder::new()
+            .name(format!("start-{}", self.runtime.id))
+            .spawn(move || {
+                let backend = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory()))
+                    .unwrap_or_else(|_| Err("creating the session panicked".into()));
+                let _ = tx.send(backend);
+            });
+        if started.is_err() {
+            self.starting = false;
+        }
     }
 
     /// Blocks until an instance is free; `false` if none will ever be.
     fn wait_for_instance(&mut self) -> bool {
-        while self.free_instances == 0 {
-            match self.done_rx.recv() {
-                Ok(t) => self.instance_done(t),
-                Err(_) => return false,
+        while self.free_instances <= 0 {
+            self.maybe_grow();
+            select! {
+                recv(self.done_rx) -> msg => match msg {
+                    Ok(d) => self.instance_done(d),
+                    Err(_) => return false,
+                },
+                recv(self.grown_rx) -> msg => if let Ok(b) = msg { self.grown(b) },
             }
         }
         true
@@ -213,19 +354,22 @@ impl Batcher {
                         Err(_) => return,
                     },
                     recv(self.done_rx) -> msg => match msg {
-                        Ok(t) => self.instance_done(t),
+                        Ok(d) => self.instance_done(d),
                         Err(_) => return,
                     },
+                    recv(self.grown_rx) -> msg => if let Ok(b) = msg { self.grown(b) },
                 }
             };
-            self.depth.fetch_sub(1, Ordering::Relaxed);
             let mut tensor = loop {
                 if let Some(t) = self.tensors.pop() {
                     break t;
                 }
-                match self.done_rx.recv() {
-                    Ok(t) => self.instance_done(t),
-                    Err(_) => return,
+                select! {
+                    recv(self.done_rx) -> msg => match msg {
+                        Ok(d) => self.instance_done(d),
+                        Err(_) => return,
+                    },
+                    recv(self.grown_rx) -> msg => if let Ok(b) = msg { self.grown(b) },
                 }
             };
             let (jobs, fill) = self.fill(first, &mut tensor);
@@ -236,8 +380,8 @@ impl Batcher {
                 if !self.wait_for_instance() {
                     return;
                 }
-                // Alone: every other instance idle and nobody waiting.
-                let lone = self.free_instances == self.instances && self.rx.is_empty();
+                // Alone: every other instance idle and nothing waiting.
+                let lone = self.free_instances == self.instances as isize && self.rx.is_empty();
                 self.free_instances -= 1;
                 if self.work_tx.send(Batch { tensor, jobs, lone }).is_err() {
                     return;
@@ -248,7 +392,6 @@ impl Batcher {
             }
         }
     }
-
     /// Fills one batch, starting with `first`: each admitted job is preprocessed into its row
     /// of `tensor` on the preprocess pool while more jobs are awaited.
     fn fill(&mut self, first: Job, tensor: &mut [f32]) -> (Vec<PreparedJob>, Fill) {
@@ -332,6 +475,9 @@ impl Batcher {
                     }
                     // An instance is free: wait only until the first job's delay runs out.
                     // Every instance busy: keep growing the batch until one is free.
+                    if self.free_instances <= 0 {
+                        self.maybe_grow();
+                    }
                     let timer = if self.free_instances > 0 {
                         after(deadline - now)
                     } else {
@@ -339,16 +485,14 @@ impl Batcher {
                     };
                     select! {
                         recv(self.rx) -> msg => match msg {
-                            Ok(job) => {
-                                self.depth.fetch_sub(1, Ordering::Relaxed);
-                                admit(job, &mut jobs);
-                            }
+                            Ok(job) => admit(job, &mut jobs),
                             Err(_) => { fill = Fill::Closed; break; }
                         },
                         recv(self.done_rx) -> msg => match msg {
-                            Ok(t) => self.instance_done(t),
+                            Ok(d) => self.instance_done(d),
                             Err(_) => { fill = Fill::Closed; break; }
                         },
+                        recv(self.grown_rx) -> msg => if let Ok(b) = msg { self.grown(b) },
                         recv(timer) -> _ => {}
                     }
                 }
@@ -374,6 +518,7 @@ mod tests {
     use crate::pipeline::ring::Ring;
     use crate::tasks::classification::{ClassificationOutput, ClassificationParams};
     use crate::tasks::TaskOutput;
+    use std::sync::atomic::AtomicUsize;
 
     const SIDE: u32 = 4;
 
@@ -430,7 +575,13 @@ mod tests {
     const LONE: usize = 99;
 
     fn harness(instances: usize, gated: bool, max_batch: usize, delay: Duration) -> Harness {
-        harness_with_lone(instances, gated, max_batch, delay, false)
+        harness_with(Setup {
+            instances,
+            gated,
+            max_batch,
+            delay,
+            ..Setup::default()
+        })
     }
 
     fn harness_with_lone(
@@ -440,9 +591,47 @@ mod tests {
         delay: Duration,
         with_lone: bool,
     ) -> Harness {
+        harness_with(Setup {
+            instances,
+            gated,
+            max_batch,
+            delay,
+            with_lone,
+            ..Setup::default()
+        })
+    }
+
+    /// How a test's model is set up.
+    struct Setup {
+        instances: usize,
+        gated: bool,
+        max_batch: usize,
+        delay: Duration,
+        with_lone: bool,
+        /// Instances on demand: (most, idle timeout).
+        on_demand: Option<(usize, Duration)>,
+        cores: usize,
+    }
+
+    impl Default for Setup {
+        fn default() -> Self {
+            Self {
+                instances: 1,
+                gated: false,
+                max_batch: 1,
+                delay: Duration::from_millis(1),
+                with_lone: false,
+                on_demand: None,
+                cores: 8,
+            }
+        }
+    }
+
+    fn harness_with(setup: Setup) -> Harness {
         let (runs_tx, runs) = unbounded();
         let (gate, gate_rx) = unbounded();
-        let fake = |index: usize| {
+        let gated = setup.gated;
+        let fake = move |index: usize| {
             Box::new(FakeBackend {
                 index,
                 input: NetworkInput {
@@ -454,8 +643,12 @@ mod tests {
                 gate: gated.then(|| gate_rx.clone()),
             }) as Box<dyn Backend>
         };
-        let lone = with_lone.then(|| fake(LONE));
-        let backends = (0..instances).map(fake).collect();
+        let lone = setup.with_lone.then(|| fake(LONE));
+        let backends = (0..setup.instances).map(&fake).collect();
+        let made = Arc::new(AtomicUsize::new(setup.instances));
+        let factory: Option<InstanceFactory> = setup.on_demand.map(|_| {
+            Arc::new(move || Ok(fake(made.fetch_add(1, Ordering::SeqCst)))) as InstanceFactory
+        });
         let runtime = Arc::new(ModelRuntime {
             id: "test/1".into(),
             spec: InputSpec {
@@ -472,12 +665,23 @@ mod tests {
             fixed_batch: None,
         });
         let cfg = BatcherConfig {
-            max_batch,
-            max_queue_delay: delay,
+            max_batch: setup.max_batch,
+            max_queue_delay: setup.delay,
             max_queue_size: 64,
         };
         let pools = Arc::new(Pools::new(1, 1, 1).unwrap());
-        let queue = start(runtime, backends, lone, cfg, pools).unwrap();
+        let (max, idle_timeout) = setup
+            .on_demand
+            .unwrap_or((setup.instances, Duration::from_secs(600)));
+        let policy = InstancePolicy {
+            max,
+            factory,
+            idle_timeout,
+            cores: Arc::new(CoreBudget::new(setup.cores)),
+            intra_threads: 1,
+            lone_threads: 2,
+        };
+        let queue = start(runtime, backends, lone, cfg, pools, policy).unwrap();
         let ring = Ring::create(&std::env::temp_dir(), 16, (SIDE * SIDE * 3) as usize).unwrap();
         Harness {
             queue,
@@ -623,4 +827,69 @@ mod tests {
     }
 
     const LONE_WAIT: Duration = Duration::from_secs(10);
+
+    /// Waits until `queue.instances()` is `n`.
+    fn instances_become(h: &Harness, n: usize) -> bool {
+        let until = Instant::now() + LONG;
+        while Instant::now() < until {
+            if h.queue.instances() == n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    #[test]
+    fn instances_start_while_work_waits_and_every_instance_is_busy_then_stop_when_idle() {
+        let h = harness_with(Setup {
+            gated: true,
+            on_demand: Some((3, Duration::from_millis(300))),
+            ..Setup::default()
+        });
+        assert_eq!(h.queue.instances(), 1);
+        let answers: Vec<_> = (0..4).map(|_| h.submit(true)).collect();
+        // The first instance is busy and work waits: more start, up to the most allowed.
+        let mut busy = HashSet::new();
+        for _ in 0..3 {
+            busy.insert(h.next_run(LONG).expect("a run").0);
+        }
+        assert_eq!(busy, HashSet::from([0, 1, 2]));
+        assert_eq!(h.queue.instances(), 3);
+        for _ in 0..4 {
+            h.gate.send(()).unwrap();
+        }
+        for answer in answers {
+            assert_eq!(top(answer), "a");
+        }
+        // Idle: the extra instances stop; the last one stays, and still serves.
+        assert!(instances_become(&h, 1), "{} instances", h.queue.instances());
+        std::thread::sleep(Duration::from_millis(700));
+        assert_eq!(h.queue.instances(), 1);
+        let answer = h.submit(false);
+        h.gate.send(()).unwrap();
+        assert!(h.next_run(LONG).is_some());
+        assert_eq!(top(answer), "b");
+    }
+
+    #[test]
+    fn no_instance_starts_when_every_core_of_the_budget_is_taken() {
+        // One core: the busy instance holds it, so another instance could only wait for it.
+        let h = harness_with(Setup {
+            gated: true,
+            on_demand: Some((3, Duration::from_secs(60))),
+            cores: 1,
+            ..Setup::default()
+        });
+        let answers: Vec<_> = (0..3).map(|_| h.submit(true)).collect();
+        assert_eq!(h.next_run(LONG), Some((0, 1)));
+        assert_eq!(h.next_run(Duration::from_millis(300)), None);
+        assert_eq!(h.queue.instances(), 1);
+        for _ in 0..3 {
+            h.gate.send(()).unwrap();
+        }
+        for answer in answers {
+            assert_eq!(top(answer), "a");
+        }
+    }
 }

@@ -1,17 +1,20 @@
 //! Inference instances (Triton's instance group): each is a thread with its own back end (an
 //! ONNX Runtime session). Every instance of a model takes batches from the same channel, so a
 //! batch goes to whichever is free; the instance answers the jobs that can no longer be
-//! served, runs the batch, gives the tensor back to the batcher (which counts it free again)
-//! and hands the outputs to the postprocess pool.
+//! served, takes its cores from the budget every model shares, runs the batch, gives the
+//! tensor back to the batcher (which counts it free again) and hands the outputs to the
+//! postprocess pool. An instance that is not the model's last stops after its idle timeout.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use super::batcher::{ModelRuntime, PreparedJob};
+use super::batcher::{InstancePolicy, ModelRuntime, PreparedJob};
 use super::{postprocess, PipelineError, Pools};
 use crate::metrics::METRICS;
 use crate::model::backend::{Backend, BackendError, BatchBuffer};
@@ -23,6 +26,14 @@ pub struct Batch {
     /// Sent while every other instance was idle and nothing waited: it may run on the
     /// model's wide session.
     pub lone: bool,
+}
+
+/// What an instance tells the batcher.
+pub enum Done {
+    /// It finished a batch: free again, and here is the tensor back.
+    Free(BatchBuffer),
+    /// It stopped after its idle timeout (its session is freed).
+    Retired,
 }
 
 /// The wide session of a model, shared by its instances for lone batches.
@@ -37,7 +48,10 @@ pub(super) struct Instance {
     pub lone: Option<LoneBackend>,
     pub pools: Arc<Pools>,
     pub work: Receiver<Batch>,
-    pub done: Sender<BatchBuffer>,
+    pub done: Sender<Done>,
+    /// Instances of the model running now (this one included).
+    pub live: Arc<AtomicUsize>,
+    pub policy: InstancePolicy,
 }
 
 impl Instance {
@@ -57,14 +71,48 @@ fn answer(job: &mut PreparedJob, error: PipelineError) {
 }
 
 impl Instance {
+    /// The next batch; `None` when the model is unloaded or this instance stops: idle for the
+    /// policy's timeout while another instance of the model still runs. The last instance
+    /// waits without a timer.
+    fn next_batch(&self) -> Option<Batch> {
+        loop {
+            if self.live.load(Ordering::Acquire) <= 1 {
+                return self.work.recv().ok();
+            }
+            match self.work.recv_timeout(self.policy.idle_timeout) {
+                Ok(batch) => return Some(batch),
+                Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) => {
+                    let last = self
+                        .live
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                            (n > 1).then(|| n - 1)
+                        })
+                        .is_err();
+                    if !last {
+                        let model = self.runtime.id.as_str();
+                        METRICS.instances_stopped.with_label_values(&[model]).inc();
+                        tracing::info!(
+                            model,
+                            instance = self.index,
+                            "inference instance stopped: idle (INSTANCE_IDLE_TIMEOUT_S)"
+                        );
+                        let _ = self.done.send(Done::Retired);
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
     fn run(mut self) {
         let spec = self.runtime.spec;
         let label = self.index.to_string();
-        while let Ok(Batch {
+        while let Some(Batch {
             tensor,
             mut jobs,
             lone,
-        }) = self.work.recv()
+        }) = self.next_batch()
         {
             let model = self.runtime.id.as_str();
             // Preprocessing failures are answered now; their rows are ignored.
@@ -97,6 +145,16 @@ impl Instance {
                     (Some(l), true) => l.try_lock(),
                     _ => None,
                 };
+                // Its cores first: the wide session only when they are all idle.
+                let cores = &self.policy.cores;
+                let wide_cores = wide
+                    .is_some()
+                    .then(|| cores.try_acquire(self.policy.lone_threads))
+                    .flatten();
+                if wide_cores.is_none() {
+                    wide = None;
+                }
+                let _cores = wide_cores.unwrap_or_else(|| cores.acquire(self.policy.intra_threads));
                 let backend: &mut Box<dyn Backend> = match wide.as_deref_mut() {
                     Some(w) => w,
                     None => &mut self.backend,
@@ -123,7 +181,7 @@ impl Instance {
                 None // every client went away: skipped before inference
             };
             // Free again: the batcher may hand this instance the next batch at once.
-            if self.done.send(tensor).is_err() {
+            if self.done.send(Done::Free(tensor)).is_err() {
                 return;
             }
             match result {

@@ -5,6 +5,7 @@
 //! pixels. Knows tensors and jobs; not HTTP, not model files.
 
 pub mod batcher;
+pub mod cores;
 pub mod decode;
 pub mod instance;
 pub mod postprocess;

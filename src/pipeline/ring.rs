@@ -23,6 +23,8 @@ pub struct Ring {
     free: ArrayQueue<u32>,
     in_use: AtomicUsize,
     path: PathBuf,
+    /// Woken whenever a slot comes back: requests waiting for one try again.
+    released: tokio::sync::Notify,
 }
 
 // SAFETY: the mapping is only written through a `SlotHandle`, and each slot index is owned by
@@ -111,6 +113,7 @@ impl Ring {
             free,
             in_use: AtomicUsize::new(0),
             path,
+            released: tokio::sync::Notify::new(),
         }))
     }
 
@@ -173,6 +176,13 @@ impl Ring {
         self.in_use.fetch_sub(1, Ordering::Relaxed);
         // Only indices handed out by `try_acquire` come back, so the queue has room.
         let _ = self.free.push(index);
+        self.released.notify_waiters();
+    }
+
+    /// Notified whenever a slot comes back (register with `notified()` before trying, so a
+    /// slot freed in between is not missed).
+    pub fn released(&self) -> &tokio::sync::Notify {
+        &self.released
     }
 }
 

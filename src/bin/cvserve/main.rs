@@ -9,8 +9,9 @@ use clap::{Parser, Subcommand};
 use bench::BenchConfig;
 use cvserve::config::ServeConfig;
 
-/// mimalloc returns freed memory to the OS shortly after a burst (glibc's malloc keeps most
-/// of it: RSS stayed at the burst's peak), and is fast with many threads.
+/// mimalloc: fast with many threads, and with its default purge delay it keeps freed pages
+/// for reuse while the server is busy (no page faults per request). Memory goes back to the
+/// OS once the server is idle (`cvserve::memory`).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -37,7 +38,6 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     raise_fd_limit();
-    return_memory_after_bursts();
     let (name, result) = match cli.command {
         Some(Command::Bench(bench)) => {
             init_logging("text");
@@ -82,28 +82,6 @@ fn init_logging(format: &str) {
 
 /// Each connection is a file descriptor: lift the soft limit to the hard one, so a thousand
 /// concurrent clients do not run into the usual default of 1024.
-/// mimalloc's `purge_delay` option (index in its option enum, mimalloc v3).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Memory freed after a burst goes back to the OS instead of staying resident:
-/// - Rust allocations (mimalloc): purge freed pages at once. Its default, a 1 s delay,
-///   only takes effect when the freeing thread allocates again, so the idle pool threads
-///   of a finished burst kept their pages.
-/// - ONNX Runtime's allocations (glibc malloc): a fixed 1 MiB mmap threshold (glibc raises
-///   it to 32 MiB as large blocks are freed, after which they stay in the heap) and a 4 MiB
-///   trim threshold.
-///
-/// Measured with `scripts/rss_after_burst.py` (coco/1, 16 clients, 12-megapixel PNGs): heap
-/// RSS 30 s after the burst 268 MiB without these settings, 126 MiB with them (idle 89 MiB).
-fn return_memory_after_bursts() {
-    // SAFETY: option setters of the two allocators, called before any other thread starts.
-    unsafe {
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
-    }
-}
-
 fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

@@ -1,0 +1,139 @@
+//! Memory between bursts. On the request path the allocators keep what they freed, so the
+//! next request reuses it instead of faulting fresh pages in (glibc's dynamic mmap threshold
+//! for ONNX Runtime's buffers, mimalloc's default purge delay for ours). Once the server has
+//! been quiet for a while, [`IdleTrimmer`] hands free memory back to the OS, once: the cost
+//! of returning memory is paid when nobody waits, never per inference.
+//!
+//! The trimmer's thread sleeps on a condition variable while the server is busy or already
+//! trimmed: an idle server wakes no thread.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+/// What the trimmer's thread waits on.
+#[derive(Default)]
+struct Quiet {
+    /// The server has no request in it.
+    quiet: bool,
+    /// Work ran since the last trim.
+    dirty: bool,
+    /// Bumped on every change, so a wait can tell that something happened.
+    generation: u64,
+}
+
+/// Returns free memory to the OS once the server has been idle for `after`.
+#[derive(Clone)]
+pub struct IdleTrimmer {
+    shared: Arc<(Mutex<Quiet>, Condvar)>,
+}
+
+impl IdleTrimmer {
+    /// Starts the trimmer's thread; `trim` does the returning (it runs on that thread).
+    pub fn start(after: Duration, trim: impl Fn() + Send + 'static) -> std::io::Result<Self> {
+        let shared: Arc<(Mutex<Quiet>, Condvar)> = Arc::default();
+        let theirs = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("memory-trim".into())
+            .spawn(move || run(&theirs, after, trim))?;
+        Ok(Self { shared })
+    }
+
+    /// The server has work: a trim pending is called off.
+    pub fn busy(&self) {
+        let (lock, cond) = &*self.shared;
+        let mut q = lock.lock();
+        q.quiet = false;
+        q.dirty = true;
+        q.generation += 1;
+        cond.notify_one();
+    }
+
+    /// The server has no request any more: trim after the idle time unless work comes.
+    pub fn quiet(&self) {
+        let (lock, cond) = &*self.shared;
+        let mut q = lock.lock();
+        q.quiet = true;
+        q.generation += 1;
+        cond.notify_one();
+    }
+}
+
+fn run(shared: &(Mutex<Quiet>, Condvar), after: Duration, trim: impl Fn()) {
+    let (lock, cond) = shared;
+    let mut q = lock.lock();
+    loop {
+        // Blocks with no timeout until there is something to trim and the server is quiet.
+        while !(q.quiet && q.dirty) {
+            cond.wait(&mut q);
+        }
+        let seen = q.generation;
+        let until = std::time::Instant::now() + after;
+        while q.generation == seen && !cond.wait_until(&mut q, until).timed_out() {}
+        if q.generation != seen {
+            continue; // work came (or went again): wait for the next quiet moment
+        }
+        q.dirty = false;
+        drop(q);
+        let started = std::time::Instant::now();
+        trim();
+        crate::metrics::METRICS.memory_trims.inc();
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "idle: freed memory returned to the OS"
+        );
+        q = lock.lock();
+    }
+}
+
+/// Returns the free memory of the calling thread's mimalloc heap and of glibc's heaps (which
+/// ONNX Runtime allocates from) to the OS.
+pub fn return_free_memory() {
+    // SAFETY: both are thread-safe calls of the allocators with no arguments to uphold.
+    unsafe {
+        libmimalloc_sys::mi_collect(true);
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn counting(after: Duration) -> (IdleTrimmer, Arc<AtomicUsize>) {
+        let trims = Arc::new(AtomicUsize::new(0));
+        let t = Arc::clone(&trims);
+        let trimmer = IdleTrimmer::start(after, move || {
+            t.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+        (trimmer, trims)
+    }
+
+    #[test]
+    fn trims_once_after_a_quiet_period_and_not_while_busy() {
+        let (t, trims) = counting(Duration::from_millis(100));
+        // Nothing ran yet: nothing to trim.
+        t.quiet();
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(trims.load(Ordering::SeqCst), 0);
+        // Busy, quiet for less than the period, busy again: no trim.
+        t.busy();
+        t.quiet();
+        std::thread::sleep(Duration::from_millis(30));
+        t.busy();
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(trims.load(Ordering::SeqCst), 0);
+        // Quiet for longer: exactly one trim, however long it stays quiet.
+        t.quiet();
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(trims.load(Ordering::SeqCst), 1);
+        // The next burst earns the next trim.
+        t.busy();
+        t.quiet();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(trims.load(Ordering::SeqCst), 2);
+    }
+}
