@@ -87,6 +87,32 @@ fn run(shared: &(Mutex<Quiet>, Condvar), after: Duration, trim: impl Fn()) {
     }
 }
 
+/// glibc's malloc (ONNX Runtime's buffers) keeps what it frees for reuse: blocks up to
+/// [`MMAP_THRESHOLD`] come from its heaps instead of a fresh `mmap` each, and free memory at
+/// the top of a heap is not given back on every `free` (that happens in [`IdleTrimmer`]'s
+/// `malloc_trim`). Both settings are fixed rather than glibc's dynamic ones, which start at
+/// 128 KiB and trim the top of the heap on every free past twice the threshold: activations
+/// of a few MiB were then faulted in again on every inference. And one arena for every
+/// thread: glibc gives each thread's arena heaps of at most 64 MiB and unmaps a heap as soon
+/// as it is wholly free, so a model whose run needs more than one heap (shapes-seg/1) mapped
+/// and faulted a fresh one on every inference; the main arena grows without that limit.
+/// ONNX Runtime allocates a few hundred blocks per run: one lock is no contention. Call
+/// before other threads start.
+pub fn keep_freed_memory_for_reuse() {
+    // SAFETY: option setters of glibc's malloc, called before any other thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD as libc::c_int);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// Largest block glibc serves from its heaps (its maximum on 64-bit): larger ones are
+/// mapped and unmapped each time.
+pub const MMAP_THRESHOLD: usize = 32 << 20;
+/// Free memory at the top of a glibc heap before a `free` gives it back on its own.
+pub const TRIM_THRESHOLD: usize = 1 << 30;
+
 /// Returns the free memory of the calling thread's mimalloc heap and of glibc's heaps (which
 /// ONNX Runtime allocates from) to the OS.
 pub fn return_free_memory() {

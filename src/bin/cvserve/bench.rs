@@ -102,6 +102,10 @@ pub struct BenchReport {
     pub requests_per_second: f64,
     /// Latency of 200 answers, milliseconds.
     pub latency_ms: Percentiles,
+    /// Latency of overload answers (429 and 503), milliseconds: how fast a refusal comes.
+    pub refused_latency_ms: Percentiles,
+    /// Overload answers that carried a Retry-After header.
+    pub refused_with_retry_after: usize,
     /// Answers by HTTP status; `transport` counts connection errors and timeouts.
     pub by_status: std::collections::BTreeMap<String, usize>,
     pub error_rate: f64,
@@ -150,14 +154,14 @@ struct Target {
 impl Target {
     /// Sends body `i % n`; returns (status or 0 for transport errors, latency), and waits out
     /// a Retry-After when asked to.
-    async fn send(&self, i: usize) -> (u16, Duration) {
+    async fn send(&self, i: usize) -> (u16, Duration, bool) {
         let (status, latency, retry_after) = self.send_once(i).await;
         if self.respect_retry_after {
             if let Some(wait) = retry_after {
                 tokio::time::sleep(wait).await;
             }
         }
-        (status, latency)
+        (status, latency, retry_after.is_some())
     }
 
     async fn send_once(&self, i: usize) -> (u16, Duration, Option<Duration>) {
@@ -319,14 +323,20 @@ async fn run_async(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
             b64
         } else {
             let mut body = serde_json::json!({
-                "model_id": cfg.model,
                 "api_key": cfg.api_key,
                 "image": {"type": "base64", "value": b64},
             });
             if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
                 b.extend(e.clone());
             }
-            body.to_string()
+            // `model_id` first, as inference_sdk sends it: a server may decide on the request
+            // before the image has arrived.
+            let rest = body.to_string();
+            format!(
+                "{{\"model_id\":{},{}",
+                serde_json::to_string(&cfg.model)?,
+                &rest[1..]
+            )
         }));
     }
     let target = Arc::new(Target {
@@ -394,7 +404,13 @@ async fn run_async(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
 
     let mut by_status = std::collections::BTreeMap::new();
     let mut ok_ms = Vec::new();
-    for (status, latency) in &results {
+    let mut refused_ms = Vec::new();
+    let mut refused_with_retry_after = 0;
+    for (status, latency, retry_after) in &results {
+        if matches!(status, 429 | 503) {
+            refused_ms.push(latency.as_secs_f64() * 1000.0);
+            refused_with_retry_after += usize::from(*retry_after);
+        }
         let key = if *status == 0 {
             "transport".to_string()
         } else {
@@ -417,6 +433,8 @@ async fn run_async(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
         images_per_second: ok as f64 / seconds,
         requests_per_second: n as f64 / seconds,
         latency_ms: Percentiles::of(ok_ms),
+        refused_latency_ms: Percentiles::of(refused_ms),
+        refused_with_retry_after,
         by_status,
         error_rate: if n == 0 {
             0.0
@@ -443,6 +461,17 @@ fn print_report(r: &BenchReport) {
         l.mean, l.p50, l.p75, l.p90, l.p99, l.max
     );
     println!("  by status: {:?}", r.by_status);
+    let refused: usize = ["429", "503"]
+        .iter()
+        .filter_map(|k| r.by_status.get(*k))
+        .sum();
+    if refused > 0 {
+        let l = &r.refused_latency_ms;
+        println!(
+            "  overload answers: {refused} ({} with Retry-After), latency ms p50 {:.1}  p99 {:.1}  max {:.1}",
+            r.refused_with_retry_after, l.p50, l.p99, l.max
+        );
+    }
     println!(
         "  client CPU per request: {:.0} µs",
         r.client_cpu_us_per_request

@@ -38,6 +38,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     raise_fd_limit();
+    cvserve::memory::keep_freed_memory_for_reuse();
     let (name, result) = match cli.command {
         Some(Command::Bench(bench)) => {
             init_logging("text");
