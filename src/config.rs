@@ -115,7 +115,7 @@ pub struct ServeConfig {
     /// Bytes of request bodies the server holds at once, over every connection (bodies
     /// being received and bodies being parsed). Counted as bytes arrive, so a stalled body
     /// holds only what it sent; past it a request gets 429 with Retry-After.
-    #[arg(long, env = "MAX_BODY_MEMORY_BYTES", default_value_t = 256 * 1024 * 1024)]
+    #[arg(long, env = "MAX_BODY_MEMORY_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub max_body_memory_bytes: usize,
 
     /// Largest body of the admin routes (`/model/add`, `/model/remove`): they carry a model

@@ -14,6 +14,7 @@
 //! the last one out wakes the memory trimmer (`crate::memory`), which returns freed memory
 //! once the server has been idle a while, instead of paying for it on every request.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,25 +79,46 @@ impl Drop for Presence<'_> {
 }
 
 /// The line of one model's requests, and the rate it moves at.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Line {
     state: Mutex<LineState>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct LineState {
     /// Requests let in and not yet answered.
     in_line: usize,
-    /// When `in_line` last went from 0 to 1.
-    busy_since: Option<Instant>,
-    /// The last answer served while the model had work.
-    last_served: Option<Instant>,
-    /// Moving average of the time between answers while busy (seconds per request).
-    seconds_per_request: Option<f64>,
+    /// Of those, the ones that got their ring slots (being served).
+    started: usize,
+    /// The rest, in arrival order, with their deadlines: re-checked as the rate is learnt.
+    waiting: BTreeMap<u64, Waiter>,
+    next_seq: u64,
+    /// When the last answers were served while others waited behind them (the model busy).
+    recent: VecDeque<Instant>,
+    /// The rate of the last busy period, for the start of the next one.
+    previous_rate: Option<f64>,
 }
 
-/// Weight of the newest interval in the moving average: about the last 20 answers count.
-const SMOOTHING: f64 = 0.05;
+struct Waiter {
+    deadline: Instant,
+    turned_away: Arc<TurnedAway>,
+}
+
+/// Set when a waiting request can no longer be served in time: it leaves with this answer.
+#[derive(Default)]
+pub struct TurnedAway {
+    refusal: Mutex<Option<Refusal>>,
+    notify: tokio::sync::Notify,
+}
+
+/// Share of the time left to its deadline that a request's predicted wait may take when it
+/// arrives (later, while it waits, the whole of it).
+const ADMIT_MARGIN: f64 = 0.8;
+
+/// Answers remembered for the rate: enough to smooth a batch's burst of answers.
+const RATE_WINDOW: usize = 32;
+/// Fewest answers of a busy period before its own rate replaces the last period's.
+const RATE_MIN_SAMPLES: usize = 8;
 
 /// Why a request was not let in.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,22 +137,31 @@ impl Line {
     pub fn enter(self: &Arc<Self>, now: Instant, deadline: Instant) -> Result<Ticket, Refusal> {
         let mut line = self.state.lock();
         let ahead = line.in_line;
-        let predicted = line.drain_time(ahead + 1);
-        let left = deadline.saturating_duration_since(now);
-        if ahead > 0 && predicted > left {
-            return Err(Refusal {
-                // By then enough of the line ahead has been answered for a retry to fit.
-                retry_after: round_up_to_seconds(predicted - left),
-                predicted,
-                ahead,
-            });
-        }
-        if line.in_line == 0 {
-            line.busy_since = Some(now);
+        // A margin at the door: a rate measured before the request's burst arrived is often
+        // a little better than the rate while it is served.
+        let door = now
+            + deadline
+                .saturating_duration_since(now)
+                .mul_f64(ADMIT_MARGIN);
+        if let Some(refusal) = line.refusal(ahead, now, door) {
+            return Err(refusal);
         }
         line.in_line += 1;
+        let seq = line.next_seq;
+        line.next_seq += 1;
+        let turned_away = Arc::new(TurnedAway::default());
+        line.waiting.insert(
+            seq,
+            Waiter {
+                deadline,
+                turned_away: Arc::clone(&turned_away),
+            },
+        );
         Ok(Ticket {
             line: Arc::clone(self),
+            seq,
+            turned_away,
+            started: false,
             served: false,
         })
     }
@@ -140,47 +171,85 @@ impl Line {
         self.state.lock().in_line
     }
 
-    /// The measured rate, answers per second while busy (`None` before the first answers).
+    /// The measured rate, answers per second while busy (`None` before it is known).
     pub fn rate(&self) -> Option<f64> {
-        self.state
-            .lock()
-            .seconds_per_request
-            .filter(|s| *s > 0.0)
-            .map(|s| 1.0 / s)
+        self.state.lock().rate()
     }
 
-    fn leave(&self, served: bool) {
+    fn leave(&self, seq: u64, started: bool, served: bool) {
         let now = Instant::now();
         let mut line = self.state.lock();
-        if served {
-            let since = match (line.last_served, line.busy_since) {
-                (Some(l), Some(b)) => l.max(b),
-                (None, Some(b)) => b,
-                (l, None) => l.unwrap_or(now),
-            };
-            let interval = now.saturating_duration_since(since).as_secs_f64();
-            line.seconds_per_request = Some(match line.seconds_per_request {
-                Some(avg) => avg + SMOOTHING * (interval - avg),
-                None => interval,
-            });
-            line.last_served = Some(now);
+        if started {
+            line.started -= 1;
+        } else {
+            line.waiting.remove(&seq);
         }
-        line.in_line = line.in_line.saturating_sub(1);
+        line.in_line -= 1;
+        if served && line.in_line > 0 {
+            // Others are still in line: this answer measures the model's rate under load.
+            if line.recent.len() == RATE_WINDOW {
+                line.recent.pop_front();
+            }
+            line.recent.push_back(now);
+            line.turn_away_the_late(now);
+        }
         if line.in_line == 0 {
-            line.busy_since = None;
-            line.last_served = None;
+            // The busy period is over: keep its rate, forget its instants (the idle gap
+            // that follows must not count).
+            line.previous_rate = line.rate();
+            line.recent.clear();
+        }
+    }
+
+    fn start(&self, seq: u64) {
+        let mut line = self.state.lock();
+        if line.waiting.remove(&seq).is_some() {
+            line.started += 1;
         }
     }
 }
 
 impl LineState {
-    /// Time for `count` more answers at the measured rate (zero before there is one).
-    fn drain_time(&self, count: usize) -> Duration {
-        match self.seconds_per_request {
-            Some(s) if s.is_finite() && s > 0.0 => {
-                Duration::try_from_secs_f64(s * count as f64).unwrap_or(Duration::MAX)
+    /// Answers per second: over the last answers of this busy period, else the last one's.
+    fn rate(&self) -> Option<f64> {
+        let own = (self.recent.len() >= RATE_MIN_SAMPLES)
+            .then(|| {
+                let span = self.recent.back()?.duration_since(*self.recent.front()?);
+                (!span.is_zero()).then(|| (self.recent.len() - 1) as f64 / span.as_secs_f64())
+            })
+            .flatten();
+        own.or(self.previous_rate)
+    }
+
+    /// Why a request with `ahead` requests before it cannot be answered by `deadline`, if
+    /// it cannot (no rate yet: it can, as far as anyone knows).
+    fn refusal(&self, ahead: usize, now: Instant, deadline: Instant) -> Option<Refusal> {
+        let rate = self.rate()?;
+        let predicted = Duration::try_from_secs_f64((ahead + 1) as f64 / rate).ok()?;
+        let left = deadline.saturating_duration_since(now);
+        (ahead > 0 && predicted > left).then(|| Refusal {
+            // By then enough of the line ahead has been answered for a retry to fit.
+            retry_after: round_up_to_seconds(predicted - left),
+            predicted,
+            ahead,
+        })
+    }
+
+    /// Turns away every waiting request that can no longer be answered in time at the
+    /// current rate, so that it hears so now rather than at its deadline.
+    fn turn_away_the_late(&mut self, now: Instant) {
+        let started = self.started;
+        let late: Vec<(u64, Refusal)> = self
+            .waiting
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (seq, w))| Some((*seq, self.refusal(started + i, now, w.deadline)?)))
+            .collect();
+        for (seq, refusal) in late {
+            if let Some(w) = self.waiting.get(&seq) {
+                *w.turned_away.refusal.lock() = Some(refusal);
+                w.turned_away.notify.notify_one();
             }
-            _ => Duration::ZERO,
         }
     }
 }
@@ -193,19 +262,41 @@ fn round_up_to_seconds(d: Duration) -> Duration {
 /// when the model answered it, so that its answer counts towards the measured rate.
 pub struct Ticket {
     line: Arc<Line>,
+    seq: u64,
+    turned_away: Arc<TurnedAway>,
+    started: bool,
     served: bool,
 }
 
 impl Ticket {
+    /// Its turn came (it holds its ring slots): it is being served.
+    pub fn start(&mut self) {
+        if !self.started {
+            self.started = true;
+            self.line.start(self.seq);
+        }
+    }
+
     /// The request was answered by the model (its time counts towards the rate).
     pub fn served(&mut self) {
         self.served = true;
+    }
+
+    /// Resolves when the request, still waiting, can no longer be served in time.
+    pub async fn turned_away(&self) -> Refusal {
+        loop {
+            let notified = self.turned_away.notify.notified();
+            if let Some(r) = self.turned_away.refusal.lock().clone() {
+                return r;
+            }
+            notified.await;
+        }
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.line.leave(self.served);
+        self.line.leave(self.seq, self.started, self.served);
     }
 }
 
@@ -239,42 +330,86 @@ mod tests {
         assert_eq!(a.in_server(), 0);
     }
 
+    /// A line that has learnt `rate` answers per second.
+    fn line_at(rate: f64) -> Arc<Line> {
+        let line = Arc::new(Line::default());
+        line.state.lock().previous_rate = Some(rate);
+        line
+    }
+
     #[test]
     fn a_request_that_cannot_finish_in_time_is_refused_with_a_retry_after_that_fits() {
-        let line = Arc::new(Line::default());
-        // 10 answers per second.
-        line.state.lock().seconds_per_request = Some(0.1);
+        let line = line_at(10.0);
         let now = Instant::now();
         let mut held = Vec::new();
-        // With a 1 s deadline, 10 fit: the one that would finish at 1.0 s included.
-        for _ in 0..10 {
+        // With a 1 s deadline, 8 fit (0.8 s of it may be predicted at the door).
+        for _ in 0..8 {
             held.push(line.enter(now, now + SECOND).ok().expect("fits"));
         }
         let r = line.enter(now, now + SECOND).err().expect("refused");
-        assert_eq!(r.ahead, 10);
-        assert!((r.predicted.as_secs_f64() - 1.1).abs() < 1e-9);
+        assert_eq!(r.ahead, 8);
+        assert!((r.predicted.as_secs_f64() - 0.9).abs() < 1e-9);
         assert_eq!(r.retry_after, SECOND);
         // A longer deadline fits behind the same line.
         assert!(line.enter(now, now + 2 * SECOND).is_ok());
     }
 
     #[test]
-    fn the_rate_is_measured_while_busy_and_idle_gaps_do_not_lower_it() {
+    fn the_rate_is_the_answers_served_while_others_wait_and_idle_gaps_do_not_count() {
         let line = Arc::new(Line::default());
         let far = Instant::now() + Duration::from_secs(60);
-        for _ in 0..3 {
+        // Served one at a time with nobody behind: no rate is learnt from it.
+        for _ in 0..10 {
             let mut t = line.enter(Instant::now(), far).ok().unwrap();
-            std::thread::sleep(Duration::from_millis(20));
+            t.start();
             t.served();
-            drop(t);
-            // Idle between requests: not counted.
-            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(line.rate(), None);
+        // Twenty in line, answered 10 ms apart: about 100 per second.
+        let tickets: Vec<_> = (0..20)
+            .map(|_| line.enter(Instant::now(), far).ok().unwrap())
+            .collect();
+        for mut t in tickets {
+            std::thread::sleep(Duration::from_millis(10));
+            t.start();
+            t.served();
         }
         let rate = line.rate().expect("a rate");
-        assert!(rate > 20.0 && rate < 55.0, "{rate}/s");
-        // Requests that were not served (refused later, client gone) do not count.
-        let before = line.rate();
-        drop(line.enter(Instant::now(), far).ok().unwrap());
-        assert_eq!(line.rate(), before);
+        assert!(rate > 40.0 && rate < 110.0, "{rate}/s");
+        // After an idle second, the next busy period starts from the same rate.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(line.rate(), Some(rate));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_request_that_can_no_longer_make_it_is_turned_away_at_once() {
+        // No rate yet: every request comes in.
+        let line = Arc::new(Line::default());
+        let now = Instant::now();
+        let soon = now + Duration::from_millis(500);
+        let far = now + Duration::from_secs(600);
+        let mut front: Vec<_> = (0..40)
+            .map(|_| line.enter(now, far).ok().unwrap())
+            .collect();
+        let patient = line.enter(now, far).ok().unwrap();
+        let hurried = line.enter(now, soon).ok().unwrap();
+        // Answers 20 ms apart (50 per second) while others wait: after ten, 30 are still
+        // ahead (0.6 s at that rate), so the 500 ms request cannot be served in time.
+        for mut t in front.drain(..10) {
+            std::thread::sleep(Duration::from_millis(20));
+            t.start();
+            t.served();
+        }
+        let refusal = tokio::time::timeout(Duration::from_millis(100), hurried.turned_away())
+            .await
+            .expect("turned away before its deadline");
+        assert!(refusal.predicted > Duration::ZERO);
+        // The patient one stays.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), patient.turned_away())
+                .await
+                .is_err()
+        );
+        drop(front);
     }
 }

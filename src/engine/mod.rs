@@ -238,6 +238,7 @@ impl Engine {
         params: TaskParams,
         disabled: DisabledSteps,
         deadline: Instant,
+        ticket: Option<&mut Ticket>,
     ) -> Result<Vec<ImageOutput>, EngineError> {
         let disabled = disabled.or(self.decode.disabled);
         let steps = Arc::new(model.meta.steps.without(disabled));
@@ -272,7 +273,7 @@ impl Engine {
         let count = images.len();
         // The waiting room: in arrival order, each request waits for ring slots of its model
         // (its share of them), at most until its deadline.
-        let slots = self.acquire_slots(model, count, deadline).await?;
+        let slots = self.acquire_slots(model, count, deadline, ticket).await?;
         let decode_started = Instant::now();
         let decoded = try_join_all(
             images
@@ -385,6 +386,38 @@ impl Engine {
     /// within the model's share are free, and takes them. Past `deadline` the request is
     /// refused as overload (it never started: a retry can succeed).
     async fn acquire_slots(
+        &self,
+        model: &LoadedModel,
+        count: usize,
+        deadline: Instant,
+        mut ticket: Option<&mut Ticket>,
+    ) -> Result<Vec<SlotHandle>, EngineError> {
+        let waiting = self.wait_for_slots(model, count, deadline);
+        // While it waits, the request's line may learn that it can no longer make it.
+        let turned_away = async {
+            match ticket.as_deref() {
+                Some(t) => t.turned_away().await,
+                None => std::future::pending().await,
+            }
+        };
+        let slots = tokio::select! {
+            slots = waiting => slots?,
+            refusal = turned_away => {
+                METRICS.outcome(&model.meta.id, "rejected", "waiting_room");
+                return Err(EngineError::Overloaded {
+                    ahead: refusal.ahead,
+                    predicted: refusal.predicted,
+                    retry_after: refusal.retry_after,
+                });
+            }
+        };
+        if let Some(t) = ticket.as_deref_mut() {
+            t.start();
+        }
+        Ok(slots)
+    }
+
+    async fn wait_for_slots(
         &self,
         model: &LoadedModel,
         count: usize,

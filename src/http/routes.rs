@@ -174,7 +174,7 @@ async fn route(
         // known (see `engine::admission`): a refused body is never buffered.
         let Some(_presence) = state.engine.activity().enter() else {
             METRICS.outcome("none", "rejected", "admission");
-            discard_body(state, req, deadline).await;
+            discard_body(state, req);
             return Err(ApiError::overloaded(
                 "Server overloaded: MAX_INFLIGHT_REQUESTS inference requests are in the server; retry shortly",
             ));
@@ -187,7 +187,7 @@ async fn route(
                     infer_legacy(state, req, model_id, deadline, ctx).await
                 }
                 Err(e) => {
-                    discard_body(state, req, deadline).await;
+                    discard_body(state, req);
                     Err(e.into())
                 }
             },
@@ -445,10 +445,9 @@ async fn read_body(
                     let prefix = &buf[..buf.len().min(MODEL_ID_SCAN)];
                     if let Some(id) = super::request::scan_model_id(prefix) {
                         if let Err(e) = check(id) {
+                            // Answered now; the rest of the body is dropped in the background.
                             turned_away = Some(e);
-                            refused = true;
-                            buf = bytes::BytesMut::new();
-                            lease = BodyLease::default();
+                            return Ok(());
                         }
                         early = None;
                     }
@@ -472,6 +471,7 @@ async fn read_body(
         _ = drain => return Err(shutting_down()),
     }
     if let Some(e) = turned_away {
+        discard_rest(body, limit);
         return Err(e);
     }
     if refused {
@@ -492,35 +492,39 @@ const MODEL_ID_SCAN: usize = 64 << 10;
 /// Bytes of a body's declared length reserved before it is read.
 const BODY_UP_FRONT: usize = 1 << 20;
 
-/// Reads a refused request's body and drops it as it arrives (nothing is buffered), so the
-/// client, still sending, receives its answer instead of a reset connection. Gives up after
-/// MAX_BODY_BYTES or [`DISCARD_TIME`] (the connection is then closed after the answer).
-async fn discard_body(state: &AppState, req: Request<Incoming>, deadline: Instant) {
+/// Answers a refused request at once and reads its body in the background, dropping it as
+/// it arrives (nothing is buffered), so the client, perhaps still sending, receives its
+/// answer rather than a reset connection. Reading stops after MAX_BODY_BYTES or
+/// [`DISCARD_TIME`] (the connection is then closed).
+fn discard_body(state: &AppState, req: Request<Incoming>) {
     // A client waiting for `100 Continue` has not sent its body: nothing to read.
     let expects_continue = req
         .headers()
         .get(hyper::header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if expects_continue {
-        return;
+    if !expects_continue {
+        discard_rest(req.into_body(), state.cfg.max_body_bytes);
     }
-    let limit = state.cfg.max_body_bytes;
-    let mut body = req.into_body();
-    let read = async {
-        let mut seen = 0usize;
-        while let Some(Ok(frame)) = body.frame().await {
-            seen += frame.data_ref().map_or(0, |d| d.len());
-            if seen > limit {
-                break;
-            }
-        }
-    };
-    let until = deadline.min(Instant::now() + DISCARD_TIME);
-    let _ = tokio::time::timeout_at(until.into(), read).await;
 }
 
-/// Longest a refused body is read (and dropped) before the answer goes out anyway.
-const DISCARD_TIME: Duration = Duration::from_secs(2);
+/// Reads what is left of `body` in the background and drops it (see [`discard_body`]).
+fn discard_rest(mut body: Incoming, limit: usize) {
+    tokio::spawn(async move {
+        let read = async {
+            let mut seen = 0usize;
+            while let Some(Ok(frame)) = body.frame().await {
+                seen += frame.data_ref().map_or(0, |d| d.len());
+                if seen > limit {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DISCARD_TIME, read).await;
+    });
+}
+
+/// Longest a refused body is read (and dropped) after its answer.
+const DISCARD_TIME: Duration = Duration::from_secs(5);
 
 fn body_memory_full() -> ApiError {
     ApiError::overloaded(
@@ -873,7 +877,14 @@ async fn infer(
     let disable_orient = disabled.auto_orient;
     let outputs = state
         .engine
-        .infer(&model, inputs, params, disabled, deadline)
+        .infer(
+            &model,
+            inputs,
+            params,
+            disabled,
+            deadline,
+            ctx.ticket.as_mut(),
+        )
         .await?;
     let mut pictures = Vec::new();
     if let (Some(opts), Some(originals)) = (draw, originals) {

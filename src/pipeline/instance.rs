@@ -59,8 +59,27 @@ impl Instance {
     pub(super) fn spawn(self) -> std::io::Result<()> {
         std::thread::Builder::new()
             .name(format!("infer-{}-{}", self.runtime.id, self.index))
-            .spawn(move || self.run())?;
+            .spawn(move || {
+                lower_priority();
+                self.run()
+            })?;
         Ok(())
+    }
+}
+
+/// How much less CPU priority an inference thread has than the front end and the other
+/// stages (a nice value): under overload the HTTP threads still read requests and send
+/// answers, refusals included, at once, and decode and postprocessing keep flowing; when
+/// they are idle inference still gets every core.
+pub const INFERENCE_NICE: i32 = 5;
+
+/// Lowers the calling thread's priority by [`INFERENCE_NICE`].
+fn lower_priority() {
+    // SAFETY: plain system calls on the calling thread's own id.
+    unsafe {
+        let tid = libc::gettid();
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, now + INFERENCE_NICE);
     }
 }
 
