@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# The FPS table: serves the bundled models with the default settings, measures each one over
-# HTTP (closed loop, CONCURRENCY clients, default 16, best of TRIALS trials; then one client
-# alone for the single-request latency), and beside it the in-process ceiling: the bare model
-# (`cvserve ceiling`: ONNX Runtime alone, no HTTP, decode or pre/postprocessing) at its best
-# configuration of instances x intra-op threads x batch, searched with the server stopped.
+# The FPS table: serves the bundled models with the default settings (but REQUEST_TIMEOUT_S,
+# 60 s here, see below), measures each one over HTTP (closed loop, CONCURRENCY clients,
+# default 16, best of TRIALS trials; then one client alone for the single-request latency;
+# then the seeds' way: BURST requests at once, default 1,000, one per client, no retries, best
+# of TRIALS), and beside it the in-process ceiling: the bare model (`cvserve ceiling`: ONNX
+# Runtime alone, no HTTP, decode or pre/postprocessing) at its best configuration of
+# instances x intra-op threads x batch, searched with the server stopped.
 # Writes bench-results/fps_table.md and .json.
+#
+# 1,000 requests at once at 25 img/s take 40 s to answer: with the default 10 s deadline most
+# would be refused at once (429 with Retry-After, which is the point of a deadline), so the
+# table is measured with REQUEST_TIMEOUT_S=60 (BURST_TIMEOUT_S), as a user reproducing the
+# seeds' numbers should set it.
 #
 #   scripts/fps_table.sh                      # all bundled models
 #   MODELS="coco/1 shapes-seg/1" TRIALS=1 SECONDS_PER_TRIAL=5 scripts/fps_table.sh
@@ -24,6 +31,8 @@ MODELS="${MODELS:-coco/1 shapes-det/1 shapes-det-v5/1 shapes-seg/1 imagenet/1 sh
 TRIALS="${TRIALS:-3}"
 CONCURRENCY="${CONCURRENCY:-16}"
 SECONDS_PER_TRIAL="${SECONDS_PER_TRIAL:-10}"
+BURST="${BURST:-1000}"
+export REQUEST_TIMEOUT_S="${BURST_TIMEOUT_S:-60}"
 CEILING_SECONDS="${CEILING_SECONDS:-3}"
 PORT="${FPS_PORT:-9101}"
 OUT=bench-results
@@ -56,6 +65,21 @@ PY
   # One client alone: the latency of a single request on an otherwise idle server.
   "$BIN" bench --url "$url" --model "$model" --images "$(images_for "$model")" \
     --concurrency 1 --duration "$SECONDS_PER_TRIAL" --warmup 5 --json "$OUT/$label-c1.json" >/dev/null
+  # The seeds' way: BURST requests at once, one per client, no retries (best of TRIALS).
+  best=""
+  for t in $(seq "$TRIALS"); do
+    "$BIN" bench --url "$url" --model "$model" --images "$(images_for "$model")" \
+      --concurrency "$BURST" --requests "$BURST" --warmup 0 --timeout 120 \
+      --json "$OUT/trial.json" >/dev/null
+    best=$(python3 - "$OUT/trial.json" "$best" <<'PY'
+import json, sys
+new = json.load(open(sys.argv[1]))
+old = json.loads(sys.argv[2]) if sys.argv[2] else None
+print(json.dumps(new if old is None or new["images_per_second"] > old["images_per_second"] else old))
+PY
+)
+  done
+  echo "$best" > "$OUT/$label-burst.json"
 }
 
 if [ -z "${RENDER_ONLY:-}" ]; then
@@ -97,10 +121,19 @@ cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.start
 info = {m["model_id"]: m for m in json.load(open(f"{out}/server-info.json")).get("models", [])}
 peer = any(os.path.exists(f"{out}/peer-{m.replace('/', '-')}.json") for m in models)
 head = ("| model | served img/s | served as | bare best img/s | best configuration | ratio "
-        "| p50 / p90 ms | 1 client p50 ms | bare batch-1 ms (lone / instance threads) |")
+        "| p50 / p90 ms | 1 client p50 ms | bare batch-1 ms (lone / instance threads) "
+        "| 1,000 at once: img/s | answers | p50 / p99 ms |")
 if peer:
-    head += " peer img/s | peer 1 client p50 ms |"
-lines = [f"Machine: {os.cpu_count()} cores, {cpu}. Closed loop, best of trials.", "", head,
+    head += " peer img/s | peer 1 client p50 ms | peer 1,000 at once img/s | peer answers |"
+def burst(path):
+    if not os.path.exists(path):
+        return " - | - | - |"
+    b = json.load(open(path))
+    answers = ", ".join(f"{n} x {k}" for k, n in sorted(b["by_status"].items()))
+    return (f" {b['images_per_second']:.1f} | {answers} "
+            f"| {b['latency_ms']['p50']:.0f} / {b['latency_ms']['p99']:.0f} |")
+lines = [f"Machine: {os.cpu_count()} cores, {cpu}. Closed loop, best of trials; "
+         f"REQUEST_TIMEOUT_S={os.environ.get('REQUEST_TIMEOUT_S', '10')}.", "", head,
          "|" + "---|" * (head.count("|") - 1)]
 data = {}
 for m in models:
@@ -115,19 +148,29 @@ for m in models:
     b = c["best"]
     ratio = s["images_per_second"] / c["images_per_second"]
     line = (f"| {m} | {s['images_per_second']:.1f} "
-            f"| {served.get('instances', '?')} x {threads} thr, batch <= {served.get('max_batch_size', '?')} "
+            f"| up to {served.get('max_instances', served.get('instances', '?'))} x {threads} thr, batch <= {served.get('max_batch_size', '?')} "
             f"| {c['images_per_second']:.1f} | {b['instances']} x {b['intra_threads']} thr, batch {b['batch']} "
             f"| {ratio:.2f} | {s['latency_ms']['p50']:.0f} / {s['latency_ms']['p90']:.0f} "
-            f"| {s1['latency_ms']['p50']:.1f} | {bare(lone):.1f} / {bare(threads):.1f} |")
+            f"| {s1['latency_ms']['p50']:.1f} | {bare(lone):.1f} / {bare(threads):.1f} |"
+            + burst(f"{out}/server-{l}-burst.json"))
     if peer:
         p = f"{out}/peer-{l}.json"
         if os.path.exists(p):
             p, p1 = json.load(open(p)), json.load(open(f"{out}/peer-{l}-c1.json"))
             line += f" {p['images_per_second']:.1f} | {p1['latency_ms']['p50']:.1f} |"
+            pb = f"{out}/peer-{l}-burst.json"
+            if os.path.exists(pb):
+                pb = json.load(open(pb))
+                answers = ", ".join(f"{n} x {k}" for k, n in sorted(pb["by_status"].items()))
+                line += f" {pb['images_per_second']:.1f} | {answers} |"
+            else:
+                line += " - | - |"
         else:
-            line += " - | - |"
+            line += " - | - | - | - |"
     lines.append(line)
     data[m] = {"server": s, "server_one_client": s1, "ceiling": c, "ratio": ratio}
+    if os.path.exists(f"{out}/server-{l}-burst.json"):
+        data[m]["server_burst"] = json.load(open(f"{out}/server-{l}-burst.json"))
 open(f"{out}/fps_table.md", "w").write("\n".join(lines) + "\n")
 json.dump(data, open(f"{out}/fps_table.json", "w"), indent=1)
 print("\n".join(lines))
