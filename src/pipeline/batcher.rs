@@ -300,17 +300,21 @@ impl Batcher {
         }
     }
 
-    /// Every instance busy with work waiting: start one more when the policy allows it and a
-    /// core of the shared budget is idle (otherwise another instance would only wait for it).
+    /// Every instance busy with work waiting: start one more when the policy allows it, the
+    /// budget could run one more at once, and a core of it is idle now (otherwise another
+    /// instance would only wait for one).
     fn maybe_grow(&mut self) {
         let Some(factory) = &self.policy.factory else {
             return;
         };
+        let cores = &self.policy.cores;
+        let per_run = self.policy.intra_threads.clamp(1, cores.total());
+        // More instances than the budget can run at once would only wait for cores.
+        let most = self.policy.max.min(cores.total() / per_run).max(1);
         if self.starting
             || self.free_instances > 0
-            || self.instances >= self.policy.max
-            || self.policy.cores.available()
-                < self.policy.intra_threads.min(self.policy.cores.total())
+            || self.instances >= most
+            || cores.available() < per_run
         {
             return;
         }
