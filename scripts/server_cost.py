@@ -7,6 +7,7 @@ and the CPU the idle server uses over 5 s (it must be 0).
 
     scripts/server_cost.py [--binary target/release/cvserve] [--seconds 10] [--env K=V ...]
     scripts/server_cost.py --binary /tmp/cvserve-old --binary target/release/cvserve
+    scripts/server_cost.py --ceiling      # also the bare model (`cvserve ceiling`) and the ratio
 
 With several binaries, each is measured in turn in the same run (same machine state), and
 the table has a row per binary and model. Standard library only.
@@ -124,6 +125,8 @@ def main():
     p.add_argument("--port", type=int, default=9131)
     p.add_argument("--model", dest="models", action="append")
     p.add_argument("--env", action="append", default=[], help="K=V for the server")
+    p.add_argument("--ceiling", action="store_true",
+                   help="after the server runs, search each model's bare ceiling (server stopped)")
     p.add_argument("--json")
     args = p.parse_args()
     env = dict(kv.split("=", 1) for kv in args.env)
@@ -133,10 +136,21 @@ def main():
         rows, mem = measure(b, args, env)
         all_rows += rows
         memory.append(mem)
-    print("| binary | model (photo) | img/s | p50 ms | server CPU ms/img | in kernel | minor faults/img |")
-    print("|---|---|---|---|---|---|---|")
+    bare = {}
+    if args.ceiling:
+        e = dict(os.environ)
+        e.setdefault("ORT_DYLIB_PATH", f"{REPO}/vendor/onnxruntime/libonnxruntime.so.1.31.1")
+        for model in sorted({r["model"] for r in all_rows}):
+            out = subprocess.run([binaries[-1], "ceiling", "--model", model, "--seconds", "3"],
+                                 cwd=REPO, env=e, check=True, capture_output=True, text=True).stdout
+            bare[model] = json.loads(out)["images_per_second"]
+    print("| binary | model (photo) | img/s | bare best img/s | ratio | p50 ms | server CPU ms/img | in kernel | minor faults/img |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in all_rows:
+        b = bare.get(r["model"])
+        r["bare_img_per_s"] = b
         print(f"| {os.path.basename(r['binary'])} | {r['model']} ({r['image']}) | {r['img_per_s']:.1f} "
+              f"| {b or float('nan'):.1f} | {r['img_per_s'] / b if b else float('nan'):.2f} "
               f"| {r['p50_ms']:.0f} | {r['cpu_ms_per_image']:.1f} | {100 * r['kernel_share']:.1f} % "
               f"| {r['minor_faults_per_image']:.0f} |")
     print()

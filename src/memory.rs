@@ -51,9 +51,14 @@ impl IdleTrimmer {
     }
 
     /// The server has no request any more: trim after the idle time unless work comes.
-    pub fn quiet(&self) {
+    /// `still_quiet` is asked under the trimmer's lock (which `busy` takes too), so a request
+    /// that came in meanwhile is never mistaken for quiet.
+    pub fn quiet(&self, still_quiet: impl FnOnce() -> bool) {
         let (lock, cond) = &*self.shared;
         let mut q = lock.lock();
+        if !still_quiet() {
+            return;
+        }
         q.quiet = true;
         q.generation += 1;
         cond.notify_one();
@@ -142,23 +147,23 @@ mod tests {
     fn trims_once_after_a_quiet_period_and_not_while_busy() {
         let (t, trims) = counting(Duration::from_millis(100));
         // Nothing ran yet: nothing to trim.
-        t.quiet();
+        t.quiet(|| true);
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(trims.load(Ordering::SeqCst), 0);
         // Busy, quiet for less than the period, busy again: no trim.
         t.busy();
-        t.quiet();
+        t.quiet(|| true);
         std::thread::sleep(Duration::from_millis(30));
         t.busy();
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(trims.load(Ordering::SeqCst), 0);
         // Quiet for longer: exactly one trim, however long it stays quiet.
-        t.quiet();
+        t.quiet(|| true);
         std::thread::sleep(Duration::from_millis(500));
         assert_eq!(trims.load(Ordering::SeqCst), 1);
         // The next burst earns the next trim.
         t.busy();
-        t.quiet();
+        t.quiet(|| true);
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(trims.load(Ordering::SeqCst), 2);
     }

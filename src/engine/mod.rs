@@ -446,13 +446,15 @@ impl Engine {
                 while taken.len() < count {
                     match self.ring.try_acquire_shared(&model.ring_held, share) {
                         Some(slot) => taken.push(slot),
-                        // Another model took it first: keep what we have, wait for the rest.
                         None => break,
                     }
                 }
                 if taken.len() == count {
                     return Ok(taken);
                 }
+                // Another model took one first: all or none, so that two models' requests
+                // never each hold part of what they need while waiting for the rest.
+                taken.clear();
             }
             tokio::time::timeout_at(deadline.into(), released)
                 .await

@@ -171,7 +171,8 @@ async fn route(
         let now = Instant::now();
         let deadline = deadline(state, &req, now)?;
         // Counted in (MAX_INFLIGHT_REQUESTS), then let in or refused as soon as the model is
-        // known (see `engine::admission`): a refused body is never buffered.
+        // known (see `engine::admission`): from the path, or the body's first 64 KiB, so a
+        // refused body is not buffered unless it names its model only after that.
         let Some(_presence) = state.engine.activity().enter() else {
             METRICS.outcome("none", "rejected", "admission");
             discard_body(state, req);
@@ -417,6 +418,7 @@ async fn read_body(
     }
     // Refused by `early` (the waiting room) once it could tell from the first bytes.
     let mut turned_away: Option<ApiError> = None;
+    let mut scanned_to = 0usize;
     let read = async {
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
@@ -438,10 +440,13 @@ async fn read_body(
                 lease = BodyLease::default();
                 continue;
             }
-            let scanned = buf.len();
             buf.extend_from_slice(&data);
             if let Some(check) = early.as_mut() {
-                if scanned < MODEL_ID_SCAN {
+                // Looked for again only once another 512 bytes (or the whole body) are in, so
+                // a body sent a byte at a time costs no more than one sent at once.
+                let grown = buf.len() >= scanned_to + 512 || buf.len() == declared.unwrap_or(0);
+                if scanned_to < MODEL_ID_SCAN && grown {
+                    scanned_to = buf.len();
                     let prefix = &buf[..buf.len().min(MODEL_ID_SCAN)];
                     if let Some(id) = super::request::scan_model_id(prefix) {
                         if let Err(e) = check(id) {
@@ -674,7 +679,12 @@ async fn infer_json(
     // Not named in the first bytes (or named otherwise than parsed): decided now.
     match admitted {
         Some((id, ticket)) if id == model_id => ctx.ticket = ticket,
-        _ => ctx.ticket = state.engine.admit(&model_id, arrived, deadline)?,
+        other => {
+            // A place taken in another model's line (a `model_id` key nested elsewhere in
+            // the first bytes) is given up first.
+            drop(other);
+            ctx.ticket = state.engine.admit(&model_id, arrived, deadline)?;
+        }
     }
     let (images, is_list) = request.take_images()?;
     let inference_id = request.id.clone().unwrap_or_else(|| ctx.request_id.clone());

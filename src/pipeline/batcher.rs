@@ -177,6 +177,7 @@ pub fn start(
         },
         next_index: 0,
         starting: false,
+        grow_failed_at: None,
     };
     // The tensor that fills while every instance runs, in the memory the back end reads
     // fastest (pinned for a GPU), like each instance's own.
@@ -221,6 +222,8 @@ struct Batcher {
     next_index: usize,
     /// A session is being created.
     starting: bool,
+    /// When creating one last failed.
+    grow_failed_at: Option<Instant>,
 }
 
 /// What ended the filling of a batch besides it being full.
@@ -295,7 +298,10 @@ impl Batcher {
                 );
             }
             Err(e) => {
-                tracing::error!(model, error = %e, "could not start one more inference instance")
+                // Not retried before the idle timeout: a session that cannot be created (out
+                // of memory, say) must not be rebuilt continuously while the model is busy.
+                self.grow_failed_at = Some(Instant::now());
+                tracing::error!(model, error = %e, "could not start one more inference instance");
             }
         }
     }
@@ -311,7 +317,11 @@ impl Batcher {
         let per_run = self.policy.intra_threads.clamp(1, cores.total());
         // More instances than the budget can run at once would only wait for cores.
         let most = self.policy.max.min(cores.total() / per_run).max(1);
+        let failed_lately = self
+            .grow_failed_at
+            .is_some_and(|t| t.elapsed() < self.policy.idle_timeout);
         if self.starting
+            || failed_lately
             || self.free_instances > 0
             || self.instances >= most
             || cores.available() < per_run

@@ -67,8 +67,10 @@ impl Instance {
     }
 }
 
-/// How much less CPU priority an inference thread has than the front end and the other
-/// stages (a nice value): under overload the HTTP threads still read requests and send
+/// How much less CPU priority an inference instance's thread has than the front end and the
+/// other stages (a nice value; it is the thread that computes for single-threaded sessions,
+/// the default on CPU; the intra-op threads of wider sessions are ONNX Runtime's and keep
+/// their priority): under overload the HTTP threads still read requests and send
 /// answers, refusals included, at once, and decode and postprocessing keep flowing; when
 /// they are idle inference still gets every core.
 pub const INFERENCE_NICE: i32 = 5;
