@@ -47,29 +47,11 @@ images_for() {
   esac
 }
 
-best_of() { # url model label -> writes $OUT/<label>.json (best trial) and <label>-c1.json
+best_trial() { # url model label args... -> runs TRIALS trials, writes $OUT/<label>.json (best img/s)
   local url=$1 model=$2 label=$3 best=""
+  shift 3
   for t in $(seq "$TRIALS"); do
-    "$BIN" bench --url "$url" --model "$model" --images "$(images_for "$model")" \
-      --concurrency "$CONCURRENCY" --duration "$SECONDS_PER_TRIAL" --warmup 20 \
-      --respect-retry-after --json "$OUT/trial.json" >/dev/null
-    best=$(python3 - "$OUT/trial.json" "$best" <<'PY'
-import json, sys
-new = json.load(open(sys.argv[1]))
-old = json.loads(sys.argv[2]) if sys.argv[2] else None
-print(json.dumps(new if old is None or new["images_per_second"] > old["images_per_second"] else old))
-PY
-)
-  done
-  echo "$best" > "$OUT/$label.json"
-  # One client alone: the latency of a single request on an otherwise idle server.
-  "$BIN" bench --url "$url" --model "$model" --images "$(images_for "$model")" \
-    --concurrency 1 --duration "$SECONDS_PER_TRIAL" --warmup 5 --json "$OUT/$label-c1.json" >/dev/null
-  # The seeds' way: BURST requests at once, one per client, no retries (best of TRIALS).
-  best=""
-  for t in $(seq "$TRIALS"); do
-    "$BIN" bench --url "$url" --model "$model" --images "$(images_for "$model")" \
-      --concurrency "$BURST" --requests "$BURST" --warmup 0 --timeout 120 \
+    "$BIN" bench --url "$url" --model "$model" --images "$(images_for "$model")" "$@" \
       --json "$OUT/trial.json" >/dev/null
     best=$(python3 - "$OUT/trial.json" "$best" <<'PY'
 import json, sys
@@ -79,7 +61,19 @@ print(json.dumps(new if old is None or new["images_per_second"] > old["images_pe
 PY
 )
   done
-  echo "$best" > "$OUT/$label-burst.json"
+  echo "$best" > "$OUT/$label.json"
+}
+
+best_of() { # url model label -> writes $OUT/<label>.json (best trial), <label>-c1.json, <label>-burst.json
+  local url=$1 model=$2 label=$3
+  best_trial "$url" "$model" "$label" --concurrency "$CONCURRENCY" \
+    --duration "$SECONDS_PER_TRIAL" --warmup 20 --respect-retry-after
+  # One client alone: the latency of a single request on an otherwise idle server.
+  "$BIN" bench --url "$url" --model "$model" --images "$(images_for "$model")" \
+    --concurrency 1 --duration "$SECONDS_PER_TRIAL" --warmup 5 --json "$OUT/$label-c1.json" >/dev/null
+  # The seeds' way: BURST requests at once, one per client, no retries (best of TRIALS).
+  best_trial "$url" "$model" "$label-burst" --concurrency "$BURST" --requests "$BURST" \
+    --warmup 0 --timeout 120
 }
 
 if [ -z "${RENDER_ONLY:-}" ]; then

@@ -390,7 +390,7 @@ impl Engine {
         model: &LoadedModel,
         count: usize,
         deadline: Instant,
-        mut ticket: Option<&mut Ticket>,
+        ticket: Option<&mut Ticket>,
     ) -> Result<Vec<SlotHandle>, EngineError> {
         let waiting = self.wait_for_slots(model, count, deadline);
         // While it waits, the request's line may learn that it can no longer make it.
@@ -411,7 +411,7 @@ impl Engine {
                 });
             }
         };
-        if let Some(t) = ticket.as_deref_mut() {
+        if let Some(t) = ticket {
             t.start();
         }
         Ok(slots)

@@ -428,6 +428,63 @@ impl Default for LegacyOptions {
     }
 }
 
+/// Finds the `"model_id"` of a JSON body in its first bytes as they arrive, without parsing
+/// the rest (so the waiting room can decide before the image is read). Each byte is searched
+/// once, however the body is cut into pieces.
+#[derive(Debug, Default)]
+pub struct ModelIdScanner {
+    /// Bytes searched for the key so far.
+    searched: usize,
+    /// Where the key starts, once seen.
+    key_at: Option<usize>,
+}
+
+/// What the first bytes tell so far.
+#[derive(Debug, PartialEq)]
+pub enum ModelIdScan<'a> {
+    Found(&'a str),
+    NotYet,
+    /// Not in the first [`MODEL_ID_SCAN_BYTES`] (or escaped): decided after parsing.
+    GaveUp,
+}
+
+/// Bytes at the start of a JSON body searched for its `model_id`.
+pub const MODEL_ID_SCAN_BYTES: usize = 64 << 10;
+const MODEL_ID_KEY: &[u8] = b"\"model_id\"";
+/// Longest `: "value"` after the key that is waited for.
+const MODEL_ID_VALUE_BYTES: usize = 512;
+
+impl ModelIdScanner {
+    /// Looks at `body`, the bytes received so far (it only grows between calls).
+    pub fn feed<'a>(&mut self, body: &'a [u8]) -> ModelIdScan<'a> {
+        let key_at = match self.key_at {
+            Some(k) => k,
+            None => {
+                // Only the new bytes, plus a key's length before them (a key cut in two).
+                let from = self.searched.saturating_sub(MODEL_ID_KEY.len() - 1);
+                let to = body.len().min(MODEL_ID_SCAN_BYTES);
+                self.searched = to;
+                match body[from.min(to)..to]
+                    .windows(MODEL_ID_KEY.len())
+                    .position(|w| w == MODEL_ID_KEY)
+                {
+                    Some(i) => *self.key_at.insert(from + i),
+                    None if to >= MODEL_ID_SCAN_BYTES => return ModelIdScan::GaveUp,
+                    None => return ModelIdScan::NotYet,
+                }
+            }
+        };
+        let end = body
+            .len()
+            .min(key_at + MODEL_ID_KEY.len() + MODEL_ID_VALUE_BYTES);
+        match scan_model_id(&body[key_at..end]) {
+            Some(id) => ModelIdScan::Found(id),
+            None if end < key_at + MODEL_ID_KEY.len() + MODEL_ID_VALUE_BYTES => ModelIdScan::NotYet,
+            None => ModelIdScan::GaveUp,
+        }
+    }
+}
+
 /// The top-level `"model_id"` string of a JSON body, read from its first bytes without
 /// parsing the rest (so the waiting room can decide before the image is read). `None` when
 /// the prefix does not hold the whole value yet, or the value has escapes: the caller then
@@ -448,6 +505,26 @@ pub fn scan_model_id(prefix: &[u8]) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_model_id_is_found_however_the_body_is_cut() {
+        let body = br#"{"api_key": "x", "model_id": "coco/1", "image": "abc"}"#;
+        for step in [1, 3, 7, body.len()] {
+            let mut scan = ModelIdScanner::default();
+            let mut found = None;
+            for end in (step..=body.len()).step_by(step).chain([body.len()]) {
+                if let ModelIdScan::Found(id) = scan.feed(&body[..end]) {
+                    found = Some(id.to_owned());
+                    break;
+                }
+            }
+            assert_eq!(found.as_deref(), Some("coco/1"), "in pieces of {step}");
+        }
+        // Not in the first 64 KiB: given up, decided after parsing.
+        let mut late = vec![b' '; MODEL_ID_SCAN_BYTES + 10];
+        late.extend_from_slice(br#""model_id": "coco/1""#);
+        assert_eq!(ModelIdScanner::default().feed(&late), ModelIdScan::GaveUp);
+    }
 
     #[test]
     fn the_model_id_is_read_from_the_first_bytes() {

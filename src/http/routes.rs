@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use super::error::ApiError;
 use super::images::fetch_url;
-use super::request::{legacy_params, ImageSource, InferRequest};
+use super::request::{legacy_params, ImageSource, InferRequest, ModelIdScan};
 use super::response::{json, ImageSize, InferResponse, ModelsDescriptions, ResolvedModel};
 use super::{AppState, ConnectionClass};
 use crate::engine::admission::Ticket;
@@ -378,6 +378,10 @@ impl Drop for BodyLease {
     }
 }
 
+/// Called with a JSON body's `model_id` as soon as its first bytes name it; an error refuses
+/// the request there.
+type EarlyCheck<'a> = &'a mut (dyn FnMut(&str) -> Result<(), ApiError> + Send);
+
 /// Reads a whole body of at most `limit` bytes (413 past it) before `deadline` (408 after
 /// it), counting its bytes against MAX_BODY_MEMORY_BYTES as they arrive (429 when the
 /// server holds too much). Shutdown cancels the read (503).
@@ -387,7 +391,7 @@ async fn read_body(
     limit: usize,
     setting: &'static str,
     deadline: Instant,
-    mut early: Option<&mut (dyn FnMut(&str) -> Result<(), ApiError> + Send)>,
+    mut early: Option<EarlyCheck<'_>>,
 ) -> Result<(hyper::http::request::Parts, Body), ApiError> {
     let too_large = || {
         ApiError::new(
@@ -418,7 +422,7 @@ async fn read_body(
     }
     // Refused by `early` (the waiting room) once it could tell from the first bytes.
     let mut turned_away: Option<ApiError> = None;
-    let mut scanned_to = 0usize;
+    let mut scan = super::request::ModelIdScanner::default();
     let read = async {
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
@@ -442,13 +446,8 @@ async fn read_body(
             }
             buf.extend_from_slice(&data);
             if let Some(check) = early.as_mut() {
-                // Looked for again only once another 512 bytes (or the whole body) are in, so
-                // a body sent a byte at a time costs no more than one sent at once.
-                let grown = buf.len() >= scanned_to + 512 || buf.len() == declared.unwrap_or(0);
-                if scanned_to < MODEL_ID_SCAN && grown {
-                    scanned_to = buf.len();
-                    let prefix = &buf[..buf.len().min(MODEL_ID_SCAN)];
-                    if let Some(id) = super::request::scan_model_id(prefix) {
+                match scan.feed(&buf) {
+                    ModelIdScan::Found(id) => {
                         if let Err(e) = check(id) {
                             // Answered now; the rest of the body is dropped in the background.
                             turned_away = Some(e);
@@ -456,6 +455,8 @@ async fn read_body(
                         }
                         early = None;
                     }
+                    ModelIdScan::GaveUp => early = None,
+                    ModelIdScan::NotYet => {}
                 }
             }
         }
@@ -490,9 +491,6 @@ async fn read_body(
         },
     ))
 }
-
-/// Bytes at the start of a JSON body searched for its `model_id`.
-const MODEL_ID_SCAN: usize = 64 << 10;
 
 /// Bytes of a body's declared length reserved before it is read.
 const BODY_UP_FRONT: usize = 1 << 20;
