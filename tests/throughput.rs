@@ -105,15 +105,24 @@ fn inference_does_not_fault_pages_in_per_request() {
         let send = || s.post_json(route, &body).status;
         // Warm-up: the heaps grow to what a run needs once.
         assert!(clients(3, 4, send).iter().all(|&st| st == 200));
-        let (_, before) = cpu_and_faults(pid);
-        let statuses = clients(3, 8, send);
-        let (_, after) = cpu_and_faults(pid);
-        assert!(statuses.iter().all(|&st| st == 200), "{statuses:?}");
-        let per_image = (after - before) as f64 / statuses.len() as f64;
+        // Batches of 1, 2 or 3 and the lone session are each met for the first time whenever
+        // the scheduler says so (on a loaded CI box, in a counted window): a one-off growth.
+        // The regression faulted on every image, so it fails every window; the best of four
+        // windows is what steady state costs.
+        let mut windows = Vec::new();
+        for _ in 0..4 {
+            let (_, before) = cpu_and_faults(pid);
+            let statuses = clients(3, 8, send);
+            let (_, after) = cpu_and_faults(pid);
+            assert!(statuses.iter().all(|&st| st == 200), "{statuses:?}");
+            windows.push((after - before) as f64 / statuses.len() as f64);
+        }
+        let best = windows.iter().cloned().fold(f64::INFINITY, f64::min);
+        eprintln!("{model}: minor faults per image, by window: {windows:.0?}");
         // Steady state here: 0-50 per image (HTTP buffers, JSON); the regression: 1,400+.
         assert!(
-            per_image < 300.0,
-            "{model}: {per_image:.0} minor page faults per image"
+            best < 300.0,
+            "{model}: {windows:.0?} minor page faults per image in each window"
         );
     }
 }
