@@ -37,6 +37,13 @@ pub struct ServeConfig {
     #[arg(long, env = "PRELOAD_MODELS", default_value = "all")]
     pub preload_models: String,
 
+    /// Exit at start (status 1) when a model of PRELOAD_MODELS fails to load (Triton's
+    /// `--exit-on-error`). Off by default: the process stays up, `/healthz` says why, and
+    /// `/readiness` answers 503 until the model loads (`POST /model/add`), so an orchestrator
+    /// sends it no traffic without restarting it in a loop over a broken file.
+    #[arg(long, env = "EXIT_ON_LOAD_ERROR", default_value_t = false, action = clap::ArgAction::Set)]
+    pub exit_on_load_error: bool,
+
     /// Most models loaded at once (Roboflow's MAX_ACTIVE_MODELS). Loading one more, on a
     /// request or a download, unloads the least recently used, so no client can fill memory
     /// with models. Default 16 (Roboflow's is 8): the bundled models all fit.
@@ -51,7 +58,7 @@ pub struct ServeConfig {
 
     /// Longest a request waits in the batcher for companions when a full batch cannot be formed
     /// (Triton's `max_queue_delay_microseconds`). A full batch is sent at once.
-    #[arg(long, env = "MAX_QUEUE_DELAY_MICROSECONDS", default_value_t = 2000)]
+    #[arg(long, env = "MAX_QUEUE_DELAY_MICROSECONDS", default_value_t = 2000, value_parser = within(0u64, 10_000_000))]
     pub max_queue_delay_us: u64,
 
     /// Images that may wait in one model's queue; beyond it a request is rejected at once
@@ -67,7 +74,7 @@ pub struct ServeConfig {
     /// Default deadline of an inference request, in seconds. A request that cannot be served
     /// in time is dropped before inference and answered 504. A client may shorten it (never
     /// lengthen it) with the `X-Request-Timeout-Ms` header.
-    #[arg(long, env = "REQUEST_TIMEOUT_S", default_value_t = 10.0)]
+    #[arg(long, env = "REQUEST_TIMEOUT_S", default_value_t = 10.0, value_parser = within(0.001, 86_400.0))]
     pub request_timeout_s: f64,
 
     /// Inference requests in the server at once, waiting for their turn or being served
@@ -79,7 +86,7 @@ pub struct ServeConfig {
 
     /// Seconds a connection may take to send a request's headers, and may stay idle between
     /// requests (keep-alive); then it is closed. Bounds what idle or slow connections hold.
-    #[arg(long, env = "HEADER_READ_TIMEOUT_S", default_value_t = 10.0)]
+    #[arg(long, env = "HEADER_READ_TIMEOUT_S", default_value_t = 10.0, value_parser = within(0.001, 86_400.0))]
     pub header_read_timeout_s: f64,
 
     /// Open connections served at once (64 more get health routes only; beyond that they are
@@ -95,12 +102,12 @@ pub struct ServeConfig {
     /// Pixels one ring slot holds (RGB, 3 bytes each). Larger JPEGs are decoded at 1/2, 1/4 or
     /// 1/8 scale to fit, larger images of other formats are shrunk to fit (either way far above
     /// any network input size); responses still report and map to the original size.
-    #[arg(long, env = "RING_SLOT_PIXELS", default_value_t = 2048 * 2048)]
+    #[arg(long, env = "RING_SLOT_PIXELS", default_value_t = 2048 * 2048, value_parser = within(64 * 64usize, 1 << 28))]
     pub ring_slot_pixels: usize,
 
     /// Share of the ring slots one model's requests may hold while other models are loaded
     /// (0.5: half). A model whose backlog reaches it gets 429 while the others are served.
-    #[arg(long, env = "RING_MODEL_SHARE", default_value_t = 0.5)]
+    #[arg(long, env = "RING_MODEL_SHARE", default_value_t = 0.5, value_parser = within(0.01, 1.0))]
     pub ring_model_share: f64,
 
     /// Directory of the ring's backing file (tmpfs). In containers give /dev/shm enough room:
@@ -109,28 +116,28 @@ pub struct ServeConfig {
     pub ring_dir: PathBuf,
 
     /// Largest accepted request body in bytes; beyond it the answer is 413.
-    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024, value_parser = within(1usize, 1 << 34))]
     pub max_body_bytes: usize,
 
     /// Bytes of request bodies the server holds at once, over every connection (bodies
     /// being received and bodies being parsed). Counted as bytes arrive, so a stalled body
     /// holds only what it sent; past it a request gets 429 with Retry-After.
-    #[arg(long, env = "MAX_BODY_MEMORY_BYTES", default_value_t = 512 * 1024 * 1024)]
+    #[arg(long, env = "MAX_BODY_MEMORY_BYTES", default_value_t = 512 * 1024 * 1024, value_parser = within(1usize, 1 << 40))]
     pub max_body_memory_bytes: usize,
 
     /// Largest body of the admin routes (`/model/add`, `/model/remove`): they carry a model
     /// id, never an image.
-    #[arg(long, env = "ADMIN_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    #[arg(long, env = "ADMIN_MAX_BODY_BYTES", default_value_t = 64 * 1024, value_parser = within(1usize, 1 << 30))]
     pub admin_max_body_bytes: usize,
 
     /// Work budget of one segmentation image: masks x pixels of the mask's output (the
     /// original image for RLE, the mask grid for polygons). A request past it is refused
     /// with 422 before any mask is computed.
-    #[arg(long, env = "MAX_MASK_WORK_PIXELS", default_value_t = 2_000_000_000)]
+    #[arg(long, env = "MAX_MASK_WORK_PIXELS", default_value_t = 2_000_000_000, value_parser = within(1u64, 1 << 50))]
     pub max_mask_work_pixels: u64,
 
     /// Largest image (width x height, from its header) accepted for decoding; beyond it 400.
-    #[arg(long, env = "MAX_IMAGE_PIXELS", default_value_t = 100_000_000)]
+    #[arg(long, env = "MAX_IMAGE_PIXELS", default_value_t = 100_000_000, value_parser = within(1u64, 1 << 34))]
     pub max_image_pixels: u64,
 
     /// Decode JPEGs much larger than the network input at 1/2, 1/4 or 1/8 scale in the DCT
@@ -159,11 +166,11 @@ pub struct ServeConfig {
 
     /// Largest model weights file a download accepts; beyond it the download is refused (502)
     /// and nothing is stored.
-    #[arg(long, env = "MODEL_DOWNLOAD_MAX_BYTES", default_value_t = 2 << 30)]
+    #[arg(long, env = "MODEL_DOWNLOAD_MAX_BYTES", default_value_t = 2 << 30, value_parser = within(1u64, 1 << 44))]
     pub model_download_max_bytes: u64,
 
     /// Deadline of one model's whole download (description, environment and weights).
-    #[arg(long, env = "MODEL_DOWNLOAD_TIMEOUT_S", default_value_t = 300)]
+    #[arg(long, env = "MODEL_DOWNLOAD_TIMEOUT_S", default_value_t = 300, value_parser = within(1u64, 86_400))]
     pub model_download_timeout_s: u64,
 
     /// Skip every model's static crop for every request (Roboflow's `DISABLE_PREPROC_STATIC_CROP`).
@@ -194,28 +201,28 @@ pub struct ServeConfig {
     pub url_allow_hosts: String,
 
     /// Largest image fetched from a URL, in bytes.
-    #[arg(long, env = "URL_MAX_BYTES", default_value_t = 20 * 1024 * 1024)]
+    #[arg(long, env = "URL_MAX_BYTES", default_value_t = 20 * 1024 * 1024, value_parser = within(1usize, 1 << 34))]
     pub url_max_bytes: usize,
 
     /// Time limit for fetching one URL image, in milliseconds.
-    #[arg(long, env = "URL_TIMEOUT_MS", default_value_t = 5000)]
+    #[arg(long, env = "URL_TIMEOUT_MS", default_value_t = 5000, value_parser = within(1u64, 3_600_000))]
     pub url_timeout_ms: u64,
 
     /// Threads of the async HTTP front end (0 = the CPU budget's share, see `CpuBudget`).
-    #[arg(long, env = "HTTP_THREADS", default_value_t = 0)]
+    #[arg(long, env = "HTTP_THREADS", default_value_t = 0, value_parser = within(0usize, 1024))]
     pub http_threads: usize,
 
     /// Threads of the decode pool, which also parses large request bodies
     /// (0 = the CPU budget's share).
-    #[arg(long, env = "DECODE_THREADS", default_value_t = 0)]
+    #[arg(long, env = "DECODE_THREADS", default_value_t = 0, value_parser = within(0usize, 1024))]
     pub decode_threads: usize,
 
     /// Threads of the preprocess pool (0 = the CPU budget's share).
-    #[arg(long, env = "PREPROCESS_THREADS", default_value_t = 0)]
+    #[arg(long, env = "PREPROCESS_THREADS", default_value_t = 0, value_parser = within(0usize, 1024))]
     pub preprocess_threads: usize,
 
     /// Threads of the postprocess pool (0 = the CPU budget's share).
-    #[arg(long, env = "POSTPROCESS_THREADS", default_value_t = 0)]
+    #[arg(long, env = "POSTPROCESS_THREADS", default_value_t = 0, value_parser = within(0usize, 1024))]
     pub postprocess_threads: usize,
 
     /// Inference instances per model (Triton's instance group `count`): each runs its own
@@ -248,17 +255,17 @@ pub struct ServeConfig {
 
     /// Seconds the server must be idle (no inference request in it) before freed memory is
     /// returned to the OS, once (0: never). While busy, freed memory is kept for reuse.
-    #[arg(long, env = "IDLE_TRIM_S", default_value_t = 1.0)]
+    #[arg(long, env = "IDLE_TRIM_S", default_value_t = 1.0, value_parser = within(0.0, 86_400.0))]
     pub idle_trim_s: f64,
 
     /// Seconds an inference instance beyond a model's first may stay idle before it stops
     /// and its session is freed. Instances start when a model's queue waits while every
     /// instance is busy and a core is free, up to INSTANCES_PER_MODEL.
-    #[arg(long, env = "INSTANCE_IDLE_TIMEOUT_S", default_value_t = 10.0)]
+    #[arg(long, env = "INSTANCE_IDLE_TIMEOUT_S", default_value_t = 10.0, value_parser = within(0.001, 86_400.0))]
     pub instance_idle_timeout_s: f64,
 
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT before the process exits.
-    #[arg(long, env = "DRAIN_TIMEOUT_S", default_value_t = 30.0)]
+    #[arg(long, env = "DRAIN_TIMEOUT_S", default_value_t = 30.0, value_parser = within(0.0, 86_400.0))]
     pub drain_timeout_s: f64,
 
     /// Log format: `text` or `json` (one JSON object per line). The level comes from LOG_LEVEL.
@@ -271,7 +278,7 @@ pub struct ServeConfig {
         env = "CVSERVE_INJECT_DELAY_MS",
         default_value_t = 0,
         hide = true
-    )]
+    , value_parser = within(0u64, 600_000))]
     pub inject_delay_ms: u64,
 
     /// Fault injection for tests: the N-th batch run of each model (1-based) fails.
@@ -307,7 +314,7 @@ pub struct OrtSettings {
     pub execution_providers: Option<ProviderChoice>,
 
     /// The GPU to run on (CUDA device ordinal).
-    #[arg(long, env = "DEVICE_ID", default_value_t = 0)]
+    #[arg(long, env = "DEVICE_ID", default_value_t = 0, value_parser = within(0i32, 1024))]
     pub device_id: i32,
 
     /// Where TensorRT keeps its engine and timing caches (default: `tensorrt-cache/` beside
@@ -352,10 +359,29 @@ pub const GPU_INSTANCES: usize = 2;
 fn parse_auto(s: &str) -> Result<Auto, String> {
     match s.trim() {
         "auto" | "0" | "" => Ok(Auto::Auto),
-        n => n
-            .parse::<usize>()
-            .map(Auto::Count)
-            .map_err(|_| format!("must be `auto` or a positive whole number, not {n}")),
+        n => match n.parse::<usize>() {
+            Ok(c) if c <= MAX_COUNT => Ok(Auto::Count(c)),
+            _ => Err(format!(
+                "must be `auto` or a whole number from 1 to {MAX_COUNT}, not {n}"
+            )),
+        },
+    }
+}
+
+/// Largest count an `auto` setting takes (threads, instances, batch).
+const MAX_COUNT: usize = 1024;
+
+/// A value parser that accepts a number from `lo` to `hi` (inclusive; NaN and infinities
+/// never). Every numeric setting is checked once, at start: an out-of-range one stops the
+/// start with its name and the accepted range, instead of failing requests later (a
+/// REQUEST_TIMEOUT_S of 1e20 once made every request's deadline panic).
+fn within<T>(lo: T, hi: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy + Send + Sync + 'static,
+{
+    move |s: &str| match s.trim().parse::<T>() {
+        Ok(v) if v >= lo && v <= hi => Ok(v),
+        _ => Err(format!("must be a number from {lo} to {hi}")),
     }
 }
 

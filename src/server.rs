@@ -175,6 +175,7 @@ fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> 
         http_client,
         uuid: uuid::Uuid::new_v4().simple().to_string()[..6].to_string(),
         ready: Default::default(),
+        preloaded: Default::default(),
         draining: Default::default(),
         drain_started: Default::default(),
         body_memory: Arc::new(tokio::sync::Semaphore::new(
@@ -258,14 +259,34 @@ fn preload_models(state: &AppState) {
             "more models to preload than MAX_ACTIVE_MODELS: the rest load on their first request"
         );
     }
-    for id in wanted.into_iter().take(max_active) {
-        if let Err(e) = state.engine.models().add(&id) {
-            // One broken model must not keep the others from serving.
+    let wanted: Vec<String> = wanted.into_iter().take(max_active).collect();
+    let mut failed = 0;
+    for id in &wanted {
+        if let Err(e) = state.engine.models().add(id) {
+            // One broken model does not keep the others from serving, but the replica is not
+            // ready (it cannot serve what it was asked to) unless EXIT_ON_LOAD_ERROR ends it.
             tracing::error!(model = id, error = %e, "model failed to load");
+            failed += 1;
         }
     }
+    if failed > 0 && state.cfg.exit_on_load_error {
+        tracing::error!(
+            failed,
+            "EXIT_ON_LOAD_ERROR: preloaded models failed to load; exiting"
+        );
+        std::process::exit(1);
+    }
+    let _ = state.preloaded.set(wanted);
     state.ready.store(true, Ordering::Release);
-    tracing::info!(models = state.engine.models().list().len(), "ready");
+    match state.readiness() {
+        http::Readiness::Ready => {
+            tracing::info!(models = state.engine.models().list().len(), "ready")
+        }
+        other => tracing::error!(
+            readiness = ?other,
+            "NOT READY: /readiness answers 503 until the failed models load (POST /model/add)"
+        ),
+    }
 }
 
 async fn shutdown_signal() {

@@ -55,7 +55,7 @@ fn auto_serves_on_the_cpu_and_reports_it() {
 }
 
 /// The model is reported failed with `needle` in its reason, and requests for it get a 500
-/// saying the same; the server itself stays up and ready.
+/// saying the same; the server itself stays up (alive) but is not ready, with the reason.
 fn assert_refused(s: &Server, needle: &str) {
     let health = s.get("/healthz").body;
     let why = health["models_failed_to_load"][MODEL]
@@ -67,12 +67,20 @@ fn assert_refused(s: &Server, needle: &str) {
     let r = classify(s);
     assert_eq!(r.status, 500);
     assert!(r.body["message"].as_str().unwrap().contains(needle));
-    assert_eq!(s.get("/readiness").status, 200);
+    let ready = s.get("/readiness");
+    assert_eq!(ready.status, 503);
+    assert!(
+        ready.body["models_failed_to_load"][MODEL]
+            .as_str()
+            .is_some_and(|why| why.contains(needle)),
+        "{:?}",
+        ready.body
+    );
 }
 
 #[test]
 fn cuda_asked_by_name_from_the_cpu_build_is_refused_with_the_reason() {
-    let s = Server::start(MODEL, &[("EXECUTION_PROVIDERS", "cuda")]);
+    let s = Server::start_settled(MODEL, &[("EXECUTION_PROVIDERS", "cuda")]);
     assert_refused(
         &s,
         "CUDAExecutionProvider is not in the loaded ONNX Runtime library",
@@ -81,7 +89,7 @@ fn cuda_asked_by_name_from_the_cpu_build_is_refused_with_the_reason() {
 
 #[test]
 fn roboflows_provider_list_is_honoured_the_same_way() {
-    let s = Server::start(
+    let s = Server::start_settled(
         MODEL,
         &[(
             "ONNXRUNTIME_EXECUTION_PROVIDERS",
@@ -112,4 +120,44 @@ fn an_unknown_provider_stops_the_server_at_start() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown execution provider 'gpu'"), "{err}");
+}
+
+#[test]
+fn exit_on_load_error_ends_the_process_when_a_preloaded_model_fails() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cvserve"))
+        .args(["serve"])
+        .env("HOST", "127.0.0.1")
+        .env("PORT", "0")
+        .env("MODEL_CACHE_DIR", common::repo().join("models"))
+        .env("ORT_DYLIB_PATH", common::ort_dylib())
+        .env("RING_DIR", std::env::temp_dir())
+        .env("PRELOAD_MODELS", MODEL)
+        .env("EXECUTION_PROVIDERS", "cuda")
+        .env("EXIT_ON_LOAD_ERROR", "true")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("EXIT_ON_LOAD_ERROR"), "{err}");
+    assert!(err.contains(MODEL), "{err}");
+}
+
+#[test]
+fn a_setting_out_of_range_stops_the_start_with_its_name() {
+    for (name, value) in [
+        ("REQUEST_TIMEOUT_S", "1e20"),
+        ("RING_MODEL_SHARE", "nan"),
+        ("HEADER_READ_TIMEOUT_S", "-1"),
+        ("INSTANCES_PER_MODEL", "100000"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cvserve"))
+            .args(["serve"])
+            .env("PORT", "0")
+            .env(name, value)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{name}={value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(name), "{name}={value}: {err}");
+    }
 }

@@ -268,7 +268,7 @@ fn a_corrupt_model_fails_alone_and_is_reported() {
             std::fs::write(dir.join("weights.onnx"), b"this is not an onnx file").unwrap();
         }
     }
-    let s = Server::start("all", &[("MODEL_CACHE_DIR", root.to_str().unwrap())]);
+    let s = Server::start_settled("all", &[("MODEL_CACHE_DIR", root.to_str().unwrap())]);
     let det = |m: &str| {
         s.post_json(
             "/infer/object_detection",
@@ -296,7 +296,17 @@ fn a_corrupt_model_fails_alone_and_is_reported() {
             health.body
         );
     }
-    assert_eq!(s.get("/readiness").status, 200);
+    // A replica that cannot serve a model it was asked to preload gets no traffic.
+    let ready = s.get("/readiness");
+    assert_eq!(ready.status, 503, "{:?}", ready.body);
+    for id in ["bad/1", "badmeta/1"] {
+        assert!(
+            ready.body["models_failed_to_load"][id].is_string(),
+            "{id}: {:?}",
+            ready.body
+        );
+    }
+    assert!(ready.body["models_failed_to_load"]["good/1"].is_null());
     let ids: Vec<_> = s.get("/model/registry").body["models"]
         .as_array()
         .unwrap()
@@ -304,6 +314,17 @@ fn a_corrupt_model_fails_alone_and_is_reported() {
         .map(|m| m["model_id"].clone())
         .collect();
     assert_eq!(ids, vec![json!("good/1")]);
+    // Repaired on disk and loaded again: ready.
+    for id in ["bad/1", "badmeta/1"] {
+        for f in ["environment.json", "weights.onnx"] {
+            std::fs::copy(src.join(f), root.join(id).join(f)).unwrap();
+        }
+        assert_eq!(
+            s.post_json("/model/add", &json!({"model_id": id})).status,
+            200
+        );
+    }
+    assert_eq!(s.get("/readiness").status, 200);
     std::fs::remove_dir_all(&root).ok();
 }
 

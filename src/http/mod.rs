@@ -35,8 +35,11 @@ pub struct AppState {
     pub url_policy: images::UrlPolicy,
     /// Six characters identifying this process (`/info`'s `uuid`).
     pub uuid: String,
-    /// Set once the preloaded models are loaded and warmed up.
+    /// Set once the preloaded models are loaded and warmed up (or failed to).
     pub ready: AtomicBool,
+    /// The models PRELOAD_MODELS named, once their loading has been tried: while one of
+    /// them is failed, the server is not ready.
+    pub preloaded: std::sync::OnceLock<Vec<String>>,
     /// Set when shutdown begins.
     pub draining: AtomicBool,
     /// Notified when shutdown begins: requests still waiting for their bodies give up.
@@ -48,10 +51,40 @@ pub struct AppState {
     pub in_flight: InFlight,
 }
 
+/// Whether the server should get traffic (`/readiness`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// The preloaded models are still loading and warming up.
+    Loading,
+    /// Shutdown has begun.
+    Draining,
+    /// Models named in PRELOAD_MODELS failed to load (id, why): a replica that cannot
+    /// serve them gets no traffic until `/model/add` loads them.
+    Failed(Vec<(String, String)>),
+}
+
 impl AppState {
-    /// Ready to take traffic: models warmed up and not shutting down.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+    pub fn readiness(&self) -> Readiness {
+        if self.draining.load(Ordering::Acquire) {
+            return Readiness::Draining;
+        }
+        if !self.ready.load(Ordering::Acquire) {
+            return Readiness::Loading;
+        }
+        let preloaded = self.preloaded.get().map_or(&[][..], Vec::as_slice);
+        let failed: Vec<(String, String)> = self
+            .engine
+            .models()
+            .failed()
+            .into_iter()
+            .filter(|(id, _)| preloaded.contains(id))
+            .collect();
+        if failed.is_empty() {
+            Readiness::Ready
+        } else {
+            Readiness::Failed(failed)
+        }
     }
 }
 

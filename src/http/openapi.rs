@@ -151,7 +151,7 @@ fn healthz() {}
 #[utoipa::path(get, path = "/readiness", tag = "service",
     responses(
         (status = 200, description = "Every preloaded model is loaded and warmed up", body = serde_json::Value),
-        (status = 503, description = "Starting or shutting down", body = serde_json::Value)))]
+        (status = 503, description = "Loading, shutting down, or a preloaded model failed to load (`reason`, `models_failed_to_load`)", body = serde_json::Value)))]
 fn readiness() {}
 
 #[utoipa::path(get, path = "/info", tag = "service",

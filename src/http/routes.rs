@@ -221,14 +221,7 @@ async fn route(
             }
             Ok(json(StatusCode::OK, &body))
         }
-        (&Method::GET, "/readiness") => Ok(if state.is_ready() {
-            json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
-        } else {
-            json(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &serde_json::json!({"status": "not ready"}),
-            )
-        }),
+        (&Method::GET, "/readiness") => Ok(readiness(state)),
         (&Method::GET, "/metrics") => Ok(metrics(state)),
         (&Method::GET, "/model/registry") => Ok(registry(state)),
         (&Method::POST, "/model/add") => model_add(state, req).await,
@@ -258,6 +251,30 @@ fn asset(body: impl Into<Bytes>, content_type: &'static str) -> HttpResponse {
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
+}
+
+/// 200 `{"status": "ready"}`, or 503 `{"status": "not ready", "reason": ...}` (with
+/// `models_failed_to_load` when preloaded models failed).
+fn readiness(state: &AppState) -> HttpResponse {
+    use super::Readiness;
+    let not_ready = |reason: &str| serde_json::json!({"status": "not ready", "reason": reason});
+    match state.readiness() {
+        Readiness::Ready => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
+        Readiness::Loading => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &not_ready("loading the preloaded models"),
+        ),
+        Readiness::Draining => json(StatusCode::SERVICE_UNAVAILABLE, &not_ready("shutting down")),
+        Readiness::Failed(failed) => {
+            let mut body = not_ready("preloaded models failed to load");
+            body["models_failed_to_load"] = failed
+                .into_iter()
+                .map(|(id, why)| (id, why.into()))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+            json(StatusCode::SERVICE_UNAVAILABLE, &body)
+        }
+    }
 }
 
 /// Roboflow's `/info` (`name`, `version`, `uuid`), plus how each loaded model is served.

@@ -70,6 +70,21 @@ impl Server {
         server
     }
 
+    /// Starts a server whose preloaded models may fail to load, and waits until their
+    /// loading has been tried: ready, or not ready because they failed.
+    pub fn start_settled(models: &str, env: &[(&str, &str)]) -> Server {
+        let server = Self::spawn(models, env);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(120) {
+            let r = server.get("/readiness");
+            if r.status == 200 || r.body["reason"] == "preloaded models failed to load" {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("preloading did not end:\n{}", server.logs());
+    }
+
     /// Starts a server and returns as soon as it listens (before it is ready).
     pub fn spawn(models: &str, env: &[(&str, &str)]) -> Server {
         let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
