@@ -281,11 +281,12 @@ pub struct ServeConfig {
     , value_parser = within(0u64, 600_000))]
     pub inject_delay_ms: u64,
 
-    /// Fault injection for tests: the N-th batch run of each model (1-based) fails.
-    /// Test setting: the model the injected faults apply to (default: every model).
+    /// Fault injection for tests: the model the injected faults apply to (default: every
+    /// model).
     #[arg(long, env = "CVSERVE_INJECT_MODEL", hide = true)]
     pub inject_model: Option<String>,
 
+    /// Fault injection for tests: the N-th batch run of each model (1-based) fails.
     #[arg(long, env = "CVSERVE_INJECT_FAIL_BATCH", hide = true)]
     pub inject_fail_batch: Option<u64>,
 

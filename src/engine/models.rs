@@ -358,7 +358,7 @@ fn load(
             }
             probes.push(
                 backend
-                    .run(&input, probe_rows, spec.height, spec.width)
+                    .run(&mut input, probe_rows, spec.height, spec.width)
                     .map_err(|e| failed(format!("probe inference failed: {e}")))?,
             );
         }
@@ -389,9 +389,9 @@ fn load(
     let warm_started = std::time::Instant::now();
     for backend in backends.iter_mut().chain(lone.iter_mut()) {
         for &rows in &warm_sizes {
-            let zeros = backend.alloc_batch(rows * spec.image_len());
+            let mut zeros = backend.alloc_batch(rows * spec.image_len());
             backend
-                .run(&zeros, rows, spec.height, spec.width)
+                .run(&mut zeros, rows, spec.height, spec.width)
                 .map_err(|e| failed(format!("warm-up inference failed: {e}")))?;
         }
     }
@@ -433,8 +433,8 @@ fn load(
                 Some(&profile),
             )?);
             for &rows in &warm_sizes {
-                let zeros = b.alloc_batch(rows * spec.image_len());
-                b.run(&zeros, rows, spec.height, spec.width)
+                let mut zeros = b.alloc_batch(rows * spec.image_len());
+                b.run(&mut zeros, rows, spec.height, spec.width)
                     .map_err(|e| format!("warm-up inference failed: {e}"))?;
             }
             Ok(faulty(b))

@@ -13,20 +13,43 @@ pub struct BatchBuffer {
 }
 
 // SAFETY: the buffer is owned by one holder at a time (moved between the batcher and the
-// instances), and `_owner` (Send + Sync) keeps the memory alive and in place.
+// instances), and `_owner` (Send + Sync) keeps the memory alive and in place; shared
+// references only read it.
 unsafe impl Send for BatchBuffer {}
 unsafe impl Sync for BatchBuffer {}
+
+/// Heap floats owned through a raw pointer, so that the pointer a `BatchBuffer` keeps was
+/// never derived from a `Box` that moves afterwards (moving a `Box` asserts it is the only
+/// way to the memory, which would invalidate that pointer).
+struct HeapFloats(*mut [f32]);
+
+impl HeapFloats {
+    fn zeroed(len: usize) -> Self {
+        Self(Box::into_raw(vec![0f32; len].into_boxed_slice()))
+    }
+}
+
+impl Drop for HeapFloats {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` came from `Box::into_raw` in `zeroed` and is freed only here.
+        drop(unsafe { Box::from_raw(self.0) });
+    }
+}
+
+// SAFETY: `HeapFloats` owns its allocation alone, like the `Box` it came from; all access
+// goes through the `BatchBuffer` that holds it.
+unsafe impl Send for HeapFloats {}
+unsafe impl Sync for HeapFloats {}
 
 impl BatchBuffer {
     /// `len` zeroed floats on the heap.
     pub fn heap(len: usize) -> Self {
-        let mut data = vec![0f32; len].into_boxed_slice();
-        let ptr = data.as_mut_ptr();
+        let floats = HeapFloats::zeroed(len);
         Self {
-            ptr,
+            ptr: floats.0.cast(),
             len,
             pinned: false,
-            _owner: Box::new(data),
+            _owner: Box::new(floats),
         }
     }
 
@@ -86,7 +109,8 @@ enum Owner {
 
 type GiveBack = Box<dyn FnOnce(Vec<f32>) + Send + Sync>;
 
-// SAFETY: `ptr` points into memory `owner` owns and never moves; it is only read.
+// SAFETY: `ptr` (used for `Owner::Other` only) points into memory `owner` owns, which never
+// moves and is only read; the vector case is an ordinary owned `Vec`.
 unsafe impl Send for OutputBuffer {}
 unsafe impl Sync for OutputBuffer {}
 
@@ -97,7 +121,7 @@ impl OutputBuffer {
         give_back: impl FnOnce(Vec<f32>) + Send + Sync + 'static,
     ) -> Self {
         Self {
-            ptr: data.as_ptr(),
+            ptr: std::ptr::null(),
             len: data.len(),
             owner: Owner::Vec(data, Some(Box::new(give_back))),
         }
@@ -120,7 +144,7 @@ impl OutputBuffer {
 impl From<Vec<f32>> for OutputBuffer {
     fn from(data: Vec<f32>) -> Self {
         Self {
-            ptr: data.as_ptr(),
+            ptr: std::ptr::null(),
             len: data.len(),
             owner: Owner::Vec(data, None),
         }
@@ -130,8 +154,12 @@ impl From<Vec<f32>> for OutputBuffer {
 impl std::ops::Deref for OutputBuffer {
     type Target = [f32];
     fn deref(&self) -> &[f32] {
-        // SAFETY: see `from_owner`; a vector's heap memory does not move with it.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+        match &self.owner {
+            Owner::Vec(data, _) => data,
+            // SAFETY: the caller of `from_owner` promised that `ptr` is valid for reads of
+            // `len` floats while `owner` lives, and unwritten meanwhile.
+            Owner::Other(_) => unsafe { std::slice::from_raw_parts(self.ptr, self.len) },
+        }
     }
 }
 
@@ -203,10 +231,11 @@ pub trait Backend: Send {
         BatchBuffer::heap(len)
     }
 
-    /// Runs `batch` images laid out as `[batch, 3, height, width]` in `input`.
+    /// Runs `batch` images laid out as `[batch, 3, height, width]` in `input`. Exclusive
+    /// (`&mut`): ONNX Runtime's raw tensor views are typed mutable even when only read.
     fn run(
         &mut self,
-        input: &BatchBuffer,
+        input: &mut BatchBuffer,
         batch: usize,
         height: u32,
         width: u32,
@@ -264,7 +293,7 @@ impl Backend for FaultyBackend {
 
     fn run(
         &mut self,
-        input: &BatchBuffer,
+        input: &mut BatchBuffer,
         batch: usize,
         height: u32,
         width: u32,

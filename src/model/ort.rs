@@ -302,21 +302,40 @@ impl OrtBackend {
         })
     }
 
-    /// Runs with every output written into a preallocated buffer.
+    /// Runs with every output written into a preallocated buffer. Whatever happens, the
+    /// binding is cleared before the buffers can go back to the pool: a binding left
+    /// pointing into a pooled buffer would let a later run write into memory that
+    /// postprocessing is reading.
     fn run_bound(
         &mut self,
         batch: usize,
         input: &Tensor<f32>,
     ) -> Result<Vec<OutputTensor>, ort::Error> {
-        self.binding.bind_input(&self.input_name, input)?;
         let mut results = Vec::with_capacity(self.outputs.len());
+        let run = self.bind_and_run(batch, input, &mut results);
+        self.binding.clear_outputs();
+        self.binding.clear_inputs();
+        // Only now may the buffers (on an error, all of them) go back to the pool.
+        run.map(|()| results)
+    }
+
+    /// Binds `input` and one pooled buffer per output (each pushed to `results` as soon as
+    /// it is bound) and runs; the caller clears the binding whether or not this succeeds.
+    fn bind_and_run(
+        &mut self,
+        batch: usize,
+        input: &Tensor<f32>,
+        results: &mut Vec<OutputTensor>,
+    ) -> Result<(), ort::Error> {
+        self.binding.bind_input(&self.input_name, input)?;
         for o in &self.outputs {
             let item = o.item_shape.as_ref().expect("checked by the caller");
             let mut shape = vec![batch];
             shape.extend_from_slice(item);
             let mut buf = self.take_buffer(shape.iter().product());
-            // SAFETY: `buf` is CPU memory of exactly the tensor's size; it outlives the bound
-            // value, which `clear_outputs` below releases before the buffer is handed on.
+            // SAFETY: `buf` is CPU memory of exactly the tensor's size. Its heap memory does
+            // not move when `buf` moves into `results`, which outlives the bound value:
+            // `run_bound` clears the binding before `results` is returned or dropped.
             let value = unsafe {
                 TensorRefMut::<f32>::from_raw(
                     self.cpu_memory.clone(),
@@ -324,18 +343,14 @@ impl OrtBackend {
                     Shape::new(shape.iter().map(|&d| d as i64)),
                 )?
             };
-            self.binding.bind_output(&o.name, value)?;
             results.push(OutputTensor {
                 name: o.name.clone(),
                 shape,
                 data: self.lend(buf),
             });
+            self.binding.bind_output(&o.name, value)?;
         }
-        let run = self.session.run_binding(&self.binding).map(drop);
-        self.binding.clear_outputs();
-        self.binding.clear_inputs();
-        run?;
-        Ok(results)
+        self.session.run_binding(&self.binding).map(drop)
     }
 
     /// Runs with outputs allocated by ONNX Runtime, handed on as they are (no copy).
@@ -352,7 +367,8 @@ impl OrtBackend {
             let (shape, data) = value.try_extract_tensor_mut::<f32>()?;
             let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
             let (ptr, len) = (data.as_ptr(), data.len());
-            // SAFETY: the value owns the `len` floats at `ptr` and moves into the buffer.
+            // SAFETY: the value owns the `len` floats at `ptr` (ONNX Runtime's allocation, which
+            // does not move with the `Value`) and moves into the buffer, which only reads them.
             let data = unsafe { OutputBuffer::from_owner(ptr, len, Box::new(value)) };
             result.push(OutputTensor { name, shape, data });
         }
@@ -534,7 +550,7 @@ impl Backend for OrtBackend {
 
     fn run(
         &mut self,
-        input: &BatchBuffer,
+        input: &mut BatchBuffer,
         batch: usize,
         height: u32,
         width: u32,
@@ -556,12 +572,13 @@ impl Backend for OrtBackend {
                 MemoryType::CPUInput,
             )
             .map_err(err)?;
-            // SAFETY: the first `n` floats of `input` are valid pinned memory and outlive the
-            // run (the binding is cleared before `run` returns); ONNX Runtime only reads them.
+            // SAFETY: the first `n` floats of `input` are valid pinned memory, borrowed
+            // exclusively (`&mut`) for this call; `view` is dropped before it returns, and
+            // `run_tensor` clears any binding of it (`run_bound`) before that.
             let view = unsafe {
                 TensorRefMut::<f32>::from_raw(
                     info,
-                    input.as_ptr().cast_mut().cast(),
+                    input.as_mut_ptr().cast(),
                     Shape::new(shape.iter().map(|&d| d as i64)),
                 )
             }
@@ -613,7 +630,7 @@ mod tests {
         let mut buffer = backend.alloc_batch(data.len());
         assert!(!buffer.is_pinned());
         buffer.copy_from_slice(&data);
-        let plain = backend.run(&buffer, 2, h as u32, w as u32).unwrap();
+        let plain = backend.run(&mut buffer, 2, h as u32, w as u32).unwrap();
         assert_eq!(bound.len(), 2);
         for (b, p) in bound.iter().zip(&plain) {
             assert_eq!(b.name, p.name);
@@ -629,6 +646,34 @@ mod tests {
         reused.sort();
         assert_eq!(first, reused, "the second run writes into the same buffers");
         assert!(backend.pool.lock().is_empty());
+    }
+
+    /// A run that fails half-way through binding (here the second output's name cannot be
+    /// passed to ONNX Runtime) leaves nothing bound: its pooled buffers are back in the pool,
+    /// and a binding still pointing into one would let the next run write into it.
+    #[test]
+    fn a_bound_run_that_fails_leaves_nothing_bound() {
+        let env = environment(&dylib()).unwrap();
+        let mut backend = OrtBackend::load(
+            env,
+            &model(),
+            &SessionOptions::cpu(1),
+            &PrepackedWeights::new(),
+            None,
+        )
+        .unwrap();
+        let (h, w) = (640usize, 640usize);
+        let input =
+            Tensor::from_array(([1, 3, h, w], vec![0.5f32; 3 * h * w].into_boxed_slice())).unwrap();
+        let good = backend.outputs[1].name.clone();
+        backend.outputs[1].name = "no\0such output".into();
+        assert!(backend.run_bound(1, &input).is_err());
+        assert_eq!(backend.pool.lock().len(), 2, "both buffers are back");
+        // Nothing is bound (not the input, not the first output): running the binding as it
+        // was left fails on the missing input instead of writing into a pooled buffer.
+        assert!(backend.session.run_binding(&backend.binding).is_err());
+        backend.outputs[1].name = good;
+        assert_eq!(backend.run_bound(1, &input).unwrap().len(), 2);
     }
 
     #[test]

@@ -553,7 +553,7 @@ mod tests {
 
         fn run(
             &mut self,
-            input: &BatchBuffer,
+            input: &mut BatchBuffer,
             batch: usize,
             h: u32,
             w: u32,

@@ -130,7 +130,7 @@ impl Instance {
         let spec = self.runtime.spec;
         let label = self.index.to_string();
         while let Some(Batch {
-            tensor,
+            mut tensor,
             mut jobs,
             lone,
         }) = self.next_batch()
@@ -182,7 +182,7 @@ impl Instance {
                 };
                 let started = Instant::now();
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    backend.run(&tensor, rows, spec.height, spec.width)
+                    backend.run(&mut tensor, rows, spec.height, spec.width)
                 }))
                 .unwrap_or_else(|_| Err(BackendError("the inference stage panicked".into())));
                 METRICS

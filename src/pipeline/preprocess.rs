@@ -276,10 +276,6 @@ fn equalize_hist(grey: &mut [u8]) {
     }
 }
 
-/// OpenCV's CLAHE with Roboflow's settings (clip limit 0.03, 8x8 tiles), in place: a clipped
-/// histogram per tile (on the image extended by reflection to a multiple of the tiles, as
-/// OpenCV does), its cumulative table, and each pixel interpolated bilinearly between the
-/// tables of the four nearest tiles.
 /// Rounds half to even, as OpenCV's `cvRound`, for `0 <= x < 2^22`: adding and subtracting
 /// 1.5 x 2^23 leaves the nearest integer. `f32::round_ties_even` is a libm call on baseline
 /// x86-64 (no SSE4.1 round instruction), once per pixel here.
@@ -289,6 +285,10 @@ fn round_half_even(x: f32) -> f32 {
     (x + MAGIC) - MAGIC
 }
 
+/// OpenCV's CLAHE with Roboflow's settings (clip limit 0.03, 8x8 tiles), in place: a clipped
+/// histogram per tile (on the image extended by reflection to a multiple of the tiles, as
+/// OpenCV does), its cumulative table, and each pixel interpolated bilinearly between the
+/// tables of the four nearest tiles.
 fn clahe(grey: &mut [u8], w: usize, h: usize) {
     clahe_with(grey, w, h, 0.03);
 }

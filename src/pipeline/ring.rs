@@ -27,17 +27,13 @@ pub struct Ring {
     released: tokio::sync::Notify,
 }
 
-// SAFETY: the mapping is only written through a `SlotHandle`, and each slot index is owned by
+// SAFETY: `base` points into the mapping `_mmap` keeps alive and in place for the ring's
+// life. It is only read or written through a `SlotHandle`, and each slot index is owned by
 // exactly one handle at a time (the free queue hands every index out once until it comes back).
 unsafe impl Send for Ring {}
 unsafe impl Sync for Ring {}
 
 impl Ring {
-    /// Creates the backing file `<dir>/cvserve-ring-<pid>` (`-<n>` for the n-th further ring
-    /// of the process, e.g. in tests) and maps it.
-    ///
-    /// Fails with a clear message when `dir` has less free space than the ring needs, rather
-    /// than dying later with SIGBUS when a page of a full tmpfs is first touched.
     /// Like [`Ring::create`], but when `dir` is too small for `slots` slots (Docker's default
     /// `/dev/shm` is 64 MiB) it creates as many as fit, at least [`MIN_FITTED_SLOTS`], and
     /// says so in the log; below that it fails with what to do. Stale ring files of dead
@@ -73,7 +69,14 @@ impl Ring {
         Self::create(dir, fitted, slot_bytes)
     }
 
+    /// Creates the backing file `<dir>/cvserve-ring-<pid>-<random>` (created new, mode 0600:
+    /// no other process can have planted or opened it) and maps it. Its whole size is
+    /// allocated now (`posix_fallocate`): a tmpfs that fills up later cannot make a first
+    /// touch of a slot kill the server with SIGBUS, and a directory without the room fails
+    /// here with a clear message.
     pub fn create(dir: &Path, slots: usize, slot_bytes: usize) -> anyhow::Result<Arc<Self>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::AsRawFd;
         anyhow::ensure!(
             slots > 0 && slot_bytes > 0,
             "ring needs at least one non-empty slot"
@@ -82,23 +85,36 @@ impl Ring {
             .checked_mul(slot_bytes)
             .ok_or_else(|| anyhow::anyhow!("ring size overflows"))?;
         check_free_space(dir, total)?;
-        static RINGS: AtomicUsize = AtomicUsize::new(0);
-        let name = match RINGS.fetch_add(1, Ordering::Relaxed) {
-            0 => format!("cvserve-ring-{}", std::process::id()),
-            n => format!("cvserve-ring-{}-{n}", std::process::id()),
-        };
+        let name = format!(
+            "cvserve-ring-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        );
         let path = dir.join(name);
         let file: File = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| anyhow::anyhow!("cannot create ring file {}: {e}", path.display()))?;
-        file.set_len(total as u64)?;
-        // SAFETY: the file is ours (pid-named, truncated); nobody else resizes it.
+        // From here on the file is removed again on every error (and when the ring drops).
+        let remove = RemoveOnError(&path);
+        // SAFETY: `file` is an open descriptor for the duration of the call.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, total as libc::off_t) };
+        anyhow::ensure!(
+            rc == 0,
+            "cannot allocate the {} MiB ring in {}: {} (RING_SLOTS x RING_SLOT_PIXELS x 3; give it more room, e.g. docker --shm-size)",
+            total >> 20,
+            dir.display(),
+            std::io::Error::from_raw_os_error(rc)
+        );
+        // SAFETY: the file was created new by this call with mode 0600 and its name is
+        // random, so no other process has it open; this process never resizes it, and its
+        // blocks are allocated, so no access within `total` bytes can fault with SIGBUS.
         let mut mmap = unsafe { MmapMut::map_mut(&file) }
             .map_err(|e| anyhow::anyhow!("cannot map ring file {}: {e}", path.display()))?;
+        std::mem::forget(remove);
         let base = mmap.as_mut_ptr();
         let free = ArrayQueue::new(slots);
         for i in 0..slots {
@@ -192,6 +208,15 @@ impl Drop for Ring {
     }
 }
 
+/// Removes a half-made ring file unless forgotten.
+struct RemoveOnError<'a>(&'a Path);
+
+impl Drop for RemoveOnError<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
+}
+
 /// Fewest slots a ring shrunk to fit its directory may have.
 pub const MIN_FITTED_SLOTS: usize = 4;
 
@@ -212,8 +237,10 @@ pub fn free_space(dir: &Path) -> anyhow::Result<u64> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
     let c = CString::new(dir.as_os_str().as_bytes())?;
-    // SAFETY: statvfs only writes into the struct we pass.
+    // SAFETY: `statvfs` is plain integers, for which all-zero bytes are a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and statvfs only writes into `st`; both outlive
+    // the call.
     let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
     anyhow::ensure!(
         rc == 0,
@@ -385,6 +412,34 @@ mod tests {
         assert!(path.exists());
         drop(ring);
         assert!(!path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The ring's file is fully allocated (not sparse: no SIGBUS when its tmpfs fills up
+    /// later), private to its owner, and named unpredictably.
+    #[test]
+    fn the_backing_file_is_allocated_private_and_unpredictable() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = std::env::temp_dir().join(format!("cvserve-ring-alloc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (
+            Ring::create(&dir, 4, 1 << 20).unwrap(),
+            Ring::create(&dir, 1, 4096).unwrap(),
+        );
+        let meta = std::fs::metadata(a.path()).unwrap();
+        assert_eq!(meta.len(), 4 << 20);
+        assert!(
+            meta.blocks() * 512 >= 4 << 20,
+            "sparse: {} blocks",
+            meta.blocks()
+        );
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_ne!(a.path(), b.path());
+        let name = a.path().file_name().unwrap().to_str().unwrap().to_owned();
+        let pid = std::process::id().to_string();
+        let random = name.strip_prefix(&format!("cvserve-ring-{pid}-")).unwrap();
+        assert_eq!(random.len(), 32, "{name}");
+        drop((a, b));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

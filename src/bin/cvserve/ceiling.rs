@@ -175,12 +175,12 @@ fn grey(session: &OrtBackend, batch: usize, h: u32, w: u32) -> BatchBuffer {
 
 /// Median of 15 batch-1 runs of one session alone (after a warm-up run).
 fn batch1_latency(session: &mut OrtBackend, batch: usize, h: u32, w: u32) -> anyhow::Result<f64> {
-    let input = grey(session, batch, h, w);
+    let mut input = grey(session, batch, h, w);
     let mut times = Vec::new();
     for i in 0..16 {
         let started = Instant::now();
         session
-            .run(&input, batch, h, w)
+            .run(&mut input, batch, h, w)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         if i > 0 {
             times.push(started.elapsed().as_secs_f64() * 1000.0);
@@ -207,15 +207,15 @@ fn measure(
         for session in sessions.iter_mut() {
             let (images, stop, start, failed) = (&images, &stop, &start, Arc::clone(&failed));
             s.spawn(move || {
-                let input = grey(session, batch, h, w);
-                let warm = session.run(&input, batch, h, w);
+                let mut input = grey(session, batch, h, w);
+                let warm = session.run(&mut input, batch, h, w);
                 start.wait();
                 if let Err(e) = warm {
                     *failed.lock() = Some(e.to_string());
                     return;
                 }
                 while !stop.load(Ordering::Relaxed) {
-                    if let Err(e) = session.run(&input, batch, h, w) {
+                    if let Err(e) = session.run(&mut input, batch, h, w) {
                         *failed.lock() = Some(e.to_string());
                         return;
                     }
