@@ -186,9 +186,9 @@ impl Metrics {
     }
 
     /// Counts an image that did not get a normal answer.
-    pub fn outcome(&self, model: &str, outcome: &str, stage: &str) {
+    pub fn outcome(&self, model: &str, outcome: Outcome, stage: Stage) {
         self.outcomes_total
-            .with_label_values(&[model, outcome, stage])
+            .with_label_values(&[model, outcome.label(), stage.label()])
             .inc();
     }
 
@@ -205,6 +205,73 @@ impl Metrics {
 pub static METRICS: LazyLock<Metrics> =
     LazyLock::new(|| Metrics::new().expect("metric definitions are valid"));
 
+/// How an image that got no normal answer ended (`outcome` label of
+/// `cvserve_image_outcomes_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Refused before it was worked on (429, 422).
+    Rejected,
+    /// Its deadline passed (504).
+    TimedOut,
+    /// Its client went away.
+    Cancelled,
+    /// A stage failed on it (500, 400).
+    Failed,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Rejected => "rejected",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// Where it ended (`stage` label of `cvserve_image_outcomes_total`), in the order a request
+/// meets them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// MAX_INFLIGHT_REQUESTS, on the headers.
+    Admission,
+    /// The model's line: its predicted wait does not fit the deadline.
+    WaitingRoom,
+    /// Waiting for ring slots.
+    Waiting,
+    Decode,
+    /// The model's queue (MAX_QUEUE_SIZE).
+    Queue,
+    BeforePreprocess,
+    Preprocess,
+    BeforeInference,
+    Inference,
+    AfterInference,
+    Postprocess,
+    /// MAX_MASK_WORK_PIXELS.
+    WorkBudget,
+}
+
+impl Stage {
+    pub fn label(self) -> &'static str {
+        match self {
+            Stage::Admission => "admission",
+            Stage::WaitingRoom => "waiting_room",
+            Stage::Waiting => "waiting",
+            Stage::Decode => "decode",
+            Stage::Queue => "queue",
+            Stage::BeforePreprocess => "before_preprocess",
+            Stage::Preprocess => "preprocess",
+            Stage::BeforeInference => "before_inference",
+            Stage::Inference => "inference",
+            Stage::AfterInference => "after_inference",
+            Stage::Postprocess => "postprocess",
+            Stage::WorkBudget => "work_budget",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,7 +280,7 @@ mod tests {
     fn renders_labelled_histograms_and_counters() {
         let m = Metrics::new().unwrap();
         m.batch_size.with_label_values(&["a/1"]).observe(4.0);
-        m.outcome("a/1", "cancelled", "before_inference");
+        m.outcome("a/1", Outcome::Cancelled, Stage::BeforeInference);
         m.requests_total
             .with_label_values(&["a/1", "/infer/object_detection", "200"])
             .inc();

@@ -16,7 +16,7 @@ use futures_util::future::try_join_all;
 use tokio::sync::oneshot;
 
 use crate::geometry::{DisabledSteps, ResizeMode};
-use crate::metrics::METRICS;
+use crate::metrics::{Outcome, Stage, METRICS};
 use crate::model::download::{DownloadError, Downloader};
 use crate::model::repository::TaskType;
 use crate::pipeline::batcher::SubmitError;
@@ -158,7 +158,7 @@ impl Engine {
             Ok(ticket) => Ok(Some(ticket)),
             Err(refusal) => {
                 METRICS.admission_refused.inc();
-                METRICS.outcome(model_id, "rejected", "admission");
+                METRICS.outcome(model_id, Outcome::Rejected, Stage::Admission);
                 Err(EngineError::Overloaded {
                     ahead: refusal.ahead,
                     predicted: refusal.predicted,
@@ -284,7 +284,7 @@ impl Engine {
         .await
         .inspect_err(|e| {
             if matches!(e, EngineError::Decode(DecodeError::DeadlineExceeded)) {
-                METRICS.outcome(model_id, "timed_out", "decode");
+                METRICS.outcome(model_id, Outcome::TimedOut, Stage::Decode);
             }
         })?;
         METRICS
@@ -305,7 +305,7 @@ impl Engine {
                 deadline,
             };
             model.queue.try_submit(job).map_err(|(e, _)| {
-                METRICS.outcome(model_id, "rejected", "queue");
+                METRICS.outcome(model_id, Outcome::Rejected, Stage::Queue);
                 EngineError::Submit(e)
             })?;
             pending.push((answer, width, height));
@@ -317,7 +317,7 @@ impl Engine {
                     .map_err(|_| EngineError::Internal("the pipeline dropped the request"))??,
                 // Nobody waits any more: the pipeline drops the job (or discards its late result).
                 Err(_) => {
-                    METRICS.outcome(model_id, "timed_out", "waiting");
+                    METRICS.outcome(model_id, Outcome::TimedOut, Stage::Waiting);
                     return Err(PipelineError::DeadlineExceeded("still in the pipeline").into());
                 }
             };
@@ -403,7 +403,7 @@ impl Engine {
         let slots = tokio::select! {
             slots = waiting => slots?,
             refusal = turned_away => {
-                METRICS.outcome(&model.meta.id, "rejected", "waiting_room");
+                METRICS.outcome(&model.meta.id, Outcome::Rejected, Stage::WaitingRoom);
                 return Err(EngineError::Overloaded {
                     ahead: refusal.ahead,
                     predicted: refusal.predicted,
@@ -424,7 +424,7 @@ impl Engine {
         deadline: Instant,
     ) -> Result<Vec<SlotHandle>, EngineError> {
         let too_late = || {
-            METRICS.outcome(&model.meta.id, "rejected", "waiting_room");
+            METRICS.outcome(&model.meta.id, Outcome::Rejected, Stage::WaitingRoom);
             EngineError::WaitedPastDeadline {
                 model: model.meta.id.clone(),
             }

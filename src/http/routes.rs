@@ -21,7 +21,7 @@ use super::response::{json, ImageSize, InferResponse, ModelsDescriptions, Resolv
 use super::{AppState, ConnectionClass};
 use crate::engine::admission::Ticket;
 use crate::engine::{Engine, ImageInput};
-use crate::metrics::METRICS;
+use crate::metrics::{Outcome, Stage, METRICS};
 use crate::model::repository::TaskType;
 use crate::tasks::segmentation::SegmentationParams;
 use crate::tasks::TaskParams;
@@ -174,7 +174,7 @@ async fn route(
         // known (see `engine::admission`): from the path, or the body's first 64 KiB, so a
         // refused body is not buffered unless it names its model only after that.
         let Some(_presence) = state.engine.activity().enter() else {
-            METRICS.outcome("none", "rejected", "admission");
+            METRICS.outcome("none", Outcome::Rejected, Stage::Admission);
             discard_body(state, req);
             return Err(ApiError::overloaded(
                 "Server overloaded: MAX_INFLIGHT_REQUESTS inference requests are in the server; retry shortly",

@@ -22,16 +22,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{after, bounded, never, select, unbounded, Receiver, Sender, TrySendError};
-use tokio::sync::oneshot;
 
-use super::cores::CoreBudget;
-use super::instance::{Batch, Done, Instance, LoneBackend};
+use super::instance::Instance;
+use super::job::{Batch, Done, LoneBackend, PreparedJob};
+pub use super::job::{InstanceFactory, InstancePolicy, ModelRuntime};
 use super::preprocess::preprocess_into;
-use super::{Job, JobResult, PipelineError, Pools};
-use crate::geometry::{Geometry, InputSpec};
-use crate::metrics::METRICS;
+use super::{Job, PipelineError, Pools};
+use crate::geometry::Geometry;
+use crate::metrics::{Outcome, Stage, METRICS};
 use crate::model::backend::{Backend, BatchBuffer};
-use crate::tasks::{OutputDecoder, TaskParams};
 
 /// Batching limits of one model.
 #[derive(Debug, Clone, Copy)]
@@ -39,36 +38,6 @@ pub struct BatcherConfig {
     pub max_batch: usize,
     pub max_queue_delay: Duration,
     pub max_queue_size: usize,
-}
-
-/// Creates one more inference session of a model, warmed up (it runs on a thread of its own).
-pub type InstanceFactory = Arc<dyn Fn() -> Result<Box<dyn Backend>, String> + Send + Sync>;
-
-/// How a model's instances come and go, and the cores they run on.
-#[derive(Clone)]
-pub struct InstancePolicy {
-    /// Most instances (INSTANCES_PER_MODEL).
-    pub max: usize,
-    /// Makes more instances; `None`: the instances the model started with are all it gets.
-    pub factory: Option<InstanceFactory>,
-    /// An instance beyond the last one stops after this long without a batch.
-    pub idle_timeout: Duration,
-    /// The cores every model's inference runs share.
-    pub cores: Arc<CoreBudget>,
-    /// Cores one run of an instance takes (its session's intra-op threads).
-    pub intra_threads: usize,
-    /// Cores one run of the wide session takes.
-    pub lone_threads: usize,
-}
-
-/// What the pipeline threads of a model share: how to feed it and read it.
-pub struct ModelRuntime {
-    pub id: String,
-    pub spec: InputSpec,
-    pub decoder: OutputDecoder,
-    pub class_names: Vec<String>,
-    /// Batch size the network needs every run (`None`: any size up to `max_batch`).
-    pub fixed_batch: Option<usize>,
 }
 
 /// Why a job was not queued.
@@ -113,16 +82,6 @@ impl BatchQueue {
     pub fn instances(&self) -> usize {
         self.live.load(Ordering::Acquire)
     }
-}
-
-/// A job whose image is in the batch tensor (its ring slot is free again).
-pub struct PreparedJob {
-    pub params: Arc<TaskParams>,
-    pub reply: oneshot::Sender<JobResult>,
-    pub enqueued: Instant,
-    pub deadline: Instant,
-    /// `Err` when preprocessing failed; its tensor row is then ignored.
-    pub geometry: Result<Geometry, String>,
 }
 
 /// Largest batch the batcher forms for a model: `max_batch`, capped by a fixed batch axis.
@@ -427,7 +386,7 @@ impl Batcher {
                 let mut admit = |job: Job, jobs: &mut Vec<PreparedJob>| {
                     let now = Instant::now();
                     if now >= job.deadline {
-                        METRICS.outcome(model, "timed_out", "before_preprocess");
+                        METRICS.outcome(model, Outcome::TimedOut, Stage::BeforePreprocess);
                         let _ = job
                             .reply
                             .send(Err(PipelineError::DeadlineExceeded("expired in the queue")));
@@ -435,7 +394,7 @@ impl Batcher {
                     }
                     if job.reply.is_closed() {
                         // The client went away: skipped before preprocessing.
-                        METRICS.outcome(model, "cancelled", "before_preprocess");
+                        METRICS.outcome(model, Outcome::Cancelled, Stage::BeforePreprocess);
                         return;
                     }
                     METRICS
@@ -453,13 +412,7 @@ impl Batcher {
                         enqueued,
                         deadline,
                     } = job;
-                    jobs.push(PreparedJob {
-                        params,
-                        reply,
-                        enqueued,
-                        deadline,
-                        geometry: Err(String::new()),
-                    });
+                    jobs.push(PreparedJob::waiting(params, enqueued, deadline, reply));
                     let histogram = METRICS.preprocess_seconds.with_label_values(&[model]);
                     scope.spawn(move |_| {
                         let started = Instant::now();
@@ -513,7 +466,10 @@ impl Batcher {
             });
         }
         for (job, geo) in jobs.iter_mut().zip(geometries) {
-            job.geometry = geo.unwrap_or_else(|| Err("not preprocessed".into()));
+            job.preprocessed(
+                &runtime.id,
+                geo.unwrap_or_else(|| Err("not preprocessed".into())),
+            );
         }
         (jobs, fill)
     }
@@ -525,13 +481,18 @@ mod tests {
 
     use crossbeam_channel::{unbounded, Receiver, Sender};
 
+    use tokio::sync::oneshot;
+
     use super::*;
-    use crate::geometry::{Normalization, ResizeMode};
+    use crate::geometry::{InputSpec, Normalization, ResizeMode};
     use crate::model::backend::{BackendError, NetworkInput, OutputTensor};
+    use crate::pipeline::cores::CoreBudget;
     use crate::pipeline::decode::DecodedImage;
     use crate::pipeline::ring::Ring;
+    use crate::pipeline::JobResult;
     use crate::tasks::classification::{ClassificationOutput, ClassificationParams};
     use crate::tasks::TaskOutput;
+    use crate::tasks::{OutputDecoder, TaskParams};
     use std::sync::atomic::AtomicUsize;
 
     const SIDE: u32 = 4;

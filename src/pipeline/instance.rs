@@ -10,34 +10,11 @@ use std::time::Instant;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use parking_lot::Mutex;
-use tokio::sync::oneshot;
-
-use super::batcher::{InstancePolicy, ModelRuntime, PreparedJob};
+use super::job::{Batch, Done, InstancePolicy, JobState, LoneBackend, ModelRuntime};
 use super::{postprocess, PipelineError, Pools};
-use crate::metrics::METRICS;
-use crate::model::backend::{Backend, BackendError, BatchBuffer};
-
-/// A preprocessed batch on its way to an instance.
-pub struct Batch {
-    pub tensor: BatchBuffer,
-    pub jobs: Vec<PreparedJob>,
-    /// Sent while every other instance was idle and nothing waited: it may run on the
-    /// model's wide session.
-    pub lone: bool,
-}
-
-/// What an instance tells the batcher.
-pub enum Done {
-    /// It finished a batch: free again, and here is the tensor back.
-    Free(BatchBuffer),
-    /// It stopped after its idle timeout (its session is freed).
-    Retired,
-}
-
-/// The wide session of a model, shared by its instances for lone batches.
-pub type LoneBackend = Arc<Mutex<Box<dyn Backend>>>;
+use crate::metrics::{Outcome, Stage, METRICS};
+use crate::model::backend::{Backend, BackendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 /// One inference instance of a model, before its thread starts.
 pub(super) struct Instance {
@@ -85,12 +62,6 @@ fn lower_priority() {
     }
 }
 
-/// Answers a job now with `error`, leaving a closed reply in its place.
-fn answer(job: &mut PreparedJob, error: PipelineError) {
-    let (tx, _) = oneshot::channel();
-    let _ = std::mem::replace(&mut job.reply, tx).send(Err(error));
-}
-
 impl Instance {
     /// The next batch; `None` when the model is unloaded or this instance stops: idle for the
     /// policy's timeout while another instance of the model still runs. The last instance
@@ -136,30 +107,13 @@ impl Instance {
         }) = self.next_batch()
         {
             let model = self.runtime.id.as_str();
-            // Preprocessing failures are answered now; their rows are ignored.
-            for job in jobs.iter_mut() {
-                if let Err(e) = &job.geometry {
-                    let e = e.clone();
-                    METRICS.outcome(model, "failed", "preprocess");
-                    answer(job, PipelineError::Preprocess(e));
-                }
-            }
-            // Jobs whose client left, or whose deadline passed, are answered (or dropped) now.
+            // Jobs whose client left, or whose deadline passed, are settled (answered or
+            // dropped) now; their rows are ignored.
             let now = Instant::now();
-            for job in jobs.iter_mut().filter(|j| j.geometry.is_ok()) {
-                if now >= job.deadline {
-                    METRICS.outcome(model, "timed_out", "before_inference");
-                    answer(
-                        job,
-                        PipelineError::DeadlineExceeded("expired before inference"),
-                    );
-                    job.geometry = Err("deadline exceeded".into());
-                } else if job.reply.is_closed() {
-                    METRICS.outcome(model, "cancelled", "before_inference");
-                    job.geometry = Err("client gone".into());
-                }
+            for job in jobs.iter_mut() {
+                job.settle_before_inference(model, now);
             }
-            let result = if jobs.iter().any(|j| j.geometry.is_ok()) {
+            let result = if jobs.iter().any(|j| j.is_ready()) {
                 let rows = self.runtime.fixed_batch.unwrap_or(jobs.len());
                 // A lone batch takes the wide session, unless another instance still has it.
                 let mut wide = match (&self.lone, lone) {
@@ -212,9 +166,9 @@ impl Instance {
                 }
                 Some(Err(e)) => {
                     tracing::error!(model, error = %e, "batch failed");
-                    for job in jobs.into_iter().filter(|j| j.geometry.is_ok()) {
-                        METRICS.outcome(model, "failed", "inference");
-                        let _ = job.reply.send(Err(PipelineError::Backend(e.0.clone())));
+                    for job in jobs.iter_mut().filter(|j| j.is_ready()) {
+                        METRICS.outcome(model, Outcome::Failed, Stage::Inference);
+                        job.fail(PipelineError::Backend(e.0.clone()), JobState::Failed);
                     }
                 }
             }

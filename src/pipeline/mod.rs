@@ -8,6 +8,7 @@ pub mod batcher;
 pub mod cores;
 pub mod decode;
 pub mod instance;
+pub mod job;
 pub mod postprocess;
 pub mod preprocess;
 pub mod ring;

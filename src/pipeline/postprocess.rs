@@ -5,9 +5,9 @@
 
 use std::sync::Arc;
 
-use super::batcher::{ModelRuntime, PreparedJob};
+use super::job::{JobState, ModelRuntime, PreparedJob};
 use super::{PipelineError, Pools};
-use crate::metrics::METRICS;
+use crate::metrics::{Outcome, Stage, METRICS};
 use crate::model::backend::OutputTensor;
 use crate::tasks::PostprocessError;
 
@@ -20,21 +20,20 @@ pub fn dispatch(
 ) {
     let outputs = Arc::new(outputs);
     for (i, job) in jobs.into_iter().enumerate() {
-        let Ok(geometry) = job.geometry else {
-            continue; // already answered with its preprocessing error
+        let JobState::Ready { geometry, reply } = job.state else {
+            continue; // settled before inference: answered, or nobody to answer
         };
-        if job.reply.is_closed() {
-            count_dropped(&runtime.id, job.deadline, "after_inference");
+        if reply.is_closed() {
+            count_dropped(&runtime.id, job.deadline, Stage::AfterInference);
             continue;
         }
+        let (params, deadline) = (job.params, job.deadline);
         let outputs = Arc::clone(&outputs);
         let runtime = Arc::clone(runtime);
         pools.postprocess.spawn(move || {
             let started = std::time::Instant::now();
             // Past the deadline the handler has given up, and a client that hung up has
             // dropped its end: either way the costly steps stop.
-            let deadline = job.deadline;
-            let reply = &job.reply;
             let cancelled = || reply.is_closed() || std::time::Instant::now() >= deadline;
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 runtime.decoder.decode(
@@ -43,7 +42,7 @@ pub fn dispatch(
                     (runtime.spec.height as usize, runtime.spec.width as usize),
                     &runtime.class_names,
                     &geometry,
-                    &job.params,
+                    &params,
                     &cancelled,
                 )
             }));
@@ -52,7 +51,7 @@ pub fn dispatch(
                 Ok(Err(PostprocessError::Model(e))) => Err(PipelineError::Postprocess(e)),
                 Ok(Err(PostprocessError::OverBudget(e))) => Err(PipelineError::OverBudget(e)),
                 Ok(Err(PostprocessError::Cancelled)) => {
-                    count_dropped(&runtime.id, job.deadline, "postprocess");
+                    count_dropped(&runtime.id, deadline, Stage::Postprocess);
                     return;
                 }
                 Err(_) => Err(PipelineError::Panicked("postprocess")),
@@ -62,18 +61,23 @@ pub fn dispatch(
                 .with_label_values(&[&runtime.id])
                 .observe(started.elapsed().as_secs_f64());
             if matches!(answer, Err(PipelineError::OverBudget(_))) {
-                METRICS.outcome(&runtime.id, "rejected", "work_budget");
+                METRICS.outcome(&runtime.id, Outcome::Rejected, Stage::WorkBudget);
             } else if answer.is_err() {
-                METRICS.outcome(&runtime.id, "failed", "postprocess");
+                METRICS.outcome(&runtime.id, Outcome::Failed, Stage::Postprocess);
             }
-            let _ = job.reply.send(answer);
+            let _ = reply.send(answer);
         });
     }
 }
 
 /// Counts an image nobody waits for any more: timed out past its deadline, else cancelled
 /// (the client hung up).
-fn count_dropped(model: &str, deadline: std::time::Instant, stage: &str) {
+fn count_dropped(model: &str, deadline: std::time::Instant, stage: Stage) {
     let late = std::time::Instant::now() >= deadline;
-    METRICS.outcome(model, if late { "timed_out" } else { "cancelled" }, stage);
+    let outcome = if late {
+        Outcome::TimedOut
+    } else {
+        Outcome::Cancelled
+    };
+    METRICS.outcome(model, outcome, stage);
 }
