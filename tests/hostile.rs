@@ -3,6 +3,11 @@
 //! are still served and that the cost stays bounded. Two rows live beside the features they
 //! test: more images than slots (`bad_input.rs`: 413, never 429) and the 64 MiB /dev/shm
 //! with a restart after SIGKILL (`production.rs`).
+//!
+//! No test waits a fixed time or measures one on the test's clock: each waits (bounded) for
+//! the server's own state, read from `/metrics`, from `/proc`, or from what its sockets say,
+//! and time limits are deadlines the server enforces (`X-Request-Timeout-Ms`,
+//! REQUEST_TIMEOUT_S), so the tests hold on a busy box (CI runs them beside CPU hogs).
 
 mod common;
 
@@ -25,6 +30,72 @@ fn proc_kib(s: &Server, field: &str) -> u64 {
         .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap()
+}
+
+/// The server's `/metrics` text.
+fn scrape(s: &Server) -> String {
+    s.get("/metrics")
+        .body
+        .as_str()
+        .expect("metrics are text")
+        .to_owned()
+}
+
+/// The sum of the samples of metric `name` (exactly that name) whose labels include every
+/// one of `labels` (each `key="value"`); 0 when there is none.
+fn value(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// [`value`] of a fresh scrape.
+fn metric(s: &Server, name: &str, labels: &[&str]) -> f64 {
+    value(&scrape(s), name, labels)
+}
+
+/// Waits (bounded) until `cond` holds, looking every 20 ms.
+fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+/// Whether the server has closed `c` or answered on it, rather than still holding it open
+/// and waiting (looked at without blocking and without consuming anything).
+fn settled_by_server(c: &TcpStream) -> bool {
+    use std::io::ErrorKind::{Interrupted, WouldBlock};
+    c.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 1];
+    let r = c.peek(&mut b);
+    c.set_nonblocking(false).unwrap();
+    !matches!(&r, Err(e) if matches!(e.kind(), WouldBlock | Interrupted))
+}
+
+/// Reads what has arrived on a non-blocking `c` into `got`; true once the server has
+/// answered (a status line is in) or closed the connection.
+fn answered_or_closed(c: &mut TcpStream, got: &mut Vec<u8>) -> bool {
+    let mut buf = [0u8; 512];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return got.len() >= 12,
+            // Reset: closed (whatever arrived before the reset is kept in `got`).
+            Err(_) => return true,
+        }
+    }
 }
 
 /// Sends a full request on a fresh connection and returns the status code, or 0 when the
@@ -53,6 +124,11 @@ fn detect_body(model: &str, image: &str) -> Vec<u8> {
         "image": {"type": "base64", "value": b64(image)},
     }))
     .unwrap()
+}
+
+/// A classification request for shapes-cls/1.
+fn cls_body() -> serde_json::Value {
+    json!({"model_id": "shapes-cls/1", "image": {"type": "base64", "value": b64("samples/shapes-cls/000000.jpg")}})
 }
 
 fn post(path: &str, body: &[u8]) -> Vec<u8> {
@@ -143,45 +219,47 @@ fn a_burst_of_connections_waits_in_the_backlog_and_every_one_is_answered() {
     assert_eq!(answered, n, "not answered 200: {failures:?}");
 }
 
-/// Row 1: a flood of idle connections past MAX_CONNECTIONS. Health is answered at once on
-/// the reserve; inference over the cap gets a fast 503, and beyond the reserve connections
-/// are shed (closed at once), never left hanging.
+/// Row 1: a flood of idle connections past MAX_CONNECTIONS. Health is answered on the
+/// reserve while the flood still holds every connection under the cap (they may idle for
+/// HEADER_READ_TIMEOUT_S, here 120 s; the reserve's own idle ones are closed after a
+/// second); inference over the cap gets a fast 503, and beyond the reserve connections are
+/// shed (closed at once), never left hanging.
 #[test]
-fn health_answers_within_a_second_under_a_flood_of_idle_connections() {
-    let s = Server::start("shapes-cls/1", &[("MAX_CONNECTIONS", "32")]);
+fn health_is_answered_on_the_reserve_under_a_flood_of_idle_connections() {
+    const CAP: usize = 32;
+    const RESERVE: usize = 64; // http::RESERVED_CONNECTIONS
+    let s = Server::start(
+        "shapes-cls/1",
+        &[("MAX_CONNECTIONS", "32"), ("HEADER_READ_TIMEOUT_S", "120")],
+    );
     let a = addr(&s);
-    // 32 take the cap, 64 the health reserve, the rest are shed.
+    // 32 take the cap (31 if the harness's own keep-alive connection holds one), 64 the
+    // health reserve, the rest are shed.
     let idle: Vec<TcpStream> = (0..110)
         .filter_map(|_| TcpStream::connect(&a).ok())
         .collect();
-    std::thread::sleep(Duration::from_millis(200));
-    let t = Instant::now();
-    let status = raw_status(
-        &a,
-        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
-        Duration::from_secs(5),
+    assert!(idle.len() > CAP + RESERVE, "{} connected", idle.len());
+    // The server has taken the flood past its cap and its reserve once the surplus is
+    // closed (shed at once, or on the reserve's one-second header timeout).
+    let surplus = idle.len() - CAP - RESERVE;
+    eventually(
+        "the flood's surplus to be shed",
+        Duration::from_secs(30),
+        || idle.iter().filter(|c| settled_by_server(c)).count() >= surplus,
     );
-    let took = t.elapsed();
-    // The reserve is full of idle connections for up to a second: retry until answered.
-    let status = if status == 200 {
-        status
-    } else {
-        let mut st = status;
-        while st != 200 && t.elapsed() < Duration::from_secs(3) {
-            std::thread::sleep(Duration::from_millis(100));
-            st = raw_status(
-                &a,
-                b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
-                Duration::from_secs(5),
-            );
-        }
-        st
-    };
-    assert_eq!(status, 200);
+    // Asked until answered: a probe that finds the reserve full is shed (0); the reserve's
+    // idle connections are closed after a second. Waiting for the cap's connections would
+    // take 120 s, beyond this bound.
+    let health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut probes = 0;
+    eventually("/healthz to answer 200", Duration::from_secs(30), || {
+        probes += 1;
+        raw_status(&a, health, Duration::from_secs(10)) == 200
+    });
+    let holding = idle.iter().filter(|c| !settled_by_server(c)).count();
     assert!(
-        t.elapsed() < Duration::from_secs(1) + Duration::from_millis(500),
-        "healthz took {:?} (first try {took:?})",
-        t.elapsed()
+        holding >= CAP - 1,
+        "health was answered only after the flood let go of the cap: {holding} of its connections still open ({probes} probes)"
     );
     let infer = raw_status(
         &a,
@@ -189,7 +267,7 @@ fn health_answers_within_a_second_under_a_flood_of_idle_connections() {
             "/infer/classification",
             &detect_body("shapes-cls/1", "samples/shapes-cls/000000.jpg"),
         ),
-        Duration::from_secs(5),
+        Duration::from_secs(30),
     );
     assert!(
         infer == 503 || infer == 0,
@@ -197,35 +275,26 @@ fn health_answers_within_a_second_under_a_flood_of_idle_connections() {
     );
     drop(idle);
     // Once the flood is gone, everything is served again.
-    let t = Instant::now();
-    while s
-        .post_json(
-            "/infer/classification",
-            &json!({"model_id": "shapes-cls/1", "image": {"type": "base64", "value": b64("samples/shapes-cls/000000.jpg")}}),
-        )
-        .status
-        != 200
-    {
-        assert!(t.elapsed() < Duration::from_secs(10), "not served after the flood");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let metrics = s.get("/metrics").body;
-    let shed: f64 = metrics
-        .as_str()
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("cvserve_connections_shed_total"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap();
-    assert!(shed >= 1.0, "connections past the reserve are shed");
+    eventually(
+        "inference to be served after the flood",
+        Duration::from_secs(30),
+        || s.post_json("/infer/classification", &cls_body()).status == 200,
+    );
+    assert!(
+        metric(&s, "cvserve_connections_shed_total", &[]) >= 1.0,
+        "connections past the reserve are shed"
+    );
 }
 
 /// Row 2: 64 connections send inference headers with a 1 MB Content-Length and no body.
-/// Admission is taken once a body has arrived, so they hold no in-flight permit: a real
-/// request is served meanwhile, and each stalled one gets 408 at its deadline.
+/// Each is counted in the server from its headers on, but takes no place in its model's line
+/// until its body names the model: real requests are served while all 64 still wait, and
+/// each stalled one gets 408 at its deadline (REQUEST_TIMEOUT_S, enforced by the server).
 #[test]
 fn real_inference_is_served_while_64_bodies_stall() {
-    let s = Server::start("shapes-cls/1", &[("REQUEST_TIMEOUT_S", "3")]);
+    // Long enough that the real requests are surely served before the stalled ones expire,
+    // even on a busy box.
+    let s = Server::start("shapes-cls/1", &[("REQUEST_TIMEOUT_S", "10")]);
     let a = addr(&s);
     let mut stalled: Vec<TcpStream> = (0..64)
         .map(|_| {
@@ -237,28 +306,49 @@ fn real_inference_is_served_while_64_bodies_stall() {
             c
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    eventually(
+        "the 64 stalled requests to be in the server",
+        Duration::from_secs(30),
+        || metric(&s, "cvserve_inflight_requests", &[]) >= 64.0,
+    );
     for _ in 0..3 {
-        let r = s.post_json(
-            "/infer/classification",
-            &json!({"model_id": "shapes-cls/1", "image": {"type": "base64", "value": b64("samples/shapes-cls/000000.jpg")}}),
-        );
+        let r = s.post_json("/infer/classification", &cls_body());
         assert_eq!(r.status, 200, "{:?}", r.body);
     }
-    // The stalled bodies are cut at their deadline with 408.
-    let c = &mut stalled[0];
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut buf = [0u8; 256];
-    let n = c.read(&mut buf).unwrap();
-    let head = String::from_utf8_lossy(&buf[..n]);
-    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    // Every stalled one was still waiting when the real ones had been answered.
+    let in_server = metric(&s, "cvserve_inflight_requests", &[]);
+    assert!(
+        in_server >= 64.0,
+        "the stalled requests were answered before the real ones were served: {in_server} left"
+    );
+    // The stalled bodies are cut at their deadline with 408, every one of them.
+    for (i, c) in stalled.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut buf = [0u8; 256];
+        let n = c.read(&mut buf).unwrap_or(0);
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            head.starts_with("HTTP/1.1 408"),
+            "stalled request {i}: {head:?}"
+        );
+    }
+    eventually("the 408s to be counted", Duration::from_secs(30), || {
+        metric(&s, "cvserve_requests_total", &["status=\"408\""]) >= 64.0
+    });
+    eventually(
+        "the stalled requests to leave the server",
+        Duration::from_secs(30),
+        || metric(&s, "cvserve_inflight_requests", &[]) == 0.0,
+    );
 }
 
 /// Row 3: a segmentation request built to cost masks x full-resolution RLE (confidence 0,
-/// IoU 1, unlimited detections, a large image). It is refused up front with 422 naming the
-/// work budget, and another model answers within 2 s of it.
+/// IoU 1, unlimited detections, a large image). It is refused with 422 naming the work
+/// budget, by the budget check that runs before any mask is computed, and another model is
+/// served right after it within a 5 s deadline the server enforces (a classification takes
+/// milliseconds; the refused masks would hold the postprocess pool for far longer).
 #[test]
-fn a_costly_segmentation_request_is_refused_and_others_answer_within_2_s() {
+fn a_costly_segmentation_request_is_refused_by_the_work_budget_and_others_are_served() {
     let s = Server::start("shapes-seg/1,shapes-cls/1", &[]);
     let img = image::RgbImage::from_fn(3000, 2000, |x, y| {
         image::Rgb([(x % 251) as u8, (y % 241) as u8, ((x + y) % 239) as u8])
@@ -266,19 +356,18 @@ fn a_costly_segmentation_request_is_refused_and_others_answer_within_2_s() {
     let mut jpeg = std::io::Cursor::new(Vec::new());
     img.write_to(&mut jpeg, image::ImageFormat::Jpeg).unwrap();
     use base64::Engine;
-    let value = base64::engine::general_purpose::STANDARD.encode(jpeg.into_inner());
+    let value_b64 = base64::engine::general_purpose::STANDARD.encode(jpeg.into_inner());
     let r = s.post_json(
         "/infer/instance_segmentation",
         &json!({
             "model_id": "shapes-seg/1",
-            "image": {"type": "base64", "value": value},
+            "image": {"type": "base64", "value": value_b64},
             "confidence": 0.0,
             "iou_threshold": 1.0,
             "max_detections": 100000,
             "response_mask_format": "rle",
         }),
     );
-    let answered = Instant::now();
     assert_eq!(r.status, 422, "{:?}", r.body);
     assert!(
         r.body["message"]
@@ -288,12 +377,23 @@ fn a_costly_segmentation_request_is_refused_and_others_answer_within_2_s() {
         "{:?}",
         r.body
     );
-    let other = s.post_json(
-        "/infer/classification",
-        &json!({"model_id": "shapes-cls/1", "image": {"type": "base64", "value": b64("samples/shapes-cls/000000.jpg")}}),
+    // Counted (before its answer was sent) as refused at the work budget.
+    let refused = metric(
+        &s,
+        "cvserve_image_outcomes_total",
+        &[
+            "model=\"shapes-seg/1\"",
+            "outcome=\"rejected\"",
+            "stage=\"work_budget\"",
+        ],
     );
-    assert_eq!(other.status, 200);
-    assert!(answered.elapsed() < Duration::from_secs(2));
+    assert_eq!(refused, 1.0, "refused by the mask work budget");
+    let other = s.post_json_with_headers(
+        "/infer/classification",
+        &cls_body(),
+        &[("X-Request-Timeout-Ms", "5000")],
+    );
+    assert_eq!(other.status, 200, "{:?}", other.body);
 }
 
 /// A 16-bit RGBA PNG of `w` x `h` (compresses to little: each row one colour), encoded row
@@ -349,14 +449,15 @@ fn sixteen_bit_png_bombs_cost_only_their_bounded_decode() {
 
 /// Row 5: 150 connections each declaring a 30 MB `/model/add` body and sending part of it.
 /// Admin bodies have their own small limit (ADMIN_MAX_BODY_BYTES): each is refused with 413
-/// before anything is buffered, and RSS does not grow.
+/// on its declared length, before anything is buffered, and RSS does not grow meanwhile
+/// (watched until the server has answered or closed every one of them).
 #[test]
 fn stalled_huge_admin_bodies_do_not_grow_memory() {
     let s = Server::start("shapes-cls/1", &[]);
     let a = addr(&s);
     let before = proc_kib(&s, "VmRSS:");
     let chunk = vec![b'x'; 256 * 1024];
-    let conns: Vec<TcpStream> = (0..150)
+    let mut conns: Vec<TcpStream> = (0..150)
         .filter_map(|_| {
             let mut c = TcpStream::connect(&a).ok()?;
             c.write_all(
@@ -368,30 +469,56 @@ fn stalled_huge_admin_bodies_do_not_grow_memory() {
         })
         .collect();
     assert!(conns.len() >= 140);
-    std::thread::sleep(Duration::from_millis(500));
-    let grown_mib = proc_kib(&s, "VmRSS:").saturating_sub(before) / 1024;
+    for c in &conns {
+        c.set_nonblocking(true).unwrap();
+    }
+    let mut heads: Vec<Vec<u8>> = vec![Vec::new(); conns.len()];
+    let mut settled = vec![false; conns.len()];
+    let (mut most_rss_kib, mut most_body_bytes) = (before, 0.0f64);
+    eventually(
+        "every admin body to be answered or closed",
+        Duration::from_secs(30),
+        || {
+            most_rss_kib = most_rss_kib.max(proc_kib(&s, "VmRSS:"));
+            most_body_bytes = most_body_bytes.max(metric(&s, "cvserve_request_body_bytes", &[]));
+            for (i, c) in conns.iter_mut().enumerate() {
+                if !settled[i] {
+                    settled[i] = answered_or_closed(c, &mut heads[i]);
+                }
+            }
+            settled.iter().all(|&done| done)
+        },
+    );
+    let grown_mib = most_rss_kib.saturating_sub(before) / 1024;
     assert!(grown_mib < 32, "RSS grew by {grown_mib} MiB");
-    let mut c = conns.into_iter().next().unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut buf = [0u8; 256];
-    let n = c.read(&mut buf).unwrap_or(0);
-    let head = String::from_utf8_lossy(&buf[..n]);
-    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
-    assert!(head.contains("ADMIN_MAX_BODY_BYTES") || n > 0);
+    assert_eq!(
+        most_body_bytes, 0.0,
+        "admin bodies are refused on their declared length, before any byte is held"
+    );
+    let first = String::from_utf8_lossy(&heads[0]);
+    assert!(first.starts_with("HTTP/1.1 413"), "{first}");
+    let others: Vec<String> = heads
+        .iter()
+        .filter(|h| !h.is_empty() && !h.starts_with(b"HTTP/1.1 413"))
+        .map(|h| String::from_utf8_lossy(h).into_owned())
+        .collect();
+    assert!(others.is_empty(), "answered otherwise than 413: {others:?}");
     assert_eq!(s.get("/healthz").status, 200);
 }
 
 /// Row 8: SIGTERM while one client stalls mid-body and another idles on keep-alive, with one
-/// real request in flight: the real request is answered, and the process exits within 2 s
-/// of that answer instead of waiting out DRAIN_TIMEOUT_S for the stalled client.
+/// real request in flight: the real request is answered, and the process exits once it has
+/// been, instead of waiting for the stalled or the idle client (DRAIN_TIMEOUT_S,
+/// REQUEST_TIMEOUT_S and HEADER_READ_TIMEOUT_S are 120 s here; the exit is awaited for 30 s).
 #[test]
-fn sigterm_with_a_stalled_client_exits_within_2_s_of_the_last_answer() {
+fn sigterm_with_a_stalled_client_exits_once_the_last_request_is_answered() {
     let mut s = Server::start(
         "shapes-cls/1",
         &[
             ("CVSERVE_INJECT_DELAY_MS", "800"),
-            ("DRAIN_TIMEOUT_S", "30"),
-            ("REQUEST_TIMEOUT_S", "30"),
+            ("DRAIN_TIMEOUT_S", "120"),
+            ("REQUEST_TIMEOUT_S", "120"),
+            ("HEADER_READ_TIMEOUT_S", "120"),
         ],
     );
     let a = addr(&s);
@@ -410,25 +537,37 @@ fn sigterm_with_a_stalled_client_exits_within_2_s_of_the_last_answer() {
     let answer = std::thread::scope(|scope| {
         let a2 = a.clone();
         let h = scope.spawn(move || {
-            let st = raw_status(
+            raw_status(
                 &a2,
                 &post("/infer/classification", &body),
-                Duration::from_secs(20),
-            );
-            (st, Instant::now())
+                Duration::from_secs(60),
+            )
         });
-        std::thread::sleep(Duration::from_millis(300));
+        // Decoded means handed to the pipeline, where it spends its 800 ms of injected
+        // inference: the signal comes while it is in flight.
+        eventually(
+            "the real request to reach the pipeline",
+            Duration::from_secs(30),
+            || {
+                metric(
+                    &s,
+                    "cvserve_decode_seconds_count",
+                    &["model=\"shapes-cls/1\""],
+                ) >= 1.0
+            },
+        );
         s.signal(libc::SIGTERM);
         h.join().unwrap()
     });
-    assert_eq!(answer.0, 200, "the in-flight request is answered");
+    assert_eq!(answer, 200, "the in-flight request is answered");
+    let t = Instant::now();
     let status = loop {
         if let Some(st) = s.child.try_wait().unwrap() {
             break st;
         }
         assert!(
-            answer.1.elapsed() < Duration::from_secs(2),
-            "still running 2 s after the last answer:\n{}",
+            t.elapsed() < Duration::from_secs(30),
+            "still running 30 s after the last answer (waiting for the stalled or the idle client?):\n{}",
             s.logs()
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -436,7 +575,7 @@ fn sigterm_with_a_stalled_client_exits_within_2_s_of_the_last_answer() {
     assert!(status.success(), "{status:?}");
     // The stalled client was told (503) or cut, never left hanging for the drain timeout.
     stalled
-        .set_read_timeout(Some(Duration::from_secs(1)))
+        .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     let n = stalled.read(&mut buf).unwrap_or(0);
     let head = String::from_utf8_lossy(&buf[..n]);
@@ -444,41 +583,36 @@ fn sigterm_with_a_stalled_client_exits_within_2_s_of_the_last_answer() {
 }
 
 /// Fairness: one slowed model's backlog waits within its share of the ring slots (and its own
-/// line); another model is still served promptly (within a 3 s deadline, shorter than the
-/// flood's backlog) while it is flooded.
+/// line); another model is still served promptly while it is flooded: within a 3 s deadline
+/// the server enforces (the flood's backlog is about 8 s: 16 requests of 1 s on 2 instances),
+/// and while hardly any of the flood's requests are answered (one queued behind the flood
+/// would wait for about ten of them).
 #[test]
 fn a_slow_models_backlog_leaves_ring_slots_for_the_others() {
+    const SHARE: f64 = 4.0; // RING_SLOTS x RING_MODEL_SHARE
     let s = Server::start(
         "shapes-det/1,shapes-cls/1",
         &[
             ("RING_SLOTS", "8"),
+            ("RING_MODEL_SHARE", "0.5"),
             ("MAX_QUEUE_SIZE", "64"),
             ("MAX_BATCH_SIZE", "1"),
-            ("CVSERVE_INJECT_DELAY_MS", "400"),
+            ("INSTANCES_PER_MODEL", "2"),
+            ("CVSERVE_INJECT_DELAY_MS", "1000"),
             ("CVSERVE_INJECT_MODEL", "shapes-det/1"),
-            ("REQUEST_TIMEOUT_S", "30"),
+            ("REQUEST_TIMEOUT_S", "60"),
         ],
     );
-    let det = serde_json::to_value(json!({
+    let det = json!({
         "model_id": "shapes-det/1",
         "image": {"type": "base64", "value": b64("samples/shapes/000000.jpg")},
-    }))
-    .unwrap();
-    let cls = json!({"model_id": "shapes-cls/1", "image": {"type": "base64", "value": b64("samples/shapes-cls/000000.jpg")}});
+    });
+    let cls = cls_body();
+    const DET: &str = "model=\"shapes-det/1\"";
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let in_server = || {
-        let text = s.get("/metrics").body;
-        text.as_str()
-            .unwrap()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("cvserve_inflight_requests ")?
-                    .parse::<f64>()
-                    .ok()
-            })
-            .unwrap_or(0.0)
-    };
-    let (det_statuses, cls_statuses, backlog) = std::thread::scope(|scope| {
+    // Per classification: (status, requests in the server before it, flood requests answered
+    // while it was served).
+    let (det_statuses, cls_runs, backlog, most_slots) = std::thread::scope(|scope| {
         let flood: Vec<_> = (0..16)
             .map(|_| {
                 scope.spawn(|| {
@@ -490,31 +624,51 @@ fn a_slow_models_backlog_leaves_ring_slots_for_the_others() {
                 })
             })
             .collect();
-        std::thread::sleep(Duration::from_millis(800));
-        // 16 slowed requests in the server: at 2 x 400 ms, about 3 s of backlog.
-        let backlog = in_server();
-        let cls_statuses: Vec<u16> = (0..6)
-            .map(|_| {
-                std::thread::sleep(Duration::from_millis(100));
-                s.post_json_with_headers(
+        eventually(
+            "the flood to be in the server",
+            Duration::from_secs(30),
+            || metric(&s, "cvserve_inflight_requests", &[]) >= 12.0,
+        );
+        let backlog = metric(&s, "cvserve_inflight_requests", &[]);
+        let mut most_slots = 0.0f64;
+        let mut cls_runs: Vec<(u16, f64, f64)> = Vec::new();
+        for _ in 0..6 {
+            let before = scrape(&s);
+            most_slots = most_slots.max(value(&before, "cvserve_ring_slots_in_use", &[]));
+            let in_server = value(&before, "cvserve_inflight_requests", &[]);
+            let det_answered = value(&before, "cvserve_requests_total", &[DET]);
+            let status = s
+                .post_json_with_headers(
                     "/infer/classification",
                     &cls,
                     &[("X-Request-Timeout-Ms", "3000")],
                 )
-                .status
-            })
-            .collect();
+                .status;
+            let overtaken = metric(&s, "cvserve_requests_total", &[DET]) - det_answered;
+            cls_runs.push((status, in_server, overtaken));
+        }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let det: Vec<u16> = flood.into_iter().flat_map(|h| h.join().unwrap()).collect();
-        (det, cls_statuses, backlog)
+        (det, cls_runs, backlog, most_slots)
     });
     assert!(backlog >= 12.0, "the flood is in the server: {backlog}");
+    assert!(
+        most_slots <= SHARE,
+        "the flood held {most_slots} ring slots, more than its share ({SHARE} of 8)"
+    );
     assert!(
         det_statuses.iter().all(|&st| st == 200 || st == 429),
         "the flood waits its turn, or is refused when it cannot make it: {det_statuses:?}"
     );
-    assert!(
-        cls_statuses.iter().all(|&st| st == 200),
-        "the other model is served: {cls_statuses:?}"
-    );
+    for (i, &(status, in_server, overtaken)) in cls_runs.iter().enumerate() {
+        assert_eq!(status, 200, "the other model is served: {cls_runs:?}");
+        assert!(
+            in_server >= 8.0,
+            "classification {i} was sent while the flood was in the server: {cls_runs:?}"
+        );
+        assert!(
+            overtaken < 6.0,
+            "classification {i} waited while {overtaken} of the flood's requests were answered (queued behind the flood): {cls_runs:?}"
+        );
+    }
 }

@@ -597,3 +597,225 @@ fn yolo26_keypoints_match_roboflow_and_the_ground_truth() {
     assert!(ties <= 1, "{ties} class ties");
     assert_keypoint_error_as_reference(&ours_all, &gold_all, &gt, "YOLO26-pose");
 }
+
+/// The value of the metric lines starting with `prefix`, summed (0 if none).
+fn metric(s: &Server, prefix: &str) -> f64 {
+    let text = s.get("/metrics").body;
+    text.as_str()
+        .expect("metrics are text")
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The `/info` entry of a loaded model.
+fn info_of(s: &Server, model: &str) -> Value {
+    s.get("/info").body["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["model_id"] == model)
+        .cloned()
+        .unwrap_or_else(|| panic!("{model} not in /info"))
+}
+
+/// Detections of the shapes samples `images` by `model`, one thread per image, all at once,
+/// in the order of `images`.
+fn detect_all_at_once(s: &Server, model: &str, images: &[usize]) -> Vec<Value> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = images
+            .iter()
+            .map(|&i| {
+                scope.spawn(move || {
+                    detect(
+                        s,
+                        "/infer/object_detection",
+                        model,
+                        &format!("samples/shapes/{i:06}.jpg"),
+                        json!({}),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// The same answer for one image: its size, and the same boxes both ways (IoU >= 0.95,
+/// confidence within 0.01, no class tie). A row handed to the wrong request cannot pass:
+/// the samples have 0 to 7 boxes each, in different places.
+fn assert_same_answer(ours: &Value, want: &Value, what: &str) {
+    assert_eq!(ours["image"], want["image"], "{what}");
+    let ties = common::match_golden(
+        &ours["predictions"],
+        &want["predictions"],
+        0.4,
+        0.95,
+        0.01,
+        what,
+    );
+    assert_eq!(ties, 0, "{what}");
+}
+
+/// A repository with shapes-yolonas/1 and a copy of it whose batch axis is fixed at 4
+/// (shapes-yolonas-b4/1: `images` [4, 3, 320, 320], `boxes` and `scores` [4, 2100, 4]).
+/// The graph takes its reshapes' batch from the input's shape, so only the three declared
+/// dims change: each `dim_param: "batch"` (12 05 'batch') becomes `dim_value: 4` with a
+/// `denotation: "BAT"` (08 04 1a 03 'BAT'), the same 7 bytes, so no enclosing length changes.
+fn fixed_batch_repository() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("fixed-batch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    copy_dir(
+        &repo().join("models/shapes-yolonas"),
+        &root.join("shapes-yolonas"),
+    );
+    let src = repo().join("models/shapes-yolonas/1");
+    let dst = root.join("shapes-yolonas-b4/1");
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in ["environment.json", "class_names.txt", "model_type.json"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    let weights = std::fs::read(src.join("weights.onnx")).unwrap();
+    let (from, to): (&[u8], &[u8]) = (b"\x12\x05batch", b"\x08\x04\x1a\x03BAT");
+    let mut out = Vec::with_capacity(weights.len());
+    let (mut i, mut replaced) = (0, 0);
+    while i < weights.len() {
+        if weights[i..].starts_with(from) {
+            out.extend_from_slice(to);
+            i += from.len();
+            replaced += 1;
+        } else {
+            out.push(weights[i]);
+            i += 1;
+        }
+    }
+    assert_eq!(
+        replaced, 3,
+        "shapes-yolonas/1 should declare a symbolic `batch` on its input and its two outputs"
+    );
+    std::fs::write(dst.join("weights.onnx"), out).unwrap();
+    root
+}
+
+/// A graph whose batch axis is fixed at 1 (shapes-rfdetr/1, `[1, 3, 320, 320]`) under
+/// MAX_BATCH_SIZE=8 and ten concurrent requests: the batcher never forms a batch larger than
+/// the graph takes (ONNX Runtime would refuse it, failing every request of the batch), and
+/// each answer is its own image's (Roboflow's answers).
+#[test]
+fn a_batch_one_model_serves_concurrent_requests_one_row_per_run() {
+    const M: &str = "shapes-rfdetr/1";
+    let s = Server::start(
+        M,
+        &[
+            ("MAX_BATCH_SIZE", "8"),
+            ("INSTANCES_PER_MODEL", "1"),
+            // Slow runs: the requests pile up in the queue, where they would be batched.
+            ("CVSERVE_INJECT_DELAY_MS", "100"),
+        ],
+    );
+    assert_eq!(info_of(&s, M)["max_batch_size"], 1, "capped by the graph");
+    let images: Vec<usize> = (0..10).collect();
+    let answers = detect_all_at_once(&s, M, &images);
+    let mut ties = 0;
+    for (&i, r) in images.iter().zip(&answers) {
+        let g = golden(&format!("shapes-rfdetr-1/{i:06}.json"));
+        ties += compare(
+            &r["predictions"],
+            &g["response"]["predictions"],
+            0.4,
+            &format!("{M} concurrent {i}"),
+        );
+    }
+    assert!(ties <= 1, "{ties} class ties");
+    // Ten runs of one row each.
+    assert_eq!(
+        metric(&s, "cvserve_batch_size_count{model=\"shapes-rfdetr/1\"}"),
+        10.0
+    );
+    assert_eq!(
+        metric(&s, "cvserve_batch_size_sum{model=\"shapes-rfdetr/1\"}"),
+        10.0
+    );
+}
+
+/// A graph whose batch axis is fixed at 4: every run has 4 rows, whether one request is in
+/// it (3 padding rows) or four; under MAX_BATCH_SIZE=8 no batch holds more than 4 requests;
+/// and every request gets its own image's answer, the same as the dynamic original's,
+/// alone or in a crowd (padding rows keep whatever an earlier batch left there).
+#[test]
+fn a_fixed_batch_four_model_pads_its_batches_and_answers_each_image() {
+    const B4: &str = "shapes-yolonas-b4/1";
+    let root = fixed_batch_repository();
+    let s = Server::start(
+        "shapes-yolonas/1,shapes-yolonas-b4/1",
+        &[
+            ("MODEL_CACHE_DIR", root.to_str().unwrap()),
+            ("MAX_BATCH_SIZE", "8"),
+            ("INSTANCES_PER_MODEL", "1"),
+            // Slow runs of the fixed model only, so concurrent requests queue and are batched.
+            ("CVSERVE_INJECT_DELAY_MS", "200"),
+            ("CVSERVE_INJECT_MODEL", B4),
+        ],
+    );
+    let registry = s.get("/model/registry").body;
+    let batch_size = |id: &str| {
+        registry["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["model_id"] == id)
+            .unwrap_or_else(|| panic!("{id} not loaded: {registry}"))["batch_size"]
+            .clone()
+    };
+    assert_eq!(batch_size(B4), json!(4));
+    assert_eq!(batch_size("shapes-yolonas/1"), Value::Null);
+    assert_eq!(
+        info_of(&s, B4)["max_batch_size"],
+        4,
+        "MAX_BATCH_SIZE 8 capped by the graph"
+    );
+
+    let images: Vec<usize> = (0..10).collect();
+    let image = |i: usize| format!("samples/shapes/{i:06}.jpg");
+    // The dynamic original's answers, one request at a time, are the reference.
+    let reference: Vec<Value> = images
+        .iter()
+        .map(|&i| {
+            detect(
+                &s,
+                "/infer/object_detection",
+                "shapes-yolonas/1",
+                &image(i),
+                json!({}),
+            )
+        })
+        .collect();
+    let count = "cvserve_batch_size_count{model=\"shapes-yolonas-b4/1\"}";
+    let rows = "cvserve_batch_size_sum{model=\"shapes-yolonas-b4/1\"}";
+
+    // Alone: each request is a batch of one job and three padding rows.
+    for &i in &images {
+        let r = detect(&s, "/infer/object_detection", B4, &image(i), json!({}));
+        assert_same_answer(&r, &reference[i], &format!("{B4} alone, image {i}"));
+    }
+    assert_eq!(metric(&s, count), 10.0);
+    assert_eq!(metric(&s, rows), 40.0, "every run has the graph's 4 rows");
+
+    // In a crowd: batches of up to 4 requests, the last ones padded.
+    let answers = detect_all_at_once(&s, B4, &images);
+    for (&i, r) in images.iter().zip(&answers) {
+        assert_same_answer(r, &reference[i], &format!("{B4} concurrent, image {i}"));
+    }
+    let runs = metric(&s, count) - 10.0;
+    assert_eq!(metric(&s, rows) - 40.0, 4.0 * runs, "every run has 4 rows");
+    assert!(
+        runs >= 3.0,
+        "{runs} runs for 10 requests: a batch held more than 4"
+    );
+    assert!(
+        runs <= 9.0,
+        "{runs} runs for 10 requests: none was batched with another"
+    );
+}

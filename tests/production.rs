@@ -435,7 +435,10 @@ fn readiness_waits_for_every_model_to_load_and_warm_up() {
         "ready before loading ten models? {:?}",
         first.body
     );
-    assert_eq!(first.body, json!({"status": "not ready"}));
+    assert_eq!(
+        first.body,
+        json!({"status": "not ready", "reason": "loading the preloaded models"})
+    );
     assert_eq!(s.get("/healthz").status, 200, "alive while loading");
     s.wait_ready(Duration::from_secs(120));
     let models = s.get("/model/registry").body["models"]
@@ -555,4 +558,131 @@ fn a_server_restarted_after_sigkill_removes_the_dead_ones_ring() {
     assert_eq!(rings(), 1, "only the live server's ring");
     drop(s);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// What shapes-cls/1 answers for samples/shapes-cls/000000.jpg (a triangle in gt.json;
+/// 0.88 against 0.11 for the runner-up, so no float noise flips it).
+const TOP: &str = "triangle";
+
+/// The ids in `/model/registry`, in its order (sorted by id).
+fn registered(s: &Server) -> Vec<String> {
+    s.get("/model/registry").body["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["model_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `POST /model/remove` while the model runs a slow batch with jobs queued behind it. The
+/// removal answers at once and the registry no longer lists the model. The requests
+/// already in hold the model, so every one of them is served by it (its threads stop only
+/// once its queue is empty): 200 with the right class, none hangs. A request arriving after
+/// the removal loads the model again (not a 404) while the old copy drains, and the server
+/// goes on serving and stays ready.
+#[test]
+fn removing_a_model_with_queued_jobs_serves_them_and_the_server_goes_on() {
+    let s = Server::start(
+        MODEL,
+        &[
+            ("CVSERVE_INJECT_DELAY_MS", "1000"),
+            ("MAX_BATCH_SIZE", "1"),
+            ("INSTANCES_PER_MODEL", "1"),
+            ("REQUEST_TIMEOUT_S", "30"),
+        ],
+    );
+    let decoded = "cvserve_decode_seconds_count{model=\"shapes-cls/1\"}";
+    let taken = "cvserve_queue_wait_seconds_count{model=\"shapes-cls/1\"}";
+    let ran = "cvserve_batch_size_count{model=\"shapes-cls/1\"}";
+    let (answers, late) = std::thread::scope(|scope| {
+        let queued: Vec<_> = (0..4).map(|_| scope.spawn(|| classify(&s))).collect();
+        // Decoded means submitted (no await lies between the two): all four are queued.
+        eventually("four jobs to be queued", || metric(&s, decoded) >= 4.0);
+        let rm = s.post_json("/model/remove", &json!({"model_id": MODEL}));
+        assert_eq!(rm.status, 200, "{:?}", rm.body);
+        assert_eq!(rm.body["models"], json!([]), "unloaded at once");
+        // One job runs (1 s), one more waits as the next batch: two are still in the queue.
+        let left_the_queue = metric(&s, taken);
+        assert!(
+            left_the_queue <= 2.0,
+            "{left_the_queue} jobs had left the queue at the removal: nothing queued was tested"
+        );
+        assert_eq!(metric(&s, ran), 0.0, "no batch had finished at the removal");
+        // A request after the removal: the model loads again while the old copy drains.
+        let late = scope.spawn(|| classify(&s));
+        let answers: Vec<_> = queued.into_iter().map(|h| h.join().unwrap()).collect();
+        (answers, late.join().unwrap())
+    });
+    for r in answers.iter().chain([&late]) {
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.body["top"], TOP);
+    }
+    // Four runs on the removed copy, one on the new (the metric is per model id).
+    assert_eq!(metric(&s, ran), 5.0);
+    assert_eq!(registered(&s), [MODEL]);
+    assert_eq!(classify(&s).status, 200);
+    assert_eq!(s.get("/readiness").status, 200);
+    assert_eq!(s.get("/healthz").body, json!({"status": "healthy"}));
+}
+
+/// MAX_ACTIVE_MODELS=1: a request for a second model loads it, evicting the first while a
+/// request is still being served by the first. That request holds the evicted model until
+/// it answers, so it completes (200, the right class); the other model serves; the evicted
+/// one loads again on its next request (evicting the other).
+#[test]
+fn a_model_evicted_while_a_request_uses_it_still_answers_that_request() {
+    const OTHER: &str = "shapes-yolonas/1";
+    let s = Server::start(
+        MODEL,
+        &[
+            ("MAX_ACTIVE_MODELS", "1"),
+            ("CVSERVE_INJECT_DELAY_MS", "8000"),
+            ("CVSERVE_INJECT_MODEL", MODEL),
+            ("MAX_BATCH_SIZE", "1"),
+            ("INSTANCES_PER_MODEL", "1"),
+            // The slow run holds one core of the budget every model shares: the other
+            // model's load and warm-up take the other.
+            ("ORT_INTRA_THREADS", "1"),
+            ("LONE_REQUEST_THREADS", "1"),
+            ("REQUEST_TIMEOUT_S", "30"),
+        ],
+    );
+    std::thread::scope(|scope| {
+        let slow = scope.spawn(|| classify(&s));
+        eventually("the classification's batch to start", || {
+            metric(
+                &s,
+                "cvserve_queue_wait_seconds_count{model=\"shapes-cls/1\"}",
+            ) >= 1.0
+        });
+        // Loads OTHER, which evicts MODEL (the least recently used of one).
+        let det = s.detect(OTHER, "samples/shapes/000000.jpg", json!({}));
+        assert_eq!(det.status, 200, "{:?}", det.body);
+        assert!(!det.body["predictions"].as_array().unwrap().is_empty());
+        if slow.is_finished() {
+            let r = slow.join().unwrap();
+            panic!(
+                "the classification answered ({} {:?}) before {OTHER} had loaded: nothing was \
+                 evicted under it (CVSERVE_INJECT_DELAY_MS is too short for this machine)\n{}",
+                r.status,
+                r.body,
+                s.logs()
+            );
+        }
+        assert_eq!(registered(&s), [OTHER]);
+        assert_eq!(metric(&s, "cvserve_models_evicted_total"), 1.0);
+        let r = slow.join().unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.body["top"], TOP);
+    });
+    // The other model keeps serving; the evicted one loads again on its next request.
+    assert_eq!(
+        s.detect(OTHER, "samples/shapes/000002.jpg", json!({}))
+            .status,
+        200
+    );
+    let again = classify(&s);
+    assert_eq!(again.status, 200, "{:?}", again.body);
+    assert_eq!(registered(&s), [MODEL]);
+    assert_eq!(metric(&s, "cvserve_models_evicted_total"), 2.0);
 }

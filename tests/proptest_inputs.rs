@@ -9,7 +9,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
-use cvserve::http::request::{legacy_params, InferRequest};
+use cvserve::http::request::{legacy_params, ImageSource, InferRequest};
 use cvserve::pipeline::decode::{base64_bytes, decode_into, DecodeOptions};
 use cvserve::pipeline::ring::Ring;
 
@@ -118,11 +118,69 @@ proptest! {
         let _ = base64_bytes(&text);
     }
 
+    /// Arbitrary bytes never panic the parser (an answer either way).
     #[test]
-    fn any_body_bytes_parse_or_are_a_4xx(body in prop::collection::vec(any::<u8>(), 0..300)) {
-        if let Err(e) = InferRequest::parse(&body) {
-            prop_assert!(client_error(e.status.as_u16()), "{e:?}");
+    fn any_body_bytes_never_panic_the_parser(body in prop::collection::vec(any::<u8>(), 0..300)) {
+        let _ = InferRequest::parse(&body);
+    }
+
+    /// A valid body (fields present or absent, one image or a list, compact or pretty, with a
+    /// field cvserve does not read) parses to exactly what its client meant, Roboflow's
+    /// defaults where a field is absent; the same body cut short anywhere, or followed by
+    /// anything but whitespace, is a 422 saying the body is invalid. Numbers are k / 1024,
+    /// exact through JSON text, so they compare with `==`.
+    #[test]
+    fn a_valid_body_means_what_it_says_and_a_broken_one_is_a_422(
+        conf in prop::option::of(0u32..=1024),
+        iou in prop::option::of(0u32..=1024),
+        agnostic in prop::option::of(any::<bool>()),
+        max_det in prop::option::of(1u32..10_000),
+        list in any::<bool>(),
+        n in 1usize..4,
+        pretty in any::<bool>(),
+        cut in any::<prop::sample::Index>(),
+        junk in "[a-z0-9}\\]\\[,]{1,4}",
+    ) {
+        let images: Vec<Value> = (0..n)
+            .map(|i| json!({"type": "base64", "value": format!("aW1n{i}")}))
+            .collect();
+        let image = if list { json!(images) } else { images[0].clone() };
+        let mut body = json!({"model_id": "coco/1", "image": image, "disable_active_learning": true});
+        if let Some(k) = conf { body["confidence"] = json!(f64::from(k) / 1024.0); }
+        if let Some(k) = iou { body["iou_threshold"] = json!(f64::from(k) / 1024.0); }
+        if let Some(a) = agnostic { body["class_agnostic_nms"] = json!(a); }
+        if let Some(m) = max_det { body["max_detections"] = json!(m); }
+        let text = if pretty {
+            serde_json::to_vec_pretty(&body).unwrap()
+        } else {
+            serde_json::to_vec(&body).unwrap()
+        };
+        let mut r = InferRequest::parse(&text).expect("a valid body parses");
+        prop_assert_eq!(r.model_id().unwrap(), "coco/1");
+        let d = r.detection_params().unwrap();
+        prop_assert_eq!(d.confidence, conf.map_or(0.4, |k| k as f32 / 1024.0));
+        prop_assert_eq!(d.iou_threshold, iou.map_or(0.3, |k| k as f32 / 1024.0));
+        prop_assert_eq!(d.class_agnostic_nms, agnostic.unwrap_or(false));
+        prop_assert_eq!(d.max_detections, max_det.map_or(300, |m| m as usize));
+        let (got, is_list) = r.take_images().unwrap();
+        prop_assert_eq!(is_list, list);
+        prop_assert_eq!(got.len(), if list { n } else { 1 });
+        for (i, img) in got.iter().enumerate() {
+            match img {
+                ImageSource::Base64(v) => prop_assert_eq!(v, &format!("aW1n{i}")),
+                _ => prop_assert!(false, "image {} is not base64", i),
+            }
         }
+        let broken = |bytes: &[u8]| match InferRequest::parse(bytes) {
+            Ok(_) => Err(format!("accepted {:?}", String::from_utf8_lossy(bytes))),
+            Err(e) if e.status.as_u16() == 422 && e.message.starts_with("Invalid request body") => Ok(()),
+            Err(e) => Err(format!("{e:?}")),
+        };
+        let short = &text[..cut.index(text.len())];
+        prop_assert_eq!(broken(short), Ok(()));
+        let mut long = text.clone();
+        long.extend_from_slice(junk.as_bytes());
+        prop_assert_eq!(broken(&long), Ok(()));
     }
 
     #[test]

@@ -37,7 +37,8 @@ pub enum EngineError {
     Load(#[from] LoadError),
     #[error(transparent)]
     Download(#[from] DownloadError),
-    #[error("Model '{model}' is a {} model; send it to {} instead of {}", .task.as_str(), .task.route(), .asked.route())]
+    /// The route's task is not the model's (HTTP names the routes in its answer).
+    #[error("Model '{model}' is a {} model, not a {} model", .task.as_str(), .asked.as_str())]
     WrongTask {
         model: String,
         task: TaskType,
@@ -68,6 +69,25 @@ pub enum EngineError {
     Pipeline(#[from] PipelineError),
     #[error("Internal error: {0}")]
     Internal(&'static str),
+}
+
+/// How one loaded model is served: what `/info` and the model registry report.
+#[derive(Debug, Clone)]
+pub struct ServedModel {
+    pub id: String,
+    pub task: TaskType,
+    /// Batch size the network needs every run (`None`: dynamic).
+    pub fixed_batch: Option<usize>,
+    pub input_height: u32,
+    pub input_width: u32,
+    /// The execution provider (ONNX Runtime's name).
+    pub provider: String,
+    /// Inference instances running now, and the most that may.
+    pub instances: usize,
+    pub max_instances: usize,
+    pub intra_threads: usize,
+    pub lone_threads: usize,
+    pub max_batch: usize,
 }
 
 /// An image as the client sent it.
@@ -132,9 +152,75 @@ impl Engine {
         }
     }
 
-    /// The model manager (registry, add, remove).
+    /// The model manager (registry, add, remove), for the server's wiring (preloading).
     pub fn models(&self) -> &Arc<ModelManager> {
         &self.models
+    }
+
+    /// How each loaded model is served, sorted by id.
+    pub fn served_models(&self) -> Vec<ServedModel> {
+        self.models
+            .list()
+            .iter()
+            .map(|m| ServedModel {
+                id: m.meta.id.clone(),
+                task: m.meta.task,
+                fixed_batch: m.runtime.fixed_batch,
+                input_height: m.runtime.spec.height,
+                input_width: m.runtime.spec.width,
+                provider: m.provider.clone(),
+                instances: m.queue.instances(),
+                max_instances: m.instances,
+                intra_threads: m.intra_threads,
+                lone_threads: m.lone_threads,
+                max_batch: m.max_batch,
+            })
+            .collect()
+    }
+
+    /// Models that failed to load, with why.
+    pub fn failed_models(&self) -> Vec<(String, String)> {
+        self.models.failed()
+    }
+
+    /// Loads a model (downloading it first when it is not in the repository and an API key
+    /// allows), retrying one that failed before; off the reactor.
+    pub async fn add_model(&self, id: &str, api_key: Option<&str>) -> Result<(), EngineError> {
+        self.fetch(id, api_key).await?;
+        let manager = Arc::clone(&self.models);
+        let id = id.to_owned();
+        tokio::task::spawn_blocking(move || manager.add(&id))
+            .await
+            .map_err(|_| EngineError::Internal("model loading panicked"))??;
+        Ok(())
+    }
+
+    /// Unloads a model; `false` when it was not loaded. Its queued work is answered first.
+    pub fn remove_model(&self, id: &str) -> bool {
+        self.models.remove(id)
+    }
+
+    /// Unloads every model.
+    pub fn clear_models(&self) {
+        self.models.clear()
+    }
+
+    /// Brings the gauges that are read rather than counted up to date (before `/metrics`).
+    pub fn update_gauges(&self) {
+        METRICS.ring_slots_in_use.set(self.ring.in_use() as i64);
+        METRICS
+            .inflight_requests
+            .set(self.activity.in_server() as i64);
+        for m in self.models.list() {
+            METRICS
+                .queue_depth
+                .with_label_values(&[&m.meta.id])
+                .set(m.queue.depth() as i64);
+            METRICS
+                .model_instances
+                .with_label_values(&[&m.meta.id, &m.provider])
+                .set(m.queue.instances() as i64);
+        }
     }
 
     /// Every inference request in the server.
@@ -367,9 +453,12 @@ impl Engine {
             })();
             let _ = tx.send(result);
         });
-        rx.await
-            .map_err(|_| EngineError::Internal("drawing panicked"))?
-            .map_err(EngineError::from)
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Err(_) => Err(PipelineError::DeadlineExceeded("while drawing").into()),
+            Ok(r) => r
+                .map_err(|_| EngineError::Internal("drawing panicked"))?
+                .map_err(EngineError::from),
+        }
     }
 
     /// Slots one model may hold: all of them while it is the only model loaded, else its

@@ -91,45 +91,42 @@ impl ApiError {
     }
 }
 
-impl From<DecodeError> for ApiError {
-    fn from(e: DecodeError) -> Self {
-        match e {
-            DecodeError::DeadlineExceeded => {
-                ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string())
-            }
-            _ => ApiError::bad_request(e.to_string()),
-        }
+fn decode_error(e: DecodeError) -> ApiError {
+    match e {
+        DecodeError::DeadlineExceeded => ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string()),
+        _ => ApiError::bad_request(e.to_string()),
     }
 }
 
-impl From<PipelineError> for ApiError {
-    fn from(e: PipelineError) -> Self {
-        match e {
-            PipelineError::DeadlineExceeded(_) => {
-                ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string())
-            }
-            PipelineError::OverBudget(_) => ApiError::invalid(e.to_string()),
-            _ => ApiError::internal(e.to_string()),
+fn pipeline_error(e: PipelineError) -> ApiError {
+    match e {
+        PipelineError::DeadlineExceeded(_) => {
+            ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string())
         }
+        PipelineError::OverBudget(_) => ApiError::invalid(e.to_string()),
+        _ => ApiError::internal(e.to_string()),
     }
 }
 
-impl From<SubmitError> for ApiError {
-    fn from(e: SubmitError) -> Self {
-        match e {
-            SubmitError::QueueFull => ApiError::overloaded(e.to_string()),
-            SubmitError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        }
+fn submit_error(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::QueueFull => ApiError::overloaded(e.to_string()),
+        SubmitError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::Load(e) => e.into(),
-            EngineError::Download(e) => e.into(),
-            EngineError::WrongTask { .. } => ApiError::bad_request(e.to_string()),
-            EngineError::Decode(e) => e.into(),
+            EngineError::Load(e) => load_error(e),
+            EngineError::Download(e) => download_error(e),
+            EngineError::WrongTask { model, task, asked } => ApiError::bad_request(format!(
+                "Model '{model}' is a {} model; send it to {} instead of {}",
+                task.as_str(),
+                super::inference::task_path(task),
+                super::inference::task_path(asked)
+            )),
+            EngineError::Decode(e) => decode_error(e),
             EngineError::WaitedPastDeadline { .. } => ApiError::overloaded(e.to_string()),
             EngineError::Overloaded { retry_after, .. } => ApiError {
                 retry_after_s: Some(retry_after.as_secs().clamp(1, u32::MAX as u64) as u32),
@@ -138,40 +135,34 @@ impl From<EngineError> for ApiError {
             EngineError::TooManyImages { .. } => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
             }
-            EngineError::Submit(e) => e.into(),
-            EngineError::Pipeline(e) => e.into(),
+            EngineError::Submit(e) => submit_error(e),
+            EngineError::Pipeline(e) => pipeline_error(e),
             EngineError::Internal(_) => ApiError::internal(e.to_string()),
         }
     }
 }
 
-impl From<DownloadError> for ApiError {
-    fn from(e: DownloadError) -> Self {
-        let status = match e {
-            DownloadError::NotAuthorized => StatusCode::UNAUTHORIZED,
-            DownloadError::Forbidden => StatusCode::FORBIDDEN,
-            DownloadError::NotFound => StatusCode::NOT_FOUND,
-            DownloadError::Connection(_) => StatusCode::SERVICE_UNAVAILABLE,
-            DownloadError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            DownloadError::TooLarge { .. } | DownloadError::Malformed(_) => StatusCode::BAD_GATEWAY,
-            DownloadError::Storage(_) => StatusCode::INSUFFICIENT_STORAGE,
-        };
-        ApiError::new(status, e.to_string())
-    }
+fn download_error(e: DownloadError) -> ApiError {
+    let status = match e {
+        DownloadError::NotAuthorized => StatusCode::UNAUTHORIZED,
+        DownloadError::Forbidden => StatusCode::FORBIDDEN,
+        DownloadError::NotFound => StatusCode::NOT_FOUND,
+        DownloadError::Connection(_) => StatusCode::SERVICE_UNAVAILABLE,
+        DownloadError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        DownloadError::TooLarge { .. } | DownloadError::Malformed(_) => StatusCode::BAD_GATEWAY,
+        DownloadError::Storage(_) => StatusCode::INSUFFICIENT_STORAGE,
+    };
+    ApiError::new(status, e.to_string())
 }
 
-impl From<LoadError> for ApiError {
-    fn from(e: LoadError) -> Self {
-        match e {
-            LoadError::Repository(RepositoryError::InvalidId(_)) => {
-                ApiError::bad_request(e.to_string())
-            }
-            LoadError::Repository(RepositoryError::NotFound(_)) => {
-                ApiError::not_found(e.to_string())
-            }
-            LoadError::Repository(RepositoryError::Broken { .. }) | LoadError::Failed { .. } => {
-                ApiError::internal(e.to_string())
-            }
+fn load_error(e: LoadError) -> ApiError {
+    match e {
+        LoadError::Repository(RepositoryError::InvalidId(_)) => {
+            ApiError::bad_request(e.to_string())
+        }
+        LoadError::Repository(RepositoryError::NotFound(_)) => ApiError::not_found(e.to_string()),
+        LoadError::Repository(RepositoryError::Broken { .. }) | LoadError::Failed { .. } => {
+            ApiError::internal(e.to_string())
         }
     }
 }
@@ -182,7 +173,7 @@ mod tests {
 
     #[test]
     fn overload_carries_retry_after_and_a_json_message() {
-        let resp = ApiError::from(SubmitError::QueueFull).into_response();
+        let resp = ApiError::from(EngineError::Submit(SubmitError::QueueFull)).into_response();
         assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(resp.headers()[RETRY_AFTER], "1");
         assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
@@ -204,25 +195,25 @@ mod tests {
     #[test]
     fn client_errors_are_4xx_and_server_errors_5xx() {
         assert_eq!(
-            ApiError::from(DecodeError::Empty).status,
+            ApiError::from(EngineError::Decode(DecodeError::Empty)).status,
             StatusCode::BAD_REQUEST
         );
         assert_eq!(
-            ApiError::from(LoadError::Repository(RepositoryError::NotFound(
-                "a/1".into()
+            ApiError::from(EngineError::Load(LoadError::Repository(
+                RepositoryError::NotFound("a/1".into())
             )))
             .status,
             StatusCode::NOT_FOUND
         );
         assert_eq!(
-            ApiError::from(LoadError::Repository(RepositoryError::InvalidId(
-                "..".into()
+            ApiError::from(EngineError::Load(LoadError::Repository(
+                RepositoryError::InvalidId("..".into())
             )))
             .status,
             StatusCode::BAD_REQUEST
         );
         assert_eq!(
-            ApiError::from(PipelineError::Backend("x".into())).status,
+            ApiError::from(EngineError::Pipeline(PipelineError::Backend("x".into()))).status,
             StatusCode::INTERNAL_SERVER_ERROR
         );
     }

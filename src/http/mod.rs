@@ -1,14 +1,18 @@
-//! The HTTP front end (hyper 1, HTTP/1.1): accepts connections, routes requests to handlers,
-//! and drains in-flight requests on shutdown. Handlers parse and validate, call the engine
-//! (`crate::engine`), and serialise its answers; bodies of megabytes are parsed on the
+//! The HTTP front end (hyper 1, HTTP/1.1, with axum's router): accepts connections, hands
+//! each request to the one route table (`router`), and drains in-flight requests on shutdown.
+//! Handlers (`inference`, `admin`) parse and validate, call the engine (`crate::engine`, the
+//! only door inward), and serialise its answers; `body` bounds what a request body may hold;
+//! `error` is the one place an error becomes a status. Bodies of megabytes are parsed on the
 //! engine's CPU pool, so nothing CPU-heavy runs on the reactor threads.
 
+pub mod admin;
+pub mod body;
 pub mod error;
 pub mod images;
-pub mod openapi;
+pub mod inference;
 pub mod request;
 pub mod response;
-pub mod routes;
+pub mod router;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -184,6 +188,7 @@ pub async fn serve(
     let reserved = Arc::new(tokio::sync::Semaphore::new(RESERVED_CONNECTIONS));
     let header_timeout = Duration::from_secs_f64(state.cfg.header_read_timeout_s.max(0.001));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let routers = router::Routers::new(Arc::clone(&state));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -211,9 +216,10 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let st = Arc::clone(&state);
+        let routers = routers.clone();
         let service = service_fn(move |req| {
-            let st = Arc::clone(&st);
-            async move { Ok::<_, Infallible>(routes::handle(st, req, class).await) }
+            let (st, routers) = (Arc::clone(&st), routers.clone());
+            async move { Ok::<_, Infallible>(router::handle(st, routers, req, class).await) }
         });
         // A small read buffer per connection (hyper's default grows to ~400 KB): with a
         // thousand clients streaming large bodies, that alone would be 400 MB.

@@ -6,7 +6,7 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 
-use crate::engine::models::LoadedModel;
+use crate::engine::ServedModel;
 use crate::tasks::classification::ClassificationOutput;
 use crate::tasks::detection::ObjectDetectionPrediction;
 use crate::tasks::keypoints::KeypointsPrediction;
@@ -96,22 +96,22 @@ pub struct ModelsDescriptions {
 }
 
 impl ModelsDescriptions {
-    pub fn of(models: &[std::sync::Arc<LoadedModel>]) -> Self {
+    pub fn of(models: &[ServedModel]) -> Self {
         Self {
             models: models
                 .iter()
                 .map(|m| ModelDescription {
-                    model_id: m.meta.id.clone(),
-                    task_type: m.meta.task.as_str(),
-                    batch_size: m.runtime.fixed_batch,
-                    input_height: m.runtime.spec.height,
-                    input_width: m.runtime.spec.width,
+                    model_id: m.id.clone(),
+                    task_type: m.task.as_str(),
+                    batch_size: m.fixed_batch,
+                    input_height: m.input_height,
+                    input_width: m.input_width,
                     vram_bytes: None,
                     request_aliases: vec![],
-                    request_paths: vec![m.meta.task.route()],
+                    request_paths: vec![super::inference::task_path(m.task)],
                     execution_provider: m.provider.clone(),
-                    instances: m.queue.instances(),
-                    max_instances: m.instances,
+                    instances: m.instances,
+                    max_instances: m.max_instances,
                 })
                 .collect(),
             total_vram_bytes: None,

@@ -29,16 +29,6 @@ impl TaskType {
         }
     }
 
-    /// The `/infer/...` route that serves this task.
-    pub fn route(self) -> &'static str {
-        match self {
-            TaskType::ObjectDetection => "/infer/object_detection",
-            TaskType::InstanceSegmentation => "/infer/instance_segmentation",
-            TaskType::Classification => "/infer/classification",
-            TaskType::KeypointDetection => "/infer/keypoints_detection",
-        }
-    }
-
     fn parse(s: &str) -> Option<Self> {
         match s {
             "object-detection" => Some(TaskType::ObjectDetection),

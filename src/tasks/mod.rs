@@ -50,15 +50,10 @@ pub enum PostprocessError {
     Cancelled,
 }
 
-impl From<&str> for PostprocessError {
-    fn from(s: &str) -> Self {
-        PostprocessError::Model(s.to_owned())
-    }
-}
-
-impl From<String> for PostprocessError {
-    fn from(s: String) -> Self {
-        PostprocessError::Model(s)
+impl PostprocessError {
+    /// A fault of the model's outputs (said explicitly: a `?` on a string is not one).
+    pub fn model(why: impl Into<String>) -> Self {
+        PostprocessError::Model(why.into())
     }
 }
 
@@ -154,7 +149,9 @@ impl OutputDecoder {
     ) -> Result<TaskOutput, PostprocessError> {
         match (self, params) {
             (OutputDecoder::Detection(head), TaskParams::Detection(p)) => {
-                let kept = head.boxes(outputs, i, input, class_names.len(), p)?;
+                let kept = head
+                    .boxes(outputs, i, input, class_names.len(), p)
+                    .map_err(PostprocessError::Model)?;
                 Ok(TaskOutput::Detection(detection::predictions(
                     &kept,
                     class_names,
@@ -164,7 +161,9 @@ impl OutputDecoder {
                 )))
             }
             (OutputDecoder::Keypoints(layout), TaskParams::Keypoints(p)) => {
-                let out = outputs.first().ok_or("missing output")?;
+                let out = outputs
+                    .first()
+                    .ok_or_else(|| PostprocessError::model("missing output"))?;
                 Ok(TaskOutput::Keypoints(keypoints::postprocess(
                     out.item(i),
                     layout,
@@ -192,14 +191,18 @@ impl OutputDecoder {
                 },
                 TaskParams::Classification(p),
             ) => {
-                let out = outputs.first().ok_or("missing output")?;
+                let out = outputs
+                    .first()
+                    .ok_or_else(|| PostprocessError::model("missing output"))?;
                 Ok(TaskOutput::Classification(if *multi_label {
                     classification::multi_label(out.item(i), *activation, class_names, p)
                 } else {
                     classification::single_label(out.item(i), *activation, class_names, p)
                 }))
             }
-            _ => Err("the request's parameters do not fit the model's task".into()),
+            _ => Err(PostprocessError::model(
+                "the request's parameters do not fit the model's task",
+            )),
         }
     }
 }

@@ -584,7 +584,11 @@ pub fn postprocess(
             let (rows, width) = layout.pred_dims;
             (pred, heads::end_to_end(pred, rows, width, nc, p))
         }
-        SegKind::RfDetr(head) => (&[], head.boxes(outputs, i, input, nc, p)?),
+        SegKind::RfDetr(head) => (
+            &[],
+            head.boxes(outputs, i, input, nc, p)
+                .map_err(PostprocessError::Model)?,
+        ),
     };
     let kept: Vec<Candidate> = kept
         .into_iter()

@@ -1,0 +1,588 @@
+//! The inference routes: Roboflow's `/infer/<task>` (a JSON body) and its legacy
+//! `/{dataset_id}/{version_id}` (a multipart file, base64 text or an image URL). Each handler
+//! reads its body within the request's deadline and the body budget, has it parsed off the
+//! reactor, builds the task parameters, calls the engine and serialises its answers.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Request, State};
+use axum::response::Response;
+use axum::Extension;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::StatusCode;
+
+use super::body::{discard_body, read_body, Body};
+use super::error::ApiError;
+use super::images::fetch_url;
+use super::request::{legacy_params, ImageSource, InferRequest};
+use super::response::{json, ImageSize, InferResponse, ResolvedModel};
+use super::router::{finish, InferErrors, RequestId, RouteLabels};
+use super::AppState;
+use crate::engine::admission::{Presence, Ticket};
+use crate::engine::{Engine, ImageInput};
+use crate::metrics::{Outcome, Stage, METRICS};
+use crate::model::repository::TaskType;
+use crate::tasks::segmentation::SegmentationParams;
+use crate::tasks::TaskParams;
+
+type HttpResponse = Response<Full<Bytes>>;
+
+#[utoipa::path(
+    post,
+    path = "/infer/object_detection",
+    tag = "inference",
+    request_body = InferRequest,
+    responses(
+        (status = 200, description = "One response per image (a list when `image` was a list)", body = InferResponse),
+        InferErrors
+    )
+)]
+pub async fn object_detection(
+    State(st): State<Arc<AppState>>,
+    Extension(id): Extension<RequestId>,
+    req: Request,
+) -> Response {
+    task_route(st, id, req, TaskType::ObjectDetection).await
+}
+
+#[utoipa::path(
+    post,
+    path = "/infer/instance_segmentation",
+    tag = "inference",
+    request_body = InferRequest,
+    responses(
+        (status = 200, description = "Instances with polygon or RLE masks", body = InferResponse),
+        InferErrors
+    )
+)]
+pub async fn instance_segmentation(
+    State(st): State<Arc<AppState>>,
+    Extension(id): Extension<RequestId>,
+    req: Request,
+) -> Response {
+    task_route(st, id, req, TaskType::InstanceSegmentation).await
+}
+
+#[utoipa::path(
+    post,
+    path = "/infer/classification",
+    tag = "inference",
+    request_body = InferRequest,
+    responses(
+        (status = 200, description = "Single-label (`predictions`, `top`, `confidence`) or multi-label (`predictions` map, `predicted_classes`)", body = InferResponse),
+        InferErrors
+    )
+)]
+pub async fn classification(
+    State(st): State<Arc<AppState>>,
+    Extension(id): Extension<RequestId>,
+    req: Request,
+) -> Response {
+    task_route(st, id, req, TaskType::Classification).await
+}
+
+#[utoipa::path(
+    post,
+    path = "/infer/keypoints_detection",
+    tag = "inference",
+    request_body = InferRequest,
+    responses(
+        (status = 200, description = "Detections, each with its `keypoints` (x, y, confidence, class_id, class)", body = InferResponse),
+        InferErrors
+    )
+)]
+pub async fn keypoints_detection(
+    State(st): State<Arc<AppState>>,
+    Extension(id): Extension<RequestId>,
+    req: Request,
+) -> Response {
+    task_route(st, id, req, TaskType::KeypointDetection).await
+}
+
+/// The path of a task's route (the `route` label of the request metrics).
+pub fn task_path(task: TaskType) -> &'static str {
+    match task {
+        TaskType::ObjectDetection => "/infer/object_detection",
+        TaskType::InstanceSegmentation => "/infer/instance_segmentation",
+        TaskType::Classification => "/infer/classification",
+        TaskType::KeypointDetection => "/infer/keypoints_detection",
+    }
+}
+
+/// The legacy route's path (its metrics label).
+const LEGACY_PATH: &str = "/{dataset_id}/{version_id}";
+
+#[utoipa::path(
+    post,
+    path = "/{dataset_id}/{version_id}",
+    tag = "inference",
+    description = "Roboflow's legacy route: the image as a multipart `file`, or base64 text as the body (`image_type=base64`), or `image=<url>`.",
+    params(
+        ("dataset_id" = String, Path, description = "Dataset of the model", example = "coco"),
+        ("version_id" = String, Path, description = "Version of the model", example = "1"),
+        ("confidence" = Option<f64>, Query, description = "Lowest score; 1 or more is a percentage (default 40)"),
+        ("overlap" = Option<f64>, Query, description = "NMS IoU; 1 or more is a percentage (default 30)"),
+        ("max_detections" = Option<i64>, Query, description = "Default 300"),
+        ("class_agnostic_nms" = Option<bool>, Query, description = "Default false"),
+        ("format" = Option<String>, Query, description = "`json` (default), `image` (the drawn JPEG) or `image_and_json` (JSON with `visualization`)"),
+        ("labels" = Option<bool>, Query, description = "Label the drawn boxes (default false)"),
+        ("stroke" = Option<i64>, Query, description = "Line width of the drawing (default 1)"),
+        ("image" = Option<String>, Query, description = "Image URL (ALLOW_URL_INPUT)"),
+        ("image_type" = Option<String>, Query, description = "`base64` (default) for a text body"),
+        ("mask_decode_mode" = Option<String>, Query, description = "`accurate` (default), `fast`, `tradeoff`"),
+        ("tradeoff_factor" = Option<f64>, Query, description = "Default 0"),
+        ("response_mask_format" = Option<String>, Query, description = "`polygon` (default) or `rle`"),
+        ("disable_preproc_auto_orient" = Option<bool>, Query, description = "Default false"),
+        ("disable_preproc_static_crop" = Option<bool>, Query, description = "Default false"),
+        ("disable_preproc_contrast" = Option<bool>, Query, description = "Default false"),
+        ("disable_preproc_grayscale" = Option<bool>, Query, description = "Default false"),
+        ("keypoint_confidence" = Option<f64>, Query, description = "Keypoint models: lowest keypoint score reported (default 0)"),
+    ),
+    request_body(content = String, description = "multipart/form-data with a `file` part, or base64 text", content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "The predictions (JSON), or with `format=image` the drawn picture", body = InferResponse, content_type = "application/json"),
+        InferErrors
+    )
+)]
+pub async fn legacy(
+    State(st): State<Arc<AppState>>,
+    Extension(id): Extension<RequestId>,
+    Path((dataset, version)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    let mut ctx = RequestContext::new(id, LEGACY_PATH);
+    if dataset == "infer" {
+        // `/infer/<anything else>` is not a model.
+        ctx.route = None;
+        let e = ApiError::not_found(format!("Not Found: {} {}", req.method(), req.uri().path()));
+        return ctx.finish(Err(e));
+    }
+    let model_id = format!("{dataset}/{version}");
+    let answer = async {
+        let (req, now, deadline, _presence) = enter(&st, req)?;
+        // The model is known from the path: let in or refused before the body is read.
+        match st.engine.admit(&model_id, now, deadline) {
+            Ok(ticket) => ctx.ticket = ticket,
+            Err(e) => {
+                discard_body(&st, req);
+                return Err(e.into());
+            }
+        }
+        let answer = infer_legacy(&st, req, model_id, deadline, &mut ctx).await;
+        ctx.served(&answer);
+        answer
+    }
+    .await;
+    ctx.finish(answer)
+}
+
+/// What a handler learns about its request that the access log and metrics need.
+pub struct RequestContext {
+    request_id: String,
+    /// The model, once known to be loaded (bounded label values).
+    model: Option<String>,
+    /// The route's path, for the request metrics.
+    route: Option<&'static str>,
+    /// Its place in its model's line (the waiting room), once let in.
+    ticket: Option<Ticket>,
+}
+
+impl RequestContext {
+    fn new(id: RequestId, route: &'static str) -> Self {
+        Self {
+            request_id: id.0,
+            model: None,
+            route: Some(route),
+            ticket: None,
+        }
+    }
+
+    /// A request answered 200 counts as served in its model's line (the rate admission
+    /// predicts waits from).
+    fn served(&mut self, answer: &Result<HttpResponse, ApiError>) {
+        if let (Ok(_), Some(ticket)) = (answer, self.ticket.as_mut()) {
+            ticket.served();
+        }
+    }
+
+    /// The response, labelled for the metrics.
+    fn finish(self, answer: Result<HttpResponse, ApiError>) -> Response {
+        finish(
+            answer,
+            self.route.map(|route| RouteLabels {
+                model: self.model,
+                route,
+            }),
+        )
+    }
+}
+
+async fn task_route(st: Arc<AppState>, id: RequestId, req: Request, task: TaskType) -> Response {
+    let mut ctx = RequestContext::new(id, task_path(task));
+    let answer = async {
+        let (req, now, deadline, _presence) = enter(&st, req)?;
+        let answer = infer_json(&st, req, task, now, deadline, &mut ctx).await;
+        ctx.served(&answer);
+        answer
+    }
+    .await;
+    ctx.finish(answer)
+}
+
+/// What every inference request passes first: not while shutting down, its deadline (from
+/// now: it covers reading the body and waiting for a turn), and a place among the
+/// MAX_INFLIGHT_REQUESTS in the server (held while the returned guard lives). A request
+/// refused there has its body drained in the background.
+fn enter(
+    st: &AppState,
+    req: Request,
+) -> Result<(Request, Instant, Instant, Presence<'_>), ApiError> {
+    if st.draining.load(Ordering::Acquire) {
+        return Err(super::body::shutting_down());
+    }
+    let now = Instant::now();
+    let deadline = deadline(st, &req, now)?;
+    // Then let in or refused as soon as the model is known (see `engine::admission`): from
+    // the path, or the body's first 64 KiB, so a refused body is not buffered unless it
+    // names its model only after that.
+    let Some(presence) = st.engine.activity().enter() else {
+        METRICS.outcome("none", Outcome::Rejected, Stage::Admission);
+        discard_body(st, req);
+        return Err(ApiError::overloaded(
+            "Server overloaded: MAX_INFLIGHT_REQUESTS inference requests are in the server; retry shortly",
+        ));
+    };
+    Ok((req, now, deadline, presence))
+}
+
+/// The API key a request carries outside its body: `?api_key=`, else `Authorization:
+/// Bearer <key>` (Roboflow's order; the body's `api_key` comes after both).
+pub fn query_api_key(req: &Request) -> Option<String> {
+    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "api_key")
+        .map(|(_, v)| v.into_owned())
+        .or_else(|| {
+            req.headers()
+                .get(hyper::header::AUTHORIZATION)?
+                .to_str()
+                .ok()?
+                .strip_prefix("Bearer ")
+                .map(|k| k.trim().to_string())
+        })
+}
+
+fn task_params(
+    state: &AppState,
+    task: TaskType,
+    req: &InferRequest,
+) -> Result<TaskParams, ApiError> {
+    Ok(match task {
+        TaskType::ObjectDetection => TaskParams::Detection(req.detection_params()?),
+        TaskType::InstanceSegmentation => TaskParams::Segmentation(SegmentationParams {
+            max_work_pixels: state.cfg.max_mask_work_pixels,
+            ..req.segmentation_params()?
+        }),
+        TaskType::Classification => TaskParams::Classification(req.classification_params()?),
+        TaskType::KeypointDetection => TaskParams::Keypoints(req.keypoints_params()?),
+    })
+}
+
+async fn infer_json(
+    state: &Arc<AppState>,
+    req: Request,
+    task: TaskType,
+    arrived: Instant,
+    deadline: Instant,
+    ctx: &mut RequestContext,
+) -> Result<HttpResponse, ApiError> {
+    let started = Instant::now();
+    let limit = state.cfg.max_body_bytes;
+    let outer_key = query_api_key(&req);
+    // The waiting room decides as soon as the body's first bytes name the model; the rest of
+    // a refused body is read and dropped.
+    let mut admitted: Option<(String, Option<Ticket>)> = None;
+    let mut early = |id: &str| -> Result<(), ApiError> {
+        let ticket = state.engine.admit(id, arrived, deadline)?;
+        admitted = Some((id.to_owned(), ticket));
+        Ok(())
+    };
+    // The body's lease is held until the answer: its parsed copies count under it.
+    let (
+        _,
+        Body {
+            bytes,
+            lease: _lease,
+        },
+    ) = read_body(
+        state,
+        req,
+        limit,
+        "MAX_BODY_BYTES",
+        deadline,
+        Some(&mut early),
+    )
+    .await?;
+    // A JSON body of megabytes (base64 images) is parsed on the CPU pool.
+    let mut request = state
+        .engine
+        .run_cpu(move || InferRequest::parse(&bytes))
+        .await??;
+    request.api_key = outer_key.or(request.api_key.take());
+    let model_id = request.model_id()?;
+    // Not named in the first bytes (or named otherwise than parsed): decided now.
+    match admitted {
+        Some((id, ticket)) if id == model_id => ctx.ticket = ticket,
+        other => {
+            // A place taken in another model's line (a `model_id` key nested elsewhere in
+            // the first bytes) is given up first.
+            drop(other);
+            ctx.ticket = state.engine.admit(&model_id, arrived, deadline)?;
+        }
+    }
+    let (images, is_list) = request.take_images()?;
+    let inference_id = request.id.clone().unwrap_or_else(|| ctx.request_id.clone());
+    let call = InferCall {
+        model_id: &model_id,
+        expected: Some(task),
+        inference_id: &inference_id,
+        started,
+        deadline,
+    };
+    let (mut responses, pictures) = infer(state, call, &request, images, ctx).await?;
+    // Thousands of RLE masks make megabytes of JSON: encoded on the CPU pool too.
+    Ok(state
+        .engine
+        .run_cpu(move || {
+            attach_pictures(&mut responses, pictures);
+            if is_list {
+                json(StatusCode::OK, &responses)
+            } else {
+                json(StatusCode::OK, &responses[0])
+            }
+        })
+        .await?)
+}
+
+async fn infer_legacy(
+    state: &Arc<AppState>,
+    req: Request,
+    model_id: String,
+    deadline: Instant,
+    ctx: &mut RequestContext,
+) -> Result<HttpResponse, ApiError> {
+    let started = Instant::now();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let (mut request, opts) = legacy_params(&query)?;
+    request.api_key = query_api_key(&req);
+    // The body's lease, held until the answer is ready.
+    let held;
+    let source = if let Some(url) = opts.image_url.clone() {
+        held = None;
+        ImageSource::Url(url)
+    } else {
+        let content_type = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                ApiError::bad_request("Content-Type header not provided with request.")
+            })?;
+        let limit = state.cfg.max_body_bytes;
+        let (_, Body { bytes: body, lease }) =
+            read_body(state, req, limit, "MAX_BODY_BYTES", deadline, None).await?;
+        held = Some(lease);
+        if content_type.starts_with("multipart/form-data") {
+            // The body is in memory: parsing it never waits, so it runs on the CPU pool.
+            let file = state
+                .engine
+                .run_cpu(move || futures_executor::block_on(multipart_file(&content_type, body)))
+                .await??;
+            ImageSource::Bytes(file)
+        } else if opts.image_type != "base64" {
+            return Err(ApiError::bad_request(format!(
+                "image_type '{}' is not accepted; send base64 text or a multipart 'file'",
+                opts.image_type
+            )));
+        } else {
+            let text = String::from_utf8(body.to_vec()).map_err(|_| {
+                ApiError::bad_request(
+                    "Could not load input image. Cause: Malformed base64 input image.",
+                )
+            })?;
+            ImageSource::Base64(text)
+        }
+    };
+    let inference_id = ctx.request_id.clone();
+    let call = InferCall {
+        model_id: &model_id,
+        expected: None,
+        inference_id: &inference_id,
+        started,
+        deadline,
+    };
+    let (mut responses, mut pictures) = infer(state, call, &request, vec![source], ctx).await?;
+    let resp = if opts.format == "image" {
+        // The picture itself (Roboflow's `format=image`).
+        let mut resp = Response::new(Full::new(Bytes::from(pictures.remove(0))));
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("image/jpeg"));
+        resp
+    } else {
+        state
+            .engine
+            .run_cpu(move || {
+                attach_pictures(&mut responses, pictures);
+                json(StatusCode::OK, &responses[0])
+            })
+            .await?
+    };
+    drop(held);
+    Ok(resp)
+}
+
+/// The request's deadline: REQUEST_TIMEOUT_S after arrival, or sooner if the client asks with
+/// `X-Request-Timeout-Ms`.
+fn deadline(state: &AppState, req: &Request, started: Instant) -> Result<Instant, ApiError> {
+    let default = Duration::from_secs_f64(state.cfg.request_timeout_s.max(0.0));
+    let asked = match req.headers().get("x-request-timeout-ms") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .map(Duration::from_millis)
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "X-Request-Timeout-Ms must be a whole number of milliseconds",
+                    )
+                })?,
+        ),
+    };
+    Ok(started + asked.map_or(default, |a| a.min(default)))
+}
+
+/// The bytes of the multipart part named `file` (Roboflow's legacy upload).
+async fn multipart_file(content_type: &str, body: Bytes) -> Result<Bytes, ApiError> {
+    let boundary = multer::parse_boundary(content_type)
+        .map_err(|e| ApiError::bad_request(format!("Invalid multipart request: {e}")))?;
+    let stream = futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(body) });
+    let mut multipart = multer::Multipart::new(stream, boundary);
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| ApiError::bad_request(format!("Invalid multipart request: {e}")))?
+    {
+        if field.name() == Some("file") {
+            return field
+                .bytes()
+                .await
+                .map_err(|e| ApiError::bad_request(format!("Invalid multipart request: {e}")));
+        }
+    }
+    Err(ApiError::bad_request(
+        "Multipart request has no part named 'file'",
+    ))
+}
+
+/// What one inference call is about.
+struct InferCall<'a> {
+    model_id: &'a str,
+    /// The task of the route, or `None` for the legacy route (any task).
+    expected: Option<TaskType>,
+    inference_id: &'a str,
+    started: Instant,
+    deadline: Instant,
+}
+
+/// Runs images through a model and renders one response per image, in order; with
+/// `visualize_predictions`, also each image with its predictions drawn (JPEG), drawn on the
+/// postprocess pool.
+async fn infer(
+    state: &Arc<AppState>,
+    call: InferCall<'_>,
+    request: &InferRequest,
+    images: Vec<ImageSource>,
+    ctx: &mut RequestContext,
+) -> Result<(Vec<InferResponse>, Vec<Vec<u8>>), ApiError> {
+    let InferCall {
+        model_id,
+        expected,
+        inference_id,
+        started,
+        deadline,
+    } = call;
+    let draw = request.draw_options()?;
+    let model = state
+        .engine
+        .model(model_id, request.api_key.as_deref())
+        .await?;
+    ctx.model = Some(model.meta.id.clone());
+    if let Some(expected) = expected {
+        Engine::check_task(&model, expected)?;
+    }
+    let params = task_params(state, model.meta.task, request)?;
+    let mut inputs = Vec::with_capacity(images.len());
+    for image in images {
+        inputs.push(match image {
+            ImageSource::Base64(s) => ImageInput::Base64(s),
+            ImageSource::Bytes(b) => ImageInput::Bytes(b),
+            ImageSource::Url(u) => ImageInput::Bytes(fetch_url(state, &u).await?),
+        });
+    }
+    // Drawing needs the image again: a refcount for bytes, a copy of base64 text.
+    let originals = draw.is_some().then(|| inputs.clone());
+    let disabled = request.disabled_steps();
+    let disable_orient = disabled.auto_orient;
+    let outputs = state
+        .engine
+        .infer(
+            &model,
+            inputs,
+            params,
+            disabled,
+            deadline,
+            ctx.ticket.as_mut(),
+        )
+        .await?;
+    let mut pictures = Vec::new();
+    if let (Some(opts), Some(originals)) = (draw, originals) {
+        for (image, out) in originals.into_iter().zip(&outputs) {
+            let picture = state
+                .engine
+                .visualize(&model, image, &out.output, opts, disable_orient, deadline)
+                .await?;
+            pictures.push(picture);
+        }
+    }
+    let time = started.elapsed().as_secs_f64();
+    let responses = outputs
+        .into_iter()
+        .map(|o| InferResponse {
+            inference_id: inference_id.to_owned(),
+            time,
+            image: ImageSize {
+                width: o.width,
+                height: o.height,
+            },
+            body: o.output.into(),
+            visualization: None,
+            resolved_model: ResolvedModel {
+                model_id: model_id.to_owned(),
+            },
+        })
+        .collect();
+    Ok((responses, pictures))
+}
+
+/// Puts each picture, base64, in its response's `visualization`.
+fn attach_pictures(responses: &mut [InferResponse], pictures: Vec<Vec<u8>>) {
+    use base64::Engine as _;
+    for (r, p) in responses.iter_mut().zip(pictures) {
+        r.visualization = Some(base64::engine::general_purpose::STANDARD.encode(p));
+    }
+}

@@ -1,0 +1,282 @@
+//! The one route table: every route's path, method, handler and OpenAPI entry are declared
+//! once, here (axum's router, with `utoipa-axum` collecting each handler's `#[utoipa::path]`
+//! into `/openapi.json`). Around it, [`handle`] gives every request its id, its access-log
+//! line and its metrics, and connections over MAX_CONNECTIONS get the health routes only.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::body::Body as AxumBody;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::HeaderValue;
+use hyper::{Method, StatusCode};
+use serde::Serialize;
+use tower::ServiceExt;
+use tracing::Instrument;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::error::ApiError;
+use super::request::{OneOrMany, RequestImage};
+use super::{admin, inference, AppState, ConnectionClass};
+use crate::metrics::METRICS;
+
+/// The routes a connection over MAX_CONNECTIONS may still ask for (cheap, no body).
+fn health_routes() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(admin::healthz))
+        .routes(routes!(admin::readiness))
+        .routes(routes!(admin::info))
+}
+
+/// Every route. Static paths win over `/{dataset_id}/{version_id}` (so `/model/add` is not a
+/// model), whatever the order here.
+fn all_routes() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(inference::object_detection))
+        .routes(routes!(inference::instance_segmentation))
+        .routes(routes!(inference::classification))
+        .routes(routes!(inference::keypoints_detection))
+        .routes(routes!(inference::legacy))
+        // Roboflow's clients send the legacy route's URL-image form as a GET.
+        .route("/{dataset_id}/{version_id}", get(inference::legacy))
+        .route(
+            "/{dataset_id}/{version_id}/",
+            post(inference::legacy).get(inference::legacy),
+        )
+        .merge(health_routes())
+        .routes(routes!(admin::metrics))
+        .routes(routes!(admin::registry))
+        .routes(routes!(admin::model_add))
+        .routes(routes!(admin::model_remove))
+        .routes(routes!(admin::model_clear))
+        .routes(routes!(admin::page))
+        .routes(routes!(admin::docs))
+        .route("/docs/redoc.standalone.js", get(admin::redoc_js))
+        .routes(routes!(admin::openapi_json))
+}
+
+/// The routers a connection is served by: every route, and the health routes alone.
+#[derive(Clone)]
+pub struct Routers {
+    full: Router,
+    health: Router,
+}
+
+impl Routers {
+    pub fn new(state: Arc<AppState>) -> Self {
+        let (full, doc) = all_routes().split_for_parts();
+        let _ = DOCUMENT.set(document_text(doc));
+        let full = full
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
+            .with_state(Arc::clone(&state));
+        let (health, _) = health_routes().split_for_parts();
+        let health = health.fallback(health_only).with_state(state);
+        Self { full, health }
+    }
+}
+
+/// The OpenAPI document, as JSON text, made once from the route table.
+static DOCUMENT: OnceLock<String> = OnceLock::new();
+
+pub fn openapi_document() -> String {
+    DOCUMENT
+        .get_or_init(|| document_text(all_routes().split_for_parts().1))
+        .clone()
+}
+
+fn document_text(mut doc: utoipa::openapi::OpenApi) -> String {
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc.to_pretty_json()
+        .unwrap_or_else(|e| format!(r#"{{"error": "{e}"}}"#))
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "cvserve",
+        description = "A drop-in, single-process replacement for Roboflow Inference's HTTP server: object detection, instance segmentation, classification and keypoint detection of Roboflow-trained ONNX models."
+    ),
+    components(schemas(OneOrMany, RequestImage, ErrorBody, admin::ModelRequest))
+)]
+struct ApiDoc;
+
+/// Every error answer: `{"message": "..."}`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub message: String,
+}
+
+/// The error answers every inference route may give.
+#[derive(utoipa::IntoResponses)]
+pub enum InferErrors {
+    #[response(
+        status = 400,
+        description = "Bad image or value, or the wrong task for the route"
+    )]
+    BadRequest(ErrorBody),
+    #[response(status = 404, description = "Unknown model")]
+    NotFound(ErrorBody),
+    #[response(
+        status = 408,
+        description = "The body did not arrive within the deadline"
+    )]
+    Timeout(ErrorBody),
+    #[response(
+        status = 413,
+        description = "Body or image list larger than the server ever takes"
+    )]
+    TooLarge(ErrorBody),
+    #[response(
+        status = 422,
+        description = "Body or parameter does not match the schema, or the masks would exceed MAX_MASK_WORK_PIXELS"
+    )]
+    Invalid(ErrorBody),
+    #[response(
+        status = 429,
+        description = "Overloaded; retry after `Retry-After` seconds"
+    )]
+    Overloaded(ErrorBody),
+    #[response(status = 500, description = "The model failed")]
+    Failed(ErrorBody),
+    #[response(status = 503, description = "Shutting down")]
+    ShuttingDown(ErrorBody),
+    #[response(status = 504, description = "Deadline exceeded")]
+    DeadlineExceeded(ErrorBody),
+}
+
+/// The request's id (`X-Request-Id`, or a new UUID), for handlers that quote it.
+#[derive(Clone)]
+pub struct RequestId(pub String);
+
+/// Set by an inference handler on its response: the labels of the request metrics.
+#[derive(Clone)]
+pub struct RouteLabels {
+    /// The model, once known to be loaded (bounded label values).
+    pub model: Option<String>,
+    /// The route's path.
+    pub route: &'static str,
+}
+
+/// A handler's answer as a response, its error mapped (the one place errors become
+/// statuses is `ApiError`), labelled for the request metrics when `labels` is given.
+pub fn finish(
+    answer: Result<Response<Full<Bytes>>, ApiError>,
+    labels: Option<RouteLabels>,
+) -> Response {
+    let mut resp = match answer {
+        Ok(r) => r.into_response(),
+        Err(e) => e.into_response().into_response(),
+    };
+    if let Some(labels) = labels {
+        resp.extensions_mut().insert(labels);
+    }
+    resp
+}
+
+async fn not_found(method: Method, uri: hyper::Uri) -> Response {
+    finish(
+        Err(ApiError::not_found(format!(
+            "Not Found: {method} {}",
+            uri.path()
+        ))),
+        None,
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: hyper::Uri) -> Response {
+    finish(
+        Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("Method Not Allowed: {method} {}", uri.path()),
+        )),
+        None,
+    )
+}
+
+async fn health_only() -> Response {
+    finish(
+        Err(ApiError {
+            retry_after_s: Some(1),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Too many connections (MAX_CONNECTIONS): this connection may only ask for health; retry shortly",
+            )
+        }),
+        None,
+    )
+}
+
+/// Entry point of every request: routes it, maps errors, tags the response with a request id.
+pub async fn handle(
+    state: Arc<AppState>,
+    routers: Routers,
+    mut req: hyper::Request<hyper::body::Incoming>,
+    class: ConnectionClass,
+) -> Response {
+    let _in_flight = state.in_flight.enter();
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 128)
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let started = Instant::now();
+    let span = tracing::info_span!("request", %request_id);
+    req.extensions_mut().insert(RequestId(request_id.clone()));
+    let router = match class {
+        ConnectionClass::Full => routers.full,
+        ConnectionClass::Reserved => routers.health,
+    };
+    let routed = router
+        .oneshot(req.map(AxumBody::new))
+        .instrument(span)
+        .await;
+    let mut resp = match routed {
+        Ok(r) => r,
+        Err(e) => match e {},
+    };
+    if resp.status() == StatusCode::TOO_MANY_REQUESTS && state.cfg.overload_status == 503 {
+        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let status = resp.status();
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    if let Some(RouteLabels { model, route }) = resp.extensions_mut().remove::<RouteLabels>() {
+        let model = model.as_deref().unwrap_or("none");
+        METRICS
+            .requests_total
+            .with_label_values(&[model, route, status.as_str()])
+            .inc();
+        METRICS
+            .request_seconds
+            .with_label_values(&[model, route])
+            .observe(seconds);
+    }
+    let request_id = request_id.as_str();
+    let ms = seconds * 1000.0;
+    // A 503 from /readiness while models load is the expected answer, not a failure.
+    if status.is_server_error() && path != "/readiness" {
+        tracing::warn!(request_id, %method, path, status = status.as_u16(), ms, "request failed");
+    } else {
+        tracing::debug!(request_id, %method, path, status = status.as_u16(), ms, "request");
+    }
+    resp
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        ApiError::into_response(self).into_response()
+    }
+}
