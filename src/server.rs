@@ -10,7 +10,7 @@ use crate::config::ServeConfig;
 use crate::engine::admission::Activity;
 use crate::engine::models::{LoadSettings, ModelManager};
 use crate::engine::{DecodeSettings, Engine};
-use crate::http::images::UrlPolicy;
+use crate::http::images::{UrlFetcher, UrlPolicy};
 use crate::http::{self, AppState};
 use crate::metrics::METRICS;
 use crate::model::backend::FaultInjection;
@@ -160,22 +160,22 @@ fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> 
             ring_model_share: cfg.ring_model_share,
         },
     );
-    let http_client = if cfg.allow_url_input {
-        Some(
-            UrlPolicy::new(cfg.url_deny_private, &cfg.url_allow_hosts)
-                .client(Duration::from_millis(cfg.url_timeout_ms))?,
-        )
-    } else {
-        None
+    let policy = || UrlPolicy::new(cfg.url_deny_private, &cfg.url_allow_hosts);
+    let urls = UrlFetcher {
+        client: if cfg.allow_url_input {
+            Some(policy().client(Duration::from_millis(cfg.url_timeout_ms))?)
+        } else {
+            None
+        },
+        policy: policy(),
+        max_bytes: cfg.url_max_bytes,
     };
-    let url_policy = UrlPolicy::new(cfg.url_deny_private, &cfg.url_allow_hosts);
     Ok(Arc::new(AppState {
-        url_policy,
+        urls,
         engine,
-        http_client,
         uuid: uuid::Uuid::new_v4().simple().to_string()[..6].to_string(),
         ready: Default::default(),
-        preloaded: Default::default(),
+        preload_failed: Default::default(),
         draining: Default::default(),
         drain_started: Default::default(),
         body_memory: Arc::new(tokio::sync::Semaphore::new(
@@ -259,24 +259,26 @@ fn preload_models(state: &AppState) {
             "more models to preload than MAX_ACTIVE_MODELS: the rest load on their first request"
         );
     }
-    let wanted: Vec<String> = wanted.into_iter().take(max_active).collect();
-    let mut failed = 0;
-    for id in &wanted {
-        if let Err(e) = state.engine.models().add(id) {
-            // One broken model does not keep the others from serving, but the replica is not
-            // ready (it cannot serve what it was asked to) unless EXIT_ON_LOAD_ERROR ends it.
+    let mut failed = Vec::new();
+    for id in wanted.into_iter().take(max_active) {
+        if let Err(e) = state.engine.models().add(&id) {
+            // One broken or missing model does not keep the others from serving, but the
+            // replica is not ready (it cannot serve what it was asked to) until it loads,
+            // unless EXIT_ON_LOAD_ERROR ends it.
             tracing::error!(model = id, error = %e, "model failed to load");
-            failed += 1;
+            failed.push((id, e.to_string()));
         }
     }
-    if failed > 0 && state.cfg.exit_on_load_error {
+    if !failed.is_empty() && state.cfg.exit_on_load_error {
         tracing::error!(
-            failed,
+            failed = failed.len(),
             "EXIT_ON_LOAD_ERROR: preloaded models failed to load; exiting"
         );
+        // No destructor runs on this path: the ring's file is removed here.
+        let _ = std::fs::remove_file(state.engine.ring().path());
         std::process::exit(1);
     }
-    let _ = state.preloaded.set(wanted);
+    *state.preload_failed.lock() = failed;
     state.ready.store(true, Ordering::Release);
     match state.readiness() {
         http::Readiness::Ready => {

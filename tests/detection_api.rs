@@ -318,3 +318,52 @@ fn two_instances_under_concurrent_load_match_roboflow() {
         "cvserve_model_instances{execution_provider=\"CPUExecutionProvider\",model=\"coco/1\"} 2"
     ));
 }
+
+/// The route table: an unknown path is a JSON 404, a known path asked with the wrong method a
+/// JSON 405, `/infer/<not a task>` is not taken for a model id, the legacy route takes a
+/// trailing slash, and fixed paths win over `/{dataset_id}/{version_id}`.
+#[test]
+fn routes_answer_json_for_unknown_paths_and_wrong_methods() {
+    let s = Server::start("shapes-det/1", &[]);
+    let status_and_body = |head: &str| {
+        let answer = s.raw(head, b"");
+        let status: u16 = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+        (status, body)
+    };
+    let host = "Host: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+    for (request, want) in [
+        ("GET /no/such/path", 404),
+        ("GET /infer/foo", 404),
+        ("POST /infer/foo", 404),
+        ("GET /infer/object_detection", 405),
+        ("POST /healthz", 405),
+        ("GET /model/add", 405),
+    ] {
+        let (status, body) = status_and_body(&format!("{request} HTTP/1.1\r\n{host}"));
+        assert_eq!(status, want, "{request}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let path = request.split(' ').nth(1).unwrap();
+        assert!(
+            v["message"].as_str().is_some_and(|m| m.contains(path)),
+            "{request}: {body}"
+        );
+    }
+    // The legacy route, with and without a trailing slash: the model answers (the missing
+    // Content-Type is its own 400, not a 404).
+    for path in ["/shapes-det/1", "/shapes-det/1/"] {
+        let r = s.post_raw(path, Some("application/x-www-form-urlencoded"), b"@@");
+        assert_eq!(r.status, 400, "{path}: {:?}", r.body);
+        assert!(
+            r.body["message"].as_str().unwrap().contains("base64"),
+            "{path}: {:?}",
+            r.body
+        );
+    }
+    // `/model/registry` is the registry, not model "model/registry".
+    assert!(s.get("/model/registry").body["models"].is_array());
+}

@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{b64, Server};
+use common::{b64, eventually, Server};
 use serde_json::json;
 
 fn addr(s: &Server) -> String {
@@ -57,18 +57,6 @@ fn value(text: &str, name: &str, labels: &[&str]) -> f64 {
 /// [`value`] of a fresh scrape.
 fn metric(s: &Server, name: &str, labels: &[&str]) -> f64 {
     value(&scrape(s), name, labels)
-}
-
-/// Waits (bounded) until `cond` holds, looking every 20 ms.
-fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if cond() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("timed out after {limit:?} waiting for {what}");
 }
 
 /// Whether the server has closed `c` or answered on it, rather than still holding it open

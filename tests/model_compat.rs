@@ -7,7 +7,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{boxes, golden, iou, polygon_points, pred_box, repo, Mask, Server, COCO_PHOTOS};
+use common::{
+    boxes, golden, iou, metric, polygon_points, pred_box, repo, Mask, Server, COCO_PHOTOS,
+};
 use serde_json::{json, Value};
 
 const PRE_MODELS: [&str; 6] = [
@@ -596,17 +598,6 @@ fn yolo26_keypoints_match_roboflow_and_the_ground_truth() {
     }
     assert!(ties <= 1, "{ties} class ties");
     assert_keypoint_error_as_reference(&ours_all, &gold_all, &gt, "YOLO26-pose");
-}
-
-/// The value of the metric lines starting with `prefix`, summed (0 if none).
-fn metric(s: &Server, prefix: &str) -> f64 {
-    let text = s.get("/metrics").body;
-    text.as_str()
-        .expect("metrics are text")
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// The `/info` entry of a loaded model.

@@ -7,8 +7,13 @@ mod common;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::{b64, Server};
+use common::{b64, metric, Server};
 use serde_json::json;
+
+/// Waits (at most 30 s) until `cond` holds.
+fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    common::eventually(what, Duration::from_secs(30), cond)
+}
 
 const MODEL: &str = "shapes-cls/1";
 
@@ -18,28 +23,6 @@ fn body() -> serde_json::Value {
 
 fn classify(s: &Server) -> common::Resp {
     s.post_json("/infer/classification", &body())
-}
-
-/// The value of a metric line starting with `prefix` (0 if absent).
-fn metric(s: &Server, prefix: &str) -> f64 {
-    let text = s.get("/metrics").body;
-    let text = text.as_str().expect("metrics are text");
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// Waits (bounded) until `cond` holds.
-fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(30) {
-        if cond() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("timed out waiting for {what}");
 }
 
 fn concurrent(s: &Server, n: usize) -> Vec<common::Resp> {
@@ -685,4 +668,21 @@ fn a_model_evicted_while_a_request_uses_it_still_answers_that_request() {
     assert_eq!(again.status, 200, "{:?}", again.body);
     assert_eq!(registered(&s), [MODEL]);
     assert_eq!(metric(&s, "cvserve_models_evicted_total"), 2.0);
+}
+
+/// A model of PRELOAD_MODELS that is not in the repository keeps the replica not ready too
+/// (naming it), while the others serve.
+#[test]
+fn a_missing_preloaded_model_keeps_the_server_not_ready() {
+    let s = Server::start_settled(&format!("{MODEL},nosuch/1"), &[]);
+    let ready = s.get("/readiness");
+    assert_eq!(ready.status, 503, "{:?}", ready.body);
+    assert!(
+        ready.body["models_failed_to_load"]["nosuch/1"].is_string(),
+        "{:?}",
+        ready.body
+    );
+    assert!(ready.body["models_failed_to_load"][MODEL].is_null());
+    assert_eq!(classify(&s).status, 200);
+    assert_eq!(s.get("/healthz").status, 200);
 }

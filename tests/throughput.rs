@@ -6,9 +6,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{b64, Server};
+use common::{b64, eventually, metric, Server};
 use serde_json::json;
 
 /// (user + system seconds, minor page faults) of a process, from /proc/PID/stat.
@@ -33,27 +33,6 @@ fn rss_anon_kib(pid: u32) -> u64 {
         .find(|l| l.starts_with("RssAnon:"))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap()
-}
-
-fn metric(s: &Server, prefix: &str) -> f64 {
-    let text = s.get("/metrics").body;
-    text.as_str()
-        .expect("metrics are text")
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if cond() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// `n` clients at once, each sending `each` requests; every answer's status.

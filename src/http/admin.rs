@@ -12,12 +12,12 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::StatusCode;
 use serde::Deserialize;
 
+use super::answer::{finish, ErrorBody};
 use super::body::read_admin_body;
 use super::error::ApiError;
-use super::inference::query_api_key;
+use super::request::query_api_key;
 use super::response::{json, ModelsDescriptions};
-use super::router::{finish, ErrorBody};
-use super::{AppState, Readiness};
+use super::state::{AppState, Readiness};
 use crate::metrics::METRICS;
 
 type HttpResponse = Response<Full<Bytes>>;
@@ -212,7 +212,7 @@ pub async fn redoc_js() -> HttpResponse {
 #[utoipa::path(get, path = "/openapi.json", tag = "service",
     responses((status = 200, description = "This document", body = serde_json::Value)))]
 pub async fn openapi_json() -> HttpResponse {
-    asset(super::router::openapi_document(), "application/json")
+    asset(super::answer::openapi_document(), "application/json")
 }
 
 fn asset(body: impl Into<Bytes>, content_type: &'static str) -> HttpResponse {

@@ -16,7 +16,7 @@ use hyper::StatusCode;
 
 use super::error::ApiError;
 use super::request::ModelIdScan;
-use super::AppState;
+use super::state::AppState;
 use crate::metrics::METRICS;
 
 /// A request body in memory, holding its share of MAX_BODY_MEMORY_BYTES until dropped.

@@ -123,8 +123,8 @@ impl From<EngineError> for ApiError {
             EngineError::WrongTask { model, task, asked } => ApiError::bad_request(format!(
                 "Model '{model}' is a {} model; send it to {} instead of {}",
                 task.as_str(),
-                super::inference::task_path(task),
-                super::inference::task_path(asked)
+                super::response::task_path(task),
+                super::response::task_path(asked)
             )),
             EngineError::Decode(e) => decode_error(e),
             EngineError::WaitedPastDeadline { .. } => ApiError::overloaded(e.to_string()),

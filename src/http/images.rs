@@ -13,11 +13,19 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::error::ApiError;
-use super::AppState;
+
+/// Fetches image URLs for the server: its client (when ALLOW_URL_INPUT is on), where URLs
+/// may point (URL_DENY_PRIVATE, URL_ALLOW_HOSTS), and the largest image (URL_MAX_BYTES).
+pub struct UrlFetcher {
+    /// `None` when ALLOW_URL_INPUT is off.
+    pub client: Option<reqwest::Client>,
+    pub policy: UrlPolicy,
+    pub max_bytes: usize,
+}
 
 /// Fetches an image URL, when ALLOW_URL_INPUT permits: http(s) only, size- and time-limited.
-pub async fn fetch_url(state: &AppState, url: &str) -> Result<Bytes, ApiError> {
-    let Some(client) = &state.http_client else {
+pub async fn fetch_url(fetcher: &UrlFetcher, url: &str) -> Result<Bytes, ApiError> {
+    let Some(client) = &fetcher.client else {
         return Err(ApiError::bad_request(
             "Could not load input image. Cause: loading images from URLs is disabled on this server (set ALLOW_URL_INPUT=true to enable it).",
         ));
@@ -32,10 +40,10 @@ pub async fn fetch_url(state: &AppState, url: &str) -> Result<Bytes, ApiError> {
             parsed.scheme()
         )));
     }
-    if let Err(why) = state.url_policy.check_url(&parsed) {
+    if let Err(why) = fetcher.policy.check_url(&parsed) {
         return Err(cause(why));
     }
-    let max = state.cfg.url_max_bytes;
+    let max = fetcher.max_bytes;
     let mut resp = client
         .get(parsed)
         .send()

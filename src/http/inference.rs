@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::response::Response;
 use axum::Extension;
 use bytes::Bytes;
@@ -15,13 +15,13 @@ use http_body_util::Full;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::StatusCode;
 
+use super::answer::{finish, InferErrors, RequestId, RouteLabels};
 use super::body::{discard_body, read_body, Body};
 use super::error::ApiError;
 use super::images::fetch_url;
-use super::request::{legacy_params, ImageSource, InferRequest};
-use super::response::{json, ImageSize, InferResponse, ResolvedModel};
-use super::router::{finish, InferErrors, RequestId, RouteLabels};
-use super::AppState;
+use super::request::{legacy_params, query_api_key, ImageSource, InferRequest};
+use super::response::{json, task_path, ImageSize, InferResponse, ResolvedModel};
+use super::state::AppState;
 use crate::engine::admission::{Presence, Ticket};
 use crate::engine::{Engine, ImageInput};
 use crate::metrics::{Outcome, Stage, METRICS};
@@ -103,18 +103,20 @@ pub async fn keypoints_detection(
     task_route(st, id, req, TaskType::KeypointDetection).await
 }
 
-/// The path of a task's route (the `route` label of the request metrics).
-pub fn task_path(task: TaskType) -> &'static str {
-    match task {
-        TaskType::ObjectDetection => "/infer/object_detection",
-        TaskType::InstanceSegmentation => "/infer/instance_segmentation",
-        TaskType::Classification => "/infer/classification",
-        TaskType::KeypointDetection => "/infer/keypoints_detection",
-    }
-}
+/// The legacy route's metrics label (as before the route table: dashboards match it).
+const LEGACY_PATH: &str = "/{dataset}/{version}";
 
-/// The legacy route's path (its metrics label).
-const LEGACY_PATH: &str = "/{dataset_id}/{version_id}";
+/// `/{dataset}/{version}` (a trailing slash allowed) → `dataset/version`; `None` for
+/// `/infer/...`, which is never a model.
+fn legacy_model_id(path: &str) -> Option<String> {
+    let trimmed = path.strip_prefix('/')?.trim_end_matches('/');
+    let mut parts = trimmed.split('/');
+    let (a, b) = (parts.next()?, parts.next()?);
+    if parts.next().is_some() || a.is_empty() || b.is_empty() || a == "infer" {
+        return None;
+    }
+    Some(format!("{a}/{b}"))
+}
 
 #[utoipa::path(
     post,
@@ -151,17 +153,17 @@ const LEGACY_PATH: &str = "/{dataset_id}/{version_id}";
 pub async fn legacy(
     State(st): State<Arc<AppState>>,
     Extension(id): Extension<RequestId>,
-    Path((dataset, version)): Path<(String, String)>,
     req: Request,
 ) -> Response {
     let mut ctx = RequestContext::new(id, LEGACY_PATH);
-    if dataset == "infer" {
+    // The model id as the client wrote it (not percent-decoded: the repository refuses what
+    // is not a plain `dataset/version`, with a JSON 400).
+    let Some(model_id) = legacy_model_id(req.uri().path()) else {
         // `/infer/<anything else>` is not a model.
         ctx.route = None;
         let e = ApiError::not_found(format!("Not Found: {} {}", req.method(), req.uri().path()));
         return ctx.finish(Err(e));
-    }
-    let model_id = format!("{dataset}/{version}");
+    };
     let answer = async {
         let (req, now, deadline, _presence) = enter(&st, req)?;
         // The model is known from the path: let in or refused before the body is read.
@@ -257,22 +259,6 @@ fn enter(
         ));
     };
     Ok((req, now, deadline, presence))
-}
-
-/// The API key a request carries outside its body: `?api_key=`, else `Authorization:
-/// Bearer <key>` (Roboflow's order; the body's `api_key` comes after both).
-pub fn query_api_key(req: &Request) -> Option<String> {
-    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
-        .find(|(k, _)| k == "api_key")
-        .map(|(_, v)| v.into_owned())
-        .or_else(|| {
-            req.headers()
-                .get(hyper::header::AUTHORIZATION)?
-                .to_str()
-                .ok()?
-                .strip_prefix("Bearer ")
-                .map(|k| k.trim().to_string())
-        })
 }
 
 fn task_params(
@@ -531,7 +517,7 @@ async fn infer(
         inputs.push(match image {
             ImageSource::Base64(s) => ImageInput::Base64(s),
             ImageSource::Bytes(b) => ImageInput::Bytes(b),
-            ImageSource::Url(u) => ImageInput::Bytes(fetch_url(state, &u).await?),
+            ImageSource::Url(u) => ImageInput::Bytes(fetch_url(&state.urls, &u).await?),
         });
     }
     // Drawing needs the image again: a refcount for bytes, a copy of base64 text.
@@ -584,5 +570,21 @@ fn attach_pictures(responses: &mut [InferResponse], pictures: Vec<Vec<u8>>) {
     use base64::Engine as _;
     for (r, p) in responses.iter_mut().zip(pictures) {
         r.visualization = Some(base64::engine::general_purpose::STANDARD.encode(p));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::legacy_model_id;
+
+    #[test]
+    fn legacy_paths_are_two_segments_and_never_infer() {
+        assert_eq!(legacy_model_id("/coco/1").as_deref(), Some("coco/1"));
+        assert_eq!(legacy_model_id("/coco/1/").as_deref(), Some("coco/1"));
+        assert_eq!(legacy_model_id("/c%6Fco/1").as_deref(), Some("c%6Fco/1"));
+        assert_eq!(legacy_model_id("/coco"), None);
+        assert_eq!(legacy_model_id("/a/b/c"), None);
+        assert_eq!(legacy_model_id("//1"), None);
+        assert_eq!(legacy_model_id("/infer/foo"), None);
     }
 }

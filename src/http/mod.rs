@@ -6,6 +6,7 @@
 //! engine's CPU pool, so nothing CPU-heavy runs on the reactor threads.
 
 pub mod admin;
+pub mod answer;
 pub mod body;
 pub mod error;
 pub mod images;
@@ -13,10 +14,11 @@ pub mod inference;
 pub mod request;
 pub mod response;
 pub mod router;
+pub mod state;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,118 +27,14 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::config::ServeConfig;
-use crate::engine::Engine;
 use crate::metrics::METRICS;
-
-/// What every handler can reach.
-pub struct AppState {
-    pub cfg: ServeConfig,
-    pub engine: Engine,
-    /// Client for URL images; `None` when ALLOW_URL_INPUT is off.
-    pub http_client: Option<reqwest::Client>,
-    /// Where URL images may come from.
-    pub url_policy: images::UrlPolicy,
-    /// Six characters identifying this process (`/info`'s `uuid`).
-    pub uuid: String,
-    /// Set once the preloaded models are loaded and warmed up (or failed to).
-    pub ready: AtomicBool,
-    /// The models PRELOAD_MODELS named, once their loading has been tried: while one of
-    /// them is failed, the server is not ready.
-    pub preloaded: std::sync::OnceLock<Vec<String>>,
-    /// Set when shutdown begins.
-    pub draining: AtomicBool,
-    /// Notified when shutdown begins: requests still waiting for their bodies give up.
-    pub drain_started: tokio::sync::Notify,
-    /// Bytes of request bodies held at once (MAX_BODY_MEMORY_BYTES, in KiB permits), taken as
-    /// the bytes arrive: a stalled body holds only what it sent.
-    pub body_memory: Arc<tokio::sync::Semaphore>,
-    /// Requests being handled, for shutdown.
-    pub in_flight: InFlight,
-}
-
-/// Whether the server should get traffic (`/readiness`).
-#[derive(Debug, PartialEq, Eq)]
-pub enum Readiness {
-    Ready,
-    /// The preloaded models are still loading and warming up.
-    Loading,
-    /// Shutdown has begun.
-    Draining,
-    /// Models named in PRELOAD_MODELS failed to load (id, why): a replica that cannot
-    /// serve them gets no traffic until `/model/add` loads them.
-    Failed(Vec<(String, String)>),
-}
-
-impl AppState {
-    pub fn readiness(&self) -> Readiness {
-        if self.draining.load(Ordering::Acquire) {
-            return Readiness::Draining;
-        }
-        if !self.ready.load(Ordering::Acquire) {
-            return Readiness::Loading;
-        }
-        let preloaded = self.preloaded.get().map_or(&[][..], Vec::as_slice);
-        let failed: Vec<(String, String)> = self
-            .engine
-            .models()
-            .failed()
-            .into_iter()
-            .filter(|(id, _)| preloaded.contains(id))
-            .collect();
-        if failed.is_empty() {
-            Readiness::Ready
-        } else {
-            Readiness::Failed(failed)
-        }
-    }
-}
-
-/// Connections beyond MAX_CONNECTIONS that are still served, for health checks only: a
-/// flood of idle connections cannot keep `/healthz` and `/readiness` from answering.
-pub const RESERVED_CONNECTIONS: usize = 64;
+pub use state::{AppState, ConnectionClass, InFlight, Readiness, RESERVED_CONNECTIONS};
 
 /// How long a connection over the cap may take to send its headers.
 const RESERVED_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// After the last in-flight request has answered, how long responses may take to flush.
 const FLUSH_GRACE: Duration = Duration::from_millis(200);
-
-/// Counts requests being handled, so shutdown can end the moment the last one answers.
-#[derive(Default)]
-pub struct InFlight {
-    count: AtomicUsize,
-    idle: tokio::sync::Notify,
-}
-
-/// Held while one request is handled.
-pub struct InFlightGuard<'a>(&'a InFlight);
-
-impl InFlight {
-    pub fn enter(&self) -> InFlightGuard<'_> {
-        self.count.fetch_add(1, Ordering::AcqRel);
-        InFlightGuard(self)
-    }
-
-    /// Resolves once no request is being handled.
-    pub async fn until_idle(&self) {
-        loop {
-            let notified = self.idle.notified();
-            if self.count.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-impl Drop for InFlightGuard<'_> {
-    fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
 
 /// Listens on `addr` (a host name resolves to its first address that binds) with the
 /// largest accept backlog the kernel allows (`net.core.somaxconn`). Every connection is
@@ -161,16 +59,6 @@ pub async fn listen(addr: &str) -> std::io::Result<TcpListener> {
     Err(last.unwrap_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::NotFound, "the host name has no address")
     }))
-}
-
-/// Which service a connection gets.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum ConnectionClass {
-    /// Within MAX_CONNECTIONS: every route, keep-alive.
-    Full,
-    /// Over the cap, within the reserve: health, readiness, metrics and info only, one
-    /// request, headers within a second.
-    Reserved,
 }
 
 /// Serves connections until `shutdown` resolves, then stops accepting, cancels requests
@@ -243,7 +131,7 @@ pub async fn serve(
     drop(listener);
     tracing::info!(
         drain_timeout_s = drain.as_secs_f64(),
-        in_flight = state.in_flight.count.load(Ordering::Acquire),
+        in_flight = state.in_flight.count(),
         "shutting down: draining in-flight requests"
     );
     let last_answer = async {

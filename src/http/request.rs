@@ -502,6 +502,22 @@ pub fn scan_model_id(prefix: &[u8]) -> Option<&str> {
     std::str::from_utf8(&rest[..end]).ok()
 }
 
+/// The API key a request carries outside its body: `?api_key=`, else `Authorization:
+/// Bearer <key>` (Roboflow's order; the body's `api_key` comes after both).
+pub fn query_api_key(req: &axum::extract::Request) -> Option<String> {
+    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "api_key")
+        .map(|(_, v)| v.into_owned())
+        .or_else(|| {
+            req.headers()
+                .get(hyper::header::AUTHORIZATION)?
+                .to_str()
+                .ok()?
+                .strip_prefix("Bearer ")
+                .map(|k| k.trim().to_string())
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@ use hyper::{Response, StatusCode};
 use serde::Serialize;
 
 use crate::engine::ServedModel;
+use crate::model::repository::TaskType;
 use crate::tasks::classification::ClassificationOutput;
 use crate::tasks::detection::ObjectDetectionPrediction;
 use crate::tasks::keypoints::KeypointsPrediction;
@@ -108,7 +109,7 @@ impl ModelsDescriptions {
                     input_width: m.input_width,
                     vram_bytes: None,
                     request_aliases: vec![],
-                    request_paths: vec![super::inference::task_path(m.task)],
+                    request_paths: vec![task_path(m.task)],
                     execution_provider: m.provider.clone(),
                     instances: m.instances,
                     max_instances: m.max_instances,
@@ -131,4 +132,14 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
+}
+
+/// The path of a task's route (the `route` label of the request metrics).
+pub fn task_path(task: TaskType) -> &'static str {
+    match task {
+        TaskType::ObjectDetection => "/infer/object_detection",
+        TaskType::InstanceSegmentation => "/infer/instance_segmentation",
+        TaskType::Classification => "/infer/classification",
+        TaskType::KeypointDetection => "/infer/keypoints_detection",
+    }
 }

@@ -3,27 +3,26 @@
 //! into `/openapi.json`). Around it, [`handle`] gives every request its id, its access-log
 //! line and its metrics, and connections over MAX_CONNECTIONS get the health routes only.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body as AxumBody;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::header::HeaderValue;
 use hyper::{Method, StatusCode};
-use serde::Serialize;
 use tower::ServiceExt;
 use tracing::Instrument;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::answer::{finish, ErrorBody, RequestId, RouteLabels};
 use super::error::ApiError;
 use super::request::{OneOrMany, RequestImage};
-use super::{admin, inference, AppState, ConnectionClass};
+use super::state::{AppState, ConnectionClass};
+use super::{admin, inference};
 use crate::metrics::METRICS;
 
 /// The routes a connection over MAX_CONNECTIONS may still ask for (cheap, no body).
@@ -71,24 +70,18 @@ pub struct Routers {
 impl Routers {
     pub fn new(state: Arc<AppState>) -> Self {
         let (full, doc) = all_routes().split_for_parts();
-        let _ = DOCUMENT.set(document_text(doc));
+        let _ = super::answer::DOCUMENT.set(document_text(doc));
         let full = full
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .with_state(Arc::clone(&state));
         let (health, _) = health_routes().split_for_parts();
-        let health = health.fallback(health_only).with_state(state);
+        let health = health
+            .fallback(health_only)
+            .method_not_allowed_fallback(health_only)
+            .with_state(state);
         Self { full, health }
     }
-}
-
-/// The OpenAPI document, as JSON text, made once from the route table.
-static DOCUMENT: OnceLock<String> = OnceLock::new();
-
-pub fn openapi_document() -> String {
-    DOCUMENT
-        .get_or_init(|| document_text(all_routes().split_for_parts().1))
-        .clone()
 }
 
 fn document_text(mut doc: utoipa::openapi::OpenApi) -> String {
@@ -107,97 +100,23 @@ fn document_text(mut doc: utoipa::openapi::OpenApi) -> String {
 )]
 struct ApiDoc;
 
-/// Every error answer: `{"message": "..."}`.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ErrorBody {
-    pub message: String,
-}
-
-/// The error answers every inference route may give.
-#[derive(utoipa::IntoResponses)]
-pub enum InferErrors {
-    #[response(
-        status = 400,
-        description = "Bad image or value, or the wrong task for the route"
-    )]
-    BadRequest(ErrorBody),
-    #[response(status = 404, description = "Unknown model")]
-    NotFound(ErrorBody),
-    #[response(
-        status = 408,
-        description = "The body did not arrive within the deadline"
-    )]
-    Timeout(ErrorBody),
-    #[response(
-        status = 413,
-        description = "Body or image list larger than the server ever takes"
-    )]
-    TooLarge(ErrorBody),
-    #[response(
-        status = 422,
-        description = "Body or parameter does not match the schema, or the masks would exceed MAX_MASK_WORK_PIXELS"
-    )]
-    Invalid(ErrorBody),
-    #[response(
-        status = 429,
-        description = "Overloaded; retry after `Retry-After` seconds"
-    )]
-    Overloaded(ErrorBody),
-    #[response(status = 500, description = "The model failed")]
-    Failed(ErrorBody),
-    #[response(status = 503, description = "Shutting down")]
-    ShuttingDown(ErrorBody),
-    #[response(status = 504, description = "Deadline exceeded")]
-    DeadlineExceeded(ErrorBody),
-}
-
-/// The request's id (`X-Request-Id`, or a new UUID), for handlers that quote it.
-#[derive(Clone)]
-pub struct RequestId(pub String);
-
-/// Set by an inference handler on its response: the labels of the request metrics.
-#[derive(Clone)]
-pub struct RouteLabels {
-    /// The model, once known to be loaded (bounded label values).
-    pub model: Option<String>,
-    /// The route's path.
-    pub route: &'static str,
-}
-
-/// A handler's answer as a response, its error mapped (the one place errors become
-/// statuses is `ApiError`), labelled for the request metrics when `labels` is given.
-pub fn finish(
-    answer: Result<Response<Full<Bytes>>, ApiError>,
-    labels: Option<RouteLabels>,
-) -> Response {
-    let mut resp = match answer {
-        Ok(r) => r.into_response(),
-        Err(e) => e.into_response().into_response(),
-    };
-    if let Some(labels) = labels {
-        resp.extensions_mut().insert(labels);
-    }
-    resp
-}
-
 async fn not_found(method: Method, uri: hyper::Uri) -> Response {
-    finish(
-        Err(ApiError::not_found(format!(
-            "Not Found: {method} {}",
-            uri.path()
-        ))),
-        None,
-    )
+    refuse(StatusCode::NOT_FOUND, "Not Found", method, uri)
 }
 
 async fn method_not_allowed(method: Method, uri: hyper::Uri) -> Response {
-    finish(
-        Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("Method Not Allowed: {method} {}", uri.path()),
-        )),
-        None,
+    refuse(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "Method Not Allowed",
+        method,
+        uri,
     )
+}
+
+/// A JSON error naming the request (axum's own answers are plain text).
+fn refuse(status: StatusCode, what: &str, method: Method, uri: hyper::Uri) -> Response {
+    let message = format!("{what}: {method} {}", uri.path());
+    finish(Err(ApiError::new(status, message)), None)
 }
 
 async fn health_only() -> Response {
@@ -273,10 +192,4 @@ pub async fn handle(
         tracing::debug!(request_id, %method, path, status = status.as_u16(), ms, "request");
     }
     resp
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        ApiError::into_response(self).into_response()
-    }
 }

@@ -116,14 +116,20 @@ impl PreparedJob {
 
     /// Preprocessing is over: ready with its geometry, or failed and answered with why.
     pub fn preprocessed(&mut self, model: &str, result: Result<Geometry, String>) {
-        let JobState::Waiting(reply) = std::mem::replace(&mut self.state, JobState::Failed) else {
+        if !matches!(self.state, JobState::Waiting(_)) {
             return;
-        };
+        }
         match result {
-            Ok(geometry) => self.state = JobState::Ready { geometry, reply },
+            Ok(geometry) => {
+                let JobState::Waiting(reply) = std::mem::replace(&mut self.state, JobState::Failed)
+                else {
+                    unreachable!("checked above")
+                };
+                self.state = JobState::Ready { geometry, reply };
+            }
             Err(e) => {
                 METRICS.outcome(model, Outcome::Failed, Stage::Preprocess);
-                let _ = reply.send(Err(PipelineError::Preprocess(e)));
+                self.fail(PipelineError::Preprocess(e), JobState::Failed);
             }
         }
     }

@@ -17,6 +17,9 @@ use memmap2::MmapMut;
 pub struct Ring {
     /// Keeps the mapping alive; all access goes through `base`.
     _mmap: MmapMut,
+    /// The backing file, held open with an exclusive `flock` for the ring's life: a ring
+    /// file whose lock can be taken belongs to no live server (see [`remove_stale_rings`]).
+    _file: File,
     base: *mut u8,
     slot_bytes: usize,
     slots: usize,
@@ -101,6 +104,14 @@ impl Ring {
         // From here on the file is removed again on every error (and when the ring drops).
         let remove = RemoveOnError(&path);
         // SAFETY: `file` is an open descriptor for the duration of the call.
+        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        anyhow::ensure!(
+            locked == 0,
+            "cannot lock ring file {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `file` is an open descriptor for the duration of the call.
         let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, total as libc::off_t) };
         anyhow::ensure!(
             rc == 0,
@@ -109,9 +120,10 @@ impl Ring {
             dir.display(),
             std::io::Error::from_raw_os_error(rc)
         );
-        // SAFETY: the file was created new by this call with mode 0600 and its name is
-        // random, so no other process has it open; this process never resizes it, and its
-        // blocks are allocated, so no access within `total` bytes can fault with SIGBUS.
+        // SAFETY: the file was created new by this call, mode 0600, under a random name, and
+        // is locked: another cvserve only ever removes a file it can lock, and nothing here
+        // resizes it. Its blocks are allocated, so no access within `total` bytes can fault
+        // with SIGBUS (an unlink by someone else keeps the pages while they are mapped).
         let mut mmap = unsafe { MmapMut::map_mut(&file) }
             .map_err(|e| anyhow::anyhow!("cannot map ring file {}: {e}", path.display()))?;
         std::mem::forget(remove);
@@ -123,6 +135,7 @@ impl Ring {
         }
         Ok(Arc::new(Self {
             _mmap: mmap,
+            _file: file,
             base,
             slot_bytes,
             slots,
@@ -251,29 +264,32 @@ pub fn free_space(dir: &Path) -> anyhow::Result<u64> {
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
-/// Removes the ring files of processes that are gone (a SIGKILLed server leaves its file; in
-/// a container's `/dev/shm`, which outlives restarts, it would hold the room the restarted
-/// server needs). Returns how many were removed.
+/// Removes the ring files no live server holds (a SIGKILLed server leaves its file; in a
+/// container's `/dev/shm`, which outlives restarts, it would hold the room the restarted
+/// server needs). A live ring holds an exclusive `flock` on its file, so a file whose lock
+/// can be taken is stale, whatever its pid (a restarted container's server often has the
+/// same pid as the one it replaces). Returns how many were removed.
 pub fn remove_stale_rings(dir: &Path) -> usize {
+    use std::os::unix::io::AsRawFd;
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("cvserve-ring-")) else {
-            continue;
-        };
-        let Ok(pid) = rest.split('-').next().unwrap_or("").parse::<i32>() else {
-            continue;
-        };
-        if pid as u32 == std::process::id() {
+        if !name
+            .to_str()
+            .is_some_and(|n| n.starts_with("cvserve-ring-"))
+        {
             continue;
         }
-        // SAFETY: signal 0 only asks whether the process exists.
-        let gone = unsafe { libc::kill(pid, 0) } != 0
-            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-        if gone && std::fs::remove_file(entry.path()).is_ok() {
+        let Ok(file) = File::open(entry.path()) else {
+            continue;
+        };
+        // SAFETY: `file` is an open descriptor for the duration of the call; the lock is
+        // released when `file` is closed, after the removal.
+        let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if free && std::fs::remove_file(entry.path()).is_ok() {
             removed += 1;
         }
     }
@@ -463,23 +479,22 @@ mod tests {
     }
 
     #[test]
-    fn ring_files_of_dead_processes_are_removed_and_live_ones_kept() {
+    fn ring_files_no_live_ring_holds_are_removed_and_live_ones_kept() {
         let dir = std::env::temp_dir().join(format!("cvserve-stale-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        // A pid that cannot exist (above the kernel's pid limit), one alive (our parent).
-        let dead = dir.join("cvserve-ring-4194305");
-        let dead_extra = dir.join("cvserve-ring-4194305-2");
-        let alive = dir.join(format!(
-            "cvserve-ring-{}",
-            std::os::unix::process::parent_id()
-        ));
+        // Left by a killed server: its own pid's name included (a restarted container's
+        // server often gets the same pid).
+        let dead = dir.join(format!("cvserve-ring-{}-0123", std::process::id()));
+        let dead_other = dir.join("cvserve-ring-4194305");
         let other = dir.join("something-else");
-        for f in [&dead, &dead_extra, &alive, &other] {
+        for f in [&dead, &dead_other, &other] {
             std::fs::write(f, b"x").unwrap();
         }
+        let live = Ring::create(&dir, 1, 4096).unwrap();
         assert_eq!(remove_stale_rings(&dir), 2);
-        assert!(!dead.exists() && !dead_extra.exists());
-        assert!(alive.exists() && other.exists());
+        assert!(!dead.exists() && !dead_other.exists());
+        assert!(live.path().exists() && other.exists());
+        drop(live);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

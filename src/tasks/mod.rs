@@ -4,10 +4,13 @@
 pub mod classification;
 pub mod detection;
 pub mod draw;
+pub mod error;
 pub mod heads;
 pub mod keypoints;
 pub mod rle;
 pub mod segmentation;
+
+pub use error::PostprocessError;
 
 use crate::geometry::Geometry;
 use crate::model::backend::OutputTensor;
@@ -34,27 +37,6 @@ pub enum TaskOutput {
     Segmentation(Vec<InstanceSegmentationPrediction>),
     Classification(ClassificationOutput),
     Keypoints(Vec<KeypointsPrediction>),
-}
-
-/// Why an image's outputs gave no answer.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum PostprocessError {
-    /// The outputs do not fit the model's layout (a server-side fault).
-    #[error("{0}")]
-    Model(String),
-    /// The answer would cost more than a work budget allows (the request's fault).
-    #[error("{0}")]
-    OverBudget(String),
-    /// Nobody waits for the answer any more (deadline passed or client gone).
-    #[error("cancelled")]
-    Cancelled,
-}
-
-impl PostprocessError {
-    /// A fault of the model's outputs (said explicitly: a `?` on a string is not one).
-    pub fn model(why: impl Into<String>) -> Self {
-        PostprocessError::Model(why.into())
-    }
 }
 
 /// What the repository says that decides how a model's outputs are read.

@@ -10,8 +10,9 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::detection::{self, Candidate, DetectionParams, YoloLayout};
+use super::error::PostprocessError;
 use super::heads::{self, DetectionHead};
-use super::{rle, PostprocessError};
+use super::rle;
 use crate::geometry::Geometry;
 use crate::model::backend::OutputTensor;
 

@@ -512,3 +512,28 @@ pub fn polygon_points(p: &Value) -> Vec<(f64, f64)> {
         .map(|q| (q["x"].as_f64().unwrap(), q["y"].as_f64().unwrap()))
         .collect()
 }
+
+/// The value of the metric lines of `s` that start with `prefix` (name and labels), summed;
+/// 0 when there is none.
+pub fn metric(s: &Server, prefix: &str) -> f64 {
+    let text = s.get("/metrics").body;
+    text.as_str()
+        .expect("metrics are text")
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until `cond` holds, looking every 20 ms; fails the test after `limit`. Tests wait on
+/// the server's own state this way, never on a sleep of a guessed length.
+pub fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
