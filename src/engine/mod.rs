@@ -5,6 +5,7 @@
 //! request's deadline. The HTTP front end calls it and knows nothing of the pipeline.
 
 pub mod admission;
+mod loader;
 pub mod models;
 
 use std::sync::atomic::Ordering;
