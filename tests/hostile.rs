@@ -22,16 +22,6 @@ fn addr(s: &Server) -> String {
     s.base.trim_start_matches("http://").to_owned()
 }
 
-/// A field of /proc/<pid>/status in KiB (VmRSS: now, VmHWM: peak).
-fn proc_kib(s: &Server, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{}/status", s.child.id()))
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap()
-}
-
 /// The server's `/metrics` text.
 fn scrape(s: &Server) -> String {
     s.get("/metrics")
@@ -422,7 +412,7 @@ fn sixteen_bit_png_bombs_cost_only_their_bounded_decode() {
     });
     // Warm every path once, then measure the peak over four concurrent bombs.
     assert_eq!(s.post_json("/infer/classification", &body).status, 200);
-    let before = proc_kib(&s, "VmHWM:");
+    let before = s.proc_kib("VmHWM:");
     let statuses: Vec<u16> = std::thread::scope(|scope| {
         let hs: Vec<_> = (0..4)
             .map(|_| scope.spawn(|| s.post_json("/infer/classification", &body).status))
@@ -430,7 +420,7 @@ fn sixteen_bit_png_bombs_cost_only_their_bounded_decode() {
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert!(statuses.iter().all(|&st| st == 200), "{statuses:?}");
-    let grown_mib = (proc_kib(&s, "VmHWM:") - before) / 1024;
+    let grown_mib = (s.proc_kib("VmHWM:") - before) / 1024;
     // Four 4-megapixel slots (12 MiB each, a file mapping counted in RSS) plus bodies.
     assert!(grown_mib < 160, "peak RSS grew by {grown_mib} MiB");
 }
@@ -443,7 +433,7 @@ fn sixteen_bit_png_bombs_cost_only_their_bounded_decode() {
 fn stalled_huge_admin_bodies_do_not_grow_memory() {
     let s = Server::start("shapes-cls/1", &[]);
     let a = addr(&s);
-    let before = proc_kib(&s, "VmRSS:");
+    let before = s.proc_kib("VmRSS:");
     let chunk = vec![b'x'; 256 * 1024];
     let mut conns: Vec<TcpStream> = (0..150)
         .filter_map(|_| {
@@ -467,7 +457,7 @@ fn stalled_huge_admin_bodies_do_not_grow_memory() {
         "every admin body to be answered or closed",
         Duration::from_secs(30),
         || {
-            most_rss_kib = most_rss_kib.max(proc_kib(&s, "VmRSS:"));
+            most_rss_kib = most_rss_kib.max(s.proc_kib("VmRSS:"));
             most_body_bytes = most_body_bytes.max(metric(&s, "cvserve_request_body_bytes", &[]));
             for (i, c) in conns.iter_mut().enumerate() {
                 if !settled[i] {

@@ -6,15 +6,6 @@ mod common;
 use common::{repo, Server};
 use serde_json::Value;
 
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap()
-}
-
 #[test]
 fn a_thousand_concurrent_clients_get_only_200_or_429_and_memory_stays_bounded() {
     // Bodies are read before admission, counted against MAX_BODY_MEMORY_BYTES as they arrive.
@@ -22,7 +13,7 @@ fn a_thousand_concurrent_clients_get_only_200_or_429_and_memory_stays_bounded() 
         "shapes-cls/1,coco/1",
         &[("MAX_BODY_MEMORY_BYTES", &(128 << 20).to_string())],
     );
-    let rss_before = peak_rss_kib(s.child.id());
+    let rss_before = s.proc_kib("VmHWM:");
     let report_path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("load-{}.json", std::process::id()));
     for (model, images) in [
@@ -72,7 +63,7 @@ fn a_thousand_concurrent_clients_get_only_200_or_429_and_memory_stays_bounded() 
     // Bounded memory: the peak grows by far less than a request body per connection would
     // (1,000 x ~1 MB): by at most the body budget (128 MiB), the parsed copies of the
     // admitted requests, and the ring slots touched (a file mapping, counted in RSS here).
-    let rss_after = peak_rss_kib(s.child.id());
+    let rss_after = s.proc_kib("VmHWM:");
     assert!(
         rss_after < rss_before + 512 * 1024,
         "peak RSS grew from {rss_before} KiB to {rss_after} KiB under load"

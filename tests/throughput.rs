@@ -26,15 +26,6 @@ fn cpu_and_faults(pid: u32) -> (f64, u64) {
     ((ticks(11) + ticks(12)) / tick, fields[7].parse().unwrap())
 }
 
-fn rss_anon_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with("RssAnon:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap()
-}
-
 /// `n` clients at once, each sending `each` requests; every answer's status.
 fn clients(n: usize, each: usize, send: impl Fn() -> u16 + Sync) -> Vec<u16> {
     std::thread::scope(|scope| {
@@ -229,11 +220,11 @@ fn memory_is_returned_once_the_server_is_idle_and_idle_costs_no_cpu() {
         json!({"model_id": "coco/1", "image": {"type": "base64", "value": b64("images/kite.jpg")}});
     let burst = || s.post_json("/infer/object_detection", &body).status;
     assert!(clients(6, 3, burst).iter().all(|&st| st == 200));
-    let after_burst = rss_anon_kib(pid);
+    let after_burst = s.proc_kib("RssAnon:");
     eventually("the idle trim", Duration::from_secs(20), || {
         metric(&s, "cvserve_memory_trims_total") >= 1.0
     });
-    let trimmed = rss_anon_kib(pid);
+    let trimmed = s.proc_kib("RssAnon:");
     assert!(
         trimmed + 8 * 1024 < after_burst,
         "RssAnon {after_burst} KiB after the burst, {trimmed} KiB after the trim"

@@ -14,8 +14,8 @@ use super::error::ApiError;
 /// The OpenAPI document, as JSON text, made once from the route table (`router`).
 pub static DOCUMENT: OnceLock<String> = OnceLock::new();
 
-pub fn openapi_document() -> String {
-    DOCUMENT.get().cloned().unwrap_or_else(|| "{}".to_owned())
+pub fn openapi_document() -> &'static str {
+    DOCUMENT.get().map_or("{}", String::as_str)
 }
 
 /// Every error answer: `{"message": "..."}`.
@@ -83,16 +83,10 @@ pub fn finish(
 ) -> Response {
     let mut resp = match answer {
         Ok(r) => r.into_response(),
-        Err(e) => e.into_response().into_response(),
+        Err(e) => e.into_response(),
     };
     if let Some(labels) = labels {
         resp.extensions_mut().insert(labels);
     }
     resp
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        ApiError::into_response(self).into_response()
-    }
 }

@@ -1,10 +1,10 @@
 //! The one place where errors become HTTP statuses. Every error body is Roboflow's
 //! `{"message": "..."}`; overload answers carry `Retry-After`.
 
-use bytes::Bytes;
-use http_body_util::Full;
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
 use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
-use hyper::{Response, StatusCode};
+use hyper::StatusCode;
 
 use crate::engine::models::LoadError;
 use crate::engine::EngineError;
@@ -67,9 +67,11 @@ impl ApiError {
     pub fn not_implemented(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_IMPLEMENTED, message)
     }
+}
 
-    /// The HTTP response.
-    pub fn into_response(mut self) -> Response<Full<Bytes>> {
+impl IntoResponse for ApiError {
+    /// The HTTP response: `{"message": ...}`, with `Retry-After` for overload.
+    fn into_response(mut self) -> Response {
         // Messages quote what the client sent (a model id, a field): never echo megabytes.
         if self.message.len() > MAX_MESSAGE_BYTES {
             let mut end = MAX_MESSAGE_BYTES;
@@ -80,7 +82,7 @@ impl ApiError {
             self.message.push_str("… (truncated)");
         }
         let body = serde_json::json!({ "message": self.message }).to_string();
-        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        let mut resp = Response::new(Body::from(body));
         *resp.status_mut() = self.status;
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -31,77 +31,51 @@ use crate::tasks::TaskParams;
 
 type HttpResponse = Response<Full<Bytes>>;
 
-#[utoipa::path(
-    post,
-    path = "/infer/object_detection",
-    tag = "inference",
-    request_body = InferRequest,
-    responses(
-        (status = 200, description = "One response per image (a list when `image` was a list)", body = InferResponse),
-        InferErrors
-    )
-)]
-pub async fn object_detection(
-    State(st): State<Arc<AppState>>,
-    Extension(id): Extension<RequestId>,
-    req: Request,
-) -> Response {
-    task_route(st, id, req, TaskType::ObjectDetection).await
+/// One `/infer/<task>` route: its handler, and its OpenAPI entry saying what a 200 holds.
+/// The path is the task's (`response::task_path`, checked by a test).
+macro_rules! task_route {
+    ($name:ident, $path:literal, $task:expr, $ok:literal) => {
+        #[utoipa::path(
+                    post,
+                    path = $path,
+                    tag = "inference",
+                    request_body = InferRequest,
+                    responses((status = 200, description = $ok, body = InferResponse), InferErrors)
+                )]
+        pub async fn $name(
+            State(st): State<Arc<AppState>>,
+            Extension(id): Extension<RequestId>,
+            req: Request,
+        ) -> Response {
+            task_route(st, id, req, $task).await
+        }
+    };
 }
 
-#[utoipa::path(
-    post,
-    path = "/infer/instance_segmentation",
-    tag = "inference",
-    request_body = InferRequest,
-    responses(
-        (status = 200, description = "Instances with polygon or RLE masks", body = InferResponse),
-        InferErrors
-    )
-)]
-pub async fn instance_segmentation(
-    State(st): State<Arc<AppState>>,
-    Extension(id): Extension<RequestId>,
-    req: Request,
-) -> Response {
-    task_route(st, id, req, TaskType::InstanceSegmentation).await
-}
-
-#[utoipa::path(
-    post,
-    path = "/infer/classification",
-    tag = "inference",
-    request_body = InferRequest,
-    responses(
-        (status = 200, description = "Single-label (`predictions`, `top`, `confidence`) or multi-label (`predictions` map, `predicted_classes`)", body = InferResponse),
-        InferErrors
-    )
-)]
-pub async fn classification(
-    State(st): State<Arc<AppState>>,
-    Extension(id): Extension<RequestId>,
-    req: Request,
-) -> Response {
-    task_route(st, id, req, TaskType::Classification).await
-}
-
-#[utoipa::path(
-    post,
-    path = "/infer/keypoints_detection",
-    tag = "inference",
-    request_body = InferRequest,
-    responses(
-        (status = 200, description = "Detections, each with its `keypoints` (x, y, confidence, class_id, class)", body = InferResponse),
-        InferErrors
-    )
-)]
-pub async fn keypoints_detection(
-    State(st): State<Arc<AppState>>,
-    Extension(id): Extension<RequestId>,
-    req: Request,
-) -> Response {
-    task_route(st, id, req, TaskType::KeypointDetection).await
-}
+task_route!(
+    object_detection,
+    "/infer/object_detection",
+    TaskType::ObjectDetection,
+    "One response per image (a list when `image` was a list)"
+);
+task_route!(
+    instance_segmentation,
+    "/infer/instance_segmentation",
+    TaskType::InstanceSegmentation,
+    "Instances with polygon or RLE masks"
+);
+task_route!(
+    classification,
+    "/infer/classification",
+    TaskType::Classification,
+    "Single-label (`predictions`, `top`, `confidence`) or multi-label (`predictions` map, `predicted_classes`)"
+);
+task_route!(
+    keypoints_detection,
+    "/infer/keypoints_detection",
+    TaskType::KeypointDetection,
+    "Detections, each with its `keypoints` (x, y, confidence, class_id, class)"
+);
 
 /// The legacy route's metrics label (as before the route table: dashboards match it).
 const LEGACY_PATH: &str = "/{dataset}/{version}";
@@ -586,5 +560,34 @@ mod tests {
         assert_eq!(legacy_model_id("/a/b/c"), None);
         assert_eq!(legacy_model_id("//1"), None);
         assert_eq!(legacy_model_id("/infer/foo"), None);
+    }
+
+    /// Each task's route is declared at the path `task_path` names (metrics labels, the
+    /// registry's `request_paths` and the wrong-task message quote it).
+    #[test]
+    fn every_task_route_is_declared_at_its_task_path() {
+        use crate::http::response::task_path;
+        use crate::model::repository::TaskType;
+        use utoipa::Path;
+        for (task, path) in [
+            (
+                TaskType::ObjectDetection,
+                super::__path_object_detection::path(),
+            ),
+            (
+                TaskType::InstanceSegmentation,
+                super::__path_instance_segmentation::path(),
+            ),
+            (
+                TaskType::Classification,
+                super::__path_classification::path(),
+            ),
+            (
+                TaskType::KeypointDetection,
+                super::__path_keypoints_detection::path(),
+            ),
+        ] {
+            assert_eq!(task_path(task), path);
+        }
     }
 }

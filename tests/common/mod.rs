@@ -537,3 +537,16 @@ pub fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
     panic!("timed out after {limit:?} waiting for {what}");
 }
+
+impl Server {
+    /// A field of the server's /proc/PID/status in KiB (`"VmRSS:"`: now, `"VmHWM:"`: the
+    /// peak, `"RssAnon:"`: anonymous memory now).
+    pub fn proc_kib(&self, field: &str) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/PID/status"))
+    }
+}
