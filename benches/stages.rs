@@ -45,6 +45,8 @@ fn bench_decode(c: &mut Criterion) {
     let opts = DecodeOptions {
         auto_orient: true,
         max_image_pixels: 100_000_000,
+        max_jpeg_scans: 100,
+        max_decode_work: 2_000_000_000,
         needed: None,
         deadline: None,
     };
@@ -54,8 +56,13 @@ fn bench_decode(c: &mut Criterion) {
         g.throughput(Throughput::Elements(1));
         g.bench_function(name, |b| {
             b.iter(|| {
-                let img =
-                    decode_into(black_box(&data), ring.try_acquire().unwrap(), &opts).unwrap();
+                let img = decode_into(
+                    black_box(&data),
+                    ring.try_acquire().unwrap(),
+                    &opts,
+                    &|| false,
+                )
+                .unwrap();
                 black_box(img.width);
             })
         });
@@ -72,7 +79,13 @@ fn bench_decode(c: &mut Criterion) {
     };
     g.bench_function("1080p_reduced_scale_for_640", |b| {
         b.iter(|| {
-            let img = decode_into(black_box(&data), ring.try_acquire().unwrap(), &reduced).unwrap();
+            let img = decode_into(
+                black_box(&data),
+                ring.try_acquire().unwrap(),
+                &reduced,
+                &|| false,
+            )
+            .unwrap();
             black_box(img.width);
         })
     });

@@ -125,6 +125,23 @@ pub struct ServeConfig {
     #[arg(long, env = "MAX_BODY_MEMORY_BYTES", default_value_t = 512 * 1024 * 1024, value_parser = within(1usize, 1 << 40))]
     pub max_body_memory_bytes: usize,
 
+    /// Share of MAX_BODY_MEMORY_BYTES the bodies (and fetched URL images) of one client
+    /// address may hold at once (never less than one MAX_BODY_BYTES body); past it that
+    /// client gets 429 with Retry-After while others are still served. Behind a proxy every
+    /// client is the proxy's address: raise it to 1.0 there.
+    #[arg(long, env = "BODY_MEMORY_PEER_SHARE", default_value_t = 0.5, value_parser = within(0.01, 1.0))]
+    pub body_memory_peer_share: f64,
+
+    /// Slowest a request body may arrive, in bytes a second on average since the request
+    /// began, once BODY_RATE_GRACE_S has passed (408 below it; 0 = any rate, bounded only
+    /// by the request's deadline).
+    #[arg(long, env = "MIN_BODY_RATE_BYTES_S", default_value_t = 1024, value_parser = within(0u64, 1 << 40))]
+    pub min_body_rate_bytes_s: u64,
+
+    /// Time a request body may take before MIN_BODY_RATE_BYTES_S applies.
+    #[arg(long, env = "BODY_RATE_GRACE_S", default_value_t = 3.0, value_parser = within(0.0, 86400.0))]
+    pub body_rate_grace_s: f64,
+
     /// Largest body of the admin routes (`/model/add`, `/model/remove`): they carry a model
     /// id, never an image.
     #[arg(long, env = "ADMIN_MAX_BODY_BYTES", default_value_t = 64 * 1024, value_parser = within(1usize, 1 << 30))]
@@ -137,8 +154,21 @@ pub struct ServeConfig {
     pub max_mask_work_pixels: u64,
 
     /// Largest image (width x height, from its header) accepted for decoding; beyond it 400.
+    /// One decode may also allocate at most 4 bytes per allowed pixel beyond its output (413
+    /// past it, before allocating).
     #[arg(long, env = "MAX_IMAGE_PIXELS", default_value_t = 100_000_000, value_parser = within(1u64, 1 << 34))]
     pub max_image_pixels: u64,
+
+    /// Most scans a JPEG may have (progressive JPEGs have about 10); counted from its
+    /// markers before decoding, 413 beyond.
+    #[arg(long, env = "MAX_JPEG_SCANS", default_value_t = 100, value_parser = within(1u64, 1 << 20))]
+    pub max_jpeg_scans: u64,
+
+    /// Most work one decode may do, in pixels x passes (a JPEG's scans: each one runs over
+    /// every coefficient, whatever the scale decoded at); 413 beyond, before decoding. The
+    /// default is about a second of one core here.
+    #[arg(long, env = "MAX_DECODE_WORK_PIXELS", default_value_t = 2_000_000_000, value_parser = within(1u64, 1 << 50))]
+    pub max_decode_work_pixels: u64,
 
     /// Decode JPEGs much larger than the network input at 1/2, 1/4 or 1/8 scale in the DCT
     /// domain, never below what the input needs: faster, but pixels differ from a full decode

@@ -10,6 +10,7 @@ use crate::config::ServeConfig;
 use crate::engine::admission::Activity;
 use crate::engine::models::{LoadSettings, ModelManager};
 use crate::engine::{DecodeSettings, Engine};
+use crate::http::budget::BodyBudget;
 use crate::http::images::{UrlFetcher, UrlPolicy};
 use crate::http::{self, AppState};
 use crate::metrics::METRICS;
@@ -150,6 +151,8 @@ fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> 
         activity,
         DecodeSettings {
             max_image_pixels: cfg.max_image_pixels,
+            max_jpeg_scans: cfg.max_jpeg_scans,
+            max_decode_work: cfg.max_decode_work_pixels,
             reduced_scale: cfg.decode_reduced_scale,
             disabled: crate::geometry::DisabledSteps {
                 auto_orient: cfg.disable_preproc_auto_orient,
@@ -178,13 +181,13 @@ fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> 
         preload_failed: Default::default(),
         draining: Default::default(),
         drain_started: Default::default(),
-        body_memory: Arc::new(tokio::sync::Semaphore::new(
-            // At least one body of the largest size, or such a request could never pass.
-            cfg.max_body_memory_bytes
-                .max(cfg.max_body_bytes)
-                .div_ceil(1024)
-                .max(1),
-        )),
+        // At least one body of the largest size, from any one client, or such a request
+        // could never pass.
+        body_memory: BodyBudget::new(
+            cfg.max_body_memory_bytes.max(cfg.max_body_bytes),
+            cfg.body_memory_peer_share,
+            cfg.max_body_bytes,
+        ),
         in_flight: Default::default(),
         cfg,
     }))

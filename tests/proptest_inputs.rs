@@ -25,6 +25,8 @@ fn opts() -> DecodeOptions {
     DecodeOptions {
         auto_orient: true,
         max_image_pixels: MAX_PIXELS,
+        max_jpeg_scans: 100,
+        max_decode_work: 2_000_000_000,
         needed: None,
         deadline: None,
     }
@@ -219,7 +221,7 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic_the_decoder(data in prop::collection::vec(any::<u8>(), 0..400)) {
         let Some(slot) = ring().try_acquire() else { return Ok(()); };
-        if let Ok(img) = decode_into(&data, slot, &opts()) {
+        if let Ok(img) = decode_into(&data, slot, &opts(), &|| false) {
             prop_assert!(u64::from(img.orig_width) * u64::from(img.orig_height) <= MAX_PIXELS);
         }
     }
@@ -227,7 +229,7 @@ proptest! {
     #[test]
     fn damaged_images_decode_or_fail_cleanly(data in damaged_image()) {
         let Some(slot) = ring().try_acquire() else { return Ok(()); };
-        if let Ok(img) = decode_into(&data, slot, &opts()) {
+        if let Ok(img) = decode_into(&data, slot, &opts(), &|| false) {
             prop_assert!(u64::from(img.orig_width) * u64::from(img.orig_height) <= MAX_PIXELS);
             prop_assert_eq!(img.pixels().len(), img.width as usize * img.height as usize * 3);
         }

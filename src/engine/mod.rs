@@ -104,6 +104,9 @@ pub enum ImageInput {
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeSettings {
     pub max_image_pixels: u64,
+    /// MAX_JPEG_SCANS, MAX_DECODE_WORK_PIXELS.
+    pub max_jpeg_scans: u64,
+    pub max_decode_work: u64,
     /// Decode large JPEGs at reduced DCT scale (DECODE_REDUCED_SCALE).
     pub reduced_scale: bool,
     /// Steps off for every request (DISABLE_PREPROC_AUTO_ORIENT, _STATIC_CROP, _CONTRAST,
@@ -330,26 +333,13 @@ impl Engine {
         let disabled = disabled.or(self.decode.disabled);
         let steps = Arc::new(model.meta.steps.without(disabled));
         let model_id = model.meta.id.as_str();
-        let share = self.ring_share();
-        // A request that could never fit is refused as such, not with a 429 that a client
-        // obeying Retry-After would retry forever.
-        for (limit, setting) in [
-            (self.ring.slots(), "RING_SLOTS"),
-            (share, "RING_MODEL_SHARE of RING_SLOTS"),
-            (model.queue.capacity(), "MAX_QUEUE_SIZE"),
-        ] {
-            if images.len() > limit {
-                return Err(EngineError::TooManyImages {
-                    count: images.len(),
-                    limit,
-                    setting,
-                });
-            }
-        }
+        self.check_image_count(model, images.len())?;
         let spec = model.runtime.spec;
         let opts = DecodeOptions {
             auto_orient: model.meta.auto_orient && !disabled.auto_orient,
             max_image_pixels: self.decode.max_image_pixels,
+            max_jpeg_scans: self.decode.max_jpeg_scans,
+            max_decode_work: self.decode.max_decode_work,
             needed: self.decode.reduced_scale.then_some(NeededSize {
                 width: spec.width,
                 height: spec.height,
@@ -366,7 +356,7 @@ impl Engine {
             images
                 .into_iter()
                 .zip(slots)
-                .map(|(img, slot)| self.decode(slot, img, opts)),
+                .map(|(img, slot)| self.decode(model_id, slot, img, opts)),
         )
         .await
         .inspect_err(|e| {
@@ -417,6 +407,26 @@ impl Engine {
         Ok(outputs)
     }
 
+    /// Refuses a request of `count` images that could never fit, as such (413), not with a
+    /// 429 that a client obeying Retry-After would retry forever. Callers that fetch images
+    /// (URLs) check before fetching any.
+    pub fn check_image_count(&self, model: &LoadedModel, count: usize) -> Result<(), EngineError> {
+        for (limit, setting) in [
+            (self.ring.slots(), "RING_SLOTS"),
+            (self.ring_share(), "RING_MODEL_SHARE of RING_SLOTS"),
+            (model.queue.capacity(), "MAX_QUEUE_SIZE"),
+        ] {
+            if count > limit {
+                return Err(EngineError::TooManyImages {
+                    count,
+                    limit,
+                    setting,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Draws `output` on the image as the client sent it (decoded again, full size, oriented
     /// like the model saw it) and encodes it as JPEG, on the postprocess pool.
     pub async fn visualize(
@@ -430,7 +440,14 @@ impl Engine {
     ) -> Result<Vec<u8>, EngineError> {
         let auto_orient =
             model.meta.auto_orient && !self.decode.disabled.auto_orient && !disable_auto_orient;
-        let max_pixels = self.decode.max_image_pixels;
+        let decode = DecodeOptions {
+            auto_orient,
+            max_image_pixels: self.decode.max_image_pixels,
+            max_jpeg_scans: self.decode.max_jpeg_scans,
+            max_decode_work: self.decode.max_decode_work,
+            needed: None,
+            deadline: Some(deadline),
+        };
         let colors = model.meta.colors.clone();
         let output = output.clone();
         let (tx, rx) = oneshot::channel();
@@ -447,7 +464,7 @@ impl Engine {
                     ImageInput::Base64(text) => base64_bytes(&text)?.into(),
                     ImageInput::Bytes(b) => b,
                 };
-                let mut img = decode_full(&bytes, max_pixels, auto_orient)?;
+                let mut img = decode_full(&bytes, &decode, &|| tx.is_closed())?;
                 in_time()?;
                 draw::draw(&mut img, &output, &colors, opts);
                 draw::encode_jpeg(&img).map_err(DecodeError::Undecodable)
@@ -555,18 +572,31 @@ impl Engine {
     /// Decodes the image into its ring slot on the decode pool.
     async fn decode(
         &self,
+        model_id: &str,
         slot: SlotHandle,
         image: ImageInput,
         opts: DecodeOptions,
     ) -> Result<crate::pipeline::decode::DecodedImage, EngineError> {
         let (tx, rx) = oneshot::channel();
+        let model_id = model_id.to_owned();
         self.pools.decode.spawn(move || {
+            // Nobody waits: the client went away, or another image of the request failed.
+            let gone = || tx.is_closed();
             let result = match image {
                 ImageInput::Base64(text) => {
-                    base64_bytes(&text).and_then(|bytes| decode_into(&bytes, slot, &opts))
+                    base64_bytes(&text).and_then(|bytes| decode_into(&bytes, slot, &opts, &gone))
                 }
-                ImageInput::Bytes(bytes) => decode_into(&bytes, slot, &opts),
+                ImageInput::Bytes(bytes) => decode_into(&bytes, slot, &opts, &gone),
             };
+            match &result {
+                Err(DecodeError::Cancelled) => {
+                    METRICS.outcome(&model_id, Outcome::Cancelled, Stage::Decode);
+                }
+                Err(DecodeError::DeadlineExceeded) if tx.is_closed() => {
+                    METRICS.outcome(&model_id, Outcome::TimedOut, Stage::Decode);
+                }
+                _ => {}
+            }
             let _ = tx.send(result);
         });
         rx.await

@@ -4,7 +4,6 @@
 //! bound. A refused body is drained in the background so its client gets the answer.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body as AxumBody;
@@ -14,10 +13,10 @@ use http_body_util::BodyExt;
 use hyper::header::CONTENT_LENGTH;
 use hyper::StatusCode;
 
+use super::budget::{body_memory_full, BodyLease, BudgetFull};
 use super::error::ApiError;
 use super::request::ModelIdScan;
 use super::state::AppState;
-use crate::metrics::METRICS;
 
 /// A request body in memory, holding its share of MAX_BODY_MEMORY_BYTES until dropped.
 pub struct Body {
@@ -25,52 +24,16 @@ pub struct Body {
     pub lease: BodyLease,
 }
 
-/// The share of MAX_BODY_MEMORY_BYTES (KiB permits) a body holds.
-#[derive(Default)]
-pub struct BodyLease {
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-impl BodyLease {
-    fn held(&self) -> usize {
-        self.permit.as_ref().map_or(0, |p| p.num_permits())
-    }
-
-    /// Grows the lease to cover `total` bytes; `false` when the server holds too much.
-    fn cover(&mut self, pool: &Arc<tokio::sync::Semaphore>, total: usize) -> bool {
-        let needed = total.div_ceil(1024);
-        let held = self.held();
-        if needed <= held {
-            return true;
-        }
-        let Some(more) = u32::try_from(needed - held)
-            .ok()
-            .and_then(|n| Arc::clone(pool).try_acquire_many_owned(n).ok())
-        else {
-            return false;
-        };
-        METRICS.body_bytes_held.add(((needed - held) * 1024) as i64);
-        match &mut self.permit {
-            Some(p) => p.merge(more),
-            None => self.permit = Some(more),
-        }
-        true
-    }
-}
-
-impl Drop for BodyLease {
-    fn drop(&mut self) {
-        METRICS.body_bytes_held.sub((self.held() * 1024) as i64);
-    }
-}
-
 /// Called with a JSON body's `model_id` as soon as its first bytes name it; an error refuses
 /// the request there.
 pub type EarlyCheck<'a> = &'a mut (dyn FnMut(&str) -> Result<(), ApiError> + Send);
 
 /// Reads a whole body of at most `limit` bytes (413 past it) before `deadline` (408 after
-/// it), counting its bytes against MAX_BODY_MEMORY_BYTES as they arrive (429 when the
-/// server holds too much). Shutdown cancels the read (503).
+/// it) and at MIN_BODY_RATE_BYTES_S at least once BODY_RATE_GRACE_S has passed (408 below
+/// it), counting its bytes against MAX_BODY_MEMORY_BYTES and the client address's
+/// BODY_MEMORY_PEER_SHARE as they arrive (429 when either is full). Nothing is counted for
+/// bytes only declared, so connections that announce large bodies and send nothing hold
+/// nothing. Shutdown cancels the read (503).
 pub async fn read_body(
     state: &AppState,
     req: Request,
@@ -93,41 +56,46 @@ pub async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
+    let peer = req.extensions().get::<Peer>().map(|p| p.0);
     let (parts, mut body) = req.into_parts();
-    let mut lease = BodyLease::default();
-    // The declared length (up to BODY_UP_FRONT) is reserved before reading: under load the
-    // excess is refused at once, before its upload, instead of mid-body; beyond that, bytes
-    // are counted as they arrive, so a stalled body holds little.
-    let up_front = declared.unwrap_or(0).min(BODY_UP_FRONT);
-    let mut buf = bytes::BytesMut::new();
+    let mut lease = state.body_memory.lease(peer);
+    // Address space only: pages are touched (and counted) as bytes arrive.
+    let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0));
     // Once refused for memory, the rest of the body is read and dropped (so the client gets
     // its 429 instead of a reset connection), within the same deadline.
-    let mut refused = !lease.cover(&state.body_memory, up_front);
-    if !refused {
-        buf.reserve(declared.unwrap_or(0));
-    }
+    let mut refused: Option<BudgetFull> = None;
     // Refused by `early` (the waiting room) once it could tell from the first bytes.
     let mut turned_away: Option<ApiError> = None;
     let mut scan = super::request::ModelIdScanner::default();
+    let pace = Pace::new(state.cfg.min_body_rate_bytes_s, state.cfg.body_rate_grace_s);
     let read = async {
-        while let Some(frame) = body.frame().await {
+        let mut received = 0usize;
+        loop {
+            let frame = match pace.next_byte_due(received) {
+                Some(due) => tokio::time::timeout_at(due.into(), body.frame())
+                    .await
+                    .map_err(|_| pace.too_slow())?,
+                None => body.frame().await,
+            };
+            let Some(frame) = frame else { break };
             let frame = frame.map_err(|e| {
                 ApiError::bad_request(format!("Could not read the request body: {e}"))
             })?;
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            if refused {
+            received += data.len();
+            if refused.is_some() {
                 continue;
             }
             let total = buf.len() + data.len();
             if total > limit {
                 return Err(too_large());
             }
-            if !lease.cover(&state.body_memory, total) {
-                refused = true;
+            if let Err(why) = lease.cover(total) {
+                refused = Some(why);
                 buf = bytes::BytesMut::new();
-                lease = BodyLease::default();
+                lease.clear();
                 continue;
             }
             buf.extend_from_slice(&data);
@@ -166,8 +134,8 @@ pub async fn read_body(
         discard_rest(body, limit);
         return Err(e);
     }
-    if refused {
-        return Err(body_memory_full());
+    if let Some(why) = refused {
+        return Err(body_memory_full(why));
     }
     Ok((
         parts,
@@ -178,8 +146,47 @@ pub async fn read_body(
     ))
 }
 
-/// Bytes of a body's declared length reserved before it is read.
-const BODY_UP_FRONT: usize = 1 << 20;
+/// The client's address, put in each request's extensions by the connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::IpAddr);
+
+/// The slowest a body may arrive: after `grace`, on average `rate` bytes a second since its
+/// request began (0: any rate).
+struct Pace {
+    started: Instant,
+    rate: u64,
+    grace: Duration,
+}
+
+impl Pace {
+    fn new(rate: u64, grace_s: f64) -> Self {
+        Self {
+            started: Instant::now(),
+            rate,
+            grace: Duration::from_secs_f64(grace_s),
+        }
+    }
+
+    /// By when the byte after `received` must arrive.
+    fn next_byte_due(&self, received: usize) -> Option<Instant> {
+        (self.rate > 0).then(|| {
+            self.started
+                + self.grace
+                + Duration::from_secs_f64((received as f64 + 1.0) / self.rate as f64)
+        })
+    }
+
+    fn too_slow(&self) -> ApiError {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "The request body arrives slower than MIN_BODY_RATE_BYTES_S ({} bytes/s, after BODY_RATE_GRACE_S = {} s)",
+                self.rate,
+                self.grace.as_secs_f64()
+            ),
+        )
+    }
+}
 
 /// Answers a refused request at once and reads its body in the background, dropping it as
 /// it arrives (nothing is buffered), so the client, perhaps still sending, receives its
@@ -214,12 +221,6 @@ fn discard_rest(mut body: AxumBody, limit: usize) {
 
 /// Longest a refused body is read (and dropped) after its answer.
 const DISCARD_TIME: Duration = Duration::from_secs(5);
-
-fn body_memory_full() -> ApiError {
-    ApiError::overloaded(
-        "Server overloaded: it holds as many request bodies as it may (MAX_BODY_MEMORY_BYTES); retry shortly",
-    )
-}
 
 pub fn shutting_down() -> ApiError {
     ApiError::new(

@@ -96,6 +96,16 @@ impl IntoResponse for ApiError {
 fn decode_error(e: DecodeError) -> ApiError {
     match e {
         DecodeError::DeadlineExceeded => ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string()),
+        DecodeError::TooManyScans { .. }
+        | DecodeError::TooMuchWork { .. }
+        | DecodeError::TooMuchMemory { .. } => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+        }
+        // Nobody reads this answer (the client went away); 499 as nginx logs it.
+        DecodeError::Cancelled => ApiError::new(
+            StatusCode::from_u16(499).expect("499 is a valid status"),
+            e.to_string(),
+        ),
         _ => ApiError::bad_request(e.to_string()),
     }
 }

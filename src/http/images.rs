@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::budget::{body_memory_full, BodyLease};
 use super::error::ApiError;
 
 /// Fetches image URLs for the server: its client (when ALLOW_URL_INPUT is on), where URLs
@@ -23,8 +24,14 @@ pub struct UrlFetcher {
     pub max_bytes: usize,
 }
 
-/// Fetches an image URL, when ALLOW_URL_INPUT permits: http(s) only, size- and time-limited.
-pub async fn fetch_url(fetcher: &UrlFetcher, url: &str) -> Result<Bytes, ApiError> {
+/// Fetches an image URL, when ALLOW_URL_INPUT permits: http(s) only, size- and time-limited,
+/// its bytes counted against the body budget through `lease` as they arrive; the returned
+/// lease holds them.
+pub async fn fetch_url(
+    fetcher: &UrlFetcher,
+    url: &str,
+    mut lease: BodyLease,
+) -> Result<(Bytes, BodyLease), ApiError> {
     let Some(client) = &fetcher.client else {
         return Err(ApiError::bad_request(
             "Could not load input image. Cause: loading images from URLs is disabled on this server (set ALLOW_URL_INPUT=true to enable it).",
@@ -71,9 +78,12 @@ pub async fn fetch_url(fetcher: &UrlFetcher, url: &str) -> Result<Bytes, ApiErro
                 "the image at {url} is larger than URL_MAX_BYTES ({max} bytes)"
             )));
         }
+        lease
+            .cover(body.len() + chunk.len())
+            .map_err(body_memory_full)?;
         body.extend_from_slice(&chunk);
     }
-    Ok(Bytes::from(body))
+    Ok((Bytes::from(body), lease))
 }
 
 /// An error and its causes, outermost first (reqwest's own message hides why).
@@ -193,13 +203,22 @@ pub fn is_public(ip: IpAddr) -> bool {
                 return is_public(IpAddr::V4(v4));
             }
             let s = v6.segments();
+            // Forms that carry an IPv4 address a gateway may forward to: NAT64
+            // (64:ff9b::/96 and the local-use 64:ff9b:1::/48), 6to4 (2002::/16) and the
+            // deprecated IPv4-compatible ::a.b.c.d (::/96). They are refused whole: the IPv4
+            // inside may be private, and a public one can be named directly.
+            let embeds_ipv4 =
+                (s[0] == 0x64 && s[1] == 0xff9b) || s[0] == 0x2002 || s[..6] == [0; 6];
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
+                || embeds_ipv4
                 || (s[0] & 0xfe00) == 0xfc00 // unique local
                 || (s[0] & 0xffc0) == 0xfe80 // link-local
+                || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
                 || (s[0] == 0x2001 && s[1] == 0xdb8) // documentation
-                || (s[0] == 0x64 && s[1] == 0xff9)) // NAT64 (may reach private IPv4)
+                || (s[0] == 0x2001 && s[1] < 0x200) // Teredo, benchmarking, ORCHID (2001::/23)
+                || s[0] == 0x100 && s[1..4] == [0; 3]) // discard-only 100::/64
         }
     }
 }
@@ -256,10 +275,31 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
             "ff02::1",
+            // NAT64 of the metadata address and of loopback, the local-use NAT64 prefix
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::7f00:1",
+            "64:ff9b:1::a00:1",
+            // 6to4 of the metadata address, of a private and of a public address
+            "2002:a9fe:a9fe::1",
+            "2002:0a00:0001::",
+            "2002:0808:0808::1",
+            // IPv4-compatible (deprecated) forms
+            "::169.254.169.254",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            // Teredo, site-local, discard-only
+            "2001::1",
+            "fec0::1",
+            "100::1",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["8.8.8.8", "151.101.1.1", "2606:4700::1111"] {
+        for ip in [
+            "8.8.8.8",
+            "151.101.1.1",
+            "2606:4700::1111",
+            "2a00:1450:4001::200e",
+        ] {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
         }
     }
@@ -278,6 +318,15 @@ mod tests {
         let url = |s: &str| reqwest::Url::parse(s).unwrap();
         assert!(p.check_url(&url("http://[::1]:8080/x.jpg")).is_err());
         assert!(p.check_url(&url("http://127.0.0.1/x.jpg")).is_err());
+        for form in [
+            "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/",
+            "http://[64:ff9b::169.254.169.254]/",
+            "http://[2002:a9fe:a9fe::]/",
+            "http://[::169.254.169.254]/",
+            "http://[::a9fe:a9fe]/",
+        ] {
+            assert!(p.check_url(&url(form)).is_err(), "{form}");
+        }
         assert!(p.check_url(&url("http://example.com/x.jpg")).is_ok());
     }
 }

@@ -16,7 +16,8 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::StatusCode;
 
 use super::answer::{finish, InferErrors, RequestId, RouteLabels};
-use super::body::{discard_body, read_body, Body};
+use super::body::{discard_body, read_body, Body, Peer};
+use super::budget::BodyLease;
 use super::error::ApiError;
 use super::images::fetch_url;
 use super::request::{legacy_params, query_api_key, ImageSource, InferRequest};
@@ -165,6 +166,8 @@ pub struct RequestContext {
     route: Option<&'static str>,
     /// Its place in its model's line (the waiting room), once let in.
     ticket: Option<Ticket>,
+    /// The client's address (what its bodies and fetched images count under).
+    peer: Option<std::net::IpAddr>,
 }
 
 impl RequestContext {
@@ -174,6 +177,7 @@ impl RequestContext {
             model: None,
             route: Some(route),
             ticket: None,
+            peer: None,
         }
     }
 
@@ -260,6 +264,7 @@ async fn infer_json(
     ctx: &mut RequestContext,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
+    ctx.peer = req.extensions().get::<Peer>().map(|p| p.0);
     let limit = state.cfg.max_body_bytes;
     let outer_key = query_api_key(&req);
     // The waiting room decides as soon as the body's first bytes name the model; the rest of
@@ -335,6 +340,7 @@ async fn infer_legacy(
     ctx: &mut RequestContext,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
+    ctx.peer = req.extensions().get::<Peer>().map(|p| p.0);
     let query = req.uri().query().unwrap_or("").to_owned();
     let (mut request, opts) = legacy_params(&query)?;
     request.api_key = query_api_key(&req);
@@ -486,14 +492,9 @@ async fn infer(
         Engine::check_task(&model, expected)?;
     }
     let params = task_params(state, model.meta.task, request)?;
-    let mut inputs = Vec::with_capacity(images.len());
-    for image in images {
-        inputs.push(match image {
-            ImageSource::Base64(s) => ImageInput::Base64(s),
-            ImageSource::Bytes(b) => ImageInput::Bytes(b),
-            ImageSource::Url(u) => ImageInput::Bytes(fetch_url(&state.urls, &u).await?),
-        });
-    }
+    state.engine.check_image_count(&model, images.len())?;
+    // Fetched image bytes hold their share of the body budget until the answer.
+    let (inputs, _fetched) = fetch_images(state, images, deadline, ctx.peer).await?;
     // Drawing needs the image again: a refcount for bytes, a copy of base64 text.
     let originals = draw.is_some().then(|| inputs.clone());
     let disabled = request.disabled_steps();
@@ -538,6 +539,51 @@ async fn infer(
         .collect();
     Ok((responses, pictures))
 }
+
+/// Images given by URL fetched at most [`URL_FETCHES_AT_ONCE`] at a time, all within the
+/// request's deadline, their bytes counted against MAX_BODY_MEMORY_BYTES as they arrive;
+/// the others passed on as they are. Returns the images in order and the fetched bytes'
+/// leases.
+async fn fetch_images(
+    state: &Arc<AppState>,
+    images: Vec<ImageSource>,
+    deadline: Instant,
+    peer: Option<std::net::IpAddr>,
+) -> Result<(Vec<ImageInput>, Vec<BodyLease>), ApiError> {
+    use futures_util::{StreamExt, TryStreamExt};
+    let fetches = futures_util::stream::iter(images)
+        .map(|image| async move {
+            Ok::<_, ApiError>(match image {
+                ImageSource::Base64(s) => (ImageInput::Base64(s), None),
+                ImageSource::Bytes(b) => (ImageInput::Bytes(b), None),
+                ImageSource::Url(u) => {
+                    let (bytes, lease) =
+                        fetch_url(&state.urls, &u, state.body_memory.lease(peer)).await?;
+                    (ImageInput::Bytes(bytes), Some(lease))
+                }
+            })
+        })
+        .buffered(URL_FETCHES_AT_ONCE)
+        .try_collect::<Vec<_>>();
+    let fetched = tokio::time::timeout_at(deadline.into(), fetches)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "Deadline exceeded while fetching the image URLs (REQUEST_TIMEOUT_S or X-Request-Timeout-Ms)",
+            )
+        })??;
+    let mut inputs = Vec::with_capacity(fetched.len());
+    let mut leases = Vec::new();
+    for (input, lease) in fetched {
+        inputs.push(input);
+        leases.extend(lease);
+    }
+    Ok((inputs, leases))
+}
+
+/// URLs of one request fetched at once.
+const URL_FETCHES_AT_ONCE: usize = 4;
 
 /// Puts each picture, base64, in its response's `visualization`.
 fn attach_pictures(responses: &mut [InferResponse], pictures: Vec<Vec<u8>>) {

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod answer;
 pub mod body;
+pub mod budget;
 pub mod error;
 pub mod images;
 pub mod inference;
@@ -79,9 +80,9 @@ pub async fn serve(
     let routers = router::Routers::new(Arc::clone(&state));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let stream = tokio::select! {
+        let (stream, addr) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, addr)) => (stream, addr),
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -105,7 +106,9 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let st = Arc::clone(&state);
         let routers = routers.clone();
-        let service = service_fn(move |req| {
+        let peer = body::Peer(addr.ip().to_canonical());
+        let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(peer);
             let (st, routers) = (Arc::clone(&st), routers.clone());
             async move { Ok::<_, Infallible>(router::handle(st, routers, req, class).await) }
         });

@@ -152,6 +152,22 @@ pub async fn handle(
     let started = Instant::now();
     let span = tracing::info_span!("request", %request_id);
     req.extensions_mut().insert(RequestId(request_id.clone()));
+    if let Some(coding) = unsupported_transfer_coding(req.headers()) {
+        // The body's framing is hyper's (chunked), but what it frames is compressed in a way
+        // this server does not undo: refused, and the connection closed (its body unread).
+        let mut resp = finish(
+            Err(ApiError::new(
+                StatusCode::NOT_IMPLEMENTED,
+                format!(
+                    "Transfer-Encoding '{coding}' is not supported; send the body plain or chunked"
+                ),
+            )),
+            None,
+        );
+        resp.headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
     let router = match class {
         ConnectionClass::Full => routers.full,
         ConnectionClass::Reserved => routers.health,
@@ -192,4 +208,14 @@ pub async fn handle(
         tracing::debug!(request_id, %method, path, status = status.as_u16(), ms, "request");
     }
     resp
+}
+
+/// The first transfer coding of a request other than `chunked` (which hyper undoes), if any.
+fn unsupported_transfer_coding(headers: &hyper::HeaderMap) -> Option<String> {
+    headers
+        .get_all(hyper::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(|c| c.trim().to_ascii_lowercase())
+        .find(|c| c != "chunked")
 }

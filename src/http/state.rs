@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use super::budget::BodyBudget;
 use super::images::UrlFetcher;
 use crate::config::ServeConfig;
 use crate::engine::Engine;
@@ -29,7 +30,7 @@ pub struct AppState {
     pub drain_started: tokio::sync::Notify,
     /// Bytes of request bodies held at once (MAX_BODY_MEMORY_BYTES, in KiB permits), taken as
     /// the bytes arrive: a stalled body holds only what it sent.
-    pub body_memory: Arc<tokio::sync::Semaphore>,
+    pub body_memory: Arc<BodyBudget>,
     /// Requests being handled, for shutdown.
     pub in_flight: InFlight,
 }

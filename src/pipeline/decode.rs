@@ -1,7 +1,15 @@
 //! Decode: compressed image bytes in, RGB pixels in a ring slot out (a [`DecodedImage`]).
-//! JPEG goes through libjpeg-turbo straight into the slot; PNG, WebP, GIF, BMP and TIFF go
-//! through the `image` crate. EXIF orientation is applied unless disabled. Runs on the decode
-//! pool, never on the HTTP reactor threads.
+//! JPEG goes through libjpeg-turbo straight into the slot; PNG through the `png` crate row
+//! by row into it (interlaced ones pass by pass); WebP, GIF, BMP, TIFF (and CMYK JPEGs)
+//! through the `image` crate into one buffer of their own pixel type, converted into the
+//! slot. EXIF orientation is applied unless disabled. Runs on the decode pool, never on the
+//! HTTP reactor threads.
+//!
+//! Every decode is bounded before it starts, from the file's header alone: pixels
+//! (MAX_IMAGE_PIXELS), JPEG scans (MAX_JPEG_SCANS), work (pixels x passes,
+//! MAX_DECODE_WORK_PIXELS) and memory beyond the slot ([`DecodeOptions::memory_budget`]:
+//! 4 bytes per allowed pixel), whatever the format. A job whose deadline passed or whose
+//! client went away is not decoded; PNGs check between row bands.
 
 use std::cell::RefCell;
 use std::io::Cursor;
@@ -9,13 +17,13 @@ use std::time::Instant;
 
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine;
-use fast_image_resize as fr;
 use image::metadata::Orientation;
-use image::ImageDecoder;
+use image::{ColorType, ImageDecoder, ImageFormat};
 
 use super::ring::SlotHandle;
 
-/// Why an image could not be decoded. Every variant is the client's fault (4xx).
+/// Why an image could not be decoded. Every variant but the last two is the client's fault
+/// (4xx).
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum DecodeError {
     #[error("Could not load input image. Cause: the image is empty (zero bytes).")]
@@ -29,9 +37,31 @@ pub enum DecodeError {
          more than the {max} allowed (MAX_IMAGE_PIXELS)."
     )]
     TooManyPixels { width: u64, height: u64, max: u64 },
-    /// The request's deadline passed while decoding (504, not the client's input fault).
+    #[error(
+        "Could not load input image. Cause: the JPEG has {scans} scans, more than the {max} \
+         allowed (MAX_JPEG_SCANS)."
+    )]
+    TooManyScans { scans: u64, max: u64 },
+    #[error(
+        "Could not load input image. Cause: decoding it is {work} pixel-passes of work \
+         (pixels x JPEG scans), more than the {max} allowed (MAX_DECODE_WORK_PIXELS)."
+    )]
+    TooMuchWork { work: u64, max: u64 },
+    #[error(
+        "Could not load input image. Cause: decoding this {what} takes {needed} bytes of \
+         memory, more than the {budget} one decode may use (4 bytes x MAX_IMAGE_PIXELS)."
+    )]
+    TooMuchMemory {
+        what: &'static str,
+        needed: u64,
+        budget: u64,
+    },
+    /// The request's deadline passed before or while decoding (504, not the input's fault).
     #[error("Deadline exceeded while decoding the image")]
     DeadlineExceeded,
+    /// Nobody waits for the image any more: its client went away.
+    #[error("The client went away before the image was decoded")]
+    Cancelled,
 }
 
 /// Per-request decode settings.
@@ -41,17 +71,36 @@ pub struct DecodeOptions {
     pub auto_orient: bool,
     /// Largest width x height a header may claim.
     pub max_image_pixels: u64,
+    /// Most scans a JPEG may have (progressive JPEGs have about 10).
+    pub max_jpeg_scans: u64,
+    /// Most pixels x passes (JPEG scans) one decode may work through.
+    pub max_decode_work: u64,
     /// The smallest image preprocessing needs, if known: a JPEG much larger is decoded at
     /// 1/2, 1/4 or 1/8 scale in the DCT domain (far cheaper than decoding it whole and
     /// shrinking it afterwards), never below what the network input needs.
     pub needed: Option<NeededSize>,
-    /// Decoding stops past this instant (checked between rows of large PNGs).
+    /// Decoding stops past this instant (checked before decoding and between PNG rows).
     pub deadline: Option<Instant>,
 }
 
+/// Bytes per allowed pixel (MAX_IMAGE_PIXELS) one decode may allocate beyond its output.
+pub const DECODE_BYTES_PER_PIXEL: u64 = 4;
+
 impl DecodeOptions {
-    fn past_deadline(&self) -> bool {
-        self.deadline.is_some_and(|d| Instant::now() >= d)
+    /// Memory one decode may allocate beyond where its pixels go (the ring slot).
+    pub fn memory_budget(&self) -> u64 {
+        self.max_image_pixels.saturating_mul(DECODE_BYTES_PER_PIXEL)
+    }
+
+    /// Whether work on the image should stop: its deadline passed or `gone()` (nobody waits).
+    fn check(&self, gone: &dyn Fn() -> bool) -> Result<(), DecodeError> {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            Err(DecodeError::DeadlineExceeded)
+        } else if gone() {
+            Err(DecodeError::Cancelled)
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -123,37 +172,430 @@ pub fn base64_bytes(text: &str) -> Result<Vec<u8>, DecodeError> {
 
 thread_local! {
     static DECOMPRESSOR: RefCell<Option<turbojpeg::Decompressor>> = const { RefCell::new(None) };
+    /// EXIF-rotated JPEGs are decoded here first, then turned into the slot (at most a
+    /// slot's size, kept per decode thread).
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Decodes `data` into `slot`.
+/// Decodes `data` into `slot`; `gone()` says the client went away (checked before decoding
+/// and between PNG row bands, like the deadline).
 pub fn decode_into(
     data: &[u8],
-    slot: SlotHandle,
+    mut slot: SlotHandle,
     opts: &DecodeOptions,
+    gone: &dyn Fn() -> bool,
 ) -> Result<DecodedImage, DecodeError> {
-    if data.is_empty() {
-        return Err(DecodeError::Empty);
-    }
-    if data.starts_with(b"\x89PNG\r\n\x1a\n") {
-        return decode_png(data, slot, opts);
-    }
-    if data.starts_with(&[0xFF, 0xD8]) {
-        match decode_jpeg(data, slot, opts) {
-            Ok(img) => Ok(img),
-            // libjpeg-turbo rejects a few valid files (e.g. CMYK); give `image` a chance.
-            Err((Some(slot), turbo_err)) => decode_other(data, slot, opts).map_err(|e| {
-                if matches!(e, DecodeError::Undecodable(_)) {
-                    turbo_err
-                } else {
-                    e
-                }
-            }),
-            Err((None, e)) => Err(e),
+    opts.check(gone)?;
+    let probe = Probe::read(data, opts)?;
+    let out = slot.bytes_mut();
+    let into = Target::Slot {
+        pixels: out.len() / 3,
+    };
+    probe.within_budget(into, opts)?;
+    let (width, height) = probe.decode(data, out, into, opts, gone)?;
+    let (orig_width, orig_height) = probe.oriented_size();
+    Ok(DecodedImage {
+        slot,
+        width,
+        height,
+        orig_width,
+        orig_height,
+    })
+}
+
+/// The whole image as RGB, oriented, at full size (drawing), within the same bounds as
+/// [`decode_into`], its own pixels counted in the memory budget.
+pub fn decode_full(
+    data: &[u8],
+    opts: &DecodeOptions,
+    gone: &dyn Fn() -> bool,
+) -> Result<image::RgbImage, DecodeError> {
+    opts.check(gone)?;
+    let opts = DecodeOptions {
+        needed: None,
+        ..*opts
+    };
+    let probe = Probe::read(data, &opts)?;
+    probe.within_budget(Target::Full, &opts)?;
+    let (w, h) = probe.oriented_size();
+    let mut out = vec![0u8; w as usize * h as usize * 3];
+    let (dw, dh) = probe.decode(data, &mut out, Target::Full, &opts, gone)?;
+    debug_assert_eq!((dw, dh), (w, h));
+    image::RgbImage::from_raw(w, h, out)
+        .ok_or_else(|| DecodeError::Undecodable("the decoded image has the wrong size.".into()))
+}
+
+/// Where decoded pixels go: a ring slot of `pixels` (larger images are decoded smaller), or a
+/// buffer of exactly the oriented full size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Target {
+    Slot { pixels: usize },
+    Full,
+}
+
+/// What an image's header says: its format, size and orientation, and what decoding it costs.
+#[derive(Debug)]
+struct Probe {
+    kind: Kind,
+    width: u32,
+    height: u32,
+    orientation: Orientation,
+}
+
+#[derive(Debug)]
+enum Kind {
+    /// libjpeg-turbo; `coefficients` bytes are buffered when the file has several scans.
+    Jpeg { coefficients: u64 },
+    /// The `png` crate, row by row.
+    Png { interlaced: bool },
+    /// The `image` crate: a buffer of `color` pixels, plus `extra` bytes per pixel the
+    /// decoder allocates of its own.
+    Image {
+        format: ImageFormat,
+        color: ColorType,
+        extra: u64,
+    },
+}
+
+impl Probe {
+    /// Reads the header and refuses, before any pixel is decoded, what is over a limit.
+    fn read(data: &[u8], opts: &DecodeOptions) -> Result<Self, DecodeError> {
+        if data.is_empty() {
+            return Err(DecodeError::Empty);
         }
-    } else {
-        decode_other(data, slot, opts)
+        if data.starts_with(&[0xFF, 0xD8]) {
+            return Self::jpeg(data, opts);
+        }
+        if data.starts_with(b"\x89PNG\r\n\x1a\n") {
+            if let Some(probe) = Self::png(data, opts)? {
+                return Ok(probe);
+            }
+        }
+        Self::image(data, opts, None)
     }
+
+    fn jpeg(data: &[u8], opts: &DecodeOptions) -> Result<Self, DecodeError> {
+        let layout = JpegLayout::read(data)?;
+        check_pixels(layout.width as u64, layout.height as u64, opts)?;
+        if layout.scans > opts.max_jpeg_scans {
+            return Err(DecodeError::TooManyScans {
+                scans: layout.scans,
+                max: opts.max_jpeg_scans,
+            });
+        }
+        let work = layout.width as u64 * layout.height as u64 * layout.scans.max(1);
+        if work > opts.max_decode_work {
+            return Err(DecodeError::TooMuchWork {
+                work,
+                max: opts.max_decode_work,
+            });
+        }
+        if layout.cmyk {
+            // libjpeg-turbo gives no RGB for CMYK; the general decoder does.
+            return Self::image(data, opts, Some(layout.coefficients()));
+        }
+        let orientation = if opts.auto_orient {
+            exif_orientation(data)
+        } else {
+            Orientation::NoTransforms
+        };
+        Ok(Self {
+            kind: Kind::Jpeg {
+                coefficients: if layout.scans > 1 {
+                    layout.coefficients()
+                } else {
+                    0
+                },
+            },
+            width: layout.width,
+            height: layout.height,
+            orientation,
+        })
+    }
+
+    /// `None` for a PNG with an EXIF orientation to apply (the general decoder does that).
+    fn png(data: &[u8], opts: &DecodeOptions) -> Result<Option<Self>, DecodeError> {
+        let mut decoder = png::Decoder::new(Cursor::new(data));
+        decoder.set_transformations(png::Transformations::normalize_to_color8());
+        let header = decoder.read_header_info().map_err(bad_png)?;
+        let (width, height, interlaced) = (header.width, header.height, header.interlaced);
+        check_pixels(width as u64, height as u64, opts)?;
+        let reader = decoder.read_info().map_err(bad_png)?;
+        let oriented = opts.auto_orient
+            && reader
+                .info()
+                .exif_metadata
+                .as_deref()
+                .and_then(Orientation::from_exif_chunk)
+                .is_some_and(|o| o != Orientation::NoTransforms);
+        Ok((!oriented).then_some(Self {
+            kind: Kind::Png { interlaced },
+            width,
+            height,
+            orientation: Orientation::NoTransforms,
+        }))
+    }
+
+    /// Through the `image` crate; `coefficients`: what a CMYK JPEG buffers.
+    fn image(
+        data: &[u8],
+        opts: &DecodeOptions,
+        coefficients: Option<u64>,
+    ) -> Result<Self, DecodeError> {
+        let format = image::guess_format(data).map_err(not_an_image)?;
+        let mut decoder = general_decoder(data, format, opts)?;
+        let (width, height) = decoder.dimensions();
+        check_pixels(width as u64, height as u64, opts)?;
+        let orientation = if opts.auto_orient {
+            decoder.orientation().unwrap_or(Orientation::NoTransforms)
+        } else {
+            Orientation::NoTransforms
+        };
+        // What each decoder allocates besides the buffer it fills (read in their sources):
+        // WebP decodes lossless images without alpha through an RGBA buffer; a GIF frame
+        // smaller than its screen goes through an RGBA frame buffer; TIFF decodes the whole
+        // image into its own buffer (CMYK: 4 bytes) and copies it.
+        let color = decoder.color_type();
+        let extra = match format {
+            ImageFormat::WebP | ImageFormat::Gif => 4,
+            ImageFormat::Tiff => color.bytes_per_pixel() as u64 + 1,
+            ImageFormat::Jpeg => {
+                coefficients
+                    .unwrap_or(0)
+                    .div_ceil(width as u64 * height as u64)
+                    + 3
+            }
+            _ => 0,
+        };
+        Ok(Self {
+            kind: Kind::Image {
+                format,
+                color,
+                extra,
+            },
+            width,
+            height,
+            orientation,
+        })
+    }
+
+    fn pixels(&self) -> u64 {
+        self.width as u64 * self.height as u64
+    }
+
+    fn oriented_size(&self) -> (u32, u32) {
+        oriented_size(self.width, self.height, self.orientation)
+    }
+
+    /// Bytes the decode allocates beyond the slot (for [`Target::Full`], its output too).
+    fn memory(&self, into: Target) -> u64 {
+        let px = self.pixels();
+        let own = match (&self.kind, into) {
+            (Kind::Jpeg { coefficients }, _) => {
+                let turned = self.orientation != Orientation::NoTransforms;
+                coefficients
+                    + if turned && into == Target::Full {
+                        3 * px
+                    } else {
+                        0
+                    }
+            }
+            (Kind::Png { interlaced: false }, _) => 0,
+            (Kind::Png { interlaced: true }, Target::Slot { pixels }) => {
+                // Sums of the pixels each output pixel averages, when shrunk.
+                let k = shrink_factor(self.width, self.height, pixels);
+                if k > 1 {
+                    12 * (self.width / k) as u64 * (self.height / k) as u64
+                } else {
+                    0
+                }
+            }
+            (Kind::Png { interlaced: true }, Target::Full) => 0,
+            (Kind::Image { color, extra, .. }, _) => px * (color.bytes_per_pixel() as u64 + extra),
+        };
+        own + if into == Target::Full { 3 * px } else { 0 }
+    }
+
+    fn within_budget(&self, into: Target, opts: &DecodeOptions) -> Result<(), DecodeError> {
+        let needed = self.memory(into);
+        let budget = opts.memory_budget();
+        if needed > budget {
+            return Err(DecodeError::TooMuchMemory {
+                what: match self.kind {
+                    Kind::Jpeg { .. } => "JPEG",
+                    Kind::Png { .. } => "PNG",
+                    Kind::Image { format, .. } => format.extensions_str()[0],
+                },
+                needed,
+                budget,
+            });
+        }
+        Ok(())
+    }
+
+    /// Decodes into `out`; returns the size written (oriented).
+    fn decode(
+        &self,
+        data: &[u8],
+        out: &mut [u8],
+        into: Target,
+        opts: &DecodeOptions,
+        gone: &dyn Fn() -> bool,
+    ) -> Result<(u32, u32), DecodeError> {
+        match self.kind {
+            Kind::Jpeg { .. } => self.decode_jpeg(data, out, into, opts),
+            Kind::Png { interlaced } => decode_png(data, out, interlaced, opts, gone),
+            Kind::Image { format, color, .. } => {
+                let mut decoder = general_decoder(data, format, opts)?;
+                let mut native = vec![0u8; decoder.total_bytes() as usize];
+                opts.check(gone)?;
+                // A GIF's first frame, an animated WebP's first frame.
+                decoder.set_limits(image::Limits::no_limits()).ok();
+                decoder.read_image(&mut native).map_err(not_an_image)?;
+                opts.check(gone)?;
+                Ok(convert_into(
+                    &native,
+                    color,
+                    self.width,
+                    self.height,
+                    self.orientation,
+                    out,
+                ))
+            }
+        }
+    }
+
+    fn decode_jpeg(
+        &self,
+        data: &[u8],
+        out: &mut [u8],
+        into: Target,
+        opts: &DecodeOptions,
+    ) -> Result<(u32, u32), DecodeError> {
+        let turbo =
+            |e: turbojpeg::Error| DecodeError::Undecodable(format!("not a valid JPEG ({e})."));
+        DECOMPRESSOR.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if cell.is_none() {
+                *cell = Some(turbojpeg::Decompressor::new().map_err(turbo)?);
+            }
+            let dec = cell.as_mut().expect("initialised above");
+            // The scans were counted already; libjpeg-turbo's own limit is a second guard.
+            dec.set_scan_limit(opts.max_jpeg_scans.min(u32::MAX as u64) as u32)
+                .map_err(turbo)?;
+            let header = dec.read_header(data).map_err(turbo)?;
+            if (header.width as u32, header.height as u32) != (self.width, self.height) {
+                return Err(DecodeError::Undecodable(
+                    "the JPEG's frame header is inconsistent.".into(),
+                ));
+            }
+            let (w0, h0) = (header.width, header.height);
+            let slot_pixels = out.len() / 3;
+            let factors = [
+                turbojpeg::ScalingFactor::ONE_EIGHTH,
+                turbojpeg::ScalingFactor::ONE_QUARTER,
+                turbojpeg::ScalingFactor::ONE_HALF,
+                turbojpeg::ScalingFactor::ONE,
+            ];
+            let fits = |f: &turbojpeg::ScalingFactor| f.scale(w0) * f.scale(h0) <= slot_pixels;
+            let (ow, oh) = self.oriented_size();
+            let o = self.orientation;
+            // The most reduced decode that still covers what preprocessing needs ...
+            let enough = opts.needed.filter(|_| into != Target::Full).and_then(|need| {
+                factors.iter().copied().find(|f| {
+                    let (w, h) = oriented_size(f.scale(w0) as u32, f.scale(h0) as u32, o);
+                    fits(f) && need.satisfied_by(w as usize, h as usize, ow as usize, oh as usize)
+                })
+            });
+            // ... else the largest that fits.
+            let factor = enough
+                .or_else(|| factors.iter().rev().copied().find(fits))
+                .ok_or_else(|| {
+                    DecodeError::Undecodable(format!(
+                        "a {w0}x{h0} JPEG does not fit a ring slot even at 1/8 scale (RING_SLOT_PIXELS)."
+                    ))
+                })?;
+            let (w, h) = (factor.scale(w0), factor.scale(h0));
+            dec.set_scaling_factor(factor).map_err(turbo)?;
+            let result = if o == Orientation::NoTransforms {
+                dec.decompress(data, rgb_image(&mut out[..w * h * 3], w, h))
+            } else if into == Target::Full {
+                let mut turned = vec![0u8; w * h * 3];
+                let r = dec.decompress(data, rgb_image(&mut turned[..], w, h));
+                orient_into(&turned, w as u32, h as u32, o, out);
+                r
+            } else {
+                SCRATCH.with(|scratch| {
+                    let mut scratch = scratch.borrow_mut();
+                    scratch.resize(w * h * 3, 0);
+                    let r = dec.decompress(data, rgb_image(&mut scratch[..], w, h));
+                    orient_into(&scratch, w as u32, h as u32, o, out);
+                    r
+                })
+            };
+            let _ = dec.set_scaling_factor(turbojpeg::ScalingFactor::ONE);
+            match result {
+                Ok(()) => Ok(oriented_size(w as u32, h as u32, o)),
+                // Damaged data (a truncated file, a bad code): libjpeg-turbo decoded what it
+                // could and warned, as OpenCV's decoder (Roboflow's) accepts too.
+                Err(turbojpeg::Error::TurboJpegError(m)) if is_warning(&m) => {
+                    Ok(oriented_size(w as u32, h as u32, o))
+                }
+                Err(e) => Err(turbo(e)),
+            }
+        })
+    }
+}
+
+/// `pixels` as libjpeg-turbo's packed RGB output of `w x h`.
+fn rgb_image(pixels: &mut [u8], w: usize, h: usize) -> turbojpeg::Image<&mut [u8]> {
+    turbojpeg::Image {
+        pixels,
+        width: w,
+        pitch: w * 3,
+        height: h,
+        format: turbojpeg::PixelFormat::RGB,
+    }
+}
+
+/// libjpeg's warnings (JWRN_*): the decode finished, with damaged data filled in.
+fn is_warning(message: &str) -> bool {
+    [
+        "Corrupt JPEG data",
+        "Premature end of JPEG file",
+        "Invalid SOS parameters for sequential JPEG",
+        "Warning: unknown JFIF revision",
+        "Inconsistent progression sequence",
+        "Unknown Adobe color transform code",
+    ]
+    .iter()
+    .any(|w| message.starts_with(w))
+}
+
+fn bad_png(e: png::DecodingError) -> DecodeError {
+    DecodeError::Undecodable(format!("not a valid PNG ({e})."))
+}
+
+fn not_an_image(e: image::ImageError) -> DecodeError {
+    DecodeError::Undecodable(format!(
+        "the bytes are not an image in a known format ({e})."
+    ))
+}
+
+/// The `image` crate's decoder for `data`, allowed the memory budget.
+fn general_decoder<'a>(
+    data: &'a [u8],
+    format: ImageFormat,
+    opts: &DecodeOptions,
+) -> Result<Box<dyn ImageDecoder + 'a>, DecodeError> {
+    let mut reader = image::ImageReader::with_format(Cursor::new(data), format);
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(opts.memory_budget());
+    reader.limits(limits);
+    reader
+        .into_decoder()
+        .map(|d| Box::new(d) as Box<dyn ImageDecoder>)
+        .map_err(not_an_image)
 }
 
 fn check_pixels(width: u64, height: u64, opts: &DecodeOptions) -> Result<(), DecodeError> {
@@ -172,186 +614,197 @@ fn check_pixels(width: u64, height: u64, opts: &DecodeOptions) -> Result<(), Dec
     Ok(())
 }
 
-/// On failure returns the slot back when another decoder may still try.
-fn decode_jpeg(
-    data: &[u8],
-    mut slot: SlotHandle,
-    opts: &DecodeOptions,
-) -> Result<DecodedImage, (Option<SlotHandle>, DecodeError)> {
-    DECOMPRESSOR.with(|cell| {
-        let mut cell = cell.borrow_mut();
-        if cell.is_none() {
-            *cell = Some(turbojpeg::Decompressor::new().map_err(|e| {
-                (
-                    None,
-                    DecodeError::Undecodable(format!("cannot start the JPEG decoder: {e}")),
-                )
-            })?);
-        }
-        let dec = cell.as_mut().expect("initialised above");
-        let header = match dec.read_header(data) {
-            Ok(h) => h,
-            Err(e) => {
-                // Let the second decoder look too: it reports absurd dimensions precisely.
-                return Err((
-                    Some(slot),
-                    DecodeError::Undecodable(format!("not a valid JPEG ({e})")),
-                ));
-            }
-        };
-        if let Err(e) = check_pixels(header.width as u64, header.height as u64, opts) {
-            return Err((None, e));
-        }
-        let orientation = if opts.auto_orient {
-            exif_orientation(data)
-        } else {
-            Orientation::NoTransforms
-        };
-        let slot_pixels = slot.bytes().len() / 3;
-        let factors = [
-            turbojpeg::ScalingFactor::ONE_EIGHTH,
-            turbojpeg::ScalingFactor::ONE_QUARTER,
-            turbojpeg::ScalingFactor::ONE_HALF,
-            turbojpeg::ScalingFactor::ONE,
-        ];
-        let fits = |f: &turbojpeg::ScalingFactor| {
-            f.scale(header.width) * f.scale(header.height) <= slot_pixels
-        };
-        let (ow, oh) = oriented_size(header.width as u32, header.height as u32, orientation);
-        // The most reduced decode that still covers what preprocessing needs ...
-        let enough = opts.needed.and_then(|need| {
-            factors.iter().copied().find(|f| {
-                let (w, h) = oriented_size(
-                    f.scale(header.width) as u32,
-                    f.scale(header.height) as u32,
-                    orientation,
-                );
-                fits(f) && need.satisfied_by(w as usize, h as usize, ow as usize, oh as usize)
-            })
-        });
-        // ... else the largest that fits a slot.
-        let factor = enough
-            .or_else(|| factors.iter().rev().copied().find(fits))
-            .ok_or_else(|| {
-                (
-                    None,
-                    DecodeError::Undecodable(format!(
-                    "a {}x{} JPEG does not fit a ring slot even at 1/8 scale (RING_SLOT_PIXELS).",
-                    header.width, header.height
-                )),
-                )
-            })?;
-        let (w, h) = (factor.scale(header.width), factor.scale(header.height));
-        if dec.set_scaling_factor(factor).is_err() {
-            return Err((
-                Some(slot),
-                DecodeError::Undecodable("unsupported JPEG scaling".into()),
-            ));
-        }
-        let result = if orientation == Orientation::NoTransforms {
-            let out = turbojpeg::Image {
-                pixels: &mut slot.bytes_mut()[..w * h * 3],
-                width: w,
-                pitch: w * 3,
-                height: h,
-                format: turbojpeg::PixelFormat::RGB,
-            };
-            dec.decompress(data, out)
-        } else {
-            SCRATCH.with(|scratch| {
-                let mut scratch = scratch.borrow_mut();
-                scratch.resize(w * h * 3, 0);
-                let out = turbojpeg::Image {
-                    pixels: &mut scratch[..],
-                    width: w,
-                    pitch: w * 3,
-                    height: h,
-                    format: turbojpeg::PixelFormat::RGB,
-                };
-                let r = dec.decompress(data, out);
-                if r.is_ok() {
-                    orient_into(&scratch, w as u32, h as u32, orientation, slot.bytes_mut());
-                }
-                r
-            })
-        };
-        let _ = dec.set_scaling_factor(turbojpeg::ScalingFactor::ONE);
-        match result {
-            Ok(()) => {
-                let (dw, dh) = oriented_size(w as u32, h as u32, orientation);
-                Ok(DecodedImage {
-                    slot,
-                    width: dw,
-                    height: dh,
-                    orig_width: ow,
-                    orig_height: oh,
-                })
-            }
-            Err(e) => Err((
-                Some(slot),
-                DecodeError::Undecodable(format!("not a valid JPEG ({e})")),
-            )),
-        }
-    })
-}
-
-/// Bytes one decode may allocate per pixel of MAX_IMAGE_PIXELS in formats other than JPEG
-/// and PNG (8-bit RGBA), so 16-bit and alpha images cannot multiply a request's memory.
-const OTHER_BYTES_PER_PIXEL: u64 = 4;
-
-/// PNG, row by row into the slot: 16-bit samples are stripped to 8 bits, palettes and grey
-/// are expanded, alpha is dropped, and an image larger than a slot is shrunk on the fly by an
-/// integer box filter. Memory beyond the slot is one row, whatever the bit depth; the
-/// deadline is checked between rows. Interlaced PNGs and those with an EXIF orientation go
-/// through the general decoder.
-fn decode_png(
-    data: &[u8],
-    mut slot: SlotHandle,
-    opts: &DecodeOptions,
-) -> Result<DecodedImage, DecodeError> {
-    let bad = |e: png::DecodingError| DecodeError::Undecodable(format!("not a valid PNG ({e})."));
-    let mut decoder = png::Decoder::new(Cursor::new(data));
-    decoder.set_transformations(png::Transformations::normalize_to_color8());
-    let header = decoder.read_header_info().map_err(bad)?;
-    let (w, h) = (header.width, header.height);
-    check_pixels(w as u64, h as u64, opts)?;
-    let interlaced = header.interlaced;
-    let mut reader = decoder.read_info().map_err(bad)?;
-    let oriented = opts.auto_orient
-        && reader
-            .info()
-            .exif_metadata
-            .as_deref()
-            .and_then(Orientation::from_exif_chunk)
-            .is_some_and(|o| o != Orientation::NoTransforms);
-    if interlaced || oriented {
-        drop(reader);
-        return decode_other(data, slot, opts);
-    }
-    let channels = reader.output_color_type().0.samples();
-    let slot_pixels = slot.bytes().len() / 3;
-    // The smallest integer shrink that fits the slot.
-    let mut k = 1usize;
-    while (w as usize / k).max(1) * (h as usize / k).max(1) > slot_pixels {
+/// The smallest integer shrink of a `w x h` image that fits `pixels`.
+fn shrink_factor(w: u32, h: u32, pixels: usize) -> u32 {
+    let mut k = 1u32;
+    while ((w / k).max(1) as usize) * ((h / k).max(1) as usize) > pixels {
         k += 1;
     }
+    k
+}
+
+/// What a JPEG's markers say, read without decoding: its frame and how many scans it has.
+#[derive(Debug, Default)]
+struct JpegLayout {
+    width: u32,
+    height: u32,
+    /// Horizontal and vertical sampling factors of each component.
+    sampling: Vec<(u8, u8)>,
+    scans: u64,
+    cmyk: bool,
+}
+
+impl JpegLayout {
+    fn read(data: &[u8]) -> Result<Self, DecodeError> {
+        let bad = |why: &str| DecodeError::Undecodable(format!("not a valid JPEG ({why})."));
+        let mut layout = JpegLayout::default();
+        let mut frame = false;
+        let mut adobe_transform = None;
+        let mut i = 2; // after SOI
+        while i + 1 < data.len() {
+            if data[i] != 0xFF {
+                // Entropy-coded data: skip to the next marker (0xFF not followed by a
+                // stuffed zero or a restart marker).
+                match memchr::memchr(0xFF, &data[i..]) {
+                    Some(at) => i += at,
+                    None => break,
+                }
+                continue;
+            }
+            let marker = data[i + 1];
+            match marker {
+                0xFF => i += 1, // fill byte
+                0x00 | 0xD0..=0xD7 | 0x01 | 0xD8 => i += 2,
+                0xD9 => break,
+                _ => {
+                    let Some(len) = data.get(i + 2..i + 4) else {
+                        break;
+                    };
+                    let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+                    let segment = data
+                        .get(i + 4..(i + 2 + len).min(data.len()))
+                        .unwrap_or(&[]);
+                    match marker {
+                        0xC0..=0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF if !frame => {
+                            if segment.len() < 6 {
+                                return Err(bad("short frame header"));
+                            }
+                            frame = true;
+                            layout.height = u16::from_be_bytes([segment[1], segment[2]]) as u32;
+                            layout.width = u16::from_be_bytes([segment[3], segment[4]]) as u32;
+                            let n = segment[5] as usize;
+                            layout.sampling = segment[6..]
+                                .chunks_exact(3)
+                                .take(n)
+                                .map(|c| ((c[1] >> 4).max(1), (c[1] & 15).max(1)))
+                                .collect();
+                            if layout.sampling.len() != n || n == 0 {
+                                return Err(bad("short frame header"));
+                            }
+                        }
+                        0xDA => layout.scans += 1,
+                        0xEE if segment.starts_with(b"Adobe") && segment.len() >= 12 => {
+                            adobe_transform = Some(segment[11]);
+                        }
+                        _ => {}
+                    }
+                    i += 2 + len.max(2);
+                }
+            }
+        }
+        if !frame {
+            return Err(bad("no frame header"));
+        }
+        layout.cmyk =
+            layout.sampling.len() == 4 || (layout.sampling.len() > 4 && adobe_transform.is_some());
+        Ok(layout)
+    }
+
+    /// Bytes of the DCT coefficients libjpeg buffers for a file of several scans: 64
+    /// coefficients of 2 bytes per 8x8 block of each component, padded to whole MCUs.
+    fn coefficients(&self) -> u64 {
+        let hmax = self.sampling.iter().map(|s| s.0).max().unwrap_or(1) as u64;
+        let vmax = self.sampling.iter().map(|s| s.1).max().unwrap_or(1) as u64;
+        let (w, h) = (self.width as u64, self.height as u64);
+        self.sampling
+            .iter()
+            .map(|&(hs, vs)| {
+                let bw = (w * hs as u64)
+                    .div_ceil(8 * hmax)
+                    .next_multiple_of(hs as u64);
+                let bh = (h * vs as u64)
+                    .div_ceil(8 * vmax)
+                    .next_multiple_of(vs as u64);
+                (bw + hs as u64) * (bh + vs as u64) * 128
+            })
+            .sum()
+    }
+}
+
+/// PNG into `out`, row by row: 16-bit samples are stripped to 8 bits, palettes and grey
+/// are expanded, alpha is dropped, and an image larger than `out` is shrunk on the fly by
+/// an integer box filter. Memory beyond `out` is one row, whatever the bit depth, plus for a
+/// shrunk interlaced image the sums of its output pixels; the deadline and the client are
+/// checked between row bands.
+fn decode_png(
+    data: &[u8],
+    out: &mut [u8],
+    interlaced: bool,
+    opts: &DecodeOptions,
+    gone: &dyn Fn() -> bool,
+) -> Result<(u32, u32), DecodeError> {
+    let mut decoder = png::Decoder::new(Cursor::new(data));
+    decoder.set_transformations(png::Transformations::normalize_to_color8());
+    let mut reader = decoder.read_info().map_err(bad_png)?;
+    let (w, h) = (reader.info().width, reader.info().height);
+    let channels = reader.output_color_type().0.samples();
+    let k = shrink_factor(w, h, out.len() / 3) as usize;
     let (dw, dh) = ((w as usize / k).max(1), (h as usize / k).max(1));
-    let out = &mut slot.bytes_mut()[..dw * dh * 3];
-    let mut acc = vec![0u32; if k > 1 { dw * 3 } else { 0 }];
+    let out = &mut out[..dw * dh * 3];
     let rgb = |px: &[u8]| -> [u8; 3] {
         match channels {
             1 | 2 => [px[0]; 3],
             _ => [px[0], px[1], px[2]],
         }
     };
-    for y in 0..h as usize {
-        if y % 64 == 0 && opts.past_deadline() {
-            return Err(DecodeError::DeadlineExceeded);
+    let ends_early = || DecodeError::Undecodable("the PNG ends early.".into());
+    if interlaced {
+        // Adam7: seven passes, each a subsampled image; every pixel arrives once.
+        const PASSES: [(usize, usize, usize, usize); 7] = [
+            (0, 0, 8, 8),
+            (4, 0, 8, 8),
+            (0, 4, 4, 8),
+            (2, 0, 4, 4),
+            (0, 2, 2, 4),
+            (1, 0, 2, 2),
+            (0, 1, 1, 2),
+        ];
+        let mut sums = vec![0u32; if k > 1 { dw * dh * 3 } else { 0 }];
+        let mut rows = 0usize;
+        for (x0, y0, dx, dy) in PASSES {
+            if x0 >= w as usize || y0 >= h as usize {
+                continue;
+            }
+            for y in (y0..h as usize).step_by(dy) {
+                if rows % 64 == 0 {
+                    opts.check(gone)?;
+                }
+                rows += 1;
+                let row = reader.next_row().map_err(bad_png)?.ok_or_else(ends_early)?;
+                let (oy, xs) = (y / k, (x0..w as usize).step_by(dx));
+                if oy >= dh {
+                    continue;
+                }
+                for (x, px) in xs.zip(row.data().chunks_exact(channels)) {
+                    let ox = x / k;
+                    if ox >= dw {
+                        continue;
+                    }
+                    let at = (oy * dw + ox) * 3;
+                    if k == 1 {
+                        out[at..at + 3].copy_from_slice(&rgb(px));
+                    } else {
+                        for (s, v) in sums[at..at + 3].iter_mut().zip(rgb(px)) {
+                            *s += v as u32;
+                        }
+                    }
+                }
+            }
         }
-        let row = reader
-            .next_row()
-            .map_err(bad)?
-            .ok_or_else(|| DecodeError::Undecodable("the PNG ends early.".into()))?;
+        if k > 1 {
+            let n = (k * k) as u32;
+            for (d, s) in out.iter_mut().zip(&sums) {
+                *d = ((*s + n / 2) / n) as u8;
+            }
+        }
+        return Ok((dw as u32, dh as u32));
+    }
+    let mut acc = vec![0u32; if k > 1 { dw * 3 } else { 0 }];
+    for y in 0..h as usize {
+        if y % 64 == 0 {
+            opts.check(gone)?;
+        }
+        let row = reader.next_row().map_err(bad_png)?.ok_or_else(ends_early)?;
         let row = row.data();
         let oy = y / k;
         if oy >= dh {
@@ -379,100 +832,88 @@ fn decode_png(
             }
         }
     }
-    Ok(DecodedImage {
-        slot,
-        width: dw as u32,
-        height: dh as u32,
-        orig_width: w,
-        orig_height: h,
-    })
+    Ok((dw as u32, dh as u32))
 }
 
-fn decode_other(
-    data: &[u8],
-    mut slot: SlotHandle,
-    opts: &DecodeOptions,
-) -> Result<DecodedImage, DecodeError> {
-    let rgb = decode_full(data, opts.max_image_pixels, opts.auto_orient)?;
-    let (w, h) = rgb.dimensions();
-    let slot_pixels = slot.bytes().len() / 3;
-    if (w as usize) * (h as usize) <= slot_pixels {
-        slot.bytes_mut()[..rgb.len()].copy_from_slice(&rgb);
-        return Ok(DecodedImage {
-            slot,
-            width: w,
-            height: h,
-            orig_width: w,
-            orig_height: h,
-        });
+/// Writes a decoded `w x h` buffer of `color` pixels into `out` as 8-bit RGB, oriented by
+/// `o`, shrunk by the smallest integer box filter that fits `out`; returns the size written.
+/// Samples convert as the `image` crate's `into_rgb8` does (16-bit rounded, float clamped,
+/// alpha dropped).
+fn convert_into(
+    native: &[u8],
+    color: ColorType,
+    w: u32,
+    h: u32,
+    o: Orientation,
+    out: &mut [u8],
+) -> (u32, u32) {
+    let (ow, oh) = oriented_size(w, h, o);
+    let k = shrink_factor(ow, oh, out.len() / 3) as usize;
+    let (dw, dh) = ((ow as usize / k).max(1), (oh as usize / k).max(1));
+    let channels = color.channel_count() as usize;
+    let bpp = color.bytes_per_pixel() as usize;
+    let sample = |at: usize| -> u8 {
+        match color {
+            ColorType::L16 | ColorType::La16 | ColorType::Rgb16 | ColorType::Rgba16 => {
+                let v = u16::from_ne_bytes([native[at], native[at + 1]]);
+                ((v as u32 + 128) / 257) as u8
+            }
+            ColorType::Rgb32F | ColorType::Rgba32F => {
+                let v = f32::from_ne_bytes([
+                    native[at],
+                    native[at + 1],
+                    native[at + 2],
+                    native[at + 3],
+                ]);
+                (v.clamp(0.0, 1.0) * 255.0).round() as u8
+            }
+            _ => native[at],
+        }
+    };
+    let size = (bpp / channels).max(1);
+    let rgb = |x: usize, y: usize| -> [u8; 3] {
+        let at = (y * w as usize + x) * bpp;
+        if channels < 3 {
+            [sample(at); 3]
+        } else {
+            [sample(at), sample(at + size), sample(at + 2 * size)]
+        }
+    };
+    let (w, h) = (w as usize, h as usize);
+    let source = |dx: usize, dy: usize| -> (usize, usize) {
+        match o {
+            Orientation::NoTransforms => (dx, dy),
+            Orientation::Rotate90 => (dy, h - 1 - dx),
+            Orientation::Rotate180 => (w - 1 - dx, h - 1 - dy),
+            Orientation::Rotate270 => (w - 1 - dy, dx),
+            Orientation::FlipHorizontal => (w - 1 - dx, dy),
+            Orientation::FlipVertical => (dx, h - 1 - dy),
+            Orientation::Rotate90FlipH => (dy, dx),
+            Orientation::Rotate270FlipH => (w - 1 - dy, h - 1 - dx),
+        }
+    };
+    let n = (k * k) as u32;
+    for y in 0..dh {
+        for x in 0..dw {
+            let px = if k == 1 {
+                let (sx, sy) = source(x, y);
+                rgb(sx, sy)
+            } else {
+                let mut sum = [0u32; 3];
+                for by in 0..k {
+                    for bx in 0..k {
+                        let (sx, sy) = source(x * k + bx, y * k + by);
+                        for (s, v) in sum.iter_mut().zip(rgb(sx, sy)) {
+                            *s += v as u32;
+                        }
+                    }
+                }
+                sum.map(|s| ((s + n / 2) / n) as u8)
+            };
+            out[(y * dw + x) * 3..(y * dw + x) * 3 + 3].copy_from_slice(&px);
+        }
     }
-    // Larger than a slot: keep the aspect ratio, shrink to fit (far above any network input).
-    let scale = (slot_pixels as f64 / (w as f64 * h as f64)).sqrt();
-    let (dw, dh) = (
-        ((w as f64 * scale) as u32).max(1),
-        ((h as f64 * scale) as u32).max(1),
-    );
-    let src = fr::images::ImageRef::new(w, h, rgb.as_raw(), fr::PixelType::U8x3)
-        .map_err(|e| DecodeError::Undecodable(e.to_string()))?;
-    let mut dst = fr::images::Image::from_slice_u8(
-        dw,
-        dh,
-        &mut slot.bytes_mut()[..dw as usize * dh as usize * 3],
-        fr::PixelType::U8x3,
-    )
-    .map_err(|e| DecodeError::Undecodable(e.to_string()))?;
-    fr::Resizer::new()
-        .resize(
-            &src,
-            &mut dst,
-            &fr::ResizeOptions::new()
-                .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear)),
-        )
-        .map_err(|e| DecodeError::Undecodable(e.to_string()))?;
-    Ok(DecodedImage {
-        slot,
-        width: dw,
-        height: dh,
-        orig_width: w,
-        orig_height: h,
-    })
-}
-
-/// The whole image as RGB, oriented, through the `image` crate (formats other than JPEG and
-/// plain PNG, and drawing): at most `max_pixels`, allocating at most 4 bytes per allowed
-/// pixel.
-pub fn decode_full(
-    data: &[u8],
-    max_pixels: u64,
-    auto_orient: bool,
-) -> Result<image::RgbImage, DecodeError> {
-    let undecodable = |e: image::ImageError| {
-        DecodeError::Undecodable(format!(
-            "the bytes are not an image in a known format ({e})."
-        ))
-    };
-    let format = image::guess_format(data).map_err(undecodable)?;
-    let mut reader = image::ImageReader::with_format(Cursor::new(data), format);
-    let mut limits = image::Limits::default();
-    limits.max_alloc = Some(max_pixels.saturating_mul(OTHER_BYTES_PER_PIXEL));
-    reader.limits(limits);
-    let mut decoder = reader.into_decoder().map_err(undecodable)?;
-    let (w, h) = decoder.dimensions();
-    let opts = DecodeOptions {
-        auto_orient,
-        max_image_pixels: max_pixels,
-        needed: None,
-        deadline: None,
-    };
-    check_pixels(w as u64, h as u64, &opts)?;
-    let orientation = if auto_orient {
-        decoder.orientation().unwrap_or(Orientation::NoTransforms)
-    } else {
-        Orientation::NoTransforms
-    };
-    let mut img = image::DynamicImage::from_decoder(decoder).map_err(undecodable)?;
-    img.apply_orientation(orientation);
-    Ok(img.into_rgb8())
+    (dw as u32, dh as u32)
 }
 
 /// Reads the EXIF orientation from a JPEG's APP1 segment without decoding anything else.
@@ -550,6 +991,8 @@ mod tests {
     const OPTS: DecodeOptions = DecodeOptions {
         auto_orient: true,
         max_image_pixels: 100_000_000,
+        max_jpeg_scans: 100,
+        max_decode_work: 2_000_000_000,
         needed: None,
         deadline: None,
     };
@@ -572,7 +1015,7 @@ mod tests {
     fn png_in_slot(img: &image::RgbImage, slot_pixels: usize) -> DecodedImage {
         let ring = ring(slot_pixels);
         let data = encode(img, image::ImageFormat::Png);
-        decode_into(&data, ring.try_acquire().unwrap(), &OPTS).unwrap()
+        decode_into(&data, ring.try_acquire().unwrap(), &OPTS, &|| false).unwrap()
     }
 
     #[test]
@@ -595,7 +1038,13 @@ mod tests {
         let decode_png = |d: image::DynamicImage| {
             let mut out = Cursor::new(Vec::new());
             d.write_to(&mut out, image::ImageFormat::Png).unwrap();
-            decode_into(&out.into_inner(), ring.try_acquire().unwrap(), &OPTS).unwrap()
+            decode_into(
+                &out.into_inner(),
+                ring.try_acquire().unwrap(),
+                &OPTS,
+                &|| false,
+            )
+            .unwrap()
         };
         let d = decode_png(image::DynamicImage::ImageRgba16(rgba16));
         assert_eq!(d.pixels(), img.as_raw().as_slice());
@@ -633,6 +1082,7 @@ mod tests {
             &encode(&img, image::ImageFormat::Png),
             ring.try_acquire().unwrap(),
             &opts,
+            &|| false,
         )
         .unwrap_err();
         assert_eq!(e, DecodeError::DeadlineExceeded);
@@ -646,6 +1096,7 @@ mod tests {
             &encode(&img, image::ImageFormat::Jpeg),
             ring.try_acquire().unwrap(),
             &OPTS,
+            &|| false,
         )
         .unwrap();
         assert_eq!((d.width, d.height), (64, 48));
@@ -667,6 +1118,7 @@ mod tests {
             &encode(&img, image::ImageFormat::Jpeg),
             ring.try_acquire().unwrap(),
             &OPTS,
+            &|| false,
         )
         .unwrap();
         assert_eq!((d.width, d.height), (100, 50));
@@ -680,7 +1132,7 @@ mod tests {
         let ring = ring(800 * 400);
         let decode = |needed| {
             let opts = DecodeOptions { needed, ..OPTS };
-            let d = decode_into(&data, ring.try_acquire().unwrap(), &opts).unwrap();
+            let d = decode_into(&data, ring.try_acquire().unwrap(), &opts, &|| false).unwrap();
             assert_eq!((d.orig_width, d.orig_height), (800, 400));
             (d.width, d.height)
         };
@@ -724,6 +1176,7 @@ mod tests {
             &encode(&img, image::ImageFormat::Png),
             ring.try_acquire().unwrap(),
             &OPTS,
+            &|| false,
         )
         .unwrap();
         assert!(d.width as usize * d.height as usize <= 5000);
@@ -735,16 +1188,19 @@ mod tests {
     fn bad_inputs_are_client_errors_and_free_the_slot() {
         let ring = ring(4096);
         assert_eq!(
-            decode_into(b"", ring.try_acquire().unwrap(), &OPTS).unwrap_err(),
+            decode_into(b"", ring.try_acquire().unwrap(), &OPTS, &|| false).unwrap_err(),
             DecodeError::Empty
         );
         assert!(matches!(
-            decode_into(b"hello world", ring.try_acquire().unwrap(), &OPTS).unwrap_err(),
+            decode_into(b"hello world", ring.try_acquire().unwrap(), &OPTS, &|| {
+                false
+            })
+            .unwrap_err(),
             DecodeError::Undecodable(_)
         ));
         let mut truncated = encode(&gradient(64, 48), image::ImageFormat::Jpeg);
         truncated.truncate(40);
-        assert!(decode_into(&truncated, ring.try_acquire().unwrap(), &OPTS).is_err());
+        assert!(decode_into(&truncated, ring.try_acquire().unwrap(), &OPTS, &|| false).is_err());
         assert_eq!(ring.in_use(), 0);
     }
 
@@ -771,8 +1227,13 @@ mod tests {
         let ring = ring(16);
         for fmt in [image::ImageFormat::Bmp, image::ImageFormat::Jpeg] {
             for side in [50000, 60000] {
-                let err = decode_into(&fake_header(fmt, side), ring.try_acquire().unwrap(), &OPTS)
-                    .unwrap_err();
+                let err = decode_into(
+                    &fake_header(fmt, side),
+                    ring.try_acquire().unwrap(),
+                    &OPTS,
+                    &|| false,
+                )
+                .unwrap_err();
                 assert!(
                     matches!(err, DecodeError::TooManyPixels { .. }),
                     "{fmt:?} {side}: {err:?}"
@@ -819,7 +1280,7 @@ mod tests {
         with_exif.extend_from_slice(&jpeg[2..]);
         assert_eq!(exif_orientation(&with_exif), Orientation::Rotate90);
         let ring = ring(4096);
-        let d = decode_into(&with_exif, ring.try_acquire().unwrap(), &OPTS).unwrap();
+        let d = decode_into(&with_exif, ring.try_acquire().unwrap(), &OPTS, &|| false).unwrap();
         assert_eq!(
             (d.width, d.height, d.orig_width, d.orig_height),
             (4, 8, 4, 8)
@@ -828,7 +1289,10 @@ mod tests {
             auto_orient: false,
             ..OPTS
         };
-        let d = decode_into(&with_exif, ring.try_acquire().unwrap(), &no_orient).unwrap();
+        let d = decode_into(&with_exif, ring.try_acquire().unwrap(), &no_orient, &|| {
+            false
+        })
+        .unwrap();
         assert_eq!((d.width, d.height), (8, 4));
     }
 
@@ -849,5 +1313,337 @@ mod tests {
             base64_bytes("data:nocomma").unwrap_err(),
             DecodeError::Base64
         );
+    }
+
+    /// A progressive JPEG of `w x h` whose last scan is repeated `extra` more times (each
+    /// repeat makes libjpeg-turbo run over every coefficient again).
+    pub(crate) fn scan_bomb(w: usize, h: usize, extra: usize) -> Vec<u8> {
+        progressive(w, h, extra, turbojpeg::Subsamp::Sub2x2)
+    }
+
+    fn progressive(w: usize, h: usize, extra: usize, subsamp: turbojpeg::Subsamp) -> Vec<u8> {
+        let img = gradient(w as u32, h as u32);
+        let mut c = turbojpeg::Compressor::new().unwrap();
+        c.set_progressive(true).unwrap();
+        c.set_subsamp(subsamp).unwrap();
+        let jpeg = c
+            .compress_to_vec(turbojpeg::Image {
+                pixels: img.as_raw().as_slice(),
+                width: w,
+                pitch: w * 3,
+                height: h,
+                format: turbojpeg::PixelFormat::RGB,
+            })
+            .unwrap();
+        let last_sos = jpeg.windows(2).rposition(|m| m == [0xFF, 0xDA]).unwrap();
+        let eoi = jpeg.len() - 2;
+        let mut out = jpeg[..eoi].to_vec();
+        for _ in 0..extra {
+            out.extend_from_slice(&jpeg[last_sos..eoi]);
+        }
+        out.extend_from_slice(&[0xFF, 0xD9]);
+        out
+    }
+
+    #[test]
+    fn jpeg_scans_and_work_are_counted_from_the_markers_and_refused_before_decoding() {
+        let plain = encode(&gradient(64, 48), image::ImageFormat::Jpeg);
+        assert_eq!(JpegLayout::read(&plain).unwrap().scans, 1);
+        let progressive = scan_bomb(64, 48, 0);
+        let scans = JpegLayout::read(&progressive).unwrap().scans;
+        assert!((6..=12).contains(&scans), "{scans} scans");
+        let ring = ring(64 * 48);
+        // A progressive file decodes; its scans are what the limits see.
+        let d = decode_into(&progressive, ring.try_acquire().unwrap(), &OPTS, &|| false).unwrap();
+        assert_eq!((d.width, d.height), (64, 48));
+        drop(d);
+        let bomb = scan_bomb(64, 48, 200);
+        assert_eq!(JpegLayout::read(&bomb).unwrap().scans, scans + 200);
+        let e = decode_into(&bomb, ring.try_acquire().unwrap(), &OPTS, &|| false).unwrap_err();
+        assert_eq!(
+            e,
+            DecodeError::TooManyScans {
+                scans: scans + 200,
+                max: 100
+            }
+        );
+        let work = 64 * 48 * (scans + 50);
+        let tight = DecodeOptions {
+            max_decode_work: work - 1,
+            ..OPTS
+        };
+        let e = decode_into(
+            &scan_bomb(64, 48, 50),
+            ring.try_acquire().unwrap(),
+            &tight,
+            &|| false,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            DecodeError::TooMuchWork {
+                work,
+                max: work - 1
+            }
+        );
+        assert_eq!(ring.in_use(), 0);
+    }
+
+    #[test]
+    fn progressive_jpeg_coefficients_count_against_the_memory_budget() {
+        // 4:2:0: 1.5 components' worth of 8x8 blocks of 128 bytes, about 3 B/px; 4:4:4: 6.
+        let coefficients = |data: &[u8]| JpegLayout::read(data).unwrap().coefficients();
+        let px = 256 * 256;
+        let c420 = coefficients(&scan_bomb(256, 256, 0));
+        assert!((3 * px..4 * px).contains(&c420), "{c420}");
+        let bomb = progressive(256, 256, 0, turbojpeg::Subsamp::None);
+        let coefficients = coefficients(&bomb);
+        assert!((6 * px..7 * px).contains(&coefficients), "{coefficients}");
+        let ring = ring(256 * 256);
+        let small = DecodeOptions {
+            max_image_pixels: 256 * 256 * 3 / 4, // too few pixels anyway
+            ..OPTS
+        };
+        assert!(matches!(
+            decode_into(&bomb, ring.try_acquire().unwrap(), &small, &|| false),
+            Err(DecodeError::TooManyPixels { .. })
+        ));
+        // Pixels allowed, but the budget (4 B per allowed pixel) below the coefficients.
+        let budget_short = DecodeOptions {
+            max_image_pixels: coefficients / 4 - 1,
+            ..OPTS
+        };
+        assert!(256 * 256 <= budget_short.max_image_pixels);
+        assert!(matches!(
+            decode_into(&bomb, ring.try_acquire().unwrap(), &budget_short, &|| false),
+            Err(DecodeError::TooMuchMemory { what: "JPEG", .. })
+        ));
+        // A baseline JPEG of the same size buffers nothing.
+        let plain = encode(&gradient(256, 256), image::ImageFormat::Jpeg);
+        decode_into(&plain, ring.try_acquire().unwrap(), &budget_short, &|| {
+            false
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn a_job_nobody_waits_for_or_past_its_deadline_is_not_decoded() {
+        let ring = ring(4096);
+        for data in [
+            encode(&gradient(64, 48), image::ImageFormat::Jpeg),
+            encode(&gradient(64, 48), image::ImageFormat::Gif),
+        ] {
+            let e = decode_into(&data, ring.try_acquire().unwrap(), &OPTS, &|| true).unwrap_err();
+            assert_eq!(e, DecodeError::Cancelled);
+            let late = DecodeOptions {
+                deadline: Some(Instant::now()),
+                ..OPTS
+            };
+            let e = decode_into(&data, ring.try_acquire().unwrap(), &late, &|| false).unwrap_err();
+            assert_eq!(e, DecodeError::DeadlineExceeded);
+        }
+        assert_eq!(ring.in_use(), 0);
+    }
+
+    #[test]
+    fn a_truncated_jpeg_decodes_what_it_holds_without_a_second_decoder() {
+        // OpenCV (Roboflow) accepts a truncated JPEG with a warning; so does libjpeg-turbo.
+        let full = encode(&gradient(64, 48), image::ImageFormat::Jpeg);
+        let cut = &full[..full.len() * 2 / 3];
+        let ring = ring(4096);
+        let d = decode_into(cut, ring.try_acquire().unwrap(), &OPTS, &|| false).unwrap();
+        assert_eq!((d.width, d.height), (64, 48));
+        // The first rows are there.
+        let first_row_diff = d.pixels()[..64 * 3]
+            .iter()
+            .zip(gradient(64, 48).as_raw())
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .max()
+            .unwrap();
+        assert!(first_row_diff < 40, "{first_row_diff}");
+    }
+
+    /// A PNG written by hand with Adam7 interlacing (the `png` encoder writes none): 16-bit
+    /// RGBA, every colour sample `value(x, y) * 257` (so 8 bits is `value` exactly, however
+    /// rounded).
+    pub(crate) fn adam7_png16(w: u32, h: u32, value: impl Fn(u32, u32) -> u8) -> Vec<u8> {
+        const PASSES: [(u32, u32, u32, u32); 7] = [
+            (0, 0, 8, 8),
+            (4, 0, 8, 8),
+            (0, 4, 4, 8),
+            (2, 0, 4, 4),
+            (0, 2, 2, 4),
+            (1, 0, 2, 2),
+            (0, 1, 1, 2),
+        ];
+        let mut raw = Vec::new();
+        for (x0, y0, dx, dy) in PASSES {
+            if x0 >= w || y0 >= h {
+                continue;
+            }
+            for y in (y0..h).step_by(dy as usize) {
+                raw.push(0); // no filter
+                for x in (x0..w).step_by(dx as usize) {
+                    let v = value(x, y);
+                    raw.extend_from_slice(&[v, v, v, v, v, v, 255, 255]);
+                }
+            }
+        }
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut z, &raw).unwrap();
+        let idat = z.finish().unwrap();
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(&w.to_be_bytes());
+        ihdr.extend_from_slice(&h.to_be_bytes());
+        ihdr.extend_from_slice(&[16, 6, 0, 0, 1]);
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        for (kind, data) in [(b"IHDR", &ihdr), (b"IDAT", &idat), (b"IEND", &Vec::new())] {
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            let mut crc = flate2::Crc::new();
+            crc.update(kind);
+            crc.update(data);
+            out.extend_from_slice(kind);
+            out.extend_from_slice(data);
+            out.extend_from_slice(&crc.sum().to_be_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn interlaced_pngs_stream_pass_by_pass_exactly_and_shrunk() {
+        let value = |x: u32, y: u32| (x * 7 + y * 13) as u8;
+        let data = adam7_png16(37, 29, value);
+        // The reference decoder agrees on what the file holds.
+        let reference = image::load_from_memory(&data).unwrap().into_rgb8();
+        let expected = image::RgbImage::from_fn(37, 29, |x, y| image::Rgb([value(x, y); 3]));
+        assert!(reference == expected, "the reference decoder disagrees");
+        let d = decode_into(&data, ring(4096).try_acquire().unwrap(), &OPTS, &|| false).unwrap();
+        assert_eq!((d.width, d.height), (37, 29));
+        assert!(d.pixels() == expected.as_raw().as_slice());
+        // Into a slot of a quarter: every output pixel the rounded mean of its 2x2 block.
+        let small = ring(18 * 14);
+        let d = decode_into(&data, small.try_acquire().unwrap(), &OPTS, &|| false).unwrap();
+        assert_eq!(
+            (d.width, d.height, d.orig_width, d.orig_height),
+            (18, 14, 37, 29)
+        );
+        for (i, px) in d.pixels().chunks_exact(3).enumerate() {
+            let (x, y) = ((i % 18) as u32 * 2, (i / 18) as u32 * 2);
+            let sum: u32 = [(x, y), (x + 1, y), (x, y + 1), (x + 1, y + 1)]
+                .iter()
+                .map(|&(x, y)| value(x, y) as u32)
+                .sum();
+            assert_eq!(px, [((sum + 2) / 4) as u8; 3], "pixel {i}");
+        }
+        // With a deadline already passed, no row is decoded.
+        let late = DecodeOptions {
+            deadline: Some(Instant::now()),
+            ..OPTS
+        };
+        let e = decode_into(&data, ring(4096).try_acquire().unwrap(), &late, &|| false);
+        assert_eq!(e.unwrap_err(), DecodeError::DeadlineExceeded);
+    }
+
+    #[test]
+    fn other_formats_decode_as_the_image_crate_does_oriented_and_shrunk() {
+        let img = gradient(40, 30);
+        let rgba16 = image::DynamicImage::ImageRgb8(img.clone()).into_rgba16();
+        let mut cases: Vec<(Vec<u8>, image::RgbImage)> = Vec::new();
+        for fmt in [
+            image::ImageFormat::Bmp,
+            image::ImageFormat::Gif,
+            image::ImageFormat::Tiff,
+            image::ImageFormat::WebP,
+        ] {
+            let data = encode(&img, fmt);
+            let expected = image::load_from_memory(&data).unwrap().into_rgb8();
+            cases.push((data, expected));
+        }
+        let mut tiff16 = Cursor::new(Vec::new());
+        image::DynamicImage::ImageRgba16(rgba16)
+            .write_to(&mut tiff16, image::ImageFormat::Tiff)
+            .unwrap();
+        let tiff16 = tiff16.into_inner();
+        let expected = image::load_from_memory(&tiff16).unwrap().into_rgb8();
+        cases.push((tiff16, expected));
+        let ring = ring(40 * 30);
+        for (data, expected) in &cases {
+            let d = decode_into(data, ring.try_acquire().unwrap(), &OPTS, &|| false).unwrap();
+            assert_eq!((d.width, d.height), (40, 30));
+            assert!(d.pixels() == expected.as_raw().as_slice());
+            drop(d);
+            let full = decode_full(data, &OPTS, &|| false).unwrap();
+            assert!(&full == expected);
+        }
+        // Shrunk into a slot of a quarter: the rounded mean of each 2x2 block.
+        let (data, expected) = &cases[0];
+        let quarter = super::tests::ring(20 * 15);
+        let d = decode_into(data, quarter.try_acquire().unwrap(), &OPTS, &|| false).unwrap();
+        assert_eq!((d.width, d.height), (20, 15));
+        let px = |x: u32, y: u32, c: usize| expected.get_pixel(x, y)[c] as u32;
+        for (i, got) in d.pixels().chunks_exact(3).enumerate() {
+            let (x, y) = ((i % 20) as u32 * 2, (i / 20) as u32 * 2);
+            for c in 0..3 {
+                let sum = px(x, y, c) + px(x + 1, y, c) + px(x, y + 1, c) + px(x + 1, y + 1, c);
+                assert_eq!(got[c] as u32, (sum + 2) / 4, "pixel {i} channel {c}");
+            }
+        }
+        // Oriented like `image`'s apply_orientation, for every orientation.
+        let mut native = Vec::new();
+        for p in img.pixels() {
+            native.extend_from_slice(&[p[0], p[1], p[2], 255]);
+        }
+        for o in [
+            Orientation::Rotate90,
+            Orientation::Rotate180,
+            Orientation::Rotate270,
+            Orientation::FlipHorizontal,
+            Orientation::FlipVertical,
+            Orientation::Rotate90FlipH,
+            Orientation::Rotate270FlipH,
+        ] {
+            let mut out = vec![0u8; 40 * 30 * 3];
+            let size = convert_into(&native, ColorType::Rgba8, 40, 30, o, &mut out);
+            let mut turned = image::DynamicImage::ImageRgb8(img.clone());
+            turned.apply_orientation(o);
+            let turned = turned.into_rgb8();
+            assert_eq!(size, turned.dimensions(), "{o:?}");
+            assert!(out == turned.into_raw(), "{o:?}");
+        }
+    }
+
+    #[test]
+    fn formats_whose_decoder_needs_more_than_the_budget_are_refused_before_allocating() {
+        // 100x100 with a budget of 4 B x 10,000 px = 40,000 bytes: an 8-bit RGB BMP (3 B/px)
+        // fits; a GIF (RGBA and a frame buffer: 8 B/px), a WebP (7), a 16-bit RGBA TIFF (8
+        // and its copy) and a PNG with alpha decoded by `image` do not.
+        let opts = DecodeOptions {
+            max_image_pixels: 10_000,
+            ..OPTS
+        };
+        let img = gradient(100, 100);
+        let ring = ring(100 * 100);
+        let bmp = encode(&img, image::ImageFormat::Bmp);
+        decode_into(&bmp, ring.try_acquire().unwrap(), &opts, &|| false).unwrap();
+        for fmt in [image::ImageFormat::Gif, image::ImageFormat::WebP] {
+            let e = decode_into(
+                &encode(&img, fmt),
+                ring.try_acquire().unwrap(),
+                &opts,
+                &|| false,
+            )
+            .unwrap_err();
+            assert!(
+                matches!(e, DecodeError::TooMuchMemory { budget: 40_000, .. }),
+                "{fmt:?}: {e:?}"
+            );
+        }
+        // Drawing needs the full-size RGB image besides: a BMP that fits a slot does not fit
+        // the budget with its copy.
+        assert!(matches!(
+            decode_full(&bmp, &opts, &|| false),
+            Err(DecodeError::TooMuchMemory { .. })
+        ));
+        assert_eq!(ring.in_use(), 0);
     }
 }
