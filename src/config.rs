@@ -139,7 +139,7 @@ pub struct ServeConfig {
     pub min_body_rate_bytes_s: u64,
 
     /// Time a request body may take before MIN_BODY_RATE_BYTES_S applies.
-    #[arg(long, env = "BODY_RATE_GRACE_S", default_value_t = 3.0, value_parser = within(0.0, 86400.0))]
+    #[arg(long, env = "BODY_RATE_GRACE_S", default_value_t = 3.0, value_parser = within(1.0, 86400.0))]
     pub body_rate_grace_s: f64,
 
     /// Largest body of the admin routes (`/model/add`, `/model/remove`): they carry a model

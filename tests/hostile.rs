@@ -650,3 +650,426 @@ fn a_slow_models_backlog_leaves_ring_slots_for_the_others() {
         );
     }
 }
+
+// ---- Hardening II: decodes, bodies and transfer codings ----
+
+/// A progressive JPEG (4:2:0) of `w x h` whose smallest scan is repeated `extra` more times:
+/// each repeat makes libjpeg-turbo run over the coefficients of the image again.
+fn scan_bomb(w: usize, h: usize, extra: usize) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        image::Rgb([(x / 8) as u8, (y / 8) as u8, 128])
+    });
+    let mut c = turbojpeg::Compressor::new().unwrap();
+    c.set_progressive(true).unwrap();
+    c.set_subsamp(turbojpeg::Subsamp::Sub2x2).unwrap();
+    let jpeg = c
+        .compress_to_vec(turbojpeg::Image {
+            pixels: img.as_raw().as_slice(),
+            width: w,
+            pitch: w * 3,
+            height: h,
+            format: turbojpeg::PixelFormat::RGB,
+        })
+        .unwrap();
+    // The smallest scan (with the tables before it, up to the next scan), repeated before
+    // the end of the image.
+    let eoi = jpeg.len() - 2;
+    let mut starts: Vec<usize> = jpeg
+        .windows(2)
+        .enumerate()
+        .filter(|(_, m)| *m == [0xFF, 0xDA])
+        .map(|(i, _)| i)
+        .collect();
+    starts.push(eoi);
+    let scan = starts
+        .windows(2)
+        .map(|w| w[0]..w[1])
+        .min_by_key(|r| r.len())
+        .unwrap();
+    let mut out = jpeg[..eoi].to_vec();
+    for _ in 0..extra {
+        out.extend_from_slice(&jpeg[scan.clone()]);
+    }
+    out.extend_from_slice(&[0xFF, 0xD9]);
+    out
+}
+
+fn b64_of(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+/// Hardening II, row 1: JPEG scan bombs (a 4-megapixel progressive JPEG with 300 more scans;
+/// one with 60 more against a work budget of 1e8 pixel-passes), four at once with a 1 s
+/// deadline, while another model is served. Each is refused with 413 from its markers,
+/// before any decoding (they were decoded in full, past their deadline, then decoded again
+/// by a second decoder), and the other model's requests are all answered.
+#[test]
+fn jpeg_scan_bombs_are_refused_before_decoding_while_another_model_is_served() {
+    let s = Server::start(
+        "shapes-cls/1,shapes-det/1",
+        &[("MAX_DECODE_WORK_PIXELS", "100000000")],
+    );
+    let scans = scan_bomb(2000, 2000, 300);
+    let work = scan_bomb(2000, 2000, 60);
+    let plain = scan_bomb(2000, 2000, 0); // about 10 scans: 4e7 pixel-passes
+    assert!(scans.len() < 8 << 20, "{} bytes", scans.len());
+    let body = |data: &[u8]| json!({"model_id": "shapes-cls/1", "image": {"type": "base64", "value": b64_of(data)}});
+    let (scans_body, work_body) = (body(&scans), body(&work));
+    let det = json!({
+        "model_id": "shapes-det/1",
+        "image": {"type": "base64", "value": b64("samples/shapes/000000.jpg")},
+    });
+    let (bombs, others) = std::thread::scope(|scope| {
+        let bombs: Vec<_> = (0..4)
+            .map(|i| {
+                let b = if i % 2 == 0 { &scans_body } else { &work_body };
+                let s = &s;
+                scope.spawn(move || {
+                    s.post_json_with_headers(
+                        "/infer/classification",
+                        b,
+                        &[("X-Request-Timeout-Ms", "1000")],
+                    )
+                })
+            })
+            .collect();
+        let others: Vec<u16> = (0..10)
+            .map(|_| s.post_json("/infer/object_detection", &det).status)
+            .collect();
+        let bombs: Vec<_> = bombs.into_iter().map(|h| h.join().unwrap()).collect();
+        (bombs, others)
+    });
+    for (i, r) in bombs.iter().enumerate() {
+        assert_eq!(r.status, 413, "bomb {i}: {:?}", r.body);
+        let setting = if i % 2 == 0 {
+            "MAX_JPEG_SCANS"
+        } else {
+            "MAX_DECODE_WORK_PIXELS"
+        };
+        assert!(
+            r.body["message"].as_str().unwrap().contains(setting),
+            "bomb {i}: {:?}",
+            r.body
+        );
+    }
+    assert!(others.iter().all(|&st| st == 200), "{others:?}");
+    // An honest progressive JPEG of the same size is decoded and answered.
+    let r = s.post_json("/infer/classification", &body(&plain));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["image"]["width"], 2000);
+}
+
+/// Resets the server's peak RSS (VmHWM) to its RSS now.
+fn reset_peak(s: &Server) {
+    std::fs::write(format!("/proc/{}/clear_refs", s.child.id()), "5").unwrap();
+}
+
+/// A 16-bit RGBA PNG with Adam7 interlacing, written by hand (the `png` encoder writes
+/// none), every sample 0x8080.
+fn adam7_png16(w: u32, h: u32) -> Vec<u8> {
+    const PASSES: [(u32, u32, u32, u32); 7] = [
+        (0, 0, 8, 8),
+        (4, 0, 8, 8),
+        (0, 4, 4, 8),
+        (2, 0, 4, 4),
+        (0, 2, 2, 4),
+        (1, 0, 2, 2),
+        (0, 1, 1, 2),
+    ];
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+    for (x0, y0, dx, dy) in PASSES {
+        if x0 >= w || y0 >= h {
+            continue;
+        }
+        let row = vec![0x80u8; 1 + 8 * (w - x0).div_ceil(dx) as usize];
+        for _ in (y0..h).step_by(dy as usize) {
+            z.write_all(&[0]).unwrap(); // no filter
+            z.write_all(&row[1..]).unwrap();
+        }
+    }
+    let idat = z.finish().unwrap();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[16, 6, 0, 0, 1]);
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    for (kind, data) in [(b"IHDR", &ihdr), (b"IDAT", &idat), (b"IEND", &Vec::new())] {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        out.extend_from_slice(&crc.sum().to_be_bytes());
+    }
+    out
+}
+
+/// A GIF whose logical screen is `w x h` with one 1x1 frame (tens of bytes): decoders paint
+/// the whole screen.
+fn screen_gif(w: u16, h: u16) -> Vec<u8> {
+    let mut g = b"GIF89a".to_vec();
+    g.extend_from_slice(&w.to_le_bytes());
+    g.extend_from_slice(&h.to_le_bytes());
+    g.extend_from_slice(&[0x80, 0, 0, 0, 0, 0, 255, 255, 255]); // 2-colour table
+    g.extend_from_slice(&[0x2C, 0, 0, 0, 0, 1, 0, 1, 0, 0]); // a 1x1 frame at 0,0
+    g.extend_from_slice(&[2, 2, 0x44, 0x01, 0, 0x3B]); // its LZW pixels, trailer
+    g
+}
+
+/// An 8-bit BMP of `w x h`, run-length encoded (RLE8): every row runs of 255 pixels.
+fn rle8_bmp(w: u32, h: u32) -> Vec<u8> {
+    let mut pixels = Vec::new();
+    for _ in 0..h {
+        let mut left = w;
+        while left > 0 {
+            let n = left.min(255);
+            pixels.extend_from_slice(&[n as u8, 1]);
+            left -= n;
+        }
+        pixels.extend_from_slice(&[0, 0]); // end of row
+    }
+    pixels.extend_from_slice(&[0, 1]); // end of bitmap
+    let palette: Vec<u8> = (0..256u32)
+        .flat_map(|i| [i as u8, 128, 255 - i as u8, 0])
+        .collect();
+    let offset = 14 + 40 + palette.len() as u32;
+    let mut b = b"BM".to_vec();
+    b.extend_from_slice(&(offset + pixels.len() as u32).to_le_bytes());
+    b.extend_from_slice(&[0, 0, 0, 0]);
+    b.extend_from_slice(&offset.to_le_bytes());
+    b.extend_from_slice(&40u32.to_le_bytes());
+    b.extend_from_slice(&(w as i32).to_le_bytes());
+    b.extend_from_slice(&(h as i32).to_le_bytes());
+    b.extend_from_slice(&1u16.to_le_bytes());
+    b.extend_from_slice(&8u16.to_le_bytes());
+    b.extend_from_slice(&1u32.to_le_bytes()); // BI_RLE8
+    b.extend_from_slice(&(pixels.len() as u32).to_le_bytes());
+    b.extend_from_slice(&[0; 8]);
+    b.extend_from_slice(&256u32.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&palette);
+    b.extend_from_slice(&pixels);
+    b
+}
+
+/// A 16-bit RGBA TIFF of `w x h`, deflated (small on the wire).
+fn tiff16(w: u32, h: u32) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    let mut enc = tiff::encoder::TiffEncoder::new(&mut out)
+        .unwrap()
+        .with_compression(tiff::encoder::Compression::Deflate(
+            tiff::encoder::DeflateLevel::Fast,
+        ));
+    let data = vec![0x4040u16; w as usize * h as usize * 4];
+    enc.write_image::<tiff::encoder::colortype::RGBA16>(w, h, &data)
+        .unwrap();
+    out.into_inner()
+}
+
+/// A lossless WebP of `w x h` (RGB, one colour: a few KB).
+fn lossless_webp(w: u32, h: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    let rgb = vec![90u8; w as usize * h as usize * 3];
+    image::codecs::webp::WebPEncoder::new_lossless(&mut out)
+        .encode(&rgb, w, h, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    out
+}
+
+/// Hardening II, row 3: small files that decode to many pixels, in every format, each just
+/// under MAX_IMAGE_PIXELS (16 M here: a per-decode budget of 4 B x 16 M = 64 MB). Each is
+/// decoded within that budget, or refused with 413 naming it before allocating, measured as
+/// the server's peak RSS growth (they took 2-3 times the budget: 16-bit interlaced PNG, WebP,
+/// GIF, TIFF). Drawing (`visualize_predictions`) needs the full picture besides: past the
+/// budget it is refused the same way.
+#[test]
+fn image_bombs_in_every_format_stay_within_the_per_decode_memory_budget() {
+    let s = Server::start("shapes-cls/1", &[("MAX_IMAGE_PIXELS", "16000000")]);
+    const BUDGET_MIB: u64 = 64_000_000 / (1 << 20);
+    // The slot the image lands in (RING_SLOT_PIXELS x 3 = 12 MiB), the body and its parse.
+    const SLACK_MIB: u64 = 40;
+    assert_eq!(
+        s.post_json("/infer/classification", &cls_body()).status,
+        200
+    );
+    let bombs: Vec<(&str, Vec<u8>, u16, bool)> = vec![
+        ("interlaced 16-bit PNG", adam7_png16(4000, 3999), 200, false),
+        ("lossless WebP", lossless_webp(4000, 3999), 413, false),
+        ("GIF", screen_gif(4000, 3999), 413, false),
+        ("16-bit RGBA TIFF", tiff16(2800, 2800), 413, false),
+        ("RLE8 BMP", rle8_bmp(4000, 3999), 200, false),
+        ("RLE8 BMP drawn", rle8_bmp(4000, 3999), 413, true),
+    ];
+    for (what, data, status, draw) in bombs {
+        assert!(data.len() < 4 << 20, "{what}: {} bytes", data.len());
+        let body = json!({
+            "model_id": "shapes-cls/1",
+            "image": {"type": "base64", "value": b64_of(&data)},
+            "visualize_predictions": draw,
+        });
+        let rss = s.proc_kib("VmRSS:");
+        reset_peak(&s);
+        let r = s.post_json("/infer/classification", &body);
+        let grown_mib = s.proc_kib("VmHWM:").saturating_sub(rss) / 1024;
+        assert_eq!(r.status, status, "{what}: {:?}", r.body);
+        if status == 413 {
+            let message = r.body["message"].as_str().unwrap();
+            assert!(message.contains("MAX_IMAGE_PIXELS"), "{what}: {message}");
+        }
+        assert!(
+            grown_mib <= BUDGET_MIB + SLACK_MIB,
+            "{what}: peak RSS grew by {grown_mib} MiB (budget {BUDGET_MIB} MiB)"
+        );
+    }
+}
+
+/// Hardening II, row 2: 300 connections each declaring a 30 MB body and sending one byte.
+/// Nothing is counted for a promise, so another client's requests are all served (each
+/// declared body reserved 1 MiB, and 64 of them filled a 64 MiB budget: 429 for everyone).
+#[test]
+fn header_only_connections_hold_nothing_and_another_client_is_served() {
+    allow_open_files(1024);
+    let s = Server::start(
+        "shapes-cls/1",
+        &[
+            ("MAX_BODY_MEMORY_BYTES", "67108864"),
+            ("MIN_BODY_RATE_BYTES_S", "0"),
+            ("REQUEST_TIMEOUT_S", "60"),
+        ],
+    );
+    let a = addr(&s);
+    let head = "POST /infer/classification HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 30000000\r\n\r\n{";
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        let mut c = TcpStream::connect(&a).unwrap();
+        c.write_all(head.as_bytes()).unwrap();
+        held.push(c);
+    }
+    eventually("300 bodies being received", Duration::from_secs(60), || {
+        metric(&s, "cvserve_inflight_requests", &[]) >= 300.0
+    });
+    let statuses: Vec<u16> = (0..10)
+        .map(|_| s.post_json("/infer/classification", &cls_body()).status)
+        .collect();
+    assert!(statuses.iter().all(|&st| st == 200), "{statuses:?}");
+    // One KiB counted per connection (the byte each sent), not a MiB reserved.
+    let bytes = metric(&s, "cvserve_request_body_bytes", &[]);
+    assert!(bytes <= 300.0 * 1024.0, "{bytes} bytes counted");
+    drop(held);
+}
+
+/// Hardening II, row 2: a body that stops arriving is answered 408 once it falls below
+/// MIN_BODY_RATE_BYTES_S after BODY_RATE_GRACE_S, long before the request's deadline (60 s
+/// here; the test stops waiting at 30 s).
+#[test]
+fn a_body_slower_than_the_minimum_rate_is_answered_408_before_its_deadline() {
+    let s = Server::start(
+        "shapes-cls/1",
+        &[
+            ("REQUEST_TIMEOUT_S", "60"),
+            ("BODY_RATE_GRACE_S", "1"),
+            ("MIN_BODY_RATE_BYTES_S", "1024"),
+        ],
+    );
+    let mut c = TcpStream::connect(addr(&s)).unwrap();
+    c.write_all(b"POST /infer/classification HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"model_id\": ")
+        .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("MIN_BODY_RATE_BYTES_S"), "{text}");
+    // The server keeps serving.
+    assert_eq!(
+        s.post_json("/infer/classification", &cls_body()).status,
+        200
+    );
+}
+
+/// Hardening II, row 7: a transfer coding other than chunked (here gzip under chunked) is
+/// answered 501 in JSON, not read as if it were plain (it was decoded as plain chunked).
+#[test]
+fn transfer_codings_other_than_chunked_are_answered_501() {
+    let s = Server::start("shapes-cls/1", &[]);
+    let body = serde_json::to_vec(&cls_body()).unwrap();
+    let mut req = b"POST /infer/classification HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n".to_vec();
+    req.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
+    req.extend_from_slice(&body);
+    req.extend_from_slice(b"\r\n0\r\n\r\n");
+    let mut c = TcpStream::connect(addr(&s)).unwrap();
+    c.write_all(&req).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 501"), "{text}");
+    assert!(text.contains("\"message\""), "{text}");
+    assert!(text.contains("gzip"), "{text}");
+    // Plain chunked is still read.
+    let mut req = b"POST /infer/classification HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    req.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
+    req.extend_from_slice(&body);
+    req.extend_from_slice(b"\r\n0\r\n\r\n");
+    assert_eq!(raw_status(&addr(&s), &req, Duration::from_secs(30)), 200);
+}
+
+/// Hardening II, row 6: an eviction storm (MAX_ACTIVE_MODELS=2, 16 clients over six models)
+/// answers correctly, and once it is over the server's RSS comes back within 150 MB of what
+/// it was with its two models loaded (it stayed about 1 GB higher).
+#[test]
+fn memory_comes_back_after_a_model_eviction_storm() {
+    let s = Server::start_settled(
+        "shapes-cls/1,shapes-det/1",
+        &[
+            ("MAX_ACTIVE_MODELS", "2"),
+            ("PRELOAD_MODELS", "shapes-cls/1,shapes-det/1"),
+            ("REQUEST_TIMEOUT_S", "60"),
+        ],
+    );
+    let before = s.proc_kib("VmRSS:");
+    let models = [
+        ("shapes-cls/1", "classification"),
+        ("shapes-det/1", "object_detection"),
+        ("shapes-det-v5/1", "object_detection"),
+        ("shapes-yolonas/1", "object_detection"),
+        ("shapes-seg/1", "instance_segmentation"),
+        ("shapes-pose/1", "keypoints_detection"),
+    ];
+    let image = b64("samples/shapes/000000.jpg");
+    let wrong = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for t in 0..16 {
+            let (s, image, wrong) = (&s, &image, &wrong);
+            scope.spawn(move || {
+                for i in 0..6 {
+                    let (model, task) = models[(t + i) % models.len()];
+                    let r = s.post_json(
+                        &format!("/infer/{task}"),
+                        &json!({"model_id": model, "image": {"type": "base64", "value": image}}),
+                    );
+                    // 200 with this model's answer, or an honest overload/deadline answer.
+                    let ok = match r.status {
+                        200 => {
+                            r.body["predictions"].is_array() || r.body["predictions"].is_object()
+                        }
+                        429 | 503 | 504 => true,
+                        _ => false,
+                    };
+                    if !ok {
+                        wrong.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(wrong.into_inner(), 0);
+    assert!(metric(&s, "cvserve_models_evicted_total", &[]) >= 4.0);
+    eventually(
+        "RSS back within 150 MB of before the storm",
+        Duration::from_secs(60),
+        || s.proc_kib("VmRSS:") <= before + 150 * 1000,
+    );
+}

@@ -57,6 +57,11 @@ impl BodyBudget {
         }
     }
 
+    /// The most one client address may hold, in bytes.
+    pub fn per_peer_bytes(&self) -> usize {
+        self.per_peer_kib * 1024
+    }
+
     /// Bytes held now by `peer`.
     pub fn held_by(&self, peer: IpAddr) -> usize {
         self.held.lock().by_peer.get(&peer).copied().unwrap_or(0) * 1024
@@ -117,6 +122,11 @@ impl BodyLease {
         Ok(())
     }
 
+    /// The most one client address may hold, in bytes.
+    pub fn per_peer_bytes(&self) -> usize {
+        self.budget.per_peer_bytes()
+    }
+
     /// Gives back everything held (the lease stays usable).
     pub fn clear(&mut self) {
         if self.kib > 0 {
@@ -133,6 +143,18 @@ impl Drop for BodyLease {
     }
 }
 
+/// The address a client's bodies count under: its IPv4 address, or the /64 network of its
+/// IPv6 address (one host commonly holds a whole /64).
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
 /// The 429 for a lease that could not grow: a retry succeeds once bodies are answered.
 pub fn body_memory_full(why: BudgetFull) -> ApiError {
     ApiError::overloaded(match why {
@@ -144,6 +166,15 @@ pub fn body_memory_full(why: BudgetFull) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clients_count_by_ipv4_address_or_ipv6_network() {
+        let key = |s: &str| client_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("10.1.2.3"), "10.1.2.3");
+        assert_eq!(key("::ffff:10.1.2.3"), "10.1.2.3");
+        assert_eq!(key("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2:ffff::1"), "2001:db8:1:2::");
+    }
 
     #[test]
     fn one_address_holds_at_most_its_share_and_gets_it_back() {

@@ -31,6 +31,7 @@ pub async fn fetch_url(
     fetcher: &UrlFetcher,
     url: &str,
     mut lease: BodyLease,
+    request_bytes: &std::sync::atomic::AtomicUsize,
 ) -> Result<(Bytes, BodyLease), ApiError> {
     let Some(client) = &fetcher.client else {
         return Err(ApiError::bad_request(
@@ -78,9 +79,19 @@ pub async fn fetch_url(
                 "the image at {url} is larger than URL_MAX_BYTES ({max} bytes)"
             )));
         }
-        lease
-            .cover(body.len() + chunk.len())
-            .map_err(body_memory_full)?;
+        let so_far = chunk.len()
+            + request_bytes.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+        if let Err(why) = lease.cover(body.len() + chunk.len()) {
+            // The request's own images are more than one client may hold: no retry can pass.
+            let most = lease.per_peer_bytes();
+            if so_far > most {
+                return Err(ApiError::new(
+                    hyper::StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("The images this request names by URL are larger than one client may hold at once ({most} bytes: BODY_MEMORY_PEER_SHARE of MAX_BODY_MEMORY_BYTES); send fewer per request"),
+                ));
+            }
+            return Err(body_memory_full(why));
+        }
         body.extend_from_slice(&chunk);
     }
     Ok((Bytes::from(body), lease))

@@ -551,14 +551,21 @@ async fn fetch_images(
     peer: Option<std::net::IpAddr>,
 ) -> Result<(Vec<ImageInput>, Vec<BodyLease>), ApiError> {
     use futures_util::{StreamExt, TryStreamExt};
+    let request_bytes = std::sync::atomic::AtomicUsize::new(0);
+    let request_bytes = &request_bytes;
     let fetches = futures_util::stream::iter(images)
         .map(|image| async move {
             Ok::<_, ApiError>(match image {
                 ImageSource::Base64(s) => (ImageInput::Base64(s), None),
                 ImageSource::Bytes(b) => (ImageInput::Bytes(b), None),
                 ImageSource::Url(u) => {
-                    let (bytes, lease) =
-                        fetch_url(&state.urls, &u, state.body_memory.lease(peer)).await?;
+                    let (bytes, lease) = fetch_url(
+                        &state.urls,
+                        &u,
+                        state.body_memory.lease(peer),
+                        request_bytes,
+                    )
+                    .await?;
                     (ImageInput::Bytes(bytes), Some(lease))
                 }
             })

@@ -106,7 +106,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let st = Arc::clone(&state);
         let routers = routers.clone();
-        let peer = body::Peer(addr.ip().to_canonical());
+        let peer = body::Peer(budget::client_key(addr.ip()));
         let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(peer);
             let (st, routers) = (Arc::clone(&st), routers.clone());

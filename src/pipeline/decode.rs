@@ -292,7 +292,8 @@ impl Probe {
         }
         if layout.cmyk {
             // libjpeg-turbo gives no RGB for CMYK; the general decoder does.
-            return Self::image(data, opts, Some(layout.coefficients()));
+            let buffered = layout.buffered().then(|| layout.coefficients());
+            return Self::image(data, opts, buffered);
         }
         let orientation = if opts.auto_orient {
             exif_orientation(data)
@@ -301,7 +302,7 @@ impl Probe {
         };
         Ok(Self {
             kind: Kind::Jpeg {
-                coefficients: if layout.scans > 1 {
+                coefficients: if layout.buffered() {
                     layout.coefficients()
                 } else {
                     0
@@ -351,14 +352,25 @@ impl Probe {
         } else {
             Orientation::NoTransforms
         };
-        // What each decoder allocates besides the buffer it fills (read in their sources):
-        // WebP decodes lossless images without alpha through an RGBA buffer; a GIF frame
-        // smaller than its screen goes through an RGBA frame buffer; TIFF decodes the whole
-        // image into its own buffer (CMYK: 4 bytes) and copies it.
+        // What each decoder allocates besides the buffer it fills, per pixel (read in their
+        // sources): WebP, a lossless image without alpha through an RGBA buffer (4), a lossy
+        // one its YUV planes and alpha planes (6.5), an animation's first frame a canvas, a
+        // frame and those (14); a GIF frame smaller than its screen goes through an RGBA frame
+        // buffer (4); TIFF decodes the whole image into its own buffer (CMYK: 4 or 8 bytes)
+        // and copies it; a CMYK JPEG through zune its coefficients when buffered, and rows.
         let color = decoder.color_type();
         let extra = match format {
-            ImageFormat::WebP | ImageFormat::Gif => 4,
-            ImageFormat::Tiff => color.bytes_per_pixel() as u64 + 1,
+            ImageFormat::WebP if webp_is_animated(data) => 14,
+            ImageFormat::WebP => 7,
+            ImageFormat::Gif => 4,
+            ImageFormat::Tiff => {
+                if let Some(method) = tiff_compression(data).filter(|m| TIFF_NESTED.contains(m)) {
+                    return Err(DecodeError::Undecodable(format!(
+                        "TIFF compression {method} (JPEG or WebP inside TIFF) is not accepted:                          its chunks decode at their own size, whatever the header says."
+                    )));
+                }
+                2 * color.bytes_per_pixel() as u64 + 2
+            }
             ImageFormat::Jpeg => {
                 coefficients
                     .unwrap_or(0)
@@ -447,10 +459,14 @@ impl Probe {
             Kind::Png { interlaced } => decode_png(data, out, interlaced, opts, gone),
             Kind::Image { format, color, .. } => {
                 let mut decoder = general_decoder(data, format, opts)?;
-                let mut native = vec![0u8; decoder.total_bytes() as usize];
+                let native_len = decoder.total_bytes();
+                // What the decoder allocates of its own (a GIF frame of any size, a TIFF's
+                // chunks) is held to what the budget leaves beside the buffer it fills.
+                let mut limits = image::Limits::default();
+                limits.max_alloc = Some(opts.memory_budget().saturating_sub(native_len));
+                decoder.set_limits(limits).map_err(not_an_image)?;
+                let mut native = vec![0u8; native_len as usize];
                 opts.check(gone)?;
-                // A GIF's first frame, an animated WebP's first frame.
-                decoder.set_limits(image::Limits::no_limits()).ok();
                 decoder.read_image(&mut native).map_err(not_an_image)?;
                 opts.check(gone)?;
                 Ok(convert_into(
@@ -558,6 +574,46 @@ fn rgb_image(pixels: &mut [u8], w: usize, h: usize) -> turbojpeg::Image<&mut [u8
     }
 }
 
+/// TIFF compressions whose chunks are whole images of another format (old and new JPEG,
+/// WebP), decoded at the size their own headers claim.
+const TIFF_NESTED: [u16; 3] = [6, 7, 50001];
+
+/// The Compression tag of a TIFF's first image (the one decoded), if readable.
+fn tiff_compression(data: &[u8]) -> Option<u16> {
+    let le = match data.get(..4)? {
+        b"II*\0" => true,
+        b"MM\0*" => false,
+        _ => return None,
+    };
+    let u16_at = |i: usize| -> Option<u16> {
+        let b = data.get(i..i + 2)?;
+        Some(if le {
+            u16::from_le_bytes([b[0], b[1]])
+        } else {
+            u16::from_be_bytes([b[0], b[1]])
+        })
+    };
+    let u32_at = |i: usize| -> Option<u32> {
+        let b: [u8; 4] = data.get(i..i + 4)?.try_into().ok()?;
+        Some(if le {
+            u32::from_le_bytes(b)
+        } else {
+            u32::from_be_bytes(b)
+        })
+    };
+    let ifd = u32_at(4)? as usize;
+    let entries = u16_at(ifd)? as usize;
+    (0..entries)
+        .map(|e| ifd + 2 + e * 12)
+        .find(|&at| u16_at(at) == Some(259))
+        .and_then(|at| u16_at(at + 8))
+}
+
+/// Whether a WebP file is animated (its VP8X header's animation flag).
+fn webp_is_animated(data: &[u8]) -> bool {
+    data.get(12..16) == Some(b"VP8X") && data.get(20).is_some_and(|f| f & 0x02 != 0)
+}
+
 /// libjpeg's warnings (JWRN_*): the decode finished, with damaged data filled in.
 fn is_warning(message: &str) -> bool {
     [
@@ -631,6 +687,10 @@ struct JpegLayout {
     /// Horizontal and vertical sampling factors of each component.
     sampling: Vec<(u8, u8)>,
     scans: u64,
+    /// Progressive (SOF2, 6, 10, 14).
+    progressive: bool,
+    /// Components in the first scan.
+    first_scan_components: usize,
     cmyk: bool,
 }
 
@@ -670,6 +730,7 @@ impl JpegLayout {
                                 return Err(bad("short frame header"));
                             }
                             frame = true;
+                            layout.progressive = matches!(marker, 0xC2 | 0xC6 | 0xCA | 0xCE);
                             layout.height = u16::from_be_bytes([segment[1], segment[2]]) as u32;
                             layout.width = u16::from_be_bytes([segment[3], segment[4]]) as u32;
                             let n = segment[5] as usize;
@@ -682,7 +743,13 @@ impl JpegLayout {
                                 return Err(bad("short frame header"));
                             }
                         }
-                        0xDA => layout.scans += 1,
+                        0xDA => {
+                            if layout.scans == 0 {
+                                layout.first_scan_components =
+                                    segment.first().copied().unwrap_or(0) as usize;
+                            }
+                            layout.scans += 1;
+                        }
                         0xEE if segment.starts_with(b"Adobe") && segment.len() >= 12 => {
                             adobe_transform = Some(segment[11]);
                         }
@@ -700,7 +767,13 @@ impl JpegLayout {
         Ok(layout)
     }
 
-    /// Bytes of the DCT coefficients libjpeg buffers for a file of several scans: 64
+    /// Whether libjpeg buffers every coefficient of the image before output: a progressive
+    /// file, several scans, or a first scan without every component.
+    fn buffered(&self) -> bool {
+        self.progressive || self.scans > 1 || self.first_scan_components < self.sampling.len()
+    }
+
+    /// Bytes of the DCT coefficients libjpeg buffers (see [`Self::buffered`]): 64
     /// coefficients of 2 bytes per 8x8 block of each component, padded to whole MCUs.
     fn coefficients(&self) -> u64 {
         let hmax = self.sampling.iter().map(|s| s.0).max().unwrap_or(1) as u64;
@@ -740,6 +813,8 @@ fn decode_png(
     let channels = reader.output_color_type().0.samples();
     let k = shrink_factor(w, h, out.len() / 3) as usize;
     let (dw, dh) = ((w as usize / k).max(1), (h as usize / k).max(1));
+    // Pixels averaged into each output pixel (fewer than k x k when a side is shorter than k).
+    let n = (k.min(w as usize) * k.min(h as usize)) as u32;
     let out = &mut out[..dw * dh * 3];
     let rgb = |px: &[u8]| -> [u8; 3] {
         match channels {
@@ -792,7 +867,6 @@ fn decode_png(
             }
         }
         if k > 1 {
-            let n = (k * k) as u32;
             for (d, s) in out.iter_mut().zip(&sums) {
                 *d = ((*s + n / 2) / n) as u8;
             }
@@ -823,8 +897,7 @@ fn decode_png(
                 *a += v as u32;
             }
         }
-        if (y + 1) % k == 0 {
-            let n = (k * k) as u32;
+        if (y + 1) % k == 0 || (h as usize) < k && y + 1 == h as usize {
             let dst = &mut out[oy * dw * 3..(oy + 1) * dw * 3];
             for (d, a) in dst.iter_mut().zip(acc.iter_mut()) {
                 *d = ((*a + n / 2) / n) as u8;
@@ -902,7 +975,12 @@ fn convert_into(
                 let mut sum = [0u32; 3];
                 for by in 0..k {
                     for bx in 0..k {
-                        let (sx, sy) = source(x * k + bx, y * k + by);
+                        // An image narrower than a block repeats its last column (row).
+                        let (ox, oy) = (
+                            (x * k + bx).min(ow as usize - 1),
+                            (y * k + by).min(oh as usize - 1),
+                        );
+                        let (sx, sy) = source(ox, oy);
                         for (s, v) in sum.iter_mut().zip(rgb(sx, sy)) {
                             *s += v as u32;
                         }
