@@ -196,7 +196,7 @@ mod tests {
         drop(first);
         drop(second);
         assert_eq!(budget.held_by(a), 0);
-        assert!(budget.held.lock().by_peer.get(&a).is_none());
+        assert!(!budget.held.lock().by_peer.contains_key(&a));
         let mut again = budget.lease(Some(a));
         again.cover(25 * 1024).unwrap();
     }

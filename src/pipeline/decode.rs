@@ -369,7 +369,8 @@ impl Probe {
                         "TIFF compression {method} (JPEG or WebP inside TIFF) is not accepted:                          its chunks decode at their own size, whatever the header says."
                     )));
                 }
-                2 * color.bytes_per_pixel() as u64 + 2
+                // Its own buffer of the file's samples: 2 bytes more than ours for CMYK 16.
+                color.bytes_per_pixel() as u64 + 2
             }
             ImageFormat::Jpeg => {
                 coefficients
@@ -841,7 +842,7 @@ fn decode_png(
                 continue;
             }
             for y in (y0..h as usize).step_by(dy) {
-                if rows % 64 == 0 {
+                if rows.is_multiple_of(64) {
                     opts.check(gone)?;
                 }
                 rows += 1;
@@ -875,7 +876,7 @@ fn decode_png(
     }
     let mut acc = vec![0u32; if k > 1 { dw * 3 } else { 0 }];
     for y in 0..h as usize {
-        if y % 64 == 0 {
+        if y.is_multiple_of(64) {
             opts.check(gone)?;
         }
         let row = reader.next_row().map_err(bad_png)?.ok_or_else(ends_early)?;
@@ -1661,9 +1662,9 @@ mod tests {
         let px = |x: u32, y: u32, c: usize| expected.get_pixel(x, y)[c] as u32;
         for (i, got) in d.pixels().chunks_exact(3).enumerate() {
             let (x, y) = ((i % 20) as u32 * 2, (i / 20) as u32 * 2);
-            for c in 0..3 {
+            for (c, &v) in got.iter().enumerate() {
                 let sum = px(x, y, c) + px(x + 1, y, c) + px(x, y + 1, c) + px(x + 1, y + 1, c);
-                assert_eq!(got[c] as u32, (sum + 2) / 4, "pixel {i} channel {c}");
+                assert_eq!(v as u32, (sum + 2) / 4, "pixel {i} channel {c}");
             }
         }
         // Oriented like `image`'s apply_orientation, for every orientation.
