@@ -497,6 +497,27 @@ impl Probe {
                 *cell = Some(turbojpeg::Decompressor::new().map_err(turbo)?);
             }
             let dec = cell.as_mut().expect("initialised above");
+            let decoded = self.decode_jpeg_with(dec, data, out, into, opts);
+            if decoded.is_err() {
+                // A handle whose header read failed can answer the next read with no header
+                // at all (width -1): the next image gets a fresh one.
+                *cell = None;
+            }
+            decoded
+        })
+    }
+
+    fn decode_jpeg_with(
+        &self,
+        dec: &mut turbojpeg::Decompressor,
+        data: &[u8],
+        out: &mut [u8],
+        into: Target,
+        opts: &DecodeOptions,
+    ) -> Result<(u32, u32), DecodeError> {
+        let turbo =
+            |e: turbojpeg::Error| DecodeError::Undecodable(format!("not a valid JPEG ({e})."));
+        {
             // The scans were counted already; libjpeg-turbo's own limit is a second guard.
             dec.set_scan_limit(opts.max_jpeg_scans.min(u32::MAX as u64) as u32)
                 .map_err(turbo)?;
@@ -518,12 +539,16 @@ impl Probe {
             let (ow, oh) = self.oriented_size();
             let o = self.orientation;
             // The most reduced decode that still covers what preprocessing needs ...
-            let enough = opts.needed.filter(|_| into != Target::Full).and_then(|need| {
-                factors.iter().copied().find(|f| {
-                    let (w, h) = oriented_size(f.scale(w0) as u32, f.scale(h0) as u32, o);
-                    fits(f) && need.satisfied_by(w as usize, h as usize, ow as usize, oh as usize)
-                })
-            });
+            let enough = opts
+                .needed
+                .filter(|_| into != Target::Full)
+                .and_then(|need| {
+                    factors.iter().copied().find(|f| {
+                        let (w, h) = oriented_size(f.scale(w0) as u32, f.scale(h0) as u32, o);
+                        fits(f)
+                            && need.satisfied_by(w as usize, h as usize, ow as usize, oh as usize)
+                    })
+                });
             // ... else the largest that fits.
             let factor = enough
                 .or_else(|| factors.iter().rev().copied().find(fits))
@@ -560,7 +585,7 @@ impl Probe {
                 }
                 Err(e) => Err(turbo(e)),
             }
-        })
+        }
     }
 }
 
@@ -1724,5 +1749,21 @@ mod tests {
             Err(DecodeError::TooMuchMemory { .. })
         ));
         assert_eq!(ring.in_use(), 0);
+    }
+
+    #[test]
+    fn a_jpeg_whose_header_cannot_be_read_leaves_the_next_jpeg_decodable() {
+        // libjpeg-turbo answered the header read after a failed one with width -1.
+        let good = encode(&gradient(64, 48), image::ImageFormat::Jpeg);
+        let ring = ring(4096);
+        let e = decode_into(
+            &good[..good.len().min(300)],
+            ring.try_acquire().unwrap(),
+            &OPTS,
+            &|| false,
+        );
+        assert!(matches!(e, Err(DecodeError::Undecodable(_))), "{e:?}");
+        let d = decode_into(&good, ring.try_acquire().unwrap(), &OPTS, &|| false).unwrap();
+        assert_eq!((d.width, d.height), (64, 48));
     }
 }
