@@ -18,3 +18,5 @@ pub mod model;
 pub mod pipeline;
 pub mod server;
 pub mod tasks;
+#[doc(hidden)]
+pub mod testing;

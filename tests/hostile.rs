@@ -653,45 +653,11 @@ fn a_slow_models_backlog_leaves_ring_slots_for_the_others() {
 
 // ---- Hardening II: decodes, bodies and transfer codings ----
 
-/// A progressive JPEG (4:2:0) of `w x h` whose smallest scan is repeated `extra` more times:
-/// each repeat makes libjpeg-turbo run over the coefficients of the image again.
-fn scan_bomb(w: usize, h: usize, extra: usize) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
-        image::Rgb([(x / 8) as u8, (y / 8) as u8, 128])
-    });
-    let mut c = turbojpeg::Compressor::new().unwrap();
-    c.set_progressive(true).unwrap();
-    c.set_subsamp(turbojpeg::Subsamp::Sub2x2).unwrap();
-    let jpeg = c
-        .compress_to_vec(turbojpeg::Image {
-            pixels: img.as_raw().as_slice(),
-            width: w,
-            pitch: w * 3,
-            height: h,
-            format: turbojpeg::PixelFormat::RGB,
-        })
-        .unwrap();
-    // The smallest scan (with the tables before it, up to the next scan), repeated before
-    // the end of the image.
-    let eoi = jpeg.len() - 2;
-    let mut starts: Vec<usize> = jpeg
-        .windows(2)
-        .enumerate()
-        .filter(|(_, m)| *m == [0xFF, 0xDA])
-        .map(|(i, _)| i)
-        .collect();
-    starts.push(eoi);
-    let scan = starts
-        .windows(2)
-        .map(|w| w[0]..w[1])
-        .min_by_key(|r| r.len())
-        .unwrap();
-    let mut out = jpeg[..eoi].to_vec();
-    for _ in 0..extra {
-        out.extend_from_slice(&jpeg[scan.clone()]);
-    }
-    out.extend_from_slice(&[0xFF, 0xD9]);
-    out
+/// A progressive JPEG (4:2:0) of `w x h`, its smallest scan repeated `extra` more times.
+fn scan_bomb(w: u32, h: u32, extra: usize) -> Vec<u8> {
+    let img =
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x / 8) as u8, (y / 8) as u8, 128]));
+    cvserve::testing::progressive_jpeg(&img, extra, turbojpeg::Subsamp::Sub2x2)
 }
 
 fn b64_of(data: &[u8]) -> String {
@@ -763,47 +729,6 @@ fn jpeg_scan_bombs_are_refused_before_decoding_while_another_model_is_served() {
 /// Resets the server's peak RSS (VmHWM) to its RSS now.
 fn reset_peak(s: &Server) {
     std::fs::write(format!("/proc/{}/clear_refs", s.child.id()), "5").unwrap();
-}
-
-/// A 16-bit RGBA PNG with Adam7 interlacing, written by hand (the `png` encoder writes
-/// none), every sample 0x8080.
-fn adam7_png16(w: u32, h: u32) -> Vec<u8> {
-    const PASSES: [(u32, u32, u32, u32); 7] = [
-        (0, 0, 8, 8),
-        (4, 0, 8, 8),
-        (0, 4, 4, 8),
-        (2, 0, 4, 4),
-        (0, 2, 2, 4),
-        (1, 0, 2, 2),
-        (0, 1, 1, 2),
-    ];
-    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
-    for (x0, y0, dx, dy) in PASSES {
-        if x0 >= w || y0 >= h {
-            continue;
-        }
-        let row = vec![0x80u8; 1 + 8 * (w - x0).div_ceil(dx) as usize];
-        for _ in (y0..h).step_by(dy as usize) {
-            z.write_all(&[0]).unwrap(); // no filter
-            z.write_all(&row[1..]).unwrap();
-        }
-    }
-    let idat = z.finish().unwrap();
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&w.to_be_bytes());
-    ihdr.extend_from_slice(&h.to_be_bytes());
-    ihdr.extend_from_slice(&[16, 6, 0, 0, 1]);
-    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    for (kind, data) in [(b"IHDR", &ihdr), (b"IDAT", &idat), (b"IEND", &Vec::new())] {
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let mut crc = flate2::Crc::new();
-        crc.update(kind);
-        crc.update(data);
-        out.extend_from_slice(kind);
-        out.extend_from_slice(data);
-        out.extend_from_slice(&crc.sum().to_be_bytes());
-    }
-    out
 }
 
 /// A GIF whose logical screen is `w x h` with one 1x1 frame (tens of bytes): decoders paint
@@ -895,7 +820,12 @@ fn image_bombs_in_every_format_stay_within_the_per_decode_memory_budget() {
         200
     );
     let bombs: Vec<(&str, Vec<u8>, u16, bool)> = vec![
-        ("interlaced 16-bit PNG", adam7_png16(4000, 3999), 200, false),
+        (
+            "interlaced 16-bit PNG",
+            cvserve::testing::adam7_png16(4000, 3999, |_, _| 0x80),
+            200,
+            false,
+        ),
         ("lossless WebP", lossless_webp(4000, 3999), 413, false),
         ("GIF", screen_gif(4000, 3999), 413, false),
         ("16-bit RGBA TIFF", tiff16(2800, 2800), 413, false),

@@ -820,6 +820,17 @@ impl JpegLayout {
     }
 }
 
+/// Adam7 interlacing: each pass's first column and row, and its steps across and down.
+pub const ADAM7_PASSES: [(usize, usize, usize, usize); 7] = [
+    (0, 0, 8, 8),
+    (4, 0, 8, 8),
+    (0, 4, 4, 8),
+    (2, 0, 4, 4),
+    (0, 2, 2, 4),
+    (1, 0, 2, 2),
+    (0, 1, 1, 2),
+];
+
 /// PNG into `out`, row by row: 16-bit samples are stripped to 8 bits, palettes and grey
 /// are expanded, alpha is dropped, and an image larger than `out` is shrunk on the fly by
 /// an integer box filter. Memory beyond `out` is one row, whatever the bit depth, plus for a
@@ -851,18 +862,9 @@ fn decode_png(
     let ends_early = || DecodeError::Undecodable("the PNG ends early.".into());
     if interlaced {
         // Adam7: seven passes, each a subsampled image; every pixel arrives once.
-        const PASSES: [(usize, usize, usize, usize); 7] = [
-            (0, 0, 8, 8),
-            (4, 0, 8, 8),
-            (0, 4, 4, 8),
-            (2, 0, 4, 4),
-            (0, 2, 2, 4),
-            (1, 0, 2, 2),
-            (0, 1, 1, 2),
-        ];
         let mut sums = vec![0u32; if k > 1 { dw * dh * 3 } else { 0 }];
         let mut rows = 0usize;
-        for (x0, y0, dx, dy) in PASSES {
+        for (x0, y0, dx, dy) in ADAM7_PASSES {
             if x0 >= w as usize || y0 >= h as usize {
                 continue;
             }
@@ -1419,34 +1421,14 @@ mod tests {
         );
     }
 
-    /// A progressive JPEG of `w x h` whose last scan is repeated `extra` more times (each
-    /// repeat makes libjpeg-turbo run over every coefficient again).
-    pub(crate) fn scan_bomb(w: usize, h: usize, extra: usize) -> Vec<u8> {
+    use crate::testing::{adam7_png16, progressive_jpeg};
+
+    fn scan_bomb(w: u32, h: u32, extra: usize) -> Vec<u8> {
         progressive(w, h, extra, turbojpeg::Subsamp::Sub2x2)
     }
 
-    fn progressive(w: usize, h: usize, extra: usize, subsamp: turbojpeg::Subsamp) -> Vec<u8> {
-        let img = gradient(w as u32, h as u32);
-        let mut c = turbojpeg::Compressor::new().unwrap();
-        c.set_progressive(true).unwrap();
-        c.set_subsamp(subsamp).unwrap();
-        let jpeg = c
-            .compress_to_vec(turbojpeg::Image {
-                pixels: img.as_raw().as_slice(),
-                width: w,
-                pitch: w * 3,
-                height: h,
-                format: turbojpeg::PixelFormat::RGB,
-            })
-            .unwrap();
-        let last_sos = jpeg.windows(2).rposition(|m| m == [0xFF, 0xDA]).unwrap();
-        let eoi = jpeg.len() - 2;
-        let mut out = jpeg[..eoi].to_vec();
-        for _ in 0..extra {
-            out.extend_from_slice(&jpeg[last_sos..eoi]);
-        }
-        out.extend_from_slice(&[0xFF, 0xD9]);
-        out
+    fn progressive(w: u32, h: u32, extra: usize, subsamp: turbojpeg::Subsamp) -> Vec<u8> {
+        progressive_jpeg(&gradient(w, h), extra, subsamp)
     }
 
     #[test]
@@ -1565,52 +1547,6 @@ mod tests {
             .max()
             .unwrap();
         assert!(first_row_diff < 40, "{first_row_diff}");
-    }
-
-    /// A PNG written by hand with Adam7 interlacing (the `png` encoder writes none): 16-bit
-    /// RGBA, every colour sample `value(x, y) * 257` (so 8 bits is `value` exactly, however
-    /// rounded).
-    pub(crate) fn adam7_png16(w: u32, h: u32, value: impl Fn(u32, u32) -> u8) -> Vec<u8> {
-        const PASSES: [(u32, u32, u32, u32); 7] = [
-            (0, 0, 8, 8),
-            (4, 0, 8, 8),
-            (0, 4, 4, 8),
-            (2, 0, 4, 4),
-            (0, 2, 2, 4),
-            (1, 0, 2, 2),
-            (0, 1, 1, 2),
-        ];
-        let mut raw = Vec::new();
-        for (x0, y0, dx, dy) in PASSES {
-            if x0 >= w || y0 >= h {
-                continue;
-            }
-            for y in (y0..h).step_by(dy as usize) {
-                raw.push(0); // no filter
-                for x in (x0..w).step_by(dx as usize) {
-                    let v = value(x, y);
-                    raw.extend_from_slice(&[v, v, v, v, v, v, 255, 255]);
-                }
-            }
-        }
-        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
-        std::io::Write::write_all(&mut z, &raw).unwrap();
-        let idat = z.finish().unwrap();
-        let mut ihdr = Vec::new();
-        ihdr.extend_from_slice(&w.to_be_bytes());
-        ihdr.extend_from_slice(&h.to_be_bytes());
-        ihdr.extend_from_slice(&[16, 6, 0, 0, 1]);
-        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-        for (kind, data) in [(b"IHDR", &ihdr), (b"IDAT", &idat), (b"IEND", &Vec::new())] {
-            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-            let mut crc = flate2::Crc::new();
-            crc.update(kind);
-            crc.update(data);
-            out.extend_from_slice(kind);
-            out.extend_from_slice(data);
-            out.extend_from_slice(&crc.sum().to_be_bytes());
-        }
-        out
     }
 
     #[test]
