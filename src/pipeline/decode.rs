@@ -981,18 +981,7 @@ fn convert_into(
         }
     };
     let (w, h) = (w as usize, h as usize);
-    let source = |dx: usize, dy: usize| -> (usize, usize) {
-        match o {
-            Orientation::NoTransforms => (dx, dy),
-            Orientation::Rotate90 => (dy, h - 1 - dx),
-            Orientation::Rotate180 => (w - 1 - dx, h - 1 - dy),
-            Orientation::Rotate270 => (w - 1 - dy, dx),
-            Orientation::FlipHorizontal => (w - 1 - dx, dy),
-            Orientation::FlipVertical => (dx, h - 1 - dy),
-            Orientation::Rotate90FlipH => (dy, dx),
-            Orientation::Rotate270FlipH => (w - 1 - dy, h - 1 - dx),
-        }
-    };
+    let source = |dx: usize, dy: usize| source_pixel(o, w, h, dx, dy);
     let n = (k * k) as u32;
     for y in 0..dh {
         for x in 0..dw {
@@ -1061,6 +1050,20 @@ fn oriented_size(w: u32, h: u32, o: Orientation) -> (u32, u32) {
     }
 }
 
+/// The pixel of a `w x h` image that lands at `(dx, dy)` once oriented by `o`.
+fn source_pixel(o: Orientation, w: usize, h: usize, dx: usize, dy: usize) -> (usize, usize) {
+    match o {
+        Orientation::NoTransforms => (dx, dy),
+        Orientation::Rotate90 => (dy, h - 1 - dx),
+        Orientation::Rotate180 => (w - 1 - dx, h - 1 - dy),
+        Orientation::Rotate270 => (w - 1 - dy, dx),
+        Orientation::FlipHorizontal => (w - 1 - dx, dy),
+        Orientation::FlipVertical => (dx, h - 1 - dy),
+        Orientation::Rotate90FlipH => (dy, dx),
+        Orientation::Rotate270FlipH => (w - 1 - dy, h - 1 - dx),
+    }
+}
+
 /// Writes `src` (w x h RGB) into `dst` transformed by `o`, with the same meaning as
 /// `image::DynamicImage::apply_orientation`.
 pub fn orient_into(src: &[u8], w: u32, h: u32, o: Orientation, dst: &mut [u8]) {
@@ -1071,16 +1074,7 @@ pub fn orient_into(src: &[u8], w: u32, h: u32, o: Orientation, dst: &mut [u8]) {
     };
     for dy in 0..dh {
         for dx in 0..dw {
-            let (sx, sy) = match o {
-                Orientation::NoTransforms => (dx, dy),
-                Orientation::Rotate90 => (dy, h - 1 - dx),
-                Orientation::Rotate180 => (w - 1 - dx, h - 1 - dy),
-                Orientation::Rotate270 => (w - 1 - dy, dx),
-                Orientation::FlipHorizontal => (w - 1 - dx, dy),
-                Orientation::FlipVertical => (dx, h - 1 - dy),
-                Orientation::Rotate90FlipH => (dy, dx),
-                Orientation::Rotate270FlipH => (w - 1 - dy, h - 1 - dx),
-            };
+            let (sx, sy) = source_pixel(o, w, h, dx, dy);
             let s = (sy * w + sx) * 3;
             let d = (dy * dw + dx) * 3;
             dst[d..d + 3].copy_from_slice(&src[s..s + 3]);
