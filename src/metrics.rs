@@ -156,7 +156,7 @@ impl Metrics {
             )?,
             body_bytes_held: register_int_gauge_with_registry!(
                 "cvserve_request_body_bytes",
-                "Bytes of request bodies held (at most MAX_BODY_MEMORY_BYTES)",
+                "Bytes of request bodies and fetched URL images held (at most MAX_BODY_MEMORY_BYTES)",
                 r
             )?,
             memory_trims: register_int_counter_with_registry!(

@@ -1,7 +1,8 @@
-//! The request-body budget: every body is read with a size limit (413), within the request's
-//! deadline (408), and counted against MAX_BODY_MEMORY_BYTES as its bytes arrive (429 when
-//! the server holds too much), so no client, however slow or large, holds memory without
-//! bound. A refused body is drained in the background so its client gets the answer.
+//! Reading request bodies: every body is read with a size limit (413), within the request's
+//! deadline and at a minimum rate (408), and counted in the body budget (`budget.rs`) as its
+//! bytes arrive (429 when the server, or this client, holds too much), so no client, however
+//! slow or large, holds memory without bound. A refused body is drained in the background so
+//! its client gets the answer.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};

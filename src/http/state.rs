@@ -28,8 +28,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Notified when shutdown begins: requests still waiting for their bodies give up.
     pub drain_started: tokio::sync::Notify,
-    /// Bytes of request bodies held at once (MAX_BODY_MEMORY_BYTES, in KiB permits), taken as
-    /// the bytes arrive: a stalled body holds only what it sent.
+    /// Bytes of request bodies and fetched URL images held at once (MAX_BODY_MEMORY_BYTES) and
+    /// each client address's share of them, counted as the bytes arrive.
     pub body_memory: Arc<BodyBudget>,
     /// Requests being handled, for shutdown.
     pub in_flight: InFlight,

@@ -1,7 +1,7 @@
 //! Decode: compressed image bytes in, RGB pixels in a ring slot out (a [`DecodedImage`]).
 //! JPEG goes through libjpeg-turbo straight into the slot; PNG through the `png` crate row
-//! by row into it (interlaced ones pass by pass); WebP, GIF, BMP, TIFF (and CMYK JPEGs)
-//! through the `image` crate into one buffer of their own pixel type, converted into the
+//! by row into it (interlaced ones pass by pass); WebP, GIF, BMP, TIFF (and CMYK JPEGs, PNGs
+//! with an EXIF orientation) through the `image` crate into one buffer of their own pixel type, converted into the
 //! slot. EXIF orientation is applied unless disabled. Runs on the decode pool, never on the
 //! HTTP reactor threads.
 //!
@@ -244,7 +244,8 @@ struct Probe {
 
 #[derive(Debug)]
 enum Kind {
-    /// libjpeg-turbo; `coefficients` bytes are buffered when the file has several scans.
+    /// libjpeg-turbo; `coefficients` bytes are buffered for a progressive or multi-scan file
+    /// (see [`JpegLayout::buffered`]).
     Jpeg { coefficients: u64 },
     /// The `png` crate, row by row.
     Png { interlaced: bool },
@@ -316,8 +317,7 @@ impl Probe {
 
     /// `None` for a PNG with an EXIF orientation to apply (the general decoder does that).
     fn png(data: &[u8], opts: &DecodeOptions) -> Result<Option<Self>, DecodeError> {
-        let mut decoder = png::Decoder::new(Cursor::new(data));
-        decoder.set_transformations(png::Transformations::normalize_to_color8());
+        let mut decoder = png_decoder(data, opts);
         let header = decoder.read_header_info().map_err(bad_png)?;
         let (width, height, interlaced) = (header.width, header.height, header.interlaced);
         check_pixels(width as u64, height as u64, opts)?;
@@ -364,9 +364,13 @@ impl Probe {
             ImageFormat::WebP => 7,
             ImageFormat::Gif => 4,
             ImageFormat::Tiff => {
-                if let Some(method) = tiff_compression(data).filter(|m| TIFF_NESTED.contains(m)) {
+                let method = tiff_compression(data);
+                if !method.is_some_and(|m| TIFF_PLAIN.contains(&m)) {
+                    let method = method.map_or_else(|| "unreadable".to_owned(), |m| m.to_string());
                     return Err(DecodeError::Undecodable(format!(
-                        "TIFF compression {method} (JPEG or WebP inside TIFF) is not accepted:                          its chunks decode at their own size, whatever the header says."
+                        "TIFF compression {method} is not accepted: only uncompressed, LZW, \
+                         Deflate, PackBits and fax TIFFs are (JPEG or WebP inside a TIFF decodes \
+                         at its own size, whatever the TIFF's header says)."
                     )));
                 }
                 // Its own buffer of the file's samples: 2 bytes more than ours for CMYK 16.
@@ -418,7 +422,7 @@ impl Probe {
                 // Sums of the pixels each output pixel averages, when shrunk.
                 let k = shrink_factor(self.width, self.height, pixels);
                 if k > 1 {
-                    12 * (self.width / k) as u64 * (self.height / k) as u64
+                    12 * (self.width / k).max(1) as u64 * (self.height / k).max(1) as u64
                 } else {
                     0
                 }
@@ -600,39 +604,19 @@ fn rgb_image(pixels: &mut [u8], w: usize, h: usize) -> turbojpeg::Image<&mut [u8
     }
 }
 
-/// TIFF compressions whose chunks are whole images of another format (old and new JPEG,
-/// WebP), decoded at the size their own headers claim.
-const TIFF_NESTED: [u16; 3] = [6, 7, 50001];
+/// TIFF compressions decoded within the image's own size: none, CCITT RLE, fax 3 and 4, LZW,
+/// Deflate (both codes), PackBits. JPEG and WebP inside a TIFF decode at their own size.
+const TIFF_PLAIN: [u32; 8] = [1, 2, 3, 4, 5, 8, 32773, 32946];
 
-/// The Compression tag of a TIFF's first image (the one decoded), if readable.
-fn tiff_compression(data: &[u8]) -> Option<u16> {
-    let le = match data.get(..4)? {
-        b"II*\0" => true,
-        b"MM\0*" => false,
-        _ => return None,
-    };
-    let u16_at = |i: usize| -> Option<u16> {
-        let b = data.get(i..i + 2)?;
-        Some(if le {
-            u16::from_le_bytes([b[0], b[1]])
-        } else {
-            u16::from_be_bytes([b[0], b[1]])
-        })
-    };
-    let u32_at = |i: usize| -> Option<u32> {
-        let b: [u8; 4] = data.get(i..i + 4)?.try_into().ok()?;
-        Some(if le {
-            u32::from_le_bytes(b)
-        } else {
-            u32::from_be_bytes(b)
-        })
-    };
-    let ifd = u32_at(4)? as usize;
-    let entries = u16_at(ifd)? as usize;
-    (0..entries)
-        .map(|e| ifd + 2 + e * 12)
-        .find(|&at| u16_at(at) == Some(259))
-        .and_then(|at| u16_at(at + 8))
+/// The Compression tag of a TIFF's first image (the one decoded), read as the `tiff` crate
+/// reads it (whatever its type, the last of duplicates).
+fn tiff_compression(data: &[u8]) -> Option<u32> {
+    let mut decoder = tiff::decoder::Decoder::new(Cursor::new(data)).ok()?;
+    match decoder.find_tag(tiff::tags::Tag::Compression) {
+        Ok(Some(value)) => value.into_u32().ok(),
+        Ok(None) => Some(1), // absent: uncompressed
+        Err(_) => None,
+    }
 }
 
 /// Whether a WebP file is animated (its VP8X header's animation flag).
@@ -652,6 +636,19 @@ fn is_warning(message: &str) -> bool {
     ]
     .iter()
     .any(|w| message.starts_with(w))
+}
+
+/// The `png` crate's decoder for `data`, to 8-bit samples, allocating at most the memory
+/// budget of its own (metadata chunks it does not need are skipped).
+fn png_decoder<'a>(data: &'a [u8], opts: &DecodeOptions) -> png::Decoder<Cursor<&'a [u8]>> {
+    let limits = png::Limits {
+        bytes: opts.memory_budget().min(usize::MAX as u64) as usize,
+    };
+    let mut decoder = png::Decoder::new_with_limits(Cursor::new(data), limits);
+    decoder.set_ignore_iccp_chunk(true);
+    decoder.set_ignore_text_chunk(true);
+    decoder.set_transformations(png::Transformations::normalize_to_color8());
+    decoder
 }
 
 fn bad_png(e: png::DecodingError) -> DecodeError {
@@ -843,9 +840,7 @@ fn decode_png(
     opts: &DecodeOptions,
     gone: &dyn Fn() -> bool,
 ) -> Result<(u32, u32), DecodeError> {
-    let mut decoder = png::Decoder::new(Cursor::new(data));
-    decoder.set_transformations(png::Transformations::normalize_to_color8());
-    let mut reader = decoder.read_info().map_err(bad_png)?;
+    let mut reader = png_decoder(data, opts).read_info().map_err(bad_png)?;
     let (w, h) = (reader.info().width, reader.info().height);
     let channels = reader.output_color_type().0.samples();
     let k = shrink_factor(w, h, out.len() / 3) as usize;
@@ -1649,8 +1644,7 @@ mod tests {
     #[test]
     fn formats_whose_decoder_needs_more_than_the_budget_are_refused_before_allocating() {
         // 100x100 with a budget of 4 B x 10,000 px = 40,000 bytes: an 8-bit RGB BMP (3 B/px)
-        // fits; a GIF (RGBA and a frame buffer: 8 B/px), a WebP (7), a 16-bit RGBA TIFF (8
-        // and its copy) and a PNG with alpha decoded by `image` do not.
+        // fits; a GIF (RGBA and a frame buffer: 8 B/px) and a WebP (3 and 7) do not.
         let opts = DecodeOptions {
             max_image_pixels: 10_000,
             ..OPTS
@@ -1695,5 +1689,26 @@ mod tests {
         assert!(matches!(e, Err(DecodeError::Undecodable(_))), "{e:?}");
         let d = decode_into(&good, ring.try_acquire().unwrap(), &OPTS, &|| false).unwrap();
         assert_eq!((d.width, d.height), (64, 48));
+    }
+
+    #[test]
+    fn tiffs_with_an_image_of_another_format_inside_are_refused() {
+        let plain = encode(&gradient(16, 16), image::ImageFormat::Tiff);
+        assert_eq!(tiff_compression(&plain), Some(1));
+        let ring = ring(4096);
+        decode_into(&plain, ring.try_acquire().unwrap(), &OPTS, &|| false).unwrap();
+        // The same file claiming JPEG ("new-style", 7) compression.
+        let entry = plain
+            .windows(4)
+            .position(|w| w == [0x03, 0x01, 0x03, 0x00])
+            .expect("a Compression entry, SHORT, little-endian");
+        let mut nested = plain.clone();
+        nested[entry + 8] = 7;
+        assert_eq!(tiff_compression(&nested), Some(7));
+        let e = decode_into(&nested, ring.try_acquire().unwrap(), &OPTS, &|| false).unwrap_err();
+        assert!(
+            matches!(&e, DecodeError::Undecodable(m) if m.contains("TIFF compression 7")),
+            "{e:?}"
+        );
     }
 }
