@@ -1106,6 +1106,15 @@ mod tests {
         out.into_inner()
     }
 
+    /// The largest difference between two images' samples (over the shorter one).
+    fn max_diff(a: &[u8], b: &[u8]) -> i32 {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// `img` as PNG, decoded into a slot of `slot_pixels`.
     fn png_in_slot(img: &image::RgbImage, slot_pixels: usize) -> DecodedImage {
         let ring = ring(slot_pixels);
@@ -1195,13 +1204,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!((d.width, d.height), (64, 48));
-        let max_diff = d
-            .pixels()
-            .iter()
-            .zip(img.as_raw())
-            .map(|(a, b)| (*a as i32 - *b as i32).abs())
-            .max()
-            .unwrap();
+        let max_diff = max_diff(d.pixels(), img.as_raw());
         assert!(max_diff < 40, "max diff {max_diff}");
     }
 
@@ -1529,12 +1532,7 @@ mod tests {
         let d = decode_into(cut, ring.try_acquire().unwrap(), &OPTS, &|| false).unwrap();
         assert_eq!((d.width, d.height), (64, 48));
         // The first rows are there.
-        let first_row_diff = d.pixels()[..64 * 3]
-            .iter()
-            .zip(gradient(64, 48).as_raw())
-            .map(|(a, b)| (*a as i32 - *b as i32).abs())
-            .max()
-            .unwrap();
+        let first_row_diff = max_diff(&d.pixels()[..64 * 3], gradient(64, 48).as_raw());
         assert!(first_row_diff < 40, "{first_row_diff}");
     }
 
