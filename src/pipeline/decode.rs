@@ -493,12 +493,10 @@ impl Probe {
         into: Target,
         opts: &DecodeOptions,
     ) -> Result<(u32, u32), DecodeError> {
-        let turbo =
-            |e: turbojpeg::Error| DecodeError::Undecodable(format!("not a valid JPEG ({e})."));
         DECOMPRESSOR.with(|cell| {
             let mut cell = cell.borrow_mut();
             if cell.is_none() {
-                *cell = Some(turbojpeg::Decompressor::new().map_err(turbo)?);
+                *cell = Some(turbojpeg::Decompressor::new().map_err(bad_jpeg)?);
             }
             let dec = cell.as_mut().expect("initialised above");
             let decoded = self.decode_jpeg_with(dec, data, out, into, opts);
@@ -519,78 +517,77 @@ impl Probe {
         into: Target,
         opts: &DecodeOptions,
     ) -> Result<(u32, u32), DecodeError> {
-        let turbo =
-            |e: turbojpeg::Error| DecodeError::Undecodable(format!("not a valid JPEG ({e})."));
-        {
-            // The scans were counted already; libjpeg-turbo's own limit is a second guard.
-            dec.set_scan_limit(opts.max_jpeg_scans.min(u32::MAX as u64) as u32)
-                .map_err(turbo)?;
-            let header = dec.read_header(data).map_err(turbo)?;
-            if (header.width as u32, header.height as u32) != (self.width, self.height) {
-                return Err(DecodeError::Undecodable(
-                    "the JPEG's frame header is inconsistent.".into(),
-                ));
-            }
-            let (w0, h0) = (header.width, header.height);
-            let slot_pixels = out.len() / 3;
-            let factors = [
-                turbojpeg::ScalingFactor::ONE_EIGHTH,
-                turbojpeg::ScalingFactor::ONE_QUARTER,
-                turbojpeg::ScalingFactor::ONE_HALF,
-                turbojpeg::ScalingFactor::ONE,
-            ];
-            let fits = |f: &turbojpeg::ScalingFactor| f.scale(w0) * f.scale(h0) <= slot_pixels;
-            let (ow, oh) = self.oriented_size();
-            let o = self.orientation;
-            // The most reduced decode that still covers what preprocessing needs ...
-            let enough = opts
-                .needed
-                .filter(|_| into != Target::Full)
-                .and_then(|need| {
-                    factors.iter().copied().find(|f| {
-                        let (w, h) = oriented_size(f.scale(w0) as u32, f.scale(h0) as u32, o);
-                        fits(f)
-                            && need.satisfied_by(w as usize, h as usize, ow as usize, oh as usize)
-                    })
-                });
-            // ... else the largest that fits.
-            let factor = enough
+        // The scans were counted already; libjpeg-turbo's own limit is a second guard.
+        dec.set_scan_limit(opts.max_jpeg_scans.min(u32::MAX as u64) as u32)
+            .map_err(bad_jpeg)?;
+        let header = dec.read_header(data).map_err(bad_jpeg)?;
+        if (header.width as u32, header.height as u32) != (self.width, self.height) {
+            return Err(DecodeError::Undecodable(
+                "the JPEG's frame header is inconsistent.".into(),
+            ));
+        }
+        let (w0, h0) = (header.width, header.height);
+        let slot_pixels = out.len() / 3;
+        let factors = [
+            turbojpeg::ScalingFactor::ONE_EIGHTH,
+            turbojpeg::ScalingFactor::ONE_QUARTER,
+            turbojpeg::ScalingFactor::ONE_HALF,
+            turbojpeg::ScalingFactor::ONE,
+        ];
+        let fits = |f: &turbojpeg::ScalingFactor| f.scale(w0) * f.scale(h0) <= slot_pixels;
+        let (ow, oh) = self.oriented_size();
+        let o = self.orientation;
+        // The most reduced decode that still covers what preprocessing needs ...
+        let enough = opts
+            .needed
+            .filter(|_| into != Target::Full)
+            .and_then(|need| {
+                factors.iter().copied().find(|f| {
+                    let (w, h) = oriented_size(f.scale(w0) as u32, f.scale(h0) as u32, o);
+                    fits(f) && need.satisfied_by(w as usize, h as usize, ow as usize, oh as usize)
+                })
+            });
+        // ... else the largest that fits.
+        let factor = enough
                 .or_else(|| factors.iter().rev().copied().find(fits))
                 .ok_or_else(|| {
                     DecodeError::Undecodable(format!(
                         "a {w0}x{h0} JPEG does not fit a ring slot even at 1/8 scale (RING_SLOT_PIXELS)."
                     ))
                 })?;
-            let (w, h) = (factor.scale(w0), factor.scale(h0));
-            dec.set_scaling_factor(factor).map_err(turbo)?;
-            let result = if o == Orientation::NoTransforms {
-                dec.decompress(data, rgb_image(&mut out[..w * h * 3], w, h))
-            } else if into == Target::Full {
-                let mut turned = vec![0u8; w * h * 3];
-                let r = dec.decompress(data, rgb_image(&mut turned[..], w, h));
-                orient_into(&turned, w as u32, h as u32, o, out);
+        let (w, h) = (factor.scale(w0), factor.scale(h0));
+        dec.set_scaling_factor(factor).map_err(bad_jpeg)?;
+        let result = if o == Orientation::NoTransforms {
+            dec.decompress(data, rgb_image(&mut out[..w * h * 3], w, h))
+        } else if into == Target::Full {
+            let mut turned = vec![0u8; w * h * 3];
+            let r = dec.decompress(data, rgb_image(&mut turned[..], w, h));
+            orient_into(&turned, w as u32, h as u32, o, out);
+            r
+        } else {
+            SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                scratch.resize(w * h * 3, 0);
+                let r = dec.decompress(data, rgb_image(&mut scratch[..], w, h));
+                orient_into(&scratch, w as u32, h as u32, o, out);
                 r
-            } else {
-                SCRATCH.with(|scratch| {
-                    let mut scratch = scratch.borrow_mut();
-                    scratch.resize(w * h * 3, 0);
-                    let r = dec.decompress(data, rgb_image(&mut scratch[..], w, h));
-                    orient_into(&scratch, w as u32, h as u32, o, out);
-                    r
-                })
-            };
-            let _ = dec.set_scaling_factor(turbojpeg::ScalingFactor::ONE);
-            match result {
-                Ok(()) => Ok(oriented_size(w as u32, h as u32, o)),
-                // Damaged data (a truncated file, a bad code): libjpeg-turbo decoded what it
-                // could and warned, as OpenCV's decoder (Roboflow's) accepts too.
-                Err(turbojpeg::Error::TurboJpegError(m)) if is_warning(&m) => {
-                    Ok(oriented_size(w as u32, h as u32, o))
-                }
-                Err(e) => Err(turbo(e)),
+            })
+        };
+        let _ = dec.set_scaling_factor(turbojpeg::ScalingFactor::ONE);
+        match result {
+            Ok(()) => Ok(oriented_size(w as u32, h as u32, o)),
+            // Damaged data (a truncated file, a bad code): libjpeg-turbo decoded what it
+            // could and warned, as OpenCV's decoder (Roboflow's) accepts too.
+            Err(turbojpeg::Error::TurboJpegError(m)) if is_warning(&m) => {
+                Ok(oriented_size(w as u32, h as u32, o))
             }
+            Err(e) => Err(bad_jpeg(e)),
         }
     }
+}
+
+fn bad_jpeg(e: turbojpeg::Error) -> DecodeError {
+    DecodeError::Undecodable(format!("not a valid JPEG ({e})."))
 }
 
 /// `pixels` as libjpeg-turbo's packed RGB output of `w x h`.
