@@ -176,7 +176,15 @@ fn slow_host(delay: std::time::Duration, body: Vec<u8>) -> SlowHost {
                     body.len()
                 );
                 let _ = stream.write_all(head.as_bytes());
-                let _ = stream.write_all(&body);
+                // In 1 KiB pieces, as a slow link delivers them: the server sees the bytes
+                // arrive a piece at a time, whatever this machine's loopback does.
+                let _ = stream.set_nodelay(true);
+                for piece in body.chunks(1024) {
+                    if stream.write_all(piece).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                }
             });
         }
     });
@@ -250,7 +258,9 @@ fn slow_urls_are_fetched_a_few_at_a_time_within_the_request_deadline() {
 
 /// Hardening II, URL row: fetched bytes count against the body budget like a body's
 /// (MAX_BODY_MEMORY_BYTES, one client's share of it): images larger than the client's share
-/// are refused with 413 (a retry could never pass), a small one still served.
+/// are refused with 413 (a retry could never pass), a small one still served. The image
+/// arrives 1 KiB at a time, so the share runs out with the fetched bytes exactly at it and
+/// the request's JSON body on top: still 413, not 429 (the request's own body counts).
 #[test]
 fn fetched_url_bytes_count_against_the_body_budget() {
     let s = url_server(&[

@@ -127,6 +127,16 @@ impl BodyLease {
         self.budget.per_peer_bytes()
     }
 
+    /// Bytes this lease holds of the budget (whole KiB).
+    pub fn held_bytes(&self) -> usize {
+        self.kib * 1024
+    }
+
+    /// Bytes the lease would hold once covering `total`.
+    pub fn held_bytes_for(&self, total: usize) -> usize {
+        total.div_ceil(1024).max(self.kib) * 1024
+    }
+
     /// Gives back everything held (the lease stays usable).
     pub fn clear(&mut self) {
         if self.kib > 0 {

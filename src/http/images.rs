@@ -31,7 +31,7 @@ pub async fn fetch_url(
     fetcher: &UrlFetcher,
     url: &str,
     mut lease: BodyLease,
-    request_bytes: &std::sync::atomic::AtomicUsize,
+    request_held: &std::sync::atomic::AtomicUsize,
 ) -> Result<(Bytes, BodyLease), ApiError> {
     let Some(client) = &fetcher.client else {
         return Err(ApiError::bad_request(
@@ -79,12 +79,15 @@ pub async fn fetch_url(
                 "the image at {url} is larger than URL_MAX_BYTES ({max} bytes)"
             )));
         }
-        let so_far = chunk.len()
-            + request_bytes.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+        // What the whole request (its body and every lease of its fetches) would hold: more
+        // than one client may hold means no retry can pass. No await between the lease
+        // growing and the request's count following it, so the count never lags.
+        use std::sync::atomic::Ordering::Relaxed;
+        let before = lease.held_bytes();
+        let wanted = lease.held_bytes_for(body.len() + chunk.len());
         if let Err(why) = lease.cover(body.len() + chunk.len()) {
-            // The request's own images are more than one client may hold: no retry can pass.
             let most = lease.per_peer_bytes();
-            if so_far > most {
+            if request_held.load(Relaxed) + wanted - before > most {
                 return Err(ApiError::new(
                     hyper::StatusCode::PAYLOAD_TOO_LARGE,
                     format!("The images this request names by URL are larger than one client may hold at once ({most} bytes: BODY_MEMORY_PEER_SHARE of MAX_BODY_MEMORY_BYTES); send fewer per request"),
@@ -92,6 +95,7 @@ pub async fn fetch_url(
             }
             return Err(body_memory_full(why));
         }
+        request_held.fetch_add(wanted - before, Relaxed);
         body.extend_from_slice(&chunk);
     }
     Ok((Bytes::from(body), lease))

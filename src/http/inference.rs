@@ -168,6 +168,8 @@ pub struct RequestContext {
     ticket: Option<Ticket>,
     /// The client's address (what its bodies and fetched images count under).
     peer: Option<std::net::IpAddr>,
+    /// What the request's body holds of the body budget (its fetched images count on top).
+    body_held: usize,
 }
 
 impl RequestContext {
@@ -178,6 +180,7 @@ impl RequestContext {
             route: Some(route),
             ticket: None,
             peer: None,
+            body_held: 0,
         }
     }
 
@@ -291,6 +294,7 @@ async fn infer_json(
         Some(&mut early),
     )
     .await?;
+    ctx.body_held = _lease.held_bytes();
     // A JSON body of megabytes (base64 images) is parsed on the CPU pool.
     let mut request = state
         .engine
@@ -494,7 +498,7 @@ async fn infer(
     let params = task_params(state, model.meta.task, request)?;
     state.engine.check_image_count(&model, images.len())?;
     // Fetched image bytes hold their share of the body budget until the answer.
-    let (inputs, _fetched) = fetch_images(state, images, deadline, ctx.peer).await?;
+    let (inputs, _fetched) = fetch_images(state, images, deadline, ctx).await?;
     // Drawing needs the image again: a refcount for bytes, a copy of base64 text.
     let originals = draw.is_some().then(|| inputs.clone());
     let disabled = request.disabled_steps();
@@ -548,24 +552,21 @@ async fn fetch_images(
     state: &Arc<AppState>,
     images: Vec<ImageSource>,
     deadline: Instant,
-    peer: Option<std::net::IpAddr>,
+    ctx: &RequestContext,
 ) -> Result<(Vec<ImageInput>, Vec<BodyLease>), ApiError> {
     use futures_util::{StreamExt, TryStreamExt};
-    let request_bytes = std::sync::atomic::AtomicUsize::new(0);
-    let request_bytes = &request_bytes;
+    let peer = ctx.peer;
+    let request_held = std::sync::atomic::AtomicUsize::new(ctx.body_held);
+    let request_held = &request_held;
     let fetches = futures_util::stream::iter(images)
         .map(|image| async move {
             Ok::<_, ApiError>(match image {
                 ImageSource::Base64(s) => (ImageInput::Base64(s), None),
                 ImageSource::Bytes(b) => (ImageInput::Bytes(b), None),
                 ImageSource::Url(u) => {
-                    let (bytes, lease) = fetch_url(
-                        &state.urls,
-                        &u,
-                        state.body_memory.lease(peer),
-                        request_bytes,
-                    )
-                    .await?;
+                    let (bytes, lease) =
+                        fetch_url(&state.urls, &u, state.body_memory.lease(peer), request_held)
+                            .await?;
                     (ImageInput::Bytes(bytes), Some(lease))
                 }
             })
