@@ -142,6 +142,15 @@ pub struct ServeConfig {
     #[arg(long, env = "BODY_RATE_GRACE_S", default_value_t = 3.0, value_parser = within(1.0, 86400.0))]
     pub body_rate_grace_s: f64,
 
+    /// Who may register system shared-memory regions (the Open Inference Protocol's
+    /// extension): `local` (clients on a loopback address), `off`, or `any`.
+    #[arg(long, env = "ALLOW_CLIENT_SHM", default_value = "local", value_enum)]
+    pub allow_client_shm: crate::regions::ClientShm,
+
+    /// Most shared-memory regions registered at once (each holds a file descriptor).
+    #[arg(long, env = "MAX_SHM_REGIONS", default_value_t = 256, value_parser = within(1usize, 1 << 16))]
+    pub max_shm_regions: usize,
+
     /// Largest body of the admin routes (`/model/add`, `/model/remove`): they carry a model
     /// id, never an image.
     #[arg(long, env = "ADMIN_MAX_BODY_BYTES", default_value_t = 64 * 1024, value_parser = within(1usize, 1 << 30))]

@@ -16,6 +16,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod regions;
 pub mod server;
 pub mod tasks;
 #[doc(hidden)]

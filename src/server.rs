@@ -189,6 +189,11 @@ fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> 
             cfg.max_body_bytes,
         ),
         in_flight: Default::default(),
+        regions: crate::regions::Regions::new(
+            "/dev/shm".into(),
+            cfg.allow_client_shm,
+            cfg.max_shm_regions,
+        ),
         cfg,
     }))
 }

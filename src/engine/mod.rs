@@ -24,6 +24,7 @@ use crate::pipeline::batcher::SubmitError;
 use crate::pipeline::decode::{
     base64_bytes, decode_full, decode_into, DecodeError, DecodeOptions, NeededSize,
 };
+use crate::pipeline::frame::Frame;
 use crate::pipeline::ring::{Ring, SlotHandle};
 use crate::pipeline::{Job, PipelineError, Pools};
 use crate::tasks::draw::{self, DrawOptions};
@@ -98,6 +99,8 @@ pub enum ImageInput {
     Base64(String),
     /// The file's bytes.
     Bytes(Bytes),
+    /// Raw RGB pixels: nothing to decode.
+    Frame(Frame),
 }
 
 /// Settings of decoding that hold for every request.
@@ -460,11 +463,13 @@ impl Engine {
             };
             let result = (|| {
                 in_time()?;
-                let bytes = match image {
-                    ImageInput::Base64(text) => base64_bytes(&text)?.into(),
-                    ImageInput::Bytes(b) => b,
+                let mut img = match image {
+                    ImageInput::Base64(text) => {
+                        decode_full(&base64_bytes(&text)?, &decode, &|| tx.is_closed())?
+                    }
+                    ImageInput::Bytes(b) => decode_full(&b, &decode, &|| tx.is_closed())?,
+                    ImageInput::Frame(f) => frame_picture(f, decode.max_image_pixels)?,
                 };
-                let mut img = decode_full(&bytes, &decode, &|| tx.is_closed())?;
                 in_time()?;
                 draw::draw(&mut img, &output, &colors, opts);
                 draw::encode_jpeg(&img).map_err(DecodeError::Undecodable)
@@ -587,6 +592,13 @@ impl Engine {
                     base64_bytes(&text).and_then(|bytes| decode_into(&bytes, slot, &opts, &gone))
                 }
                 ImageInput::Bytes(bytes) => decode_into(&bytes, slot, &opts, &gone),
+                ImageInput::Frame(frame) => {
+                    if opts.deadline.is_some_and(|d| Instant::now() >= d) {
+                        Err(DecodeError::DeadlineExceeded)
+                    } else {
+                        frame.copy_into(slot, opts.max_image_pixels)
+                    }
+                }
             };
             match &result {
                 Err(DecodeError::Cancelled) => {
@@ -603,4 +615,34 @@ impl Engine {
             .map_err(|_| EngineError::Internal("the decode stage failed"))?
             .map_err(EngineError::from)
     }
+}
+
+/// A raw frame as a picture to draw on (its own copy, within MAX_IMAGE_PIXELS).
+fn frame_picture(frame: Frame, max_image_pixels: u64) -> Result<image::RgbImage, DecodeError> {
+    let (w, h) = (frame.width, frame.height);
+    if w as u64 * h as u64 > max_image_pixels {
+        return Err(DecodeError::TooManyPixels {
+            width: w as u64,
+            height: h as u64,
+            max: max_image_pixels,
+        });
+    }
+    let mut out = vec![0u8; frame.len()];
+    match &frame.pixels {
+        crate::pipeline::frame::FramePixels::Bytes(b) if b.len() == out.len() => {
+            out.copy_from_slice(b)
+        }
+        crate::pipeline::frame::FramePixels::Bytes(b) => {
+            return Err(DecodeError::Undecodable(format!(
+                "a {w}x{h} RGB frame has {} bytes, not {}",
+                out.len(),
+                b.len()
+            )))
+        }
+        crate::pipeline::frame::FramePixels::Region { region, offset } => region
+            .read_at(*offset, &mut out)
+            .map_err(|e| DecodeError::Undecodable(e.to_string()))?,
+    }
+    image::RgbImage::from_raw(w, h, out)
+        .ok_or_else(|| DecodeError::Undecodable("the frame has the wrong size.".into()))
 }

@@ -151,6 +151,10 @@ pub async fn read_body(
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub std::net::IpAddr);
 
+/// The client's own address (a request extension), for what only local clients may do.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteIp(pub std::net::IpAddr);
+
 /// The slowest a body may arrive: after `grace`, on average `rate` bytes a second since its
 /// request began (0: any rate).
 struct Pace {

@@ -97,6 +97,7 @@ fn decode_error(e: DecodeError) -> ApiError {
     match e {
         DecodeError::DeadlineExceeded => ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string()),
         DecodeError::TooManyScans { .. }
+        | DecodeError::FrameTooLarge { .. }
         | DecodeError::TooMuchWork { .. }
         | DecodeError::TooMuchMemory { .. } => {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())

@@ -159,21 +159,21 @@ pub async fn legacy(
 
 /// What a handler learns about its request that the access log and metrics need.
 pub struct RequestContext {
-    request_id: String,
+    pub(super) request_id: String,
     /// The model, once known to be loaded (bounded label values).
     model: Option<String>,
     /// The route's path, for the request metrics.
     route: Option<&'static str>,
     /// Its place in its model's line (the waiting room), once let in.
-    ticket: Option<Ticket>,
+    pub(super) ticket: Option<Ticket>,
     /// The client's address (what its bodies and fetched images count under).
-    peer: Option<std::net::IpAddr>,
+    pub(super) peer: Option<std::net::IpAddr>,
     /// What the request's body holds of the body budget (its fetched images count on top).
-    body_held: usize,
+    pub(super) body_held: usize,
 }
 
 impl RequestContext {
-    fn new(id: RequestId, route: &'static str) -> Self {
+    pub(super) fn new(id: RequestId, route: &'static str) -> Self {
         Self {
             request_id: id.0,
             model: None,
@@ -186,21 +186,23 @@ impl RequestContext {
 
     /// A request answered 200 counts as served in its model's line (the rate admission
     /// predicts waits from).
-    fn served(&mut self, answer: &Result<HttpResponse, ApiError>) {
+    pub(super) fn served<T>(&mut self, answer: &Result<T, ApiError>) {
         if let (Ok(_), Some(ticket)) = (answer, self.ticket.as_mut()) {
             ticket.served();
         }
     }
 
     /// The response, labelled for the metrics.
-    fn finish(self, answer: Result<HttpResponse, ApiError>) -> Response {
-        finish(
-            answer,
-            self.route.map(|route| RouteLabels {
-                model: self.model,
-                route,
-            }),
-        )
+    pub(super) fn finish(self, answer: Result<HttpResponse, ApiError>) -> Response {
+        finish(answer, self.labels())
+    }
+
+    /// The labels of the request metrics.
+    pub(super) fn labels(self) -> Option<RouteLabels> {
+        self.route.map(|route| RouteLabels {
+            model: self.model,
+            route,
+        })
     }
 }
 
@@ -220,7 +222,7 @@ async fn task_route(st: Arc<AppState>, id: RequestId, req: Request, task: TaskTy
 /// now: it covers reading the body and waiting for a turn), and a place among the
 /// MAX_INFLIGHT_REQUESTS in the server (held while the returned guard lives). A request
 /// refused there has its body drained in the background.
-fn enter(
+pub(super) fn enter(
     st: &AppState,
     req: Request,
 ) -> Result<(Request, Instant, Instant, Presence<'_>), ApiError> {
@@ -460,19 +462,19 @@ async fn multipart_file(content_type: &str, body: Bytes) -> Result<Bytes, ApiErr
 }
 
 /// What one inference call is about.
-struct InferCall<'a> {
-    model_id: &'a str,
+pub(super) struct InferCall<'a> {
+    pub(super) model_id: &'a str,
     /// The task of the route, or `None` for the legacy route (any task).
-    expected: Option<TaskType>,
-    inference_id: &'a str,
-    started: Instant,
-    deadline: Instant,
+    pub(super) expected: Option<TaskType>,
+    pub(super) inference_id: &'a str,
+    pub(super) started: Instant,
+    pub(super) deadline: Instant,
 }
 
 /// Runs images through a model and renders one response per image, in order; with
 /// `visualize_predictions`, also each image with its predictions drawn (JPEG), drawn on the
 /// postprocess pool.
-async fn infer(
+pub(super) async fn infer(
     state: &Arc<AppState>,
     call: InferCall<'_>,
     request: &InferRequest,
@@ -563,6 +565,7 @@ async fn fetch_images(
             Ok::<_, ApiError>(match image {
                 ImageSource::Base64(s) => (ImageInput::Base64(s), None),
                 ImageSource::Bytes(b) => (ImageInput::Bytes(b), None),
+                ImageSource::Frame(f) => (ImageInput::Frame(f), None),
                 ImageSource::Url(u) => {
                     let (bytes, lease) =
                         fetch_url(&state.urls, &u, state.body_memory.lease(peer), request_held)
@@ -594,7 +597,7 @@ async fn fetch_images(
 const URL_FETCHES_AT_ONCE: usize = 4;
 
 /// Puts each picture, base64, in its response's `visualization`.
-fn attach_pictures(responses: &mut [InferResponse], pictures: Vec<Vec<u8>>) {
+pub(super) fn attach_pictures(responses: &mut [InferResponse], pictures: Vec<Vec<u8>>) {
     use base64::Engine as _;
     for (r, p) in responses.iter_mut().zip(pictures) {
         r.visualization = Some(base64::engine::general_purpose::STANDARD.encode(p));

@@ -16,6 +16,7 @@ pub mod request;
 pub mod response;
 pub mod router;
 pub mod state;
+pub mod v2;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -107,8 +108,10 @@ pub async fn serve(
         let st = Arc::clone(&state);
         let routers = routers.clone();
         let peer = body::Peer(budget::client_key(addr.ip()));
+        let remote = body::RemoteIp(addr.ip());
         let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(peer);
+            req.extensions_mut().insert(remote);
             let (st, routers) = (Arc::clone(&st), routers.clone());
             async move { Ok::<_, Infallible>(router::handle(st, routers, req, class).await) }
         });

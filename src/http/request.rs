@@ -21,6 +21,8 @@ pub enum ImageSource {
     Bytes(bytes::Bytes),
     /// An http(s) URL (only with ALLOW_URL_INPUT).
     Url(String),
+    /// Raw RGB pixels (the Open Inference Protocol's `pixels` input).
+    Frame(crate::pipeline::frame::Frame),
 }
 
 /// Roboflow's `InferenceRequestImage`: `{"type": "base64" | "url", "value": ...}`.

@@ -22,7 +22,7 @@ use super::answer::{finish, ErrorBody, RequestId, RouteLabels};
 use super::error::ApiError;
 use super::request::{OneOrMany, RequestImage};
 use super::state::{AppState, ConnectionClass};
-use super::{admin, inference};
+use super::{admin, inference, v2};
 use crate::metrics::METRICS;
 
 /// The routes a connection over MAX_CONNECTIONS may still ask for (cheap, no body).
@@ -58,6 +58,26 @@ fn all_routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(admin::docs))
         .route("/docs/redoc.standalone.js", get(admin::redoc_js))
         .routes(routes!(admin::openapi_json))
+        // The Open Inference Protocol (KServe v2), with Triton's extensions.
+        .routes(routes!(v2::server_metadata))
+        .routes(routes!(v2::live))
+        .routes(routes!(v2::ready))
+        .routes(routes!(v2::model_metadata))
+        .routes(routes!(v2::model_version_metadata))
+        .routes(routes!(v2::model_ready))
+        .routes(routes!(v2::model_version_ready))
+        .routes(routes!(v2::model_config))
+        .routes(routes!(v2::model_version_config))
+        .routes(routes!(v2::model_infer))
+        .routes(routes!(v2::model_version_infer))
+        .routes(routes!(v2::repository_index))
+        .routes(routes!(v2::repository_load))
+        .routes(routes!(v2::repository_unload))
+        .routes(routes!(v2::shm_status))
+        .routes(routes!(v2::shm_region_status))
+        .routes(routes!(v2::shm_register))
+        .routes(routes!(v2::shm_unregister_all))
+        .routes(routes!(v2::shm_unregister))
 }
 
 /// The routers a connection is served by: every route, and the health routes alone.
@@ -96,7 +116,7 @@ fn document_text(mut doc: utoipa::openapi::OpenApi) -> String {
         title = "cvserve",
         description = "A drop-in, single-process replacement for Roboflow Inference's HTTP server: object detection, instance segmentation, classification and keypoint detection of Roboflow-trained ONNX models."
     ),
-    components(schemas(OneOrMany, RequestImage, ErrorBody, admin::ModelRequest))
+    components(schemas(OneOrMany, RequestImage, ErrorBody, admin::ModelRequest, v2::RegisterRequest))
 )]
 struct ApiDoc;
 

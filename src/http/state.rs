@@ -33,6 +33,8 @@ pub struct AppState {
     pub body_memory: Arc<BodyBudget>,
     /// Requests being handled, for shutdown.
     pub in_flight: InFlight,
+    /// Clients' shared-memory regions (the Open Inference Protocol's extension).
+    pub regions: crate::regions::Regions,
 }
 
 /// Whether the server should get traffic (`/readiness`).

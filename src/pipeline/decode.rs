@@ -38,6 +38,11 @@ pub enum DecodeError {
     )]
     TooManyPixels { width: u64, height: u64, max: u64 },
     #[error(
+        "Could not load input image. Cause: the frame has {width}x{height} pixels, more than \
+         the {max} a ring slot holds (RING_SLOT_PIXELS)."
+    )]
+    FrameTooLarge { width: u32, height: u32, max: u64 },
+    #[error(
         "Could not load input image. Cause: the JPEG has {scans} scans, more than the {max} \
          allowed (MAX_JPEG_SCANS)."
     )]

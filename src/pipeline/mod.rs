@@ -7,6 +7,7 @@
 pub mod batcher;
 pub mod cores;
 pub mod decode;
+pub mod frame;
 pub mod instance;
 pub mod job;
 pub mod postprocess;

@@ -1,0 +1,783 @@
+//! The Open Inference Protocol (KServe v2) over HTTP, beside Roboflow's API on the same port,
+//! under `/v2`: health, server and model metadata, Triton's model configuration and model
+//! repository extensions, inference with the binary tensor extension, and the system
+//! shared-memory extension. Every Roboflow model is a v2 model: `coco/1` is model `coco`,
+//! version `1`. Errors are `{"error": "..."}`. The inference itself is `infer` (shared with
+//! gRPC); this module is the HTTP framing.
+
+pub mod infer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::StatusCode;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::answer::{RequestId, RouteLabels};
+use super::body::{discard_body, read_admin_body, read_body, Body, Peer, RemoteIp};
+use super::error::ApiError;
+use super::inference::{enter, RequestContext};
+use super::state::{AppState, Readiness};
+use crate::engine::models::LoadError;
+use crate::engine::EngineError;
+use infer::{
+    region_error, resolve_model, Contents, InputTensor, RegionRef, RequestedOutput, V2Request,
+    V2Response, INPUT_IMAGE, INPUT_PIXELS, OUTPUT_PREDICTIONS,
+};
+
+type HttpResponse = Response<Full<Bytes>>;
+
+/// The extensions served (`GET /v2`).
+pub const EXTENSIONS: &[&str] = &[
+    "binary_tensor_data",
+    "model_configuration",
+    "model_repository",
+    "parameters",
+    "system_shared_memory",
+];
+
+/// The metrics label of the inference routes.
+const INFER_ROUTE: &str = "/v2/models/{model_name}/infer";
+
+/// A v2 answer: the value as JSON, or `{"error": ...}` with the error's status (Triton's
+/// mapping: 404 unknown, 503 unavailable, 429 with Retry-After when overloaded, else 400,
+/// 413, 500 or 504 as the Roboflow routes answer).
+fn finish_v2(answer: Result<HttpResponse, ApiError>, labels: Option<RouteLabels>) -> Response {
+    let mut resp = match answer {
+        Ok(r) => r.into_response(),
+        Err(e) => {
+            let status = if e.status == StatusCode::UNPROCESSABLE_ENTITY {
+                StatusCode::BAD_REQUEST
+            } else {
+                e.status
+            };
+            let mut message = e.message;
+            if message.len() > 512 {
+                let mut end = 512;
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                message.truncate(end);
+            }
+            let mut r = json_response(status, &json!({ "error": message })).into_response();
+            if let Some(s) = e.retry_after_s {
+                r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(s));
+            }
+            r
+        }
+    };
+    if let Some(labels) = labels {
+        resp.extensions_mut().insert(labels);
+    }
+    resp
+}
+
+fn json_response(status: StatusCode, value: &Value) -> HttpResponse {
+    super::response::json(status, value)
+}
+
+/// A status with an empty body (health and readiness answers).
+fn status_only(status: StatusCode) -> Response {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = status;
+    r.into_response()
+}
+
+#[utoipa::path(get, path = "/v2", tag = "open inference protocol",
+    responses((status = 200, description = "`name`, `version` and the `extensions` served", body = Value)))]
+pub async fn server_metadata() -> Response {
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "name": "cvserve",
+            "version": env!("CARGO_PKG_VERSION"),
+            "extensions": EXTENSIONS,
+        }),
+    )
+    .into_response()
+}
+
+#[utoipa::path(get, path = "/v2/health/live", tag = "open inference protocol",
+    responses((status = 200, description = "Alive (empty body)")))]
+pub async fn live() -> Response {
+    status_only(StatusCode::OK)
+}
+
+#[utoipa::path(get, path = "/v2/health/ready", tag = "open inference protocol",
+    responses((status = 200, description = "Ready: every preloaded model is loaded (empty body)"),
+              (status = 400, description = "Not ready (loading, shutting down, or a preloaded model failed)")))]
+pub async fn ready(State(st): State<Arc<AppState>>) -> Response {
+    match st.readiness() {
+        Readiness::Ready => status_only(StatusCode::OK),
+        _ => status_only(StatusCode::BAD_REQUEST),
+    }
+}
+
+/// The versions of dataset `name`: loaded, and in the repository.
+fn versions_of(st: &AppState, name: &str) -> (Vec<String>, Vec<String>) {
+    let pick = |ids: Vec<String>| -> Vec<String> {
+        let mut v: Vec<String> = ids
+            .into_iter()
+            .filter_map(|id| {
+                let (d, v) = id.split_once('/')?;
+                (d == name).then(|| v.to_owned())
+            })
+            .collect();
+        v.sort_by_key(|v| (v.parse::<u64>().unwrap_or(0), v.clone()));
+        v
+    };
+    let loaded = pick(st.engine.served_models().into_iter().map(|m| m.id).collect());
+    let available = pick(st.engine.models().available());
+    (loaded, available)
+}
+
+fn tensor(name: &str, datatype: &str, shape: &[i64]) -> Value {
+    json!({ "name": name, "datatype": datatype, "shape": shape })
+}
+
+fn model_metadata_of(st: &AppState, name: &str, version: Option<&str>) -> Result<Value, ApiError> {
+    let (model_id, _) = resolve_model(st, name, version)?;
+    let (loaded, available) = versions_of(st, name);
+    let mut versions = available;
+    versions.extend(loaded);
+    versions.sort_by_key(|v| (v.parse::<u64>().unwrap_or(0), v.clone()));
+    versions.dedup();
+    let (_, v) = model_id.split_once('/').expect("resolved ids have a version");
+    if !versions.iter().any(|x| x == v) {
+        return Err(ApiError::not_found(format!(
+            "Request for unknown model: '{name}' version {v} is not found"
+        )));
+    }
+    Ok(json!({
+        "name": name,
+        "versions": versions,
+        "platform": "cvserve",
+        "inputs": [
+            tensor(INPUT_IMAGE, "BYTES", &[-1]),
+            tensor(INPUT_PIXELS, "UINT8", &[-1, -1, -1, 3]),
+        ],
+        "outputs": [tensor(OUTPUT_PREDICTIONS, "BYTES", &[-1])],
+    }))
+}
+
+#[utoipa::path(get, path = "/v2/models/{model_name}", tag = "open inference protocol",
+    params(("model_name" = String, Path, description = "The dataset: `coco` for `coco/1`")),
+    responses((status = 200, description = "Inputs `image` (BYTES [-1], encoded images) or `pixels` (UINT8 [-1, -1, -1, 3], RGB); output `predictions` (BYTES [-1]: per image, the JSON `/infer/<task>` answers)", body = Value),
+              (status = 404, description = "Unknown model", body = Value)))]
+pub async fn model_metadata(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Response {
+    finish_v2(
+        model_metadata_of(&st, &name, None).map(|v| json_response(StatusCode::OK, &v)),
+        None,
+    )
+}
+
+#[utoipa::path(get, path = "/v2/models/{model_name}/versions/{model_version}", tag = "open inference protocol",
+    params(("model_name" = String, Path), ("model_version" = String, Path, description = "`1` for `coco/1`")),
+    responses((status = 200, description = "As `/v2/models/{model_name}`", body = Value),
+              (status = 404, description = "Unknown model or version", body = Value)))]
+pub async fn model_version_metadata(
+    State(st): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+) -> Response {
+    finish_v2(
+        model_metadata_of(&st, &name, Some(&version)).map(|v| json_response(StatusCode::OK, &v)),
+        None,
+    )
+}
+
+fn model_ready_of(st: &AppState, name: &str, version: Option<&str>) -> Response {
+    match resolve_model(st, name, version) {
+        Ok((id, _)) if st.engine.models().get(&id).is_some() => status_only(StatusCode::OK),
+        Ok(_) => status_only(StatusCode::BAD_REQUEST),
+        Err(_) => status_only(StatusCode::NOT_FOUND),
+    }
+}
+
+#[utoipa::path(get, path = "/v2/models/{model_name}/ready", tag = "open inference protocol",
+    params(("model_name" = String, Path)),
+    responses((status = 200, description = "Loaded (empty body)"), (status = 400, description = "Not loaded"), (status = 404, description = "Unknown")))]
+pub async fn model_ready(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    model_ready_of(&st, &name, None)
+}
+
+#[utoipa::path(get, path = "/v2/models/{model_name}/versions/{model_version}/ready", tag = "open inference protocol",
+    params(("model_name" = String, Path), ("model_version" = String, Path)),
+    responses((status = 200, description = "Loaded (empty body)"), (status = 400, description = "Not loaded"), (status = 404, description = "Unknown")))]
+pub async fn model_version_ready(
+    State(st): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+) -> Response {
+    model_ready_of(&st, &name, Some(&version))
+}
+
+/// Triton's model configuration of a loaded model, from the server's settings.
+pub fn model_config_of(
+    st: &AppState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Value, ApiError> {
+    let (id, _) = resolve_model(st, name, version)?;
+    let served = st
+        .engine
+        .served_models()
+        .into_iter()
+        .find(|m| m.id == id)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "model '{id}' is not loaded: load it (POST /v2/repository/models/{name}/load) or send it a request"
+            ))
+        })?;
+    let kind = if served.provider.contains("CPU") {
+        "KIND_CPU"
+    } else {
+        "KIND_GPU"
+    };
+    let cfg = &st.cfg;
+    Ok(json!({
+        "name": name,
+        "platform": "cvserve",
+        "backend": "onnxruntime",
+        "max_batch_size": served.max_batch,
+        "input": [
+            {"name": INPUT_IMAGE, "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}},
+            {"name": INPUT_PIXELS, "data_type": "TYPE_UINT8", "dims": [-1, -1, 3]},
+        ],
+        "output": [
+            {"name": OUTPUT_PREDICTIONS, "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}},
+        ],
+        "instance_group": [{"name": id, "count": served.max_instances, "kind": kind}],
+        "dynamic_batching": {
+            "max_queue_delay_microseconds": cfg.max_queue_delay_us,
+            "default_queue_policy": {
+                "timeout_action": "REJECT",
+                "default_timeout_microseconds": (cfg.request_timeout_s * 1e6) as u64,
+                "allow_timeout_override": true,
+                "max_queue_size": cfg.max_queue_size,
+            },
+        },
+        "parameters": {
+            "task": {"string_value": served.task.as_str()},
+            "execution_provider": {"string_value": served.provider},
+            "input_width": {"string_value": served.input_width.to_string()},
+            "input_height": {"string_value": served.input_height.to_string()},
+        },
+    }))
+}
+
+#[utoipa::path(get, path = "/v2/models/{model_name}/config", tag = "open inference protocol",
+    params(("model_name" = String, Path)),
+    responses((status = 200, description = "Triton-style configuration: max_batch_size, instance_group, dynamic_batching", body = Value),
+              (status = 400, description = "Not loaded", body = Value)))]
+pub async fn model_config(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    finish_v2(
+        model_config_of(&st, &name, None).map(|v| json_response(StatusCode::OK, &v)),
+        None,
+    )
+}
+
+#[utoipa::path(get, path = "/v2/models/{model_name}/versions/{model_version}/config", tag = "open inference protocol",
+    params(("model_name" = String, Path), ("model_version" = String, Path)),
+    responses((status = 200, description = "As `/v2/models/{model_name}/config`", body = Value)))]
+pub async fn model_version_config(
+    State(st): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+) -> Response {
+    finish_v2(
+        model_config_of(&st, &name, Some(&version)).map(|v| json_response(StatusCode::OK, &v)),
+        None,
+    )
+}
+
+#[utoipa::path(post, path = "/v2/models/{model_name}/infer", tag = "open inference protocol",
+    params(("model_name" = String, Path, description = "The dataset; its highest loaded version serves")),
+    request_body(content = Value, description = "`inputs`: one of `image` (BYTES [B]) or `pixels` (UINT8 [B, H, W, 3]), in `data`, after the JSON (`Inference-Header-Content-Length`, `binary_data_size`) or in a registered region (`shared_memory_region`); `parameters`: Roboflow's request fields"),
+    responses((status = 200, description = "`outputs`: `predictions` (BYTES [B]), each the JSON `/infer/<task>` answers", body = Value),
+              (status = 400, description = "Bad tensor, parameter or image", body = Value),
+              (status = 404, description = "Unknown model or region", body = Value),
+              (status = 429, description = "Overloaded; retry after `Retry-After` seconds", body = Value)))]
+pub async fn model_infer(
+    State(st): State<Arc<AppState>>,
+    Extension(id): Extension<RequestId>,
+    Path(name): Path<String>,
+    req: Request,
+) -> Response {
+    infer_route(st, id, name, None, req).await
+}
+
+#[utoipa::path(post, path = "/v2/models/{model_name}/versions/{model_version}/infer", tag = "open inference protocol",
+    params(("model_name" = String, Path), ("model_version" = String, Path)),
+    request_body(content = Value, description = "As `/v2/models/{model_name}/infer`"),
+    responses((status = 200, description = "As `/v2/models/{model_name}/infer`", body = Value)))]
+pub async fn model_version_infer(
+    State(st): State<Arc<AppState>>,
+    Extension(id): Extension<RequestId>,
+    Path((name, version)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    infer_route(st, id, name, Some(version), req).await
+}
+
+async fn infer_route(
+    st: Arc<AppState>,
+    id: RequestId,
+    name: String,
+    version: Option<String>,
+    req: Request,
+) -> Response {
+    let mut ctx = RequestContext::new(id, INFER_ROUTE);
+    let answer = async {
+        let (req, now, deadline, _presence) = enter(&st, req)?;
+        ctx.peer = req.extensions().get::<Peer>().map(|p| p.0);
+        let admitted = resolve_model(&st, &name, version.as_deref()).and_then(|(m, v)| {
+            ctx.ticket = st.engine.admit(&m, now, deadline)?;
+            Ok((m, v))
+        });
+        let (model_id, version) = match admitted {
+            Ok(mv) => mv,
+            Err(e) => {
+                discard_body(&st, req);
+                return Err(e);
+            }
+        };
+        let header_len = match req.headers().get("inference-header-content-length") {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .ok_or_else(|| {
+                        ApiError::bad_request("Inference-Header-Content-Length is not a number")
+                    })?,
+            ),
+        };
+        let limit = st.cfg.max_body_bytes;
+        let (_, Body { bytes, lease }) =
+            read_body(&st, req, limit, "MAX_BODY_BYTES", deadline, None).await?;
+        ctx.body_held = lease.held_bytes();
+        let request = st
+            .engine
+            .run_cpu(move || parse_request(bytes, header_len))
+            .await??;
+        let answer = infer::run(&st, &model_id, &version, request, now, deadline, &mut ctx).await;
+        ctx.served(&answer);
+        let answer = answer?;
+        let resp = st.engine.run_cpu(move || http_answer(answer)).await?;
+        drop(lease);
+        resp
+    }
+    .await;
+    finish_v2(answer, ctx.labels())
+}
+
+#[derive(Deserialize)]
+struct JsonRequest {
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    inputs: Vec<JsonInput>,
+    #[serde(default)]
+    outputs: Vec<JsonOutput>,
+}
+
+#[derive(Deserialize)]
+struct JsonInput {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    data: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct JsonOutput {
+    name: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+}
+
+/// `shared_memory_region`, `shared_memory_byte_size` and `shared_memory_offset` of a
+/// tensor's parameters (region and size go together).
+pub fn region_ref(tensor: &str, params: &Map<String, Value>) -> Result<Option<RegionRef>, ApiError> {
+    let Some(name) = params.get("shared_memory_region") else {
+        return Ok(None);
+    };
+    let name = name.as_str().ok_or_else(|| {
+        ApiError::bad_request(format!("'{tensor}': shared_memory_region must be a string"))
+    })?;
+    let number = |key: &str| -> Result<Option<u64>, ApiError> {
+        params
+            .get(key)
+            .map(|v| {
+                v.as_u64().ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "'{tensor}': {key} must be a non-negative integer"
+                    ))
+                })
+            })
+            .transpose()
+    };
+    let byte_size = number("shared_memory_byte_size")?.ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "'{tensor}': shared_memory_region needs shared_memory_byte_size"
+        ))
+    })?;
+    Ok(Some(RegionRef {
+        name: name.to_owned(),
+        byte_size,
+        offset: number("shared_memory_offset")?.unwrap_or(0),
+    }))
+}
+
+/// An HTTP inference body: JSON, or with `Inference-Header-Content-Length` the JSON then the
+/// binary tensors, in the order of the inputs that declare `binary_data_size`.
+fn parse_request(body: Bytes, header_len: Option<usize>) -> Result<V2Request, ApiError> {
+    let header_len = header_len.unwrap_or(body.len());
+    if header_len > body.len() {
+        return Err(ApiError::bad_request(format!(
+            "Inference-Header-Content-Length ({header_len}) is larger than the body ({} bytes)",
+            body.len()
+        )));
+    }
+    let parsed: JsonRequest = serde_json::from_slice(&body[..header_len])
+        .map_err(|e| ApiError::bad_request(format!("failed to parse the request JSON: {e}")))?;
+    let mut at = header_len;
+    let mut inputs = Vec::with_capacity(parsed.inputs.len());
+    for input in parsed.inputs {
+        let contents = if let Some(r) = region_ref(&input.name, &input.parameters)? {
+            Contents::Region(r)
+        } else if let Some(size) = input.parameters.get("binary_data_size") {
+            let size = size.as_u64().ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "'{}': binary_data_size must be a non-negative integer",
+                    input.name
+                ))
+            })? as usize;
+            if body.len() - at < size {
+                return Err(ApiError::bad_request(format!(
+                    "'{}': binary_data_size is {size} but only {} bytes of binary data remain",
+                    input.name,
+                    body.len() - at
+                )));
+            }
+            at += size;
+            Contents::Raw(body.slice(at - size..at))
+        } else if let Some(data) = input.data {
+            Contents::Json(data)
+        } else {
+            return Err(ApiError::bad_request(format!(
+                "input '{}' has no data: give `data`, `binary_data_size` or a shared memory region",
+                input.name
+            )));
+        };
+        inputs.push(InputTensor {
+            name: input.name,
+            datatype: input.datatype,
+            shape: input.shape,
+            contents,
+        });
+    }
+    if at != body.len() {
+        return Err(ApiError::bad_request(format!(
+            "{} bytes of binary data follow the JSON that no input claims",
+            body.len() - at
+        )));
+    }
+    let binary_output = parsed
+        .parameters
+        .get("binary_data_output")
+        .and_then(Value::as_bool);
+    let mut outputs = Vec::with_capacity(parsed.outputs.len());
+    for o in parsed.outputs {
+        outputs.push(RequestedOutput {
+            region: region_ref(&o.name, &o.parameters)?,
+            binary: o
+                .parameters
+                .get("binary_data")
+                .and_then(Value::as_bool)
+                .or(binary_output),
+            name: o.name,
+        });
+    }
+    if outputs.is_empty() && binary_output.is_some() {
+        outputs.push(RequestedOutput {
+            name: OUTPUT_PREDICTIONS.into(),
+            binary: binary_output,
+            region: None,
+        });
+    }
+    Ok(V2Request {
+        id: parsed.id,
+        parameters: parsed.parameters,
+        inputs,
+        outputs,
+    })
+}
+
+/// The HTTP answer: JSON, or the JSON then the binary output (binary extension).
+fn http_answer(r: V2Response) -> Result<HttpResponse, ApiError> {
+    let shape = [r.predictions.len() as i64];
+    let mut output = json!({
+        "name": OUTPUT_PREDICTIONS,
+        "datatype": "BYTES",
+        "shape": shape,
+    });
+    let mut binary = None;
+    if let Some(region) = &r.written_to {
+        output["parameters"] = json!({
+            "shared_memory_region": region.name,
+            "shared_memory_byte_size": region.byte_size,
+            "shared_memory_offset": region.offset,
+        });
+    } else if r.binary == Some(true) {
+        let bytes = infer::serialize_bytes(&r.predictions);
+        output["parameters"] = json!({ "binary_data_size": bytes.len() });
+        binary = Some(bytes);
+    } else {
+        let data: Vec<Value> = r
+            .predictions
+            .iter()
+            .map(|p| Value::String(String::from_utf8_lossy(p).into_owned()))
+            .collect();
+        output["data"] = Value::Array(data);
+    }
+    let mut head = json!({
+        "model_name": r.model_name,
+        "model_version": r.model_version,
+        "outputs": [output],
+    });
+    if !r.id.is_empty() {
+        head["id"] = Value::String(r.id);
+    }
+    let head = serde_json::to_vec(&head)
+        .map_err(|e| ApiError::internal(format!("cannot encode the answer: {e}")))?;
+    let Some(binary) = binary else {
+        let mut resp = Response::new(Full::new(Bytes::from(head)));
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return Ok(resp);
+    };
+    let header_len = head.len();
+    let mut body = head;
+    body.extend_from_slice(&binary);
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    let h = resp.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(
+        "inference-header-content-length",
+        HeaderValue::from(header_len),
+    );
+    Ok(resp)
+}
+
+/// The repository: every model in it or loaded, as `name` + `version`, with its state.
+pub fn repository_index_of(st: &AppState, ready_only: bool) -> Vec<Value> {
+    let loaded: Vec<String> = st
+        .engine
+        .served_models()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    let mut ids = st.engine.models().available();
+    ids.extend(loaded.iter().cloned());
+    ids.sort();
+    ids.dedup();
+    ids.into_iter()
+        .filter_map(|id| {
+            let (name, version) = id.split_once('/')?;
+            let is_ready = loaded.contains(&id);
+            if ready_only && !is_ready {
+                return None;
+            }
+            let mut v = json!({"name": name, "version": version,
+                "state": if is_ready { "READY" } else { "UNAVAILABLE" }});
+            if !is_ready {
+                v["reason"] = "unloaded".into();
+            }
+            Some(v)
+        })
+        .collect()
+}
+
+#[utoipa::path(post, path = "/v2/repository/index", tag = "open inference protocol",
+    request_body(content = Value, description = "Optional `{\"ready\": true}`: loaded models only"),
+    responses((status = 200, description = "`[{name, version, state, reason}]`", body = Value)))]
+pub async fn repository_index(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    let answer = async {
+        let body = read_admin_body(&st, req).await?;
+        let ready_only = if body.bytes.iter().all(u8::is_ascii_whitespace) {
+            false
+        } else {
+            let v: Value = serde_json::from_slice(&body.bytes)
+                .map_err(|e| ApiError::bad_request(format!("failed to parse the body: {e}")))?;
+            v.get("ready").and_then(Value::as_bool).unwrap_or(false)
+        };
+        Ok(json_response(
+            StatusCode::OK,
+            &Value::Array(repository_index_of(&st, ready_only)),
+        ))
+    }
+    .await;
+    finish_v2(answer, None)
+}
+
+/// Loads model `name`'s highest version in the repository (Triton's default version
+/// policy: the latest one).
+pub async fn load_model(st: &AppState, name: &str) -> Result<(), ApiError> {
+    let (_, available) = versions_of(st, name);
+    let version = available.last().ok_or_else(|| {
+        ApiError::not_found(format!(
+            "failed to load '{name}': no version of it is in the model repository"
+        ))
+    })?;
+    st.engine
+        .add_model(&format!("{name}/{version}"), None)
+        .await
+        .map_err(|e| match e {
+            EngineError::Load(LoadError::Failed { .. }) => {
+                ApiError::bad_request(format!("failed to load '{name}': {e}"))
+            }
+            other => ApiError::from(other),
+        })
+}
+
+/// Unloads every loaded version of model `name`.
+pub fn unload_model(st: &AppState, name: &str) -> Result<(), ApiError> {
+    let (loaded, available) = versions_of(st, name);
+    if loaded.is_empty() && available.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "failed to unload '{name}': it is not a model of this server"
+        )));
+    }
+    for v in loaded {
+        st.engine.remove_model(&format!("{name}/{v}"));
+    }
+    Ok(())
+}
+
+#[utoipa::path(post, path = "/v2/repository/models/{model_name}/load", tag = "open inference protocol",
+    params(("model_name" = String, Path)),
+    responses((status = 200, description = "Loaded (its highest version in the repository)"), (status = 404, description = "Not in the repository", body = Value)))]
+pub async fn repository_load(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    req: Request,
+) -> Response {
+    let answer = async {
+        read_admin_body(&st, req).await?;
+        load_model(&st, &name).await?;
+        Ok(Response::new(Full::new(Bytes::new())))
+    }
+    .await;
+    finish_v2(answer, None)
+}
+
+#[utoipa::path(post, path = "/v2/repository/models/{model_name}/unload", tag = "open inference protocol",
+    params(("model_name" = String, Path)),
+    responses((status = 200, description = "Unloaded (every loaded version)"), (status = 404, description = "Unknown model", body = Value)))]
+pub async fn repository_unload(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    req: Request,
+) -> Response {
+    let answer = async {
+        read_admin_body(&st, req).await?;
+        unload_model(&st, &name)?;
+        Ok(Response::new(Full::new(Bytes::new())))
+    }
+    .await;
+    finish_v2(answer, None)
+}
+
+#[utoipa::path(get, path = "/v2/systemsharedmemory/status", tag = "open inference protocol",
+    responses((status = 200, description = "`[{name, key, offset, byte_size}]` of every registered region", body = Value)))]
+pub async fn shm_status(State(st): State<Arc<AppState>>) -> Response {
+    let all = st.regions.status(None).unwrap_or_default();
+    json_response(StatusCode::OK, &json!(all)).into_response()
+}
+
+#[utoipa::path(get, path = "/v2/systemsharedmemory/region/{region_name}/status", tag = "open inference protocol",
+    params(("region_name" = String, Path)),
+    responses((status = 200, description = "`[{name, key, offset, byte_size}]`", body = Value), (status = 404, description = "Not registered", body = Value)))]
+pub async fn shm_region_status(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Response {
+    finish_v2(
+        st.regions
+            .status(Some(&name))
+            .map(|s| json_response(StatusCode::OK, &json!(s)))
+            .map_err(region_error),
+        None,
+    )
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct RegisterRequest {
+    /// The POSIX shared-memory name, `/name` (the file `/dev/shm/name`).
+    key: String,
+    #[serde(default)]
+    offset: u64,
+    byte_size: u64,
+}
+
+#[utoipa::path(post, path = "/v2/systemsharedmemory/region/{region_name}/register", tag = "open inference protocol",
+    params(("region_name" = String, Path)),
+    request_body = RegisterRequest,
+    responses((status = 200, description = "Registered"),
+              (status = 400, description = "Bad key, window outside the object, or already registered", body = Value),
+              (status = 403, description = "Not a local client (ALLOW_CLIENT_SHM)", body = Value)))]
+pub async fn shm_register(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    req: Request,
+) -> Response {
+    let answer = async {
+        let peer = req.extensions().get::<RemoteIp>().map(|p| p.0);
+        let body = read_admin_body(&st, req).await?;
+        let r: RegisterRequest = serde_json::from_slice(&body.bytes)
+            .map_err(|e| ApiError::bad_request(format!("failed to parse the body: {e}")))?;
+        st.regions
+            .register(&name, &r.key, r.offset, r.byte_size, peer)
+            .map_err(region_error)?;
+        Ok(Response::new(Full::new(Bytes::new())))
+    }
+    .await;
+    finish_v2(answer, None)
+}
+
+/// How long unregister waits for requests still using a region.
+fn unregister_wait(st: &AppState) -> Duration {
+    Duration::from_secs_f64(st.cfg.request_timeout_s.max(0.0))
+}
+
+#[utoipa::path(post, path = "/v2/systemsharedmemory/unregister", tag = "open inference protocol",
+    responses((status = 200, description = "Every region unregistered, once no request uses them")))]
+pub async fn shm_unregister_all(State(st): State<Arc<AppState>>) -> Response {
+    st.regions.unregister(None, unregister_wait(&st)).await;
+    status_only(StatusCode::OK)
+}
+
+#[utoipa::path(post, path = "/v2/systemsharedmemory/region/{region_name}/unregister", tag = "open inference protocol",
+    params(("region_name" = String, Path)),
+    responses((status = 200, description = "Unregistered, once no request uses it (an unknown name is no error, as in Triton)")))]
+pub async fn shm_unregister(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Response {
+    st.regions.unregister(Some(&name), unregister_wait(&st)).await;
+    status_only(StatusCode::OK)
+}
