@@ -37,6 +37,15 @@ if [ "${1:-}" = "--sdk" ] && ! vendor/sdk-venv/bin/python -c "import inference_s
   echo "setup: inference_sdk 1.8.3 in vendor/sdk-venv"
 fi
 
+# Triton's Python client, for the Open Inference Protocol tests (tests/open_inference.rs) and
+# examples/video_client.py, with NumPy and OpenCV. Only with --sdk.
+if [ "${1:-}" = "--sdk" ] && ! vendor/triton-venv/bin/python -c "import tritonclient.http, tritonclient.grpc, cv2" 2>/dev/null; then
+  rm -rf vendor/triton-venv
+  python3 -m venv vendor/triton-venv
+  vendor/triton-venv/bin/pip install -q "tritonclient[http,grpc]==2.73.0" "numpy>=2,<3" "opencv-python-headless==5.0.0.93"
+  echo "setup: tritonclient 2.73.0 in vendor/triton-venv"
+fi
+
 # Test models of the end-to-end layouts (YOLO26-seg, YOLO26-pose, RF-DETR-seg), derived from
 # the bundled shapes models by scripts/derive_test_models.py with the `onnx` package (in
 # vendor/models-venv) into vendor/test-models, rather than kept as three more weight files.

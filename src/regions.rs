@@ -199,7 +199,10 @@ impl Regions {
         let meta = file
             .metadata()
             .map_err(|e| RegionError::Invalid(format!("cannot read '{key}': {e}")))?;
-        if offset.checked_add(byte_size).is_none_or(|end| end > meta.len()) {
+        if offset
+            .checked_add(byte_size)
+            .is_none_or(|end| end > meta.len())
+        {
             return Err(RegionError::Invalid(format!(
                 "shared memory region '{name}': {byte_size} bytes at offset {offset} do not fit in '{key}' ({} bytes)",
                 meta.len()
@@ -238,9 +241,7 @@ impl Regions {
     /// but a plain name of a regular file that is not a cvserve ring.
     fn open(&self, key: &str) -> Result<File, RegionError> {
         let invalid = |why: &str| {
-            RegionError::Invalid(format!(
-                "shared memory key '{key}' is not accepted: {why}"
-            ))
+            RegionError::Invalid(format!("shared memory key '{key}' is not accepted: {why}"))
         };
         let Some(name) = key.strip_prefix('/') else {
             return Err(invalid("a key is a POSIX shared memory name, '/name'"));
@@ -385,10 +386,7 @@ mod tests {
             "/missing",
         ] {
             let r = regions.register("r", key, 0, 8, LOCAL);
-            assert!(
-                matches!(r, Err(RegionError::Invalid(_))),
-                "{key}: {r:?}"
-            );
+            assert!(matches!(r, Err(RegionError::Invalid(_))), "{key}: {r:?}");
         }
         regions.register("r", "/ok", 0, 64, LOCAL).unwrap();
         std::fs::remove_dir_all(dir).unwrap();
@@ -400,7 +398,9 @@ mod tests {
         std::fs::write(dir.join("obj"), [7u8; 100]).unwrap();
         assert!(regions.register("big", "/obj", 0, 101, LOCAL).is_err());
         assert!(regions.register("far", "/obj", 90, 11, LOCAL).is_err());
-        assert!(regions.register("wrap", "/obj", u64::MAX, 2, LOCAL).is_err());
+        assert!(regions
+            .register("wrap", "/obj", u64::MAX, 2, LOCAL)
+            .is_err());
         regions.register("r", "/obj", 10, 80, LOCAL).unwrap();
         let used = regions.get("r").unwrap();
         let mut buf = [0u8; 10];
@@ -462,15 +462,18 @@ mod tests {
         std::fs::write(dir.join("slow"), [0u8; 8]).unwrap();
         regions.register("s", "/slow", 0, 8, LOCAL).unwrap();
         let held = regions.get("s").unwrap();
-        assert!(!regions.unregister(Some("s"), Duration::from_millis(50)).await);
+        assert!(
+            !regions
+                .unregister(Some("s"), Duration::from_millis(50))
+                .await
+        );
         assert!(matches!(regions.get("s"), Err(RegionError::NotFound(_))));
         drop(held);
         // Unregister returns once the last use is dropped.
         let used = regions.get("r").unwrap();
         let regions = Arc::new(regions);
         let r2 = Arc::clone(&regions);
-        let waiter =
-            tokio::spawn(async move { r2.unregister(None, Duration::from_secs(5)).await });
+        let waiter = tokio::spawn(async move { r2.unregister(None, Duration::from_secs(5)).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiter.is_finished());
         assert!(matches!(regions.get("r"), Err(RegionError::NotFound(_))));

@@ -116,7 +116,13 @@ fn document_text(mut doc: utoipa::openapi::OpenApi) -> String {
         title = "cvserve",
         description = "A drop-in, single-process replacement for Roboflow Inference's HTTP server: object detection, instance segmentation, classification and keypoint detection of Roboflow-trained ONNX models."
     ),
-    components(schemas(OneOrMany, RequestImage, ErrorBody, admin::ModelRequest, v2::RegisterRequest))
+    components(schemas(
+        OneOrMany,
+        RequestImage,
+        ErrorBody,
+        admin::ModelRequest,
+        v2::RegisterRequest
+    ))
 )]
 struct ApiDoc;
 

@@ -115,9 +115,7 @@ pub fn resolve_model(
     let version = highest(loaded)
         .or_else(|| highest(state.engine.models().available()))
         .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "Request for unknown model: '{name}' is not found"
-            ))
+            ApiError::not_found(format!("Request for unknown model: '{name}' is not found"))
         })?;
     Ok((format!("{name}/{version}"), version))
 }
@@ -171,10 +169,7 @@ pub async fn run(
     fields.insert("model_id".into(), Value::String(model_id.to_owned()));
     let roboflow: InferRequest = serde_json::from_value(Value::Object(fields))
         .map_err(|e| ApiError::bad_request(format!("invalid request parameters: {e}")))?;
-    let inference_id = request
-        .id
-        .clone()
-        .unwrap_or_else(|| ctx.request_id.clone());
+    let inference_id = request.id.clone().unwrap_or_else(|| ctx.request_id.clone());
     let call = InferCall {
         model_id,
         expected: None,
@@ -449,7 +444,11 @@ mod tests {
 
     #[test]
     fn bytes_elements_round_trip_and_truncation_is_an_error() {
-        let elements = vec![Bytes::from_static(b"ab"), Bytes::new(), Bytes::from_static(b"xyz")];
+        let elements = vec![
+            Bytes::from_static(b"ab"),
+            Bytes::new(),
+            Bytes::from_static(b"xyz"),
+        ];
         let raw = Bytes::from(serialize_bytes(&elements));
         assert_eq!(&raw[..6], &[2, 0, 0, 0, b'a', b'b']);
         assert_eq!(deserialize_bytes(&raw).unwrap(), elements);

@@ -133,7 +133,13 @@ fn versions_of(st: &AppState, name: &str) -> (Vec<String>, Vec<String>) {
         v.sort_by_key(|v| (v.parse::<u64>().unwrap_or(0), v.clone()));
         v
     };
-    let loaded = pick(st.engine.served_models().into_iter().map(|m| m.id).collect());
+    let loaded = pick(
+        st.engine
+            .served_models()
+            .into_iter()
+            .map(|m| m.id)
+            .collect(),
+    );
     let available = pick(st.engine.models().available());
     (loaded, available)
 }
@@ -149,7 +155,9 @@ fn model_metadata_of(st: &AppState, name: &str, version: Option<&str>) -> Result
     versions.extend(loaded);
     versions.sort_by_key(|v| (v.parse::<u64>().unwrap_or(0), v.clone()));
     versions.dedup();
-    let (_, v) = model_id.split_once('/').expect("resolved ids have a version");
+    let (_, v) = model_id
+        .split_once('/')
+        .expect("resolved ids have a version");
     if !versions.iter().any(|x| x == v) {
         return Err(ApiError::not_found(format!(
             "Request for unknown model: '{name}' version {v} is not found"
@@ -171,10 +179,7 @@ fn model_metadata_of(st: &AppState, name: &str, version: Option<&str>) -> Result
     params(("model_name" = String, Path, description = "The dataset: `coco` for `coco/1`")),
     responses((status = 200, description = "Inputs `image` (BYTES [-1], encoded images) or `pixels` (UINT8 [-1, -1, -1, 3], RGB); output `predictions` (BYTES [-1]: per image, the JSON `/infer/<task>` answers)", body = Value),
               (status = 404, description = "Unknown model", body = Value)))]
-pub async fn model_metadata(
-    State(st): State<Arc<AppState>>,
-    Path(name): Path<String>,
-) -> Response {
+pub async fn model_metadata(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
     finish_v2(
         model_metadata_of(&st, &name, None).map(|v| json_response(StatusCode::OK, &v)),
         None,
@@ -408,7 +413,10 @@ struct JsonOutput {
 
 /// `shared_memory_region`, `shared_memory_byte_size` and `shared_memory_offset` of a
 /// tensor's parameters (region and size go together).
-pub fn region_ref(tensor: &str, params: &Map<String, Value>) -> Result<Option<RegionRef>, ApiError> {
+pub fn region_ref(
+    tensor: &str,
+    params: &Map<String, Value>,
+) -> Result<Option<RegionRef>, ApiError> {
     let Some(name) = params.get("shared_memory_region") else {
         return Ok(None);
     };
@@ -774,10 +782,9 @@ pub async fn shm_unregister_all(State(st): State<Arc<AppState>>) -> Response {
 #[utoipa::path(post, path = "/v2/systemsharedmemory/region/{region_name}/unregister", tag = "open inference protocol",
     params(("region_name" = String, Path)),
     responses((status = 200, description = "Unregistered, once no request uses it (an unknown name is no error, as in Triton)")))]
-pub async fn shm_unregister(
-    State(st): State<Arc<AppState>>,
-    Path(name): Path<String>,
-) -> Response {
-    st.regions.unregister(Some(&name), unregister_wait(&st)).await;
+pub async fn shm_unregister(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    st.regions
+        .unregister(Some(&name), unregister_wait(&st))
+        .await;
     status_only(StatusCode::OK)
 }

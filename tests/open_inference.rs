@@ -1,0 +1,264 @@
+//! The Open Inference Protocol (KServe v2) beside Roboflow's API, driven by Triton's own
+//! Python client (`tritonclient`, pinned in scripts/setup.sh; scripts/test.sh sets
+//! CVSERVE_TRITON_PYTHON): every answer is checked against what the Roboflow route answers
+//! for the same image, and shared-memory hazards against the server going on serving.
+
+mod common;
+
+use common::{b64, repo, Server};
+use serde_json::{json, Value};
+
+/// Runs tests/triton_client.py over `protocol` against `addr` (host:port).
+fn triton(protocol: &str, addr: &str, server: &Server) -> Value {
+    let python = std::env::var("CVSERVE_TRITON_PYTHON").expect(
+        "CVSERVE_TRITON_PYTHON is not set: run the tests through scripts/test.sh, which installs tritonclient",
+    );
+    let out = std::process::Command::new(python)
+        .arg(repo().join("tests/triton_client.py"))
+        .arg(protocol)
+        .arg(addr)
+        .arg(repo().join("tests/fixtures"))
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "triton_client.py failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.logs()
+    );
+    serde_json::from_slice(&out.stdout).expect("triton_client.py prints JSON")
+}
+
+/// An answer without what differs between any two calls: its ids and timing.
+fn comparable(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("inference_id");
+        o.remove("time");
+        if let Some(Value::Array(preds)) = o.get_mut("predictions") {
+            for p in preds {
+                if let Some(p) = p.as_object_mut() {
+                    p.remove("detection_id");
+                }
+            }
+        }
+    }
+    v
+}
+
+fn comparable_list(v: &Value) -> Vec<Value> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("a list of answers: {v}"))
+        .iter()
+        .map(comparable)
+        .collect()
+}
+
+/// What the Roboflow route answers for `images` (one answer per image).
+fn roboflow(s: &Server, route: &str, model: &str, images: &[&str], extra: Value) -> Vec<Value> {
+    let image: Vec<Value> = images
+        .iter()
+        .map(|i| json!({"type": "base64", "value": b64(i)}))
+        .collect();
+    let mut body = json!({"model_id": model, "image": image});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    let r = s.post_json(route, &body);
+    assert_eq!(r.status, 200, "{route}: {}", r.body);
+    comparable_list(&r.body)
+}
+
+fn host_port(s: &Server) -> String {
+    s.base.trim_start_matches("http://").to_string()
+}
+
+#[test]
+fn tritonclient_over_http_gets_the_roboflow_answers_and_shared_memory_hazards_are_refused() {
+    let s = Server::start("coco/1,shapes-seg/1,imagenet/1", &[]);
+    let out = triton("http", &host_port(&s), &s);
+    assert_eq!(out["live"], true);
+    assert_eq!(out["ready"], true);
+    assert_eq!(out["model_ready"], true);
+    for ext in [
+        "binary_tensor_data",
+        "system_shared_memory",
+        "model_repository",
+    ] {
+        assert!(
+            out["extensions"].as_array().unwrap().contains(&json!(ext)),
+            "{ext}: {}",
+            out["extensions"]
+        );
+    }
+    assert_eq!(
+        out["model_inputs"],
+        json!([
+            ["image", "BYTES", [-1]],
+            ["pixels", "UINT8", [-1, -1, -1, 3]]
+        ])
+    );
+    let conf = json!({"confidence": 0.5});
+    let dog = roboflow(
+        &s,
+        "/infer/object_detection",
+        "coco/1",
+        &["images/dog.jpg"],
+        conf.clone(),
+    );
+    assert!(!dog[0]["predictions"].as_array().unwrap().is_empty());
+    // Encoded images, binary and JSON: exactly the Roboflow route's answers.
+    assert_eq!(comparable_list(&out["detection"]), dog);
+    let both = roboflow(
+        &s,
+        "/infer/object_detection",
+        "coco/1",
+        &["images/dog.jpg", "images/giraffe.jpg"],
+        conf,
+    );
+    assert_eq!(comparable_list(&out["detection_versioned_json"]), both);
+    let seg = roboflow(
+        &s,
+        "/infer/instance_segmentation",
+        "shapes-seg/1",
+        &["samples/shapes/000000.jpg"],
+        json!({}),
+    );
+    assert_eq!(comparable_list(&out["segmentation"]), seg);
+    let cls = roboflow(
+        &s,
+        "/infer/classification",
+        "imagenet/1",
+        &["images/chelsea.jpg"],
+        json!({}),
+    );
+    assert_eq!(comparable_list(&out["classification"]), cls);
+    // Raw frames (decoded by OpenCV's libjpeg-turbo, as the server decodes): the same
+    // detections as the JPEG, inline, through a region, and written into a region.
+    assert_eq!(
+        comparable_list(&out["pixels_inline"]),
+        [dog[0].clone(), dog[0].clone()]
+    );
+    assert_eq!(comparable_list(&out["pixels_shm"]), dog);
+    assert_eq!(comparable_list(&out["pixels_shm_into_region"]), dog);
+    assert_eq!(out["regions"], json!(["answers", "frames"]));
+    // Hazards: refused with an error naming why; the server goes on serving.
+    let err = |k: &str| {
+        out[k]
+            .as_str()
+            .unwrap_or_else(|| panic!("{k}: no error"))
+            .to_string()
+    };
+    assert!(
+        err("traversal_error").contains("[400]"),
+        "{}",
+        err("traversal_error")
+    );
+    assert!(
+        err("oversized_error").contains("do not fit"),
+        "{}",
+        err("oversized_error")
+    );
+    assert!(
+        err("truncated_error").contains("truncated"),
+        "{}",
+        err("truncated_error")
+    );
+    assert_eq!(comparable_list(&out["after_hazards"]), dog);
+    assert_eq!(out["regions_after_unregister"], 0);
+    assert!(err("unknown_model_error").contains("[404]"));
+    // Counted in the request metrics under the v2 route.
+    let metrics = s.get("/metrics").body.as_str().unwrap().to_string();
+    assert!(
+        metrics.contains(r#"route="/v2/models/{model_name}/infer",status="200""#),
+        "{metrics}"
+    );
+}
+
+/// Errors are `{"error": ...}` with Triton's statuses, the binary extension is framed as
+/// declared, and nothing but a plain name in the shm directory can be registered.
+#[test]
+fn v2_http_errors_and_binary_framing() {
+    let s = Server::start("coco/1", &[]);
+    let r = s.get("/v2/models/nope");
+    assert_eq!(r.status, 404);
+    assert!(
+        r.body["error"].as_str().unwrap().contains("nope"),
+        "{}",
+        r.body
+    );
+    let r = s.post_json("/v2/models/coco/infer", &json!({"inputs": []}));
+    assert_eq!(r.status, 400);
+    assert!(r.body["error"]
+        .as_str()
+        .unwrap()
+        .contains("expected 1 input"));
+    // A JSON header claiming more binary bytes than follow.
+    let head = json!({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+        "parameters": {"binary_data_size": 100}}]})
+    .to_string();
+    let mut body = head.clone().into_bytes();
+    body.extend_from_slice(&[1, 0, 0, 0, 7]);
+    let raw = s.raw(
+        &format!(
+            "POST /v2/models/coco/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nInference-Header-Content-Length: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            head.len(),
+            body.len()
+        ),
+        &body,
+    );
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    assert!(raw.contains("binary_data_size is 100"), "{raw}");
+    // Shape and bytes must agree for raw frames.
+    let r = s.post_json(
+        "/v2/models/coco/infer",
+        &json!({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 2, 2, 3],
+            "data": [1, 2, 3]}]}),
+    );
+    assert_eq!(r.status, 400);
+    assert!(
+        r.body["error"].as_str().unwrap().contains("needs 12 bytes"),
+        "{}",
+        r.body
+    );
+    // A region naming a cvserve ring, or a missing region in a request.
+    let r = s.post_json(
+        "/v2/systemsharedmemory/region/x/register",
+        &json!({"key": "/cvserve-ring-1-2", "byte_size": 8}),
+    );
+    assert_eq!(r.status, 400);
+    let r = s.post_json(
+        "/v2/models/coco/infer",
+        &json!({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 2, 2, 3],
+            "parameters": {"shared_memory_region": "missing", "shared_memory_byte_size": 12}}]}),
+    );
+    assert_eq!(r.status, 404, "{}", r.body);
+    // The repository extension: unload, then index shows it unavailable, load brings it back.
+    let r = s.post_json("/v2/repository/models/coco/unload", &json!({}));
+    assert_eq!(r.status, 200);
+    assert_eq!(s.get("/v2/models/coco/ready").status, 400);
+    let r = s.post_json("/v2/repository/index", &json!({"ready": true}));
+    assert_eq!(r.body, json!([]));
+    let r = s.post_json("/v2/repository/models/coco/load", &json!({}));
+    assert_eq!(r.status, 200);
+    assert_eq!(s.get("/v2/models/coco/versions/1/ready").status, 200);
+    let cfg = s.get("/v2/models/coco/config").body;
+    assert_eq!(
+        cfg["dynamic_batching"]["max_queue_delay_microseconds"],
+        2000
+    );
+    assert_eq!(
+        cfg["dynamic_batching"]["default_queue_policy"]["max_queue_size"],
+        64
+    );
+    // Every v2 route is in the OpenAPI document.
+    let doc = s.get("/openapi.json").body;
+    for path in [
+        "/v2",
+        "/v2/models/{model_name}/infer",
+        "/v2/systemsharedmemory/region/{region_name}/register",
+        "/v2/repository/index",
+    ] {
+        assert!(doc["paths"].get(path).is_some(), "{path} missing");
+    }
+}
