@@ -413,12 +413,12 @@ mod tests {
             .write(true)
             .open(dir.join("obj"))
             .unwrap()
-            .set_len(20)
+            .set_len(15)
             .unwrap();
         let e = used.read_at(0, &mut buf).unwrap_err();
         assert!(e.to_string().contains("truncated"), "{e}");
         assert!(used.write_at(0, &buf).is_err());
-        assert_eq!(std::fs::metadata(dir.join("obj")).unwrap().len(), 20);
+        assert_eq!(std::fs::metadata(dir.join("obj")).unwrap().len(), 15);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
