@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building and testing need on a fresh Debian/Ubuntu box, idempotently:
-# cmake + nasm (libjpeg-turbo is built from source by the turbojpeg crate), python3 + pip (to
+# cmake + nasm (libjpeg-turbo is built from source by the turbojpeg crate), protoc (the gRPC code), python3 + pip (to
 # fetch the ONNX Runtime library from its PyPI wheel), and the ONNX Runtime library itself
 # into vendor/onnxruntime (git-ignored; never committed).
 set -euo pipefail
@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v cmake >/dev/null || missing+=(cmake)
 command -v nasm >/dev/null || missing+=(nasm)
+command -v protoc >/dev/null || missing+=(protobuf-compiler)
 command -v curl >/dev/null || missing+=(curl)
 command -v cc >/dev/null || missing+=(build-essential)
 command -v python3 >/dev/null || missing+=(python3)

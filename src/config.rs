@@ -142,6 +142,11 @@ pub struct ServeConfig {
     #[arg(long, env = "BODY_RATE_GRACE_S", default_value_t = 3.0, value_parser = within(1.0, 86400.0))]
     pub body_rate_grace_s: f64,
 
+    /// Port of the Open Inference Protocol's gRPC service (`inference.GRPCInferenceService`),
+    /// on HOST; 0: no gRPC.
+    #[arg(long, env = "GRPC_PORT", default_value_t = 9002)]
+    pub grpc_port: u16,
+
     /// Who may register system shared-memory regions (the Open Inference Protocol's
     /// extension): `local` (clients on a loopback address), `off`, or `any`.
     #[arg(long, env = "ALLOW_CLIENT_SHM", default_value = "local", value_enum)]

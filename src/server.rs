@@ -229,6 +229,16 @@ async fn serve(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<()> {
         ring_slot_mib = state.engine.ring().slot_bytes() >> 20,
         "listening"
     );
+    if state.cfg.grpc_port != 0 {
+        let grpc_addr = format!("{}:{}", state.cfg.host, state.cfg.grpc_port);
+        let grpc = http::listen(&grpc_addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {grpc_addr} (GRPC_PORT): {e}"))?;
+        let grpc_local = grpc.local_addr()?;
+        tracing::info!(%grpc_local, "gRPC (Open Inference Protocol) listening");
+        println!("cvserve grpc listening on {grpc_local}");
+        tokio::spawn(http::v2::grpc::serve(grpc, Arc::clone(&state)));
+    }
     // Tests and scripts read this line to find the port.
     println!("cvserve listening on http://{local}");
 

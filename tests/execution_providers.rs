@@ -128,6 +128,7 @@ fn exit_on_load_error_ends_the_process_when_a_preloaded_model_fails() {
         .args(["serve"])
         .env("HOST", "127.0.0.1")
         .env("PORT", "0")
+        .env("GRPC_PORT", "0")
         .env("MODEL_CACHE_DIR", common::repo().join("models"))
         .env("ORT_DYLIB_PATH", common::ort_dylib())
         .env("RING_DIR", std::env::temp_dir())
@@ -153,6 +154,7 @@ fn a_setting_out_of_range_stops_the_start_with_its_name() {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_cvserve"))
             .args(["serve"])
             .env("PORT", "0")
+            .env("GRPC_PORT", "0")
             .env(name, value)
             .output()
             .unwrap();

@@ -73,10 +73,19 @@ fn host_port(s: &Server) -> String {
     s.base.trim_start_matches("http://").to_string()
 }
 
-#[test]
-fn tritonclient_over_http_gets_the_roboflow_answers_and_shared_memory_hazards_are_refused() {
-    let s = Server::start("coco/1,shapes-seg/1,imagenet/1", &[]);
-    let out = triton("http", &host_port(&s), &s);
+/// What Triton's client got over `protocol` (`http` or `grpc`), checked against the Roboflow
+/// routes' answers for the same images.
+fn check_triton_client(protocol: &str) {
+    let grpc_port = free_port().to_string();
+    let s = Server::start(
+        "coco/1,shapes-seg/1,imagenet/1",
+        &[("GRPC_PORT", grpc_port.as_str())],
+    );
+    let addr = match protocol {
+        "http" => host_port(&s),
+        _ => s.grpc.clone().expect("the server listens for gRPC"),
+    };
+    let out = triton(protocol, &addr, &s);
     assert_eq!(out["live"], true);
     assert_eq!(out["ready"], true);
     assert_eq!(out["model_ready"], true);
@@ -149,11 +158,16 @@ fn tritonclient_over_http_gets_the_roboflow_answers_and_shared_memory_hazards_ar
             .unwrap_or_else(|| panic!("{k}: no error"))
             .to_string()
     };
+    let (invalid, not_found) = match protocol {
+        "http" => ("[400]", "[404]"),
+        _ => ("INVALID_ARGUMENT", "NOT_FOUND"),
+    };
     assert!(
-        err("traversal_error").contains("[400]"),
+        err("traversal_error").contains(invalid),
         "{}",
         err("traversal_error")
     );
+    assert!(err("traversal_error").contains("not accepted"));
     assert!(
         err("oversized_error").contains("do not fit"),
         "{}",
@@ -166,13 +180,36 @@ fn tritonclient_over_http_gets_the_roboflow_answers_and_shared_memory_hazards_ar
     );
     assert_eq!(comparable_list(&out["after_hazards"]), dog);
     assert_eq!(out["regions_after_unregister"], 0);
-    assert!(err("unknown_model_error").contains("[404]"));
-    // Counted in the request metrics under the v2 route.
+    assert!(err("unknown_model_error").contains(not_found));
+    // Counted in the request metrics under the protocol's route.
+    let route = match protocol {
+        "http" => "/v2/models/{model_name}/infer",
+        _ => "grpc ModelInfer",
+    };
     let metrics = s.get("/metrics").body.as_str().unwrap().to_string();
     assert!(
-        metrics.contains(r#"route="/v2/models/{model_name}/infer",status="200""#),
+        metrics.contains(&format!(r#"route="{route}",status="200""#)),
         "{metrics}"
     );
+}
+
+/// A port free now (GRPC_PORT has no ephemeral form).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn tritonclient_over_http_gets_the_roboflow_answers_and_shared_memory_hazards_are_refused() {
+    check_triton_client("http");
+}
+
+#[test]
+fn tritonclient_over_grpc_gets_the_roboflow_answers_and_shared_memory_hazards_are_refused() {
+    check_triton_client("grpc");
 }
 
 /// Errors are `{"error": ...}` with Triton's statuses, the binary extension is framed as

@@ -48,7 +48,8 @@ def error_of(call):
 
 def infer_image(model, images, version="", binary=True, **params):
     # JSON carries text only: base64, as in Roboflow's `image.value`.
-    encode = (lambda b: b) if binary else (lambda b: base64.b64encode(b).decode())
+    text = protocol == "http" and not binary
+    encode = (lambda b: base64.b64encode(b).decode()) if text else (lambda b: b)
     data = np.array([encode(read(i)) for i in images], dtype=np.object_)
     inp = client_lib.InferInput("image", [len(images)], "BYTES")
     if protocol == "http":

@@ -57,6 +57,8 @@ impl Resp {
 pub struct Server {
     pub child: Child,
     pub base: String,
+    /// The gRPC address (host:port) when GRPC_PORT was given.
+    pub grpc: Option<String>,
     pub log: PathBuf,
     agent: ureq::Agent,
 }
@@ -96,6 +98,8 @@ impl Server {
         cmd.arg("serve")
             .env("HOST", "127.0.0.1")
             .env("PORT", "0")
+            // No gRPC unless a test asks (GRPC_PORT has no ephemeral form: 0 is off).
+            .env("GRPC_PORT", "0")
             .env("MODEL_CACHE_DIR", repo().join("models"))
             .env("ORT_DYLIB_PATH", ort_dylib())
             .env("PRELOAD_MODELS", models)
@@ -109,9 +113,13 @@ impl Server {
         let mut child = cmd.spawn().expect("spawn cvserve");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
+        let mut grpc = None;
         let base = loop {
             match lines.next() {
                 Some(Ok(line)) => {
+                    if let Some(addr) = line.strip_prefix("cvserve grpc listening on ") {
+                        grpc = Some(addr.trim().to_string());
+                    }
                     if let Some(addr) = line.strip_prefix("cvserve listening on ") {
                         break addr.trim().to_string();
                     }
@@ -132,6 +140,7 @@ impl Server {
         Server {
             child,
             base,
+            grpc,
             log,
             agent,
         }

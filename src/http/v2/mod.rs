@@ -5,6 +5,7 @@
 //! version `1`. Errors are `{"error": "..."}`. The inference itself is `infer` (shared with
 //! gRPC); this module is the HTTP framing.
 
+pub mod grpc;
 pub mod infer;
 
 use std::sync::Arc;
