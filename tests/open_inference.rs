@@ -299,3 +299,76 @@ fn v2_http_errors_and_binary_framing() {
         assert!(doc["paths"].get(path).is_some(), "{path} missing");
     }
 }
+
+/// examples/video_client.py streams a short video (made now from the fixture photos) over
+/// gRPC's ModelStreamInfer, frames handed over in a shared-memory region: one answer per
+/// frame, in order, each exactly what the Roboflow route answers for the scene's frame (the
+/// video is lossless FFV1, so its frames are the scenes' pixels).
+#[test]
+fn the_video_client_streams_frames_through_shared_memory_and_gets_each_frames_detections() {
+    let python = std::env::var("CVSERVE_TRITON_PYTHON").expect("CVSERVE_TRITON_PYTHON");
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("video-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let made = std::process::Command::new(&python)
+        .arg(repo().join("tests/make_test_video.py"))
+        .arg(repo().join("tests/fixtures"))
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let frames: usize = String::from_utf8_lossy(&made.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    let grpc_port = free_port().to_string();
+    let s = Server::start("coco/1", &[("GRPC_PORT", grpc_port.as_str())]);
+    let out = std::process::Command::new(&python)
+        .arg(repo().join("examples/video_client.py"))
+        .args([
+            "--url",
+            s.grpc.as_deref().unwrap(),
+            "--model",
+            "coco",
+            "--json",
+        ])
+        .arg("--source")
+        .arg(dir.join("video.avi"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", s.logs());
+    assert!(stderr.contains(&format!("{frames} frames in")), "{stderr}");
+    let answers: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(answers.len(), frames);
+    let scenes: Vec<Value> = (0..2)
+        .map(|i| {
+            let png = std::fs::read(dir.join(format!("scene{i}.png"))).unwrap();
+            use base64::Engine as _;
+            let r = s.post_json(
+                "/infer/object_detection",
+                &json!({"model_id": "coco/1", "image": {"type": "base64",
+                    "value": base64::engine::general_purpose::STANDARD.encode(png)}}),
+            );
+            assert_eq!(r.status, 200);
+            assert!(!r.body["predictions"].as_array().unwrap().is_empty());
+            comparable(&r.body)
+        })
+        .collect();
+    for (i, a) in answers.iter().enumerate() {
+        assert_eq!(a["frame"], i, "answers in order");
+        assert_eq!(
+            comparable(&a["answer"]),
+            scenes[i * 2 / frames],
+            "frame {i}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
