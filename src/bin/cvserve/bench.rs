@@ -86,6 +86,20 @@ pub struct BenchConfig {
     /// Client threads (0 = number of cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+
+    /// `roboflow`: Roboflow's routes (--route); `v2-http`: the Open Inference Protocol over
+    /// HTTP (binary tensors); `v2-grpc`: over gRPC (--grpc-url).
+    #[arg(long, default_value = "roboflow", value_parser = ["roboflow", "v2-http", "v2-grpc"])]
+    pub protocol: String,
+
+    /// v2 only: send raw RGB frames through a shared-memory region per client (the server
+    /// must be on this machine) instead of encoded images. Closed loop only.
+    #[arg(long, default_value_t = false)]
+    pub shm: bool,
+
+    /// The server's gRPC address (v2-grpc).
+    #[arg(long, default_value = "http://127.0.0.1:9002")]
+    pub grpc_url: String,
 }
 
 /// What a run measured.
@@ -138,6 +152,26 @@ impl Percentiles {
             p90: q(0.9),
             p99: q(0.99),
             max: ms[ms.len() - 1],
+        }
+    }
+}
+
+/// What a client sends: Roboflow's routes, or the Open Inference Protocol.
+enum Load {
+    Roboflow(Target),
+    V2(crate::bench_v2::V2Target),
+}
+
+impl Load {
+    /// Sends image `i` from closed-loop client `client` (open loop: any), then waits out a
+    /// Retry-After when asked to; returns (status or 0, latency, refused with Retry-After).
+    async fn send(&self, i: usize, client: usize) -> (u16, Duration, bool) {
+        match self {
+            Load::Roboflow(t) => t.send(i).await,
+            Load::V2(t) => {
+                let (status, latency, _) = t.send_once(i, client).await;
+                (status, latency, false)
+            }
         }
     }
 }
@@ -277,6 +311,60 @@ async fn route_for(
     Ok(format!("/infer/{}", task.replace('-', "_")))
 }
 
+/// Roboflow's route and bodies (base64 JSON, or the legacy route's base64 text).
+async fn roboflow_target(
+    cfg: &BenchConfig,
+    files: &[PathBuf],
+    extra: &serde_json::Value,
+) -> anyhow::Result<(String, Target)> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(cfg.concurrency.max(1))
+        .build(connector);
+
+    let (path, content_type) = if cfg.route == "legacy" {
+        (
+            format!("/{}?api_key={}", cfg.model, cfg.api_key),
+            "application/x-www-form-urlencoded",
+        )
+    } else {
+        (route_for(&client, cfg).await?, "application/json")
+    };
+    let mut bodies = Vec::new();
+    for f in files {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(f)?);
+        bodies.push(Bytes::from(if cfg.route == "legacy" {
+            b64
+        } else {
+            let mut body = serde_json::json!({
+                "api_key": cfg.api_key,
+                "image": {"type": "base64", "value": b64},
+            });
+            if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+                b.extend(e.clone());
+            }
+            // `model_id` first, as inference_sdk sends it: a server may decide on the request
+            // before the image has arrived.
+            let rest = body.to_string();
+            format!(
+                "{{\"model_id\":{},{}",
+                serde_json::to_string(&cfg.model)?,
+                &rest[1..]
+            )
+        }));
+    }
+    let target = Target {
+        client,
+        uri: format!("{}{path}", cfg.url).parse()?,
+        content_type,
+        bodies,
+        timeout: Duration::from_secs_f64(cfg.timeout),
+        respect_retry_after: cfg.respect_retry_after,
+    };
+    Ok((path, target))
+}
+
 async fn run_async(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(&cfg.images)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", cfg.images.display()))?
@@ -303,54 +391,32 @@ async fn run_async(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
         None => serde_json::json!({}),
     };
 
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(cfg.concurrency.max(1))
-        .build(connector);
-
-    let (path, content_type) = if cfg.route == "legacy" {
-        (
-            format!("/{}?api_key={}", cfg.model, cfg.api_key),
-            "application/x-www-form-urlencoded",
-        )
+    let (path, target) = if cfg.protocol == "roboflow" {
+        anyhow::ensure!(!cfg.shm, "--shm needs --protocol v2-http or v2-grpc");
+        let (path, target) = roboflow_target(&cfg, &files, &extra).await?;
+        (path, Load::Roboflow(target))
     } else {
-        (route_for(&client, &cfg).await?, "application/json")
+        anyhow::ensure!(
+            !(cfg.shm && cfg.rate.is_some()),
+            "--shm gives each closed-loop client its own region: not with --rate"
+        );
+        let target = crate::bench_v2::V2Target::new(
+            &cfg.protocol,
+            &cfg.url,
+            &cfg.grpc_url,
+            &cfg.model,
+            &files,
+            cfg.shm,
+            cfg.concurrency,
+            Duration::from_secs_f64(cfg.timeout),
+        )
+        .await?;
+        (target.label(), Load::V2(target))
     };
-    let mut bodies = Vec::new();
-    for f in &files {
-        let b64 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(f)?);
-        bodies.push(Bytes::from(if cfg.route == "legacy" {
-            b64
-        } else {
-            let mut body = serde_json::json!({
-                "api_key": cfg.api_key,
-                "image": {"type": "base64", "value": b64},
-            });
-            if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
-                b.extend(e.clone());
-            }
-            // `model_id` first, as inference_sdk sends it: a server may decide on the request
-            // before the image has arrived.
-            let rest = body.to_string();
-            format!(
-                "{{\"model_id\":{},{}",
-                serde_json::to_string(&cfg.model)?,
-                &rest[1..]
-            )
-        }));
-    }
-    let target = Arc::new(Target {
-        client,
-        uri: format!("{}{path}", cfg.url).parse()?,
-        content_type,
-        bodies,
-        timeout: Duration::from_secs_f64(cfg.timeout),
-        respect_retry_after: cfg.respect_retry_after,
-    });
+    let target = Arc::new(target);
 
     for i in 0..cfg.warmup {
-        target.send(i).await;
+        target.send(i, 0).await;
     }
 
     let cpu0 = cpu_seconds();
@@ -376,11 +442,11 @@ async fn run_async(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
                 break;
             }
             let target = Arc::clone(&target);
-            tasks.push(tokio::spawn(async move { vec![target.send(i).await] }));
+            tasks.push(tokio::spawn(async move { vec![target.send(i, i).await] }));
         }
     } else {
         mode = format!("closed loop, concurrency {}", cfg.concurrency);
-        for _ in 0..cfg.concurrency.max(1) {
+        for client in 0..cfg.concurrency.max(1) {
             let target = Arc::clone(&target);
             let issued = Arc::clone(&issued);
             tasks.push(tokio::spawn(async move {
@@ -390,7 +456,7 @@ async fn run_async(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
                     if i >= total || stop_at.is_some_and(|t| Instant::now() >= t) {
                         break;
                     }
-                    results.push(target.send(i).await);
+                    results.push(target.send(i, client).await);
                 }
                 results
             }));
@@ -402,6 +468,9 @@ async fn run_async(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
+    if let Load::V2(t) = &*target {
+        t.finish(&cfg.url).await;
+    }
 
     let mut by_status = std::collections::BTreeMap::new();
     let mut ok_ms = Vec::new();

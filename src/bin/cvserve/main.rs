@@ -2,6 +2,7 @@
 //! load-tests one.
 
 mod bench;
+mod bench_v2;
 mod ceiling;
 
 use clap::{Parser, Subcommand};
