@@ -26,7 +26,9 @@ COPY --from=build /src/run.sh run.sh
 COPY --from=build /src/models models
 USER 10001:10001
 ENV HOST=0.0.0.0 PORT=9001 LOG_FORMAT=json
-EXPOSE 9001 9002
+EXPOSE 9001
+# The Open Inference Protocol over gRPC (GRPC_PORT).
+EXPOSE 9002
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD curl -fsS http://127.0.0.1:9001/healthz || exit 1
 STOPSIGNAL SIGTERM

@@ -50,3 +50,21 @@ fn manifests_and_dockerfiles_agree_with_the_servers_defaults() {
     assert!(ok, "{report}");
     assert!(report.contains("deploy check: 0 problem(s)"), "{report}");
 }
+
+/// deploy/kubernetes/kserve/ (the ServingRuntime and InferenceService examples) validates
+/// strictly against KServe's CRD schemas and agrees with the server's ports and v2 health
+/// routes; the checker first proves it refuses a misspelled field.
+#[test]
+fn kserve_manifests_validate_against_kserves_schemas() {
+    let cfg = Cli::parse_from(["cvserve"]).serve;
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let python = std::env::var("CVSERVE_DEPLOY_PYTHON")
+        .unwrap_or_else(|_| format!("{repo}/vendor/deploy-venv/bin/python"));
+    let (port, grpc) = (cfg.port.to_string(), cfg.grpc_port.to_string());
+    let args = [repo, port.as_str(), grpc.as_str()];
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    let (ok, report) = common::python_check(&python, "kserve_check.py", &args);
+    assert!(ok, "{report}");
+    assert!(report.contains("3 manifests checked"), "{report}");
+    assert!(report.contains("0 problems"), "{report}");
+}
