@@ -39,7 +39,7 @@ impl Drop for Slot {
 
 enum Wire {
     Http {
-        client: Client<HttpConnector, Full<Bytes>>,
+        client: Box<Client<HttpConnector, Full<Bytes>>>,
         uri: hyper::Uri,
     },
     Grpc {
@@ -127,9 +127,11 @@ impl V2Target {
             let mut connector = HttpConnector::new();
             connector.set_nodelay(true);
             Wire::Http {
-                client: Client::builder(hyper_util::rt::TokioExecutor::new())
-                    .pool_max_idle_per_host(clients.max(1))
-                    .build(connector),
+                client: Box::new(
+                    Client::builder(hyper_util::rt::TokioExecutor::new())
+                        .pool_max_idle_per_host(clients.max(1))
+                        .build(connector),
+                ),
                 uri: format!("{url}/v2/models/{name}/versions/{version}/infer").parse()?,
             }
         };
