@@ -158,7 +158,7 @@ impl Percentiles {
 
 /// What a client sends: Roboflow's routes, or the Open Inference Protocol.
 enum Load {
-    Roboflow(Target),
+    Roboflow(Box<Target>),
     V2(crate::bench_v2::V2Target),
 }
 
@@ -394,7 +394,7 @@ async fn run_async(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
     let (path, target) = if cfg.protocol == "roboflow" {
         anyhow::ensure!(!cfg.shm, "--shm needs --protocol v2-http or v2-grpc");
         let (path, target) = roboflow_target(&cfg, &files, &extra).await?;
-        (path, Load::Roboflow(target))
+        (path, Load::Roboflow(Box::new(target)))
     } else {
         anyhow::ensure!(
             !(cfg.shm && cfg.rate.is_some()),
