@@ -85,6 +85,7 @@ def main():
     free = [threading.Semaphore(1) for _ in range(SLOTS)]
     answers = queue.Queue()
     sent = {}
+    failed = []
 
     def on_answer(result, error):
         # Called in order, one answer per request.
@@ -106,7 +107,10 @@ def main():
             except queue.Empty:
                 continue
             if error is not None:
-                sys.exit(f"the server refused a frame: {error}")
+                failed.append(str(error))
+                for slot in free:  # unblock the reader, which then stops
+                    slot.release()
+                return
             frame_id = int(result.get_response().id)
             slot = frame_id % SLOTS
             free[slot].release()
@@ -119,39 +123,45 @@ def main():
 
     consumer = threading.Thread(target=consume)
     consumer.start()
-    client.start_stream(callback=on_answer)
     started = time.perf_counter()
-    frame_id, frame = 0, first
-    while frame is not None and (args.frames == 0 or frame_id < args.frames):
-        rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-        slot = frame_id % SLOTS
-        free[slot].acquire()  # the server has answered the frame last in this slot
-        inp = grpcclient.InferInput("pixels", [1, height, width, 3], "UINT8")
+    try:
+        client.start_stream(callback=on_answer)
+        frame_id, frame = 0, first
+        while frame is not None and (args.frames == 0 or frame_id < args.frames):
+            rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            slot = frame_id % SLOTS
+            free[slot].acquire()  # the server has answered the frame last in this slot
+            if failed:
+                break
+            inp = grpcclient.InferInput("pixels", [1, height, width, 3], "UINT8")
+            if handle is not None:
+                shm.set_shared_memory_region(handle, [rgb], offset=slot * frame_bytes)
+                inp.set_shared_memory(region, frame_bytes, offset=slot * frame_bytes)
+            else:
+                inp.set_data_from_numpy(rgb[np.newaxis])
+            if writer is not None:
+                kept[frame_id] = frame
+            sent[frame_id] = time.perf_counter()
+            client.async_stream_infer(
+                args.model, [inp], model_version=args.version, request_id=str(frame_id),
+                parameters=params,
+            )
+            frame_id += 1
+            ok, frame = cap.read()
+            if not ok:
+                frame = None
+    finally:
+        done.set()
+        consumer.join(timeout=30)
+        client.stop_stream()
         if handle is not None:
-            shm.set_shared_memory_region(handle, [rgb], offset=slot * frame_bytes)
-            inp.set_shared_memory(region, frame_bytes, offset=slot * frame_bytes)
-        else:
-            inp.set_data_from_numpy(rgb[np.newaxis])
+            client.unregister_system_shared_memory(region)
+            shm.destroy_shared_memory_region(handle)
         if writer is not None:
-            kept[frame_id] = frame
-        sent[frame_id] = time.perf_counter()
-        client.async_stream_infer(
-            args.model, [inp], model_version=args.version, request_id=str(frame_id),
-            parameters=params,
-        )
-        frame_id += 1
-        ok, frame = cap.read()
-        if not ok:
-            frame = None
-    done.set()
-    consumer.join()
-    client.stop_stream()
+            writer.release()
     elapsed = time.perf_counter() - started
-    if handle is not None:
-        client.unregister_system_shared_memory(region)
-        shm.destroy_shared_memory_region(handle)
-    if writer is not None:
-        writer.release()
+    if failed:
+        sys.exit(f"the server refused a frame: {failed[0]}")
     lat = sorted(latencies)
     p50 = lat[len(lat) // 2] * 1000 if lat else 0.0
     print(

@@ -112,7 +112,8 @@ impl RegionUse {
     }
 
     /// Writes `data` at `offset` in the window, only while the object still holds the whole
-    /// window (a write never grows an object its owner truncated).
+    /// window (checked just before writing: a truncation racing the write itself can leave
+    /// the object sparse up to the window's end, never beyond it).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), RegionError> {
         self.check(offset, data.len() as u64)?;
         let at = self.region.status.offset + offset;
@@ -145,6 +146,8 @@ pub struct Regions {
     dir: PathBuf,
     policy: ClientShm,
     max_regions: usize,
+    /// Files that are never a region, by identity (device, inode): the server's ring.
+    protected: Vec<(u64, u64)>,
     map: Mutex<HashMap<String, Arc<Region>>>,
 }
 
@@ -156,7 +159,31 @@ impl Regions {
             dir,
             policy,
             max_regions,
+            protected: Vec::new(),
             map: Mutex::default(),
+        }
+    }
+
+    /// Never lets `path` (the server's own ring) be registered, under any name or link.
+    pub fn protect(mut self, path: &std::path::Path) -> Self {
+        if let Ok(m) = std::fs::metadata(path) {
+            self.protected.push((m.dev(), m.ino()));
+        }
+        self
+    }
+
+    /// Whether a client at `peer` may use the extension at all (register, status,
+    /// unregister, and name a region in a request): ALLOW_CLIENT_SHM.
+    pub fn allowed(&self, peer: Option<IpAddr>) -> Result<(), RegionError> {
+        match (self.policy, peer) {
+            (ClientShm::Off, _) => Err(RegionError::Refused(
+                "System shared memory is disabled on this server (ALLOW_CLIENT_SHM=off)".into(),
+            )),
+            (ClientShm::Local, Some(ip)) if ip.to_canonical().is_loopback() => Ok(()),
+            (ClientShm::Local, _) => Err(RegionError::Refused(
+                "System shared memory may only be used by clients on this machine (a loopback address; ALLOW_CLIENT_SHM=local)".into(),
+            )),
+            (ClientShm::Any, _) => Ok(()),
         }
     }
 
@@ -170,21 +197,7 @@ impl Regions {
         byte_size: u64,
         peer: Option<IpAddr>,
     ) -> Result<(), RegionError> {
-        match (self.policy, peer) {
-            (ClientShm::Off, _) => {
-                return Err(RegionError::Refused(
-                    "System shared memory is disabled on this server (ALLOW_CLIENT_SHM=off)"
-                        .into(),
-                ))
-            }
-            (ClientShm::Local, Some(ip)) if ip.to_canonical().is_loopback() => {}
-            (ClientShm::Local, _) => {
-                return Err(RegionError::Refused(
-                    "System shared memory may only be registered by clients on this machine (a loopback address; ALLOW_CLIENT_SHM=local)".into(),
-                ))
-            }
-            (ClientShm::Any, _) => {}
-        }
+        self.allowed(peer)?;
         if name.is_empty() || name.len() > 256 {
             return Err(RegionError::Invalid(
                 "a region name must have 1 to 256 characters".into(),
@@ -276,17 +289,28 @@ impl Regions {
         if !meta.file_type().is_file() {
             return Err(invalid("not a regular file"));
         }
+        if self.protected.contains(&(meta.dev(), meta.ino())) {
+            return Err(invalid("it is this server's ring"));
+        }
         Ok(file)
     }
 
-    /// The region `name`, for one request's use.
-    pub fn get(&self, name: &str) -> Result<RegionUse, RegionError> {
-        let mut map = self.map.lock();
-        sweep(&mut map);
-        let region = map
-            .get(name)
-            .cloned()
-            .ok_or_else(|| RegionError::NotFound(name.to_owned()))?;
+    /// The region `name`, for one request's use by a client at `peer`.
+    pub fn get(&self, name: &str, peer: Option<IpAddr>) -> Result<RegionUse, RegionError> {
+        self.allowed(peer)?;
+        let region = {
+            let mut map = self.map.lock();
+            let region = map
+                .get(name)
+                .cloned()
+                .ok_or_else(|| RegionError::NotFound(name.to_owned()))?;
+            // Its object unlinked by its owner: dropped (only this one is looked at here).
+            if !linked(&region) {
+                map.remove(name);
+                return Err(RegionError::NotFound(name.to_owned()));
+            }
+            region
+        };
         let permit = Arc::clone(&region.users)
             .try_acquire_owned()
             .map_err(|_| RegionError::NotFound(name.to_owned()))?;
@@ -345,7 +369,11 @@ impl Regions {
 /// Drops regions whose object its client unlinked (went away without unregistering): their
 /// descriptors close once no request uses them.
 fn sweep(map: &mut HashMap<String, Arc<Region>>) {
-    map.retain(|_, r| r.file.metadata().is_ok_and(|m| m.nlink() > 0));
+    map.retain(|_, r| linked(r));
+}
+
+fn linked(r: &Region) -> bool {
+    r.file.metadata().is_ok_and(|m| m.nlink() > 0)
 }
 
 #[cfg(test)]
@@ -389,6 +417,12 @@ mod tests {
             assert!(matches!(r, Err(RegionError::Invalid(_))), "{key}: {r:?}");
         }
         regions.register("r", "/ok", 0, 64, LOCAL).unwrap();
+        // The server's ring under another name (a hard link) is still the ring.
+        std::fs::write(dir.join("ring"), [0u8; 64]).unwrap();
+        std::fs::hard_link(dir.join("ring"), dir.join("alias")).unwrap();
+        let regions = Regions::new(dir.clone(), ClientShm::Local, 4).protect(&dir.join("ring"));
+        let r = regions.register("a", "/alias", 0, 8, LOCAL);
+        assert!(r.unwrap_err().to_string().contains("ring"));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -402,7 +436,7 @@ mod tests {
             .register("wrap", "/obj", u64::MAX, 2, LOCAL)
             .is_err());
         regions.register("r", "/obj", 10, 80, LOCAL).unwrap();
-        let used = regions.get("r").unwrap();
+        let used = regions.get("r", LOCAL).unwrap();
         let mut buf = [0u8; 10];
         used.read_at(70, &mut buf).unwrap();
         assert_eq!(buf, [7u8; 10]);
@@ -437,6 +471,12 @@ mod tests {
             .unwrap();
         let off = Regions::new(dir.clone(), ClientShm::Off, 4);
         assert!(off.register("r", "/obj", 0, 8, LOCAL).is_err());
+        // A remote client may not name a local client's region either, nor list them.
+        assert!(matches!(
+            regions.get("r6", remote),
+            Err(RegionError::Refused(_))
+        ));
+        assert!(regions.allowed(remote).is_err());
         let any = Regions::new(dir.clone(), ClientShm::Any, 4);
         any.register("r", "/obj", 0, 8, remote).unwrap();
         std::fs::remove_dir_all(dir).unwrap();
@@ -461,22 +501,28 @@ mod tests {
         // A use outlives a timed-out unregister; the region is gone for new uses at once.
         std::fs::write(dir.join("slow"), [0u8; 8]).unwrap();
         regions.register("s", "/slow", 0, 8, LOCAL).unwrap();
-        let held = regions.get("s").unwrap();
+        let held = regions.get("s", LOCAL).unwrap();
         assert!(
             !regions
                 .unregister(Some("s"), Duration::from_millis(50))
                 .await
         );
-        assert!(matches!(regions.get("s"), Err(RegionError::NotFound(_))));
+        assert!(matches!(
+            regions.get("s", LOCAL),
+            Err(RegionError::NotFound(_))
+        ));
         drop(held);
         // Unregister returns once the last use is dropped.
-        let used = regions.get("r").unwrap();
+        let used = regions.get("r", LOCAL).unwrap();
         let regions = Arc::new(regions);
         let r2 = Arc::clone(&regions);
         let waiter = tokio::spawn(async move { r2.unregister(None, Duration::from_secs(5)).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiter.is_finished());
-        assert!(matches!(regions.get("r"), Err(RegionError::NotFound(_))));
+        assert!(matches!(
+            regions.get("r", LOCAL),
+            Err(RegionError::NotFound(_))
+        ));
         drop(used);
         assert!(waiter.await.unwrap());
         std::fs::remove_dir_all(dir).unwrap();

@@ -173,6 +173,7 @@ fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> 
         policy: policy(),
         max_bytes: cfg.url_max_bytes,
     };
+    let ring_path = engine.ring().path().to_owned();
     Ok(Arc::new(AppState {
         urls,
         engine,
@@ -193,7 +194,8 @@ fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> 
             "/dev/shm".into(),
             cfg.allow_client_shm,
             cfg.max_shm_regions,
-        ),
+        )
+        .protect(&ring_path),
         cfg,
     }))
 }

@@ -90,6 +90,8 @@ if probe("readinessProbe") != "/v2/health/ready":
     problems.append("the readiness probe is not /v2/health/ready")
 if probe("livenessProbe") != "/v2/health/live":
     problems.append("the liveness probe is not /v2/health/live")
+if env.get("ALLOW_CLIENT_SHM") != "off":
+    problems.append("behind KServe's proxies every client looks local: ALLOW_CLIENT_SHM must be off")
 if env.get("MODEL_CACHE_DIR") != "/mnt/models":
     problems.append("MODEL_CACHE_DIR must be KServe's model mount, /mnt/models")
 for name, doc in docs.items():

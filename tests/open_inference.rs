@@ -258,6 +258,27 @@ fn v2_http_errors_and_binary_framing() {
         "{}",
         r.body
     );
+    // A batch larger than the ring, or a frame over MAX_IMAGE_PIXELS, is refused before
+    // anything is allocated for it (a sparse region could back either).
+    let r = s.post_json(
+        "/v2/models/coco/infer",
+        &json!({"inputs": [{"name": "pixels", "datatype": "UINT8",
+            "shape": [17_179_869_184_u64, 1, 1, 3],
+            "parameters": {"shared_memory_region": "x", "shared_memory_byte_size": 1}}]}),
+    );
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert!(r.body["error"].as_str().unwrap().contains("RING_SLOTS"));
+    let r = s.post_json(
+        "/v2/models/coco/infer",
+        &json!({"inputs": [{"name": "pixels", "datatype": "UINT8",
+            "shape": [1, 4_000_000_000_u64, 4_000_000_000_u64, 3],
+            "parameters": {"shared_memory_region": "x", "shared_memory_byte_size": 1}}]}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body["error"]
+        .as_str()
+        .unwrap()
+        .contains("MAX_IMAGE_PIXELS"));
     // A region naming a cvserve ring, or a missing region in a request.
     let r = s.post_json(
         "/v2/systemsharedmemory/region/x/register",

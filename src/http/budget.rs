@@ -137,6 +137,17 @@ impl BodyLease {
         total.div_ceil(1024).max(self.kib) * 1024
     }
 
+    /// Shrinks the lease to cover only `total` bytes (never grows it).
+    pub fn shrink_to(&mut self, total: usize) {
+        let needed = total.div_ceil(1024);
+        if needed < self.kib {
+            let extra = self.kib - needed;
+            self.budget.release(self.peer, extra);
+            METRICS.body_bytes_held.sub((extra * 1024) as i64);
+            self.kib = needed;
+        }
+    }
+
     /// Gives back everything held (the lease stays usable).
     pub fn clear(&mut self) {
         if self.kib > 0 {

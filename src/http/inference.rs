@@ -170,6 +170,8 @@ pub struct RequestContext {
     pub(super) peer: Option<std::net::IpAddr>,
     /// What the request's body holds of the body budget (its fetched images count on top).
     pub(super) body_held: usize,
+    /// The client's own address (what may use shared memory).
+    pub(super) remote: Option<std::net::IpAddr>,
 }
 
 impl RequestContext {
@@ -181,6 +183,7 @@ impl RequestContext {
             ticket: None,
             peer: None,
             body_held: 0,
+            remote: None,
         }
     }
 

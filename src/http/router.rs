@@ -31,6 +31,8 @@ fn health_routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(admin::healthz))
         .routes(routes!(admin::readiness))
         .routes(routes!(admin::info))
+        .routes(routes!(v2::live))
+        .routes(routes!(v2::ready))
 }
 
 /// Every route. Static paths win over `/{dataset_id}/{version_id}` (so `/model/add` is not a
@@ -60,8 +62,6 @@ fn all_routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(admin::openapi_json))
         // The Open Inference Protocol (KServe v2), with Triton's extensions.
         .routes(routes!(v2::server_metadata))
-        .routes(routes!(v2::live))
-        .routes(routes!(v2::ready))
         .routes(routes!(v2::model_metadata))
         .routes(routes!(v2::model_version_metadata))
         .routes(routes!(v2::model_ready))

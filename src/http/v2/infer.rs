@@ -34,14 +34,97 @@ pub struct RegionRef {
 /// What an input tensor carries.
 #[derive(Debug, Clone)]
 pub enum Contents {
-    /// JSON `data` (HTTP without the binary extension).
-    Json(Value),
+    /// JSON `data` (HTTP without the binary extension), flattened as it was parsed.
+    Json(FlatData),
     /// Raw bytes: the binary extension's, or gRPC's `raw_input_contents`.
     Raw(Bytes),
     /// gRPC's typed `contents`: BYTES elements.
     Elements(Vec<Bytes>),
     /// In a shared-memory region.
     Region(RegionRef),
+}
+
+/// JSON `data`, flat or nested (row-major), kept compact as it is parsed: numbers 0 to 255
+/// as one byte each (a `serde_json::Value` would take 32 bytes per element), or strings.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum FlatData {
+    #[default]
+    Empty,
+    Bytes(Vec<u8>),
+    Strings(Vec<String>),
+}
+
+impl FlatData {
+    pub fn len(&self) -> usize {
+        match self {
+            FlatData::Empty => 0,
+            FlatData::Bytes(b) => b.len(),
+            FlatData::Strings(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for FlatData {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut out = FlatData::Empty;
+        serde::de::DeserializeSeed::deserialize(Collect(&mut out), d)?;
+        Ok(out)
+    }
+}
+
+/// Appends every element of a (nested) JSON array to the data.
+struct Collect<'a>(&'a mut FlatData);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Collect<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Collect<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("integers 0 to 255 or strings, flat or nested in arrays")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+        let byte = u8::try_from(v).map_err(|_| E::custom(format!("{v} is not 0 to 255")))?;
+        match self.0 {
+            FlatData::Empty => *self.0 = FlatData::Bytes(vec![byte]),
+            FlatData::Bytes(b) => b.push(byte),
+            FlatData::Strings(_) => return Err(E::custom("numbers and strings mixed")),
+        }
+        Ok(())
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+        let v = u64::try_from(v).map_err(|_| E::custom(format!("{v} is not 0 to 255")))?;
+        self.visit_u64(v)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        self.visit_string(v.to_owned())
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<(), E> {
+        match self.0 {
+            FlatData::Empty => *self.0 = FlatData::Strings(vec![v]),
+            FlatData::Strings(s) => s.push(v),
+            FlatData::Bytes(_) => return Err(E::custom("numbers and strings mixed")),
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Collect(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -162,9 +245,9 @@ pub async fn run(
     let out_region = output
         .region
         .as_ref()
-        .map(|r| state.regions.get(&r.name).map_err(region_error))
+        .map(|r| state.regions.get(&r.name, ctx.remote).map_err(region_error))
         .transpose()?;
-    let images = images_of(state, request.inputs.remove(0))?;
+    let images = images_of(state, request.inputs.remove(0), ctx.remote)?;
     let mut fields = request.parameters;
     fields.insert("model_id".into(), Value::String(model_id.to_owned()));
     let roboflow: InferRequest = serde_json::from_value(Value::Object(fields))
@@ -191,6 +274,13 @@ pub async fn run(
         .map_err(|e| ApiError::internal(format!("cannot encode the predictions: {e}")))?;
     let written_to = match (out_region, output.region) {
         (Some(region), Some(r)) => {
+            // Never written after the deadline: an unregister may have given up waiting.
+            if Instant::now() >= deadline {
+                return Err(ApiError::new(
+                    hyper::StatusCode::GATEWAY_TIMEOUT,
+                    "Deadline exceeded before the output could be written to its region",
+                ));
+            }
             let bytes = serialize_bytes(&predictions);
             if bytes.len() as u64 > r.byte_size {
                 return Err(ApiError::bad_request(format!(
@@ -277,10 +367,24 @@ fn batch_of(input: &InputTensor, rest: &[Option<i64>]) -> Result<usize, ApiError
 }
 
 /// The images an input tensor carries.
-fn images_of(state: &AppState, input: InputTensor) -> Result<Vec<ImageSource>, ApiError> {
+fn images_of(
+    state: &AppState,
+    input: InputTensor,
+    remote: Option<std::net::IpAddr>,
+) -> Result<Vec<ImageSource>, ApiError> {
+    // A batch larger than the ring can ever hold is refused before its images are built.
+    let slots = state.engine.ring().slots();
+    if let Some(&b) = input.shape.first().filter(|&&b| b > slots as i64) {
+        return Err(crate::engine::EngineError::TooManyImages {
+            count: b as usize,
+            limit: slots,
+            setting: "RING_SLOTS",
+        }
+        .into());
+    }
     match input.name.as_str() {
-        INPUT_IMAGE => encoded_images(state, input),
-        INPUT_PIXELS => frames(state, input),
+        INPUT_IMAGE => encoded_images(state, input, remote),
+        INPUT_PIXELS => frames(state, input, remote),
         other => Err(ApiError::bad_request(format!(
             "unexpected inference input '{other}': the model takes '{INPUT_IMAGE}' (BYTES, encoded images) or '{INPUT_PIXELS}' (UINT8, [B, H, W, 3] RGB)"
         ))),
@@ -299,22 +403,30 @@ fn expect_datatype(input: &InputTensor, datatype: &str) -> Result<(), ApiError> 
 
 /// `image`, BYTES `[B]`: encoded image files (JSON strings are base64 text or URLs, as in
 /// Roboflow's `image.value`).
-fn encoded_images(state: &AppState, input: InputTensor) -> Result<Vec<ImageSource>, ApiError> {
+fn encoded_images(
+    state: &AppState,
+    input: InputTensor,
+    remote: Option<std::net::IpAddr>,
+) -> Result<Vec<ImageSource>, ApiError> {
     expect_datatype(&input, "BYTES")?;
     let batch = batch_of(&input, &[])?;
     let elements: Vec<ImageSource> = match input.contents {
-        Contents::Json(v) => flatten(v)
+        Contents::Json(FlatData::Strings(items)) => items
             .into_iter()
-            .map(|e| match e {
-                Value::String(s) if s.starts_with("http://") || s.starts_with("https://") => {
-                    Ok(ImageSource::Url(s))
+            .map(|s| {
+                if s.starts_with("http://") || s.starts_with("https://") {
+                    ImageSource::Url(s)
+                } else {
+                    ImageSource::Base64(s)
                 }
-                Value::String(s) => Ok(ImageSource::Base64(s)),
-                _ => Err(ApiError::bad_request(
-                    "input 'image' holds a non-string element; send base64 text or a URL",
-                )),
             })
-            .collect::<Result<_, _>>()?,
+            .collect(),
+        Contents::Json(FlatData::Empty) => Vec::new(),
+        Contents::Json(FlatData::Bytes(_)) => {
+            return Err(ApiError::bad_request(
+                "input 'image' holds numbers; send base64 text or URLs",
+            ))
+        }
         Contents::Elements(e) => e.into_iter().map(ImageSource::Bytes).collect(),
         Contents::Raw(raw) => deserialize_bytes(&raw)
             .map_err(|e| ApiError::bad_request(format!("input 'image': {e}")))?
@@ -332,7 +444,7 @@ fn encoded_images(state: &AppState, input: InputTensor) -> Result<Vec<ImageSourc
                     ),
                 ));
             }
-            let region = state.regions.get(&r.name).map_err(region_error)?;
+            let region = state.regions.get(&r.name, remote).map_err(region_error)?;
             let mut buf = vec![0u8; r.byte_size as usize];
             region.read_at(r.offset, &mut buf).map_err(region_error)?;
             deserialize_bytes(&Bytes::from(buf))
@@ -352,7 +464,11 @@ fn encoded_images(state: &AppState, input: InputTensor) -> Result<Vec<ImageSourc
 }
 
 /// `pixels`, UINT8 `[B, H, W, 3]`: RGB frames, rows packed.
-fn frames(state: &AppState, input: InputTensor) -> Result<Vec<ImageSource>, ApiError> {
+fn frames(
+    state: &AppState,
+    input: InputTensor,
+    remote: Option<std::net::IpAddr>,
+) -> Result<Vec<ImageSource>, ApiError> {
     expect_datatype(&input, "UINT8")?;
     let batch = batch_of(&input, &[None, None, Some(3)])?;
     let (h, w) = (input.shape[1], input.shape[2]);
@@ -360,7 +476,20 @@ fn frames(state: &AppState, input: InputTensor) -> Result<Vec<ImageSource>, ApiE
         return Err(ApiError::bad_request("input 'pixels' is too large"));
     }
     let (w, h) = (w as u32, h as u32);
-    let frame_len = (w as u64) * (h as u64) * 3;
+    // Bounded before anything is allocated: the frame by MAX_IMAGE_PIXELS, the batch by the
+    // ring (an image of a request holds a slot).
+    let pixels = (w as u64).saturating_mul(h as u64);
+    if pixels > state.cfg.max_image_pixels {
+        return Err(crate::engine::EngineError::Decode(
+            crate::pipeline::decode::DecodeError::TooManyPixels {
+                width: w as u64,
+                height: h as u64,
+                max: state.cfg.max_image_pixels,
+            },
+        )
+        .into());
+    }
+    let frame_len = pixels * 3;
     let total = frame_len.saturating_mul(batch as u64);
     let wrong_size = |got: u64| {
         ApiError::bad_request(format!(
@@ -381,7 +510,7 @@ fn frames(state: &AppState, input: InputTensor) -> Result<Vec<ImageSource>, ApiE
                 return Err(wrong_size(r.byte_size));
             }
             let region: Arc<RegionUse> =
-                Arc::new(state.regions.get(&r.name).map_err(region_error)?);
+                Arc::new(state.regions.get(&r.name, remote).map_err(region_error)?);
             region.check(r.offset, total).map_err(region_error)?;
             Ok((0..batch as u64)
                 .map(|i| {
@@ -404,18 +533,19 @@ fn frames(state: &AppState, input: InputTensor) -> Result<Vec<ImageSource>, ApiE
         Contents::Elements(_) => Err(ApiError::bad_request(
             "input 'pixels' must be sent in raw_input_contents (or as uint_contents)",
         )),
-        Contents::Json(v) => {
-            let values = flatten(v);
-            if values.len() as u64 != total {
-                return Err(wrong_size(values.len() as u64));
+        Contents::Json(data) => {
+            let bytes = match data {
+                FlatData::Bytes(b) => b,
+                FlatData::Empty => Vec::new(),
+                FlatData::Strings(_) => {
+                    return Err(ApiError::bad_request(
+                        "input 'pixels' holds strings; send integers 0 to 255",
+                    ))
+                }
+            };
+            if bytes.len() as u64 != total {
+                return Err(wrong_size(bytes.len() as u64));
             }
-            let bytes: Vec<u8> = values
-                .iter()
-                .map(|v| v.as_u64().filter(|&b| b <= 255).map(|b| b as u8))
-                .collect::<Option<_>>()
-                .ok_or_else(|| {
-                    ApiError::bad_request("input 'pixels' holds a value that is not 0 to 255")
-                })?;
             let raw = Bytes::from(bytes);
             let n = frame_len as usize;
             Ok((0..batch)
@@ -423,19 +553,6 @@ fn frames(state: &AppState, input: InputTensor) -> Result<Vec<ImageSource>, ApiE
                 .collect())
         }
     }
-}
-
-/// JSON `data`, flat or nested, as its elements in row-major order.
-fn flatten(v: Value) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut stack = vec![v];
-    while let Some(v) = stack.pop() {
-        match v {
-            Value::Array(items) => stack.extend(items.into_iter().rev()),
-            other => out.push(other),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -457,9 +574,13 @@ mod tests {
     }
 
     #[test]
-    fn nested_json_data_flattens_in_row_major_order() {
-        let v = serde_json::json!([[[1, 2], [3]], [4]]);
-        let flat: Vec<i64> = flatten(v).iter().map(|v| v.as_i64().unwrap()).collect();
-        assert_eq!(flat, [1, 2, 3, 4]);
+    fn nested_json_data_flattens_in_row_major_order_compactly() {
+        let flat: FlatData = serde_json::from_str("[[[1, 2], [3]], [4]]").unwrap();
+        assert_eq!(flat, FlatData::Bytes(vec![1, 2, 3, 4]));
+        let flat: FlatData = serde_json::from_str(r#"[["a"], "b"]"#).unwrap();
+        assert_eq!(flat, FlatData::Strings(vec!["a".into(), "b".into()]));
+        for bad in ["[256]", "[-1]", "[1.5]", r#"[1, "a"]"#, "[true]", "{}"] {
+            assert!(serde_json::from_str::<FlatData>(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -344,6 +344,7 @@ async fn infer_route(
     let answer = async {
         let (req, now, deadline, _presence) = enter(&st, req)?;
         ctx.peer = req.extensions().get::<Peer>().map(|p| p.0);
+        ctx.remote = req.extensions().get::<RemoteIp>().map(|p| p.0);
         let admitted = resolve_model(&st, &name, version.as_deref()).and_then(|(m, v)| {
             ctx.ticket = st.engine.admit(&m, now, deadline)?;
             Ok((m, v))
@@ -402,7 +403,7 @@ struct JsonInput {
     datatype: String,
     #[serde(default)]
     parameters: Map<String, Value>,
-    data: Option<Value>,
+    data: Option<infer::FlatData>,
 }
 
 #[derive(Deserialize)]
@@ -713,9 +714,20 @@ pub async fn repository_unload(
 
 #[utoipa::path(get, path = "/v2/systemsharedmemory/status", tag = "open inference protocol",
     responses((status = 200, description = "`[{name, key, offset, byte_size}]` of every registered region", body = Value)))]
-pub async fn shm_status(State(st): State<Arc<AppState>>) -> Response {
-    let all = st.regions.status(None).unwrap_or_default();
-    json_response(StatusCode::OK, &json!(all)).into_response()
+pub async fn shm_status(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    let answer = remote_allowed(&st, &req).and_then(|()| {
+        st.regions
+            .status(None)
+            .map(|all| json_response(StatusCode::OK, &json!(all)))
+            .map_err(region_error)
+    });
+    finish_v2(answer, None)
+}
+
+/// The extension's policy (ALLOW_CLIENT_SHM) for the request's client.
+fn remote_allowed(st: &AppState, req: &Request) -> Result<(), ApiError> {
+    let remote = req.extensions().get::<RemoteIp>().map(|p| p.0);
+    st.regions.allowed(remote).map_err(region_error)
 }
 
 #[utoipa::path(get, path = "/v2/systemsharedmemory/region/{region_name}/status", tag = "open inference protocol",
@@ -724,14 +736,15 @@ pub async fn shm_status(State(st): State<Arc<AppState>>) -> Response {
 pub async fn shm_region_status(
     State(st): State<Arc<AppState>>,
     Path(name): Path<String>,
+    req: Request,
 ) -> Response {
-    finish_v2(
+    let answer = remote_allowed(&st, &req).and_then(|()| {
         st.regions
             .status(Some(&name))
             .map(|s| json_response(StatusCode::OK, &json!(s)))
-            .map_err(region_error),
-        None,
-    )
+            .map_err(region_error)
+    });
+    finish_v2(answer, None)
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -768,24 +781,52 @@ pub async fn shm_register(
     finish_v2(answer, None)
 }
 
-/// How long unregister waits for requests still using a region.
-fn unregister_wait(st: &AppState) -> Duration {
-    Duration::from_secs_f64(st.cfg.request_timeout_s.max(0.0))
+/// Unregisters `name` (none: all), waiting up to REQUEST_TIMEOUT_S for the requests using
+/// it; past that, an error: the client must not reuse the memory yet.
+pub async fn unregister(st: &AppState, name: Option<&str>) -> Result<(), ApiError> {
+    let wait = Duration::from_secs_f64(st.cfg.request_timeout_s.max(0.0));
+    if st.regions.unregister(name, wait).await {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "shared memory region {} unregistered, but requests still used it after REQUEST_TIMEOUT_S",
+                name.unwrap_or("(all)")
+            ),
+        ))
+    }
 }
 
 #[utoipa::path(post, path = "/v2/systemsharedmemory/unregister", tag = "open inference protocol",
-    responses((status = 200, description = "Every region unregistered, once no request uses them")))]
-pub async fn shm_unregister_all(State(st): State<Arc<AppState>>) -> Response {
-    st.regions.unregister(None, unregister_wait(&st)).await;
-    status_only(StatusCode::OK)
+    responses((status = 200, description = "Every region unregistered, once no request uses them"),
+              (status = 504, description = "Requests still used one after REQUEST_TIMEOUT_S", body = Value)))]
+pub async fn shm_unregister_all(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    let answer = match remote_allowed(&st, &req) {
+        Ok(()) => unregister(&st, None).await,
+        Err(e) => Err(e),
+    };
+    finish_v2(
+        answer.map(|()| Response::new(Full::new(Bytes::new()))),
+        None,
+    )
 }
 
 #[utoipa::path(post, path = "/v2/systemsharedmemory/region/{region_name}/unregister", tag = "open inference protocol",
     params(("region_name" = String, Path)),
-    responses((status = 200, description = "Unregistered, once no request uses it (an unknown name is no error, as in Triton)")))]
-pub async fn shm_unregister(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
-    st.regions
-        .unregister(Some(&name), unregister_wait(&st))
-        .await;
-    status_only(StatusCode::OK)
+    responses((status = 200, description = "Unregistered, once no request uses it (an unknown name is no error, as in Triton)"),
+              (status = 504, description = "Requests still used it after REQUEST_TIMEOUT_S", body = Value)))]
+pub async fn shm_unregister(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    req: Request,
+) -> Response {
+    let answer = match remote_allowed(&st, &req) {
+        Ok(()) => unregister(&st, Some(&name)).await,
+        Err(e) => Err(e),
+    };
+    finish_v2(
+        answer.map(|()| Response::new(Full::new(Bytes::new()))),
+        None,
+    )
 }
