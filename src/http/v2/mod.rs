@@ -80,6 +80,11 @@ fn finish_v2(answer: Result<HttpResponse, ApiError>, labels: Option<RouteLabels>
     resp
 }
 
+/// A JSON value as a 200, or the error.
+fn json_answer(answer: Result<Value, ApiError>) -> Response {
+    finish_v2(answer.map(|v| json_response(StatusCode::OK, &v)), None)
+}
+
 fn json_response(status: StatusCode, value: &Value) -> HttpResponse {
     super::response::json(status, value)
 }
@@ -181,10 +186,7 @@ fn model_metadata_of(st: &AppState, name: &str, version: Option<&str>) -> Result
     responses((status = 200, description = "Inputs `image` (BYTES [-1], encoded images) or `pixels` (UINT8 [-1, -1, -1, 3], RGB); output `predictions` (BYTES [-1]: per image, the JSON `/infer/<task>` answers)", body = Value),
               (status = 404, description = "Unknown model", body = Value)))]
 pub async fn model_metadata(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
-    finish_v2(
-        model_metadata_of(&st, &name, None).map(|v| json_response(StatusCode::OK, &v)),
-        None,
-    )
+    json_answer(model_metadata_of(&st, &name, None))
 }
 
 #[utoipa::path(get, path = "/v2/models/{model_name}/versions/{model_version}", tag = "open inference protocol",
@@ -195,10 +197,7 @@ pub async fn model_version_metadata(
     State(st): State<Arc<AppState>>,
     Path((name, version)): Path<(String, String)>,
 ) -> Response {
-    finish_v2(
-        model_metadata_of(&st, &name, Some(&version)).map(|v| json_response(StatusCode::OK, &v)),
-        None,
-    )
+    json_answer(model_metadata_of(&st, &name, Some(&version)))
 }
 
 fn model_ready_of(st: &AppState, name: &str, version: Option<&str>) -> Response {
@@ -285,10 +284,7 @@ pub fn model_config_of(
     responses((status = 200, description = "Triton-style configuration: max_batch_size, instance_group, dynamic_batching", body = Value),
               (status = 400, description = "Not loaded", body = Value)))]
 pub async fn model_config(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
-    finish_v2(
-        model_config_of(&st, &name, None).map(|v| json_response(StatusCode::OK, &v)),
-        None,
-    )
+    json_answer(model_config_of(&st, &name, None))
 }
 
 #[utoipa::path(get, path = "/v2/models/{model_name}/versions/{model_version}/config", tag = "open inference protocol",
@@ -298,10 +294,7 @@ pub async fn model_version_config(
     State(st): State<Arc<AppState>>,
     Path((name, version)): Path<(String, String)>,
 ) -> Response {
-    finish_v2(
-        model_config_of(&st, &name, Some(&version)).map(|v| json_response(StatusCode::OK, &v)),
-        None,
-    )
+    json_answer(model_config_of(&st, &name, Some(&version)))
 }
 
 #[utoipa::path(post, path = "/v2/models/{model_name}/infer", tag = "open inference protocol",
