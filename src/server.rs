@@ -231,6 +231,7 @@ async fn serve(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<()> {
         ring_slot_mib = state.engine.ring().slot_bytes() >> 20,
         "listening"
     );
+    let mut grpc_server = None;
     if state.cfg.grpc_port != 0 {
         let grpc_addr = format!("{}:{}", state.cfg.host, state.cfg.grpc_port);
         let grpc = http::listen(&grpc_addr)
@@ -239,7 +240,10 @@ async fn serve(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<()> {
         let grpc_local = grpc.local_addr()?;
         tracing::info!(%grpc_local, "gRPC (Open Inference Protocol) listening");
         println!("cvserve grpc listening on {grpc_local}");
-        tokio::spawn(http::v2::grpc::serve(grpc, Arc::clone(&state)));
+        grpc_server = Some(tokio::spawn(http::v2::grpc::serve(
+            grpc,
+            Arc::clone(&state),
+        )));
     }
     // Tests and scripts read this line to find the port.
     println!("cvserve listening on http://{local}");
@@ -247,7 +251,7 @@ async fn serve(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<()> {
     let preload = Arc::clone(&state);
     tokio::task::spawn_blocking(move || preload_models(&preload));
 
-    http::serve(
+    let draining_since = http::serve(
         listener,
         Arc::clone(&state),
         shutdown_signal(),
@@ -255,6 +259,14 @@ async fn serve(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<()> {
         max_connections,
     )
     .await;
+    // gRPC calls are answered too (its server stops once its last call has answered and
+    // its connections have closed), within what is left of the drain timeout.
+    if let Some(grpc) = grpc_server {
+        let left = drain.saturating_sub(draining_since.elapsed());
+        if tokio::time::timeout(left, grpc).await.is_err() {
+            tracing::warn!("gRPC calls still running at the end of the drain timeout");
+        }
+    }
     tracing::info!("bye");
     Ok(())
 }

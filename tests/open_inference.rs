@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{b64, repo, Server};
 use serde_json::{json, Value};
 
@@ -392,4 +394,77 @@ fn the_video_client_streams_frames_through_shared_memory_and_gets_each_frames_de
         );
     }
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// gRPC gets HTTP's drain: on SIGTERM the calls in flight are answered before the process
+/// exits, and its gRPC port closes.
+#[test]
+fn grpc_calls_in_flight_are_answered_through_the_drain() {
+    use cvserve::http::v2::grpc::pb;
+    use pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+    let grpc_port = free_port().to_string();
+    let mut s = Server::start(
+        "shapes-cls/1",
+        &[
+            ("GRPC_PORT", grpc_port.as_str()),
+            ("CVSERVE_INJECT_DELAY_MS", "300"),
+            ("MAX_BATCH_SIZE", "1"),
+            ("DRAIN_TIMEOUT_S", "20"),
+        ],
+    );
+    let addr = format!("http://{}", s.grpc.clone().unwrap());
+    let image = common::fixture("samples/shapes-cls/000000.jpg");
+    let request = move || {
+        let mut element = (image.len() as u32).to_le_bytes().to_vec();
+        element.extend_from_slice(&image);
+        pb::ModelInferRequest {
+            model_name: "shapes-cls".into(),
+            inputs: vec![pb::model_infer_request::InferInputTensor {
+                name: "image".into(),
+                datatype: "BYTES".into(),
+                shape: vec![1],
+                ..Default::default()
+            }],
+            raw_input_contents: vec![element.into()],
+            ..Default::default()
+        }
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt.block_on(async {
+        GrpcInferenceServiceClient::connect(addr.clone())
+            .await
+            .expect("connect")
+    });
+    let ok = rt.block_on(client.clone().model_infer(request())).unwrap();
+    assert_eq!(ok.get_ref().raw_output_contents.len(), 1);
+    // Three calls in flight, then SIGTERM: all three answered, then the process exits.
+    let decoded = "cvserve_decode_seconds_count{model=\"shapes-cls/1\"}";
+    let before = common::metric(&s, decoded);
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let mut c = client.clone();
+            let r = request();
+            rt.spawn(async move { c.model_infer(r).await })
+        })
+        .collect();
+    common::eventually(
+        "the three calls to be in the pipeline",
+        Duration::from_secs(10),
+        || common::metric(&s, decoded) >= before + 3.0,
+    );
+    s.signal(libc::SIGTERM);
+    for call in calls {
+        let answer = rt.block_on(call).unwrap();
+        assert!(answer.is_ok(), "{answer:?}");
+    }
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status:?}\n{}", s.logs());
+    assert!(std::net::TcpStream::connect(s.grpc.as_deref().unwrap()).is_err());
 }

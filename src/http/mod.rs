@@ -65,15 +65,15 @@ pub async fn listen(addr: &str) -> std::io::Result<TcpListener> {
 
 /// Serves connections until `shutdown` resolves, then stops accepting, cancels requests
 /// still waiting for their bodies, and returns as soon as every in-flight request has
-/// answered (or after `drain`, whichever comes first). Idle and stalled connections do not
-/// hold shutdown up.
+/// answered (or after `drain`, whichever comes first), with the instant the drain began.
+/// Idle and stalled connections do not hold shutdown up.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
     max_connections: usize,
-) {
+) -> std::time::Instant {
     let connections = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let reserved = Arc::new(tokio::sync::Semaphore::new(RESERVED_CONNECTIONS));
     let header_timeout = Duration::from_secs_f64(state.cfg.header_read_timeout_s.max(0.001));
@@ -134,6 +134,7 @@ pub async fn serve(
     }
     state.draining.store(true, Ordering::Release);
     state.drain_started.notify_waiters();
+    let draining_since = std::time::Instant::now();
     drop(listener);
     tracing::info!(
         drain_timeout_s = drain.as_secs_f64(),
@@ -149,4 +150,5 @@ pub async fn serve(
         _ = last_answer => tracing::info!("every in-flight request answered; closing the remaining idle connections"),
         _ = tokio::time::sleep(drain) => tracing::warn!("drain timeout reached; closing remaining connections"),
     }
+    draining_since
 }
