@@ -147,6 +147,12 @@ pub struct ServeConfig {
     #[arg(long, env = "GRPC_PORT", default_value_t = 9002)]
     pub grpc_port: u16,
 
+    /// Longest a gRPC connection may send nothing (no call, no message, no ping) before it
+    /// is closed: what a silent connection holds is bounded, as HEADER_READ_TIMEOUT_S does
+    /// over HTTP. Above REQUEST_TIMEOUT_S, so a call waiting for its answer is not cut.
+    #[arg(long, env = "GRPC_IDLE_TIMEOUT_S", default_value_t = 60.0, value_parser = within(0.1, 86_400.0))]
+    pub grpc_idle_timeout_s: f64,
+
     /// Who may register system shared-memory regions (the Open Inference Protocol's
     /// extension): `local` (clients on a loopback address), `off`, or `any`.
     #[arg(long, env = "ALLOW_CLIENT_SHM", default_value = "local", value_enum)]

@@ -468,3 +468,33 @@ fn grpc_calls_in_flight_are_answered_through_the_drain() {
     assert!(status.success(), "exit status {status:?}\n{}", s.logs());
     assert!(std::net::TcpStream::connect(s.grpc.as_deref().unwrap()).is_err());
 }
+
+/// A gRPC connection that never speaks does not hold its place for ever: it is closed after
+/// GRPC_IDLE_TIMEOUT_S (HTTP closes it at HEADER_READ_TIMEOUT_S).
+#[test]
+fn a_silent_grpc_connection_is_closed_after_the_idle_timeout() {
+    use std::io::Read;
+    let grpc_port = free_port().to_string();
+    let s = Server::start(
+        "shapes-cls/1",
+        &[
+            ("GRPC_PORT", grpc_port.as_str()),
+            ("GRPC_IDLE_TIMEOUT_S", "1"),
+        ],
+    );
+    let mut silent = std::net::TcpStream::connect(s.grpc.as_deref().unwrap()).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match silent.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => continue, // the server's SETTINGS, then GOAWAY
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("still open after {:?}: {e}", started.elapsed()),
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(15));
+}

@@ -46,7 +46,8 @@ const STREAMS_PER_CONNECTION: u32 = 32;
 
 /// Serves gRPC on `listener` until shutdown begins (`drain_started`), then lets the calls in
 /// flight finish. Bounded like the HTTP front end: at most MAX_CONNECTIONS connections (more
-/// are closed at once), [`STREAMS_PER_CONNECTION`] calls each, and every message's bytes
+/// are closed at once), each closed after GRPC_IDLE_TIMEOUT_S without a byte from its client, a unary call at most
+/// REQUEST_TIMEOUT_S, [`STREAMS_PER_CONNECTION`] calls each, and every message's bytes
 /// counted against MAX_BODY_MEMORY_BYTES and the client's BODY_MEMORY_PEER_SHARE as they
 /// arrive (a call over it fails with RESOURCE_EXHAUSTED).
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) {
@@ -59,6 +60,7 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) {
     let connections = Arc::new(tokio::sync::Semaphore::new(
         state.cfg.max_connections as usize,
     ));
+    let idle = Duration::from_secs_f64(state.cfg.grpc_idle_timeout_s);
     let incoming = futures_util::stream::unfold(listener, move |listener| {
         let connections = Arc::clone(&connections);
         async move {
@@ -73,6 +75,8 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) {
                         let conn = Counted {
                             io,
                             _permit: permit,
+                            idle,
+                            silent_until: Box::pin(tokio::time::sleep(idle)),
                         };
                         return Some((Ok::<_, std::io::Error>(conn), listener));
                     }
@@ -84,6 +88,9 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) {
             }
         }
     });
+    // A unary call (its message read included) lives at most REQUEST_TIMEOUT_S, or its
+    // `grpc-timeout`.
+    let call_limit = Duration::from_secs_f64(state.cfg.request_timeout_s);
     let budget = Arc::clone(&state.body_memory);
     let shutdown = async move {
         loop {
@@ -95,6 +102,7 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) {
         }
     };
     let result = tonic::transport::Server::builder()
+        .timeout(call_limit)
         .max_concurrent_streams(Some(STREAMS_PER_CONNECTION))
         .layer(tower::layer::layer_fn(move |inner| Budgeted {
             inner,
@@ -108,10 +116,13 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) {
     }
 }
 
-/// A gRPC connection holding its place among MAX_CONNECTIONS.
+/// A gRPC connection holding its place among MAX_CONNECTIONS, read as ended once its client
+/// has sent nothing for `idle`.
 struct Counted {
     io: tokio::net::TcpStream,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    idle: Duration,
+    silent_until: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl tonic::transport::server::Connected for Counted {
@@ -127,7 +138,23 @@ impl tokio::io::AsyncRead for Counted {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+        use std::task::Poll;
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                let next = tokio::time::Instant::now() + self.idle;
+                self.silent_until.as_mut().reset(next);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match std::future::Future::poll(self.silent_until.as_mut(), cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client sent nothing for GRPC_IDLE_TIMEOUT_S",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+            other => other,
+        }
     }
 }
 
