@@ -7,7 +7,8 @@
 #
 #   ./build.sh            # on the GPU machine: fetches the GPU flavour (or CVSERVE_GPU=1)
 #   scripts/gpu_check.sh
-#   MODELS="coco/1" PROVIDERS="cuda" SECONDS_PER_TRIAL=5 scripts/gpu_check.sh
+#   MODELS="coco/1" PROVIDERS="cuda" SECONDS_PER_TRIAL=5 CEILING_SECONDS=2 scripts/gpu_check.sh
+#   taskset -c 0-7 scripts/gpu_check.sh   # the target box's 8 cores on a bigger machine
 #
 # Agreement: every CPU box scoring at least 0.05 above the threshold has a box of the same
 # class on the GPU with IoU >= 0.90 and confidence within 0.02 (CUDA, FP32), or IoU >= 0.85
@@ -72,13 +73,19 @@ for p in $PROVIDERS; do
       --duration "$SECONDS_PER_TRIAL" --warmup 5 --json "$OUT/$p/bench1-$(echo "$m" | tr / -).json" >/dev/null
   done
   kill -TERM $pid; wait $pid 2>/dev/null || true
-  if [ "$p" != cpu ]; then
-    for m in $MODELS; do
-      EXECUTION_PROVIDERS=$p "$BIN" ceiling --model "$m" --model-cache-dir "$MODELS_DIR" --threads 1 \
-        --instances 1,2,4 --batches 1,2,4,8,16 --cores 64 --seconds 3 \
-        > "$OUT/$p/ceiling-$(echo "$m" | tr / -).json" 2>> "$OUT/$p/ceiling.log" || true
-    done
-  fi
+  for m in $MODELS; do
+    if [ "$p" = cpu ]; then
+      # the CPU reference row gets its bare ceiling too (instances x intra-op threads x batch
+      # within this process's cores: run the script under `taskset -c 0-7` for an 8-core table)
+      search=${CPU_CEILING_SEARCH:-"--instances 2,4,8 --threads 1,2,4 --batches 1,2"}
+    else
+      search=${GPU_CEILING_SEARCH:-"--threads 1 --instances 1,2,4 --batches 1,2,4,8,16 --cores 64"}
+    fi
+    # shellcheck disable=SC2086
+    EXECUTION_PROVIDERS=$p "$BIN" ceiling --model "$m" --model-cache-dir "$MODELS_DIR" $search \
+      --seconds "${CEILING_SECONDS:-3}" \
+      > "$OUT/$p/ceiling-$(echo "$m" | tr / -).json" 2>> "$OUT/$p/ceiling.log" || true
+  done
 done
 
 python3 - "$OUT" "$PROVIDERS" $MODELS <<'PY'
