@@ -139,13 +139,14 @@ pub(super) fn load(
     let max_batch = batcher::effective_max_batch(settings.batcher.max_batch, fixed_batch);
 
     // Warm-up of every instance at the batch sizes the batcher will use, before the model
-    // serves (and before /readiness): on a GPU every size from 1 to max_batch, so no cuDNN
-    // algorithm search or TensorRT engine build ever happens on a live request; on the CPU
-    // the smallest and the largest. The first run also tells the output layout.
+    // serves (and before /readiness): on a GPU the one shape every batch runs at (the largest,
+    // `OrtBackend::run`), so no cuDNN algorithm search or TensorRT engine build ever happens
+    // on a live request; on the CPU the smallest and the largest. The first run also tells
+    // the output layout.
     let on_gpu = provider != "CPUExecutionProvider";
     let warm_sizes: Vec<usize> = match fixed_batch {
         Some(b) => vec![b],
-        None if on_gpu => (1..=max_batch).collect(),
+        None if on_gpu => vec![max_batch],
         None if max_batch > 1 => vec![1, max_batch],
         None => vec![1],
     };
