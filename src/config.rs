@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::model::backend::BackendChoice;
 use crate::model::ort::{SessionOptions, TensorRtOptions};
 use crate::model::provider::ProviderChoice;
 
@@ -377,6 +378,12 @@ pub struct OrtSettings {
     /// speed on a T4).
     #[arg(long, env = "TENSORRT_FP16", default_value_t = true, action = clap::ArgAction::Set)]
     pub tensorrt_fp16: bool,
+
+    /// The inference back end: `auto` (ONNX Runtime when its library loads, otherwise tract,
+    /// logged with the reason), `ort` (ONNX Runtime: CPU, CUDA or TensorRT) or `tract` (pure
+    /// Rust, CPU only, no native library).
+    #[arg(long, env = "BACKEND", default_value = "auto", value_parser = BackendChoice::parse)]
+    pub backend: BackendChoice,
 
     /// Path of libonnxruntime.so (build.sh fetches it from the `onnxruntime` PyPI wheel).
     #[arg(

@@ -32,7 +32,8 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     /// Batches run by each inference instance of a model (how evenly the instances share).
     pub instance_batches_total: IntCounterVec,
-    /// Inference instances of each loaded model, by the execution provider they run on.
+    /// Inference instances of each loaded model, by the execution provider and back end they
+    /// run on.
     pub model_instances: IntGaugeVec,
     pub ring_slots_in_use: IntGauge,
     /// Inference requests admitted and not yet answered (what an autoscaler should watch).
@@ -126,7 +127,7 @@ impl Metrics {
             model_instances: register_int_gauge_vec_with_registry!(
                 "cvserve_model_instances",
                 "Inference instances of a loaded model, by execution provider",
-                &["model", "execution_provider"],
+                &["model", "execution_provider", "backend"],
                 r
             )?,
             inflight_requests: register_int_gauge_with_registry!(

@@ -14,7 +14,7 @@ use crate::http::budget::BodyBudget;
 use crate::http::images::{UrlFetcher, UrlPolicy};
 use crate::http::{self, AppState};
 use crate::metrics::METRICS;
-use crate::model::backend::FaultInjection;
+use crate::model::backend::{BackendChoice, BackendKind, FaultInjection};
 use crate::model::ort::{environment, library_offers, nvidia_gpu_present};
 use crate::model::provider::{Provider, ProviderChoice};
 use crate::pipeline::batcher::BatcherConfig;
@@ -25,7 +25,8 @@ use crate::pipeline::Pools;
 /// Runs the server until a shutdown signal; returns once drained.
 pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let providers = cfg.ort.providers().map_err(anyhow::Error::msg)?;
-    let on_gpu = runs_on_gpu(&cfg, &providers);
+    let backend = choose_backend(&cfg, &providers)?;
+    let on_gpu = backend == BackendKind::Ort && runs_on_gpu(&cfg, &providers);
     let budget = cfg.cpu_budget(on_gpu);
     tracing::info!(?budget, "CPU budget");
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -33,10 +34,35 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         .thread_name("http")
         .enable_all()
         .build()?;
-    let result = runtime.block_on(serve(cfg, on_gpu));
+    let result = runtime.block_on(serve(cfg, on_gpu, backend));
     // Do not wait for a model still loading in the blocking pool: exit within the drain time.
     runtime.shutdown_timeout(Duration::from_millis(500));
     result
+}
+
+/// The back end every model runs on (BACKEND), said in the log; `auto` without a usable
+/// ONNX Runtime library serves on tract and says why, loudly.
+fn choose_backend(cfg: &ServeConfig, providers: &ProviderChoice) -> anyhow::Result<BackendKind> {
+    let ort_usable = match cfg.ort.backend {
+        BackendChoice::Tract => Ok(()), // not loaded at all
+        _ => environment(&cfg.ort.dylib_path).map(drop),
+    };
+    let (kind, fell_back) = cfg.ort.backend.resolve(ort_usable, providers.wants_gpu());
+    if kind == BackendKind::Tract && providers.wants_gpu() {
+        anyhow::bail!(
+            "BACKEND=tract runs on the CPU only, and the execution providers ask for a GPU \
+             ({providers:?}): use BACKEND=ort (or auto) with the GPU build of ONNX Runtime"
+        );
+    }
+    match fell_back {
+        Some(why) => tracing::warn!(
+            reason = %why,
+            "ONNX Runtime is not usable: serving on tract (pure Rust, CPU only, slower; \
+             BACKEND=ort to refuse instead)"
+        ),
+        None => tracing::info!(backend = kind.name(), "inference back end"),
+    }
+    Ok(kind)
 }
 
 /// Whether the models will run on a GPU, for sizing the CPU budget and the batch: asked for
@@ -76,7 +102,11 @@ fn runs_on_gpu(cfg: &ServeConfig, providers: &ProviderChoice) -> bool {
     }
 }
 
-fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> {
+fn build_state(
+    cfg: ServeConfig,
+    on_gpu: bool,
+    backend: BackendKind,
+) -> anyhow::Result<Arc<AppState>> {
     let budget = cfg.cpu_budget(on_gpu);
     let pools = Arc::new(Pools::new(
         budget.decode,
@@ -92,6 +122,7 @@ fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> 
         LoadSettings {
             repository: cfg.model_cache_dir.clone(),
             ort_dylib: cfg.ort.dylib_path.clone(),
+            backend,
             instances: budget.instances,
             instance_idle_timeout: Duration::try_from_secs_f64(cfg.instance_idle_timeout_s)
                 .map_err(|e| anyhow::anyhow!("INSTANCE_IDLE_TIMEOUT_S: {e}"))?,
@@ -200,11 +231,11 @@ fn build_state(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<Arc<AppState>> 
     }))
 }
 
-async fn serve(cfg: ServeConfig, on_gpu: bool) -> anyhow::Result<()> {
+async fn serve(cfg: ServeConfig, on_gpu: bool, backend: BackendKind) -> anyhow::Result<()> {
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let drain = Duration::from_secs_f64(cfg.drain_timeout_s.max(0.0));
     let max_connections = cfg.max_connections as usize;
-    let state = build_state(cfg, on_gpu)?;
+    let state = build_state(cfg, on_gpu, backend)?;
     METRICS
         .ring_slots_total
         .set(state.engine.ring().slots() as i64);

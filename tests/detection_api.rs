@@ -314,9 +314,10 @@ fn two_instances_under_concurrent_load_match_roboflow() {
             "instance {instance} ran no batch:\n{text}"
         );
     }
-    assert!(text.contains(
-        "cvserve_model_instances{execution_provider=\"CPUExecutionProvider\",model=\"coco/1\"} 2"
-    ));
+    assert!(text.contains(&format!(
+        "cvserve_model_instances{{backend=\"{}\",execution_provider=\"CPUExecutionProvider\",model=\"coco/1\"}} 2",
+        common::backend_name()
+    )));
 }
 
 /// The route table: an unknown path is a JSON 404, a known path asked with the wrong method a

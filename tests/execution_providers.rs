@@ -39,7 +39,7 @@ fn auto_serves_on_the_cpu_and_reports_it() {
     assert!(metrics
         .as_str()
         .unwrap()
-        .contains("cvserve_model_instances{execution_provider=\"CPUExecutionProvider\",model=\"shapes-cls/1\"}"));
+        .contains("cvserve_model_instances{backend=\"onnxruntime\",execution_provider=\"CPUExecutionProvider\",model=\"shapes-cls/1\"}"));
     // The start-up log says it, once per model.
     let logs = s.logs();
     let loaded: Vec<&str> = logs

@@ -1,5 +1,6 @@
-//! Loading one model: reads its metadata (`model::repository`), opens its ONNX Runtime
-//! sessions (`model::ort`; more instances start on demand), runs probe batches to learn the
+//! Loading one model: reads its metadata (`model::repository`), opens its back end's
+//! instances (ONNX Runtime sessions, `model::ort`, or tract plans, `model::tract`; more
+//! instances start on demand), runs probe batches to learn the
 //! output layout (`tasks`), warms up every batch size it will see, and starts its pipeline
 //! threads (`pipeline::batcher`). The registry (`models`) calls it.
 
@@ -7,10 +8,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::geometry::{InputSpec, Normalization};
-use crate::model::backend::{Backend, FaultInjection, FaultyBackend};
+use crate::model::backend::{Backend, BackendKind, FaultInjection, FaultyBackend};
 use crate::model::ort::{environment, BatchProfile, OrtBackend, SessionOptions};
 use crate::model::provider::Provider;
 use crate::model::repository::{ModelMetadata, RepositoryError, TaskType};
+use crate::model::tract::{TractBackend, TractModel};
 use crate::pipeline::batcher::{self, BatchQueue, BatcherConfig, InstancePolicy, ModelRuntime};
 use crate::pipeline::cores::CoreBudget;
 use crate::pipeline::Pools;
@@ -31,6 +33,8 @@ pub struct LoadedModel {
     pub lone_threads: usize,
     /// The execution provider its sessions run on (ONNX Runtime's name for it).
     pub provider: String,
+    /// The back end: `onnxruntime` or `tract`.
+    pub backend: &'static str,
     /// Ring slots its requests hold (decoded, waiting for preprocessing).
     pub ring_held: Arc<std::sync::atomic::AtomicUsize>,
     /// When a request last asked for it (a use counter, for MAX_ACTIVE_MODELS' LRU).
@@ -55,6 +59,8 @@ pub enum LoadError {
 pub struct LoadSettings {
     pub repository: PathBuf,
     pub ort_dylib: PathBuf,
+    /// The back end every model runs on.
+    pub backend: BackendKind,
     /// Most inference instances per model (one starts with the model, the rest on demand).
     pub instances: usize,
     /// An instance beyond a model's last stops after this long without work.
@@ -83,7 +89,6 @@ pub(super) fn load(
         id: meta.id.clone(),
         reason,
     };
-    let env = environment(&settings.ort_dylib).map_err(failed)?;
     let instances = settings.instances.max(1);
     let (rw, rh) = meta.resize_size.unwrap_or((640, 640));
     let profile = BatchProfile {
@@ -91,33 +96,47 @@ pub(super) fn load(
         height: rh,
         width: rw,
     };
-    // The instances of one model share their pre-packed weights. One instance starts with
-    // the model; the rest start on demand (`InstancePolicy`).
-    let prepacked = ort::session::builder::PrepackedWeights::new();
     let started = std::time::Instant::now();
-    let first = OrtBackend::load(
-        env,
-        &meta.weights,
-        &settings.session,
-        &prepacked,
-        Some(&profile),
-    )
-    .map_err(failed)?;
-    let mut backends: Vec<Box<dyn Backend>> = vec![Box::new(first)];
+    // How to make one instance of `threads` intra-op threads on this back end. The instances
+    // of one model share their weights: ONNX Runtime's pre-packed weights, or tract's plans.
+    // One instance starts with the model; the rest start on demand (`InstancePolicy`).
+    type Make = Arc<dyn Fn(usize) -> Result<Box<dyn Backend>, String> + Send + Sync>;
+    let make: Make = match settings.backend {
+        BackendKind::Ort => {
+            let env = environment(&settings.ort_dylib).map_err(failed)?;
+            let prepacked = ort::session::builder::PrepackedWeights::new();
+            let weights = meta.weights.clone();
+            let session = settings.session.clone();
+            Arc::new(move |threads| {
+                let opts = SessionOptions {
+                    intra_threads: threads,
+                    ..session.clone()
+                };
+                let b = OrtBackend::load(env, &weights, &opts, &prepacked, Some(&profile))?;
+                Ok(Box::new(b) as Box<dyn Backend>)
+            })
+        }
+        BackendKind::Tract => {
+            let model =
+                TractModel::load(&meta.weights, profile.max_batch, (rw, rh)).map_err(failed)?;
+            let model = Arc::new(model);
+            Arc::new(move |threads| {
+                let b = TractBackend::new(Arc::clone(&model), threads)?;
+                Ok(Box::new(b) as Box<dyn Backend>)
+            })
+        }
+    };
+    let mut backends: Vec<Box<dyn Backend>> =
+        vec![make(settings.session.intra_threads).map_err(failed)?];
     let provider = backends[0].provider().to_string();
-    // One wide session for lone requests, on the CPU only (on a GPU the network does not use
+    let backend_name = backends[0].backend();
+    // One wide instance for lone requests, on the CPU only (on a GPU the network does not use
     // the cores).
     let mut lone: Option<Box<dyn Backend>> = None;
     if settings.lone_threads > settings.session.intra_threads
         && provider == Provider::Cpu.ort_name()
     {
-        let opts = SessionOptions {
-            intra_threads: settings.lone_threads,
-            ..settings.session.clone()
-        };
-        let wide = OrtBackend::load(env, &meta.weights, &opts, &prepacked, Some(&profile))
-            .map_err(failed)?;
-        lone = Some(Box::new(wide));
+        lone = Some(make(settings.lone_threads).map_err(failed)?);
     }
     let sessions_ms = started.elapsed().as_millis() as u64;
     let input = backends[0].input().clone();
@@ -224,18 +243,11 @@ pub(super) fn load(
     // More instances of the same session settings, warmed up at the same batch sizes, made
     // on the batcher's request on a thread of their own.
     let factory: batcher::InstanceFactory = {
-        let weights = meta.weights.clone();
-        let session = settings.session.clone();
-        let prepacked = prepacked.clone();
+        let make = Arc::clone(&make);
+        let intra = settings.session.intra_threads;
         let warm_sizes = warm_sizes.clone();
         Arc::new(move || {
-            let mut b: Box<dyn Backend> = Box::new(OrtBackend::load(
-                env,
-                &weights,
-                &session,
-                &prepacked,
-                Some(&profile),
-            )?);
+            let mut b = make(intra)?;
             for &rows in &warm_sizes {
                 let mut zeros = b.alloc_batch(rows * spec.image_len());
                 b.run(&mut zeros, rows, spec.height, spec.width)
@@ -287,6 +299,7 @@ pub(super) fn load(
         intra_threads: settings.session.intra_threads,
         lone_threads: if has_lone { settings.lone_threads } else { 1 },
         provider,
+        backend: backend_name,
         ring_held: Arc::default(),
         last_used: Default::default(),
         slot_line: Default::default(),

@@ -84,6 +84,8 @@ pub struct ServedModel {
     pub input_width: u32,
     /// The execution provider (ONNX Runtime's name).
     pub provider: String,
+    /// The back end: `onnxruntime` or `tract`.
+    pub backend: &'static str,
     /// Inference instances running now, and the most that may.
     pub instances: usize,
     pub max_instances: usize,
@@ -176,6 +178,7 @@ impl Engine {
                 input_height: m.runtime.spec.height,
                 input_width: m.runtime.spec.width,
                 provider: m.provider.clone(),
+                backend: m.backend,
                 instances: m.queue.instances(),
                 max_instances: m.instances,
                 intra_threads: m.intra_threads,
@@ -225,7 +228,7 @@ impl Engine {
                 .set(m.queue.depth() as i64);
             METRICS
                 .model_instances
-                .with_label_values(&[&m.meta.id, &m.provider])
+                .with_label_values(&[&m.meta.id, &m.provider, m.backend])
                 .set(m.queue.instances() as i64);
         }
     }

@@ -116,12 +116,13 @@ impl ModelManager {
             instances = model.instances,
             intra_threads = self.settings.session.intra_threads,
             provider = %model.provider,
+            backend = model.backend,
             ms = started.elapsed().as_millis() as u64,
             "model loaded"
         );
         METRICS
             .model_instances
-            .with_label_values(&[id, &model.provider])
+            .with_label_values(&[id, &model.provider, model.backend])
             .set(model.instances as i64);
         let now = self.uses.fetch_add(1, Ordering::Relaxed) + 1;
         model.last_used.store(now, Ordering::Relaxed);
@@ -144,9 +145,10 @@ impl ModelManager {
         // Requests already holding an evicted model finish on it; its sessions are freed
         // when the last one answers.
         for m in evicted {
-            let _ = METRICS
-                .model_instances
-                .remove_label_values(&[&m.meta.id, &m.provider]);
+            let _ =
+                METRICS
+                    .model_instances
+                    .remove_label_values(&[&m.meta.id, &m.provider, m.backend]);
             METRICS.models_evicted.inc();
             tracing::info!(
                 model = %m.meta.id,
@@ -176,7 +178,7 @@ impl ModelManager {
         if let Some(m) = &removed {
             let _ = METRICS
                 .model_instances
-                .remove_label_values(&[id, &m.provider]);
+                .remove_label_values(&[id, &m.provider, m.backend]);
         }
         removed.is_some()
     }

@@ -92,6 +92,7 @@ pub async fn info(State(st): State<Arc<AppState>>) -> HttpResponse {
         .map(|m| {
             serde_json::json!({
                 "model_id": m.id,
+                "backend": m.backend,
                 "execution_provider": m.provider,
                 "instances": m.instances,
                 "max_instances": m.max_instances,

@@ -80,8 +80,10 @@ pub struct ModelDescription {
     pub vram_bytes: Option<u64>,
     pub request_aliases: Vec<String>,
     pub request_paths: Vec<&'static str>,
-    /// cvserve's: the execution provider the model runs on, its inference instances running
-    /// now, and how many may start on demand (INSTANCES_PER_MODEL).
+    /// cvserve's: the back end (`onnxruntime` or `tract`) and execution provider the model
+    /// runs on, its inference instances running now, and how many may start on demand
+    /// (INSTANCES_PER_MODEL).
+    pub backend: &'static str,
     pub execution_provider: String,
     pub instances: usize,
     pub max_instances: usize,
@@ -110,6 +112,7 @@ impl ModelsDescriptions {
                     vram_bytes: None,
                     request_aliases: vec![],
                     request_paths: vec![task_path(m.task)],
+                    backend: m.backend,
                     execution_provider: m.provider.clone(),
                     instances: m.instances,
                     max_instances: m.max_instances,

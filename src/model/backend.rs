@@ -8,12 +8,13 @@ pub struct BatchBuffer {
     ptr: *mut f32,
     len: usize,
     pinned: bool,
-    /// Owns the memory `ptr` points into.
-    _owner: Box<dyn Send + Sync>,
+    /// Owns the memory `ptr` points into (the back end that made it may look at it again,
+    /// `owner`).
+    owner: Box<dyn std::any::Any + Send + Sync>,
 }
 
 // SAFETY: the buffer is owned by one holder at a time (moved between the batcher and the
-// instances), and `_owner` (Send + Sync) keeps the memory alive and in place; shared
+// instances), and `owner` (Send + Sync) keeps the memory alive and in place; shared
 // references only read it.
 unsafe impl Send for BatchBuffer {}
 unsafe impl Sync for BatchBuffer {}
@@ -49,7 +50,7 @@ impl BatchBuffer {
             ptr: floats.0.cast(),
             len,
             pinned: false,
-            _owner: Box::new(floats),
+            owner: Box::new(floats),
         }
     }
 
@@ -62,14 +63,19 @@ impl BatchBuffer {
         ptr: *mut f32,
         len: usize,
         pinned: bool,
-        owner: Box<dyn Send + Sync>,
+        owner: Box<dyn std::any::Any + Send + Sync>,
     ) -> Self {
         Self {
             ptr,
             len,
             pinned,
-            _owner: owner,
+            owner,
         }
+    }
+
+    /// What owns the memory, when it is a `T` (a back end finding its own tensor again).
+    pub fn owner<T: 'static>(&self) -> Option<&T> {
+        self.owner.downcast_ref::<T>()
     }
 
     /// Whether the memory is pinned (page-locked) for a GPU.
@@ -221,9 +227,15 @@ pub trait Backend: Send {
     /// What the network expects.
     fn input(&self) -> &NetworkInput;
 
-    /// The execution provider it runs on (ONNX Runtime's name).
+    /// The execution provider it runs on (ONNX Runtime's name; `CPUExecutionProvider` for
+    /// any back end on the CPU).
     fn provider(&self) -> &'static str {
         "CPUExecutionProvider"
+    }
+
+    /// The inference engine: `onnxruntime` or `tract`.
+    fn backend(&self) -> &'static str {
+        "onnxruntime"
     }
 
     /// A batch tensor of `len` floats in the memory this back end reads fastest.
@@ -240,6 +252,62 @@ pub trait Backend: Send {
         height: u32,
         width: u32,
     ) -> Result<Vec<OutputTensor>, BackendError>;
+}
+
+/// Which back end runs the models (`BACKEND`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// ONNX Runtime when its library loads, otherwise tract (said in the log, with why).
+    Auto,
+    Ort,
+    Tract,
+}
+
+impl BackendChoice {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "ort" | "onnxruntime" => Ok(Self::Ort),
+            "tract" => Ok(Self::Tract),
+            other => Err(format!("must be auto, ort or tract, not {other:?}")),
+        }
+    }
+
+    /// The back end to use: `auto` takes ONNX Runtime when `ort_usable` says its library
+    /// loads, or when a GPU is asked for by name (only ONNX Runtime has one: the models then
+    /// fail to load with the library's reason), and tract otherwise, with the reason.
+    pub fn resolve(
+        self,
+        ort_usable: Result<(), String>,
+        gpu_asked: bool,
+    ) -> (BackendKind, Option<String>) {
+        match self {
+            Self::Ort => (BackendKind::Ort, None),
+            Self::Tract => (BackendKind::Tract, None),
+            Self::Auto => match ort_usable {
+                Ok(()) => (BackendKind::Ort, None),
+                Err(_) if gpu_asked => (BackendKind::Ort, None),
+                Err(why) => (BackendKind::Tract, Some(why)),
+            },
+        }
+    }
+}
+
+/// The back end the models run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Ort,
+    Tract,
+}
+
+impl BackendKind {
+    /// As `/info`, `/model/registry` and the metrics name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ort => "onnxruntime",
+            Self::Tract => "tract",
+        }
+    }
 }
 
 /// Faults to inject into every batch run (tests of overload, deadlines and failure handling).
@@ -285,6 +353,10 @@ impl Backend for FaultyBackend {
 
     fn provider(&self) -> &'static str {
         self.inner.provider()
+    }
+
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
     }
 
     fn alloc_batch(&self, len: usize) -> BatchBuffer {

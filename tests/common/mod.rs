@@ -28,6 +28,14 @@ pub fn golden(rel: &str) -> Value {
     serde_json::from_slice(&fixture(&format!("golden/{rel}"))).unwrap()
 }
 
+/// The back end the test servers run on, as `/info` and the metrics name it.
+pub fn backend_name() -> &'static str {
+    match std::env::var("CVSERVE_TEST_BACKEND").as_deref() {
+        Ok("tract") => "tract",
+        _ => "onnxruntime",
+    }
+}
+
 pub fn ort_dylib() -> String {
     std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| {
         repo()
@@ -105,6 +113,12 @@ impl Server {
             .env("PRELOAD_MODELS", models)
             .env("RING_DIR", std::env::temp_dir())
             .env("LOG_LEVEL", "info")
+            // CVSERVE_TEST_BACKEND=tract runs a test binary's servers on tract (test.sh runs
+            // the golden comparisons so); unset: BACKEND=auto (ONNX Runtime here).
+            .env(
+                "BACKEND",
+                std::env::var("CVSERVE_TEST_BACKEND").unwrap_or("auto".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in env {

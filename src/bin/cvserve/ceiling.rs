@@ -1,5 +1,5 @@
-//! `cvserve ceiling`: the in-process ceiling of a model, i.e. the server's ONNX Runtime
-//! back end running batches of preprocessed (synthetic) input back to back: no HTTP, no
+//! `cvserve ceiling`: the in-process ceiling of a model, i.e. the server's back end (ONNX
+//! Runtime or tract, BACKEND) running batches of preprocessed (synthetic) input back to back: no HTTP, no
 //! decode, no pre/postprocessing. It searches instances x intra-op threads x batch size
 //! (instances run on their own threads at once, as the server's do) and reports the best
 //! configuration, plus the batch-1 latency of a lone session per thread count (what a single
@@ -15,9 +15,10 @@ use clap::Args;
 use serde::Serialize;
 
 use cvserve::config::{available_cores, OrtSettings};
-use cvserve::model::backend::{Backend, BatchBuffer};
+use cvserve::model::backend::{Backend, BackendKind, BatchBuffer};
 use cvserve::model::ort::{environment, BatchProfile, OrtBackend};
 use cvserve::model::repository;
+use cvserve::model::tract::{TractBackend, TractModel};
 
 /// Settings of `cvserve ceiling`.
 #[derive(Debug, Clone, Args)]
@@ -76,7 +77,8 @@ pub struct Latency {
 #[derive(Debug, Serialize)]
 pub struct CeilingReport {
     pub model: String,
-    /// The execution provider the sessions ran on.
+    /// The back end (`onnxruntime` or `tract`) and execution provider the sessions ran on.
+    pub backend: &'static str,
     pub provider: &'static str,
     pub configurations: Vec<Measured>,
     pub best: Measured,
@@ -96,15 +98,28 @@ pub fn run(cfg: CeilingConfig) -> anyhow::Result<CeilingReport> {
     };
     let (instance_counts, thread_counts) = (or_range(&cfg.instances), or_range(&cfg.threads));
     let meta = repository::read(&cfg.model_cache_dir, &cfg.model)?;
-    let env = environment(&cfg.ort.dylib_path).map_err(anyhow::Error::msg)?;
+    let providers = cfg.ort.providers().map_err(anyhow::Error::msg)?;
+    let ort_usable = environment(&cfg.ort.dylib_path).map(drop);
+    let (kind, fell_back) = cfg.ort.backend.resolve(ort_usable, providers.wants_gpu());
+    if let Some(why) = fell_back {
+        eprintln!("ONNX Runtime is not usable ({why}): measuring tract");
+    }
+    let (rw, rh) = meta.resize_size.unwrap_or((640, 640));
+    let max_batch = cfg.batches.iter().copied().max().unwrap_or(1);
+    // tract's plans (one per batch size) are made once and shared by every instance.
+    let tract = match kind {
+        BackendKind::Tract => Some(Arc::new(
+            TractModel::load(&meta.weights, max_batch, (rw, rh)).map_err(anyhow::Error::msg)?,
+        )),
+        BackendKind::Ort => None,
+    };
     let mut configurations = Vec::new();
     let mut latency = Vec::new();
     let mut provider = "";
     for &threads in &thread_counts {
         let opts = cfg.ort.session(threads).map_err(anyhow::Error::msg)?;
-        let (rw, rh) = meta.resize_size.unwrap_or((640, 640));
         let profile = BatchProfile {
-            max_batch: cfg.batches.iter().copied().max().unwrap_or(1),
+            max_batch,
             height: rh,
             width: rw,
         };
@@ -118,11 +133,25 @@ pub fn run(cfg: CeilingConfig) -> anyhow::Result<CeilingReport> {
         if max_instances == 0 {
             continue;
         }
-        let mut sessions: Vec<OrtBackend> = (0..max_instances)
-            .map(|_| OrtBackend::load(env, &meta.weights, &opts, &prepacked, Some(&profile)))
+        let mut sessions: Vec<Box<dyn Backend>> = (0..max_instances)
+            .map(|_| -> Result<Box<dyn Backend>, String> {
+                match &tract {
+                    Some(model) => Ok(Box::new(TractBackend::new(Arc::clone(model), threads)?)),
+                    None => {
+                        let env = environment(&cfg.ort.dylib_path)?;
+                        Ok(Box::new(OrtBackend::load(
+                            env,
+                            &meta.weights,
+                            &opts,
+                            &prepacked,
+                            Some(&profile),
+                        )?))
+                    }
+                }
+            })
             .collect::<Result<_, _>>()
             .map_err(anyhow::Error::msg)?;
-        provider = sessions[0].provider().ort_name();
+        provider = sessions[0].provider();
         let input = sessions[0].input().clone();
         let (h, w) = (input.height.unwrap_or(rh), input.width.unwrap_or(rw));
         let fixed = input.fixed_batch.map(|b| b as usize);
@@ -156,6 +185,7 @@ pub fn run(cfg: CeilingConfig) -> anyhow::Result<CeilingReport> {
         .ok_or_else(|| anyhow::anyhow!("no configuration could run"))?;
     let report = CeilingReport {
         model: cfg.model,
+        backend: kind.name(),
         provider,
         images_per_second: best.images_per_second,
         best,
@@ -167,15 +197,20 @@ pub fn run(cfg: CeilingConfig) -> anyhow::Result<CeilingReport> {
 }
 
 /// Mid-grey input: a realistic, not degenerate, activation pattern.
-fn grey(session: &OrtBackend, batch: usize, h: u32, w: u32) -> BatchBuffer {
+fn grey(session: &dyn Backend, batch: usize, h: u32, w: u32) -> BatchBuffer {
     let mut input = session.alloc_batch(batch * 3 * h as usize * w as usize);
     input.fill(0.5);
     input
 }
 
 /// Median of 15 batch-1 runs of one session alone (after a warm-up run).
-fn batch1_latency(session: &mut OrtBackend, batch: usize, h: u32, w: u32) -> anyhow::Result<f64> {
-    let mut input = grey(session, batch, h, w);
+fn batch1_latency(
+    session: &mut Box<dyn Backend>,
+    batch: usize,
+    h: u32,
+    w: u32,
+) -> anyhow::Result<f64> {
+    let mut input = grey(session.as_ref(), batch, h, w);
     let mut times = Vec::new();
     for i in 0..16 {
         let started = Instant::now();
@@ -193,7 +228,7 @@ fn batch1_latency(session: &mut OrtBackend, batch: usize, h: u32, w: u32) -> any
 /// Images per second of `sessions` running `batch`-image batches at once, each on its own
 /// thread, for `seconds`.
 fn measure(
-    sessions: &mut [OrtBackend],
+    sessions: &mut [Box<dyn Backend>],
     batch: usize,
     h: u32,
     w: u32,
@@ -207,7 +242,7 @@ fn measure(
         for session in sessions.iter_mut() {
             let (images, stop, start, failed) = (&images, &stop, &start, Arc::clone(&failed));
             s.spawn(move || {
-                let mut input = grey(session, batch, h, w);
+                let mut input = grey(session.as_ref(), batch, h, w);
                 let warm = session.run(&mut input, batch, h, w);
                 start.wait();
                 if let Err(e) = warm {
