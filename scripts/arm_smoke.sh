@@ -31,14 +31,16 @@ export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
 # copy onto a board, and less to link here).
 cargo build --locked --profile arm --target "$TARGET" --bin cvserve
 BIN=target/$TARGET/arm/cvserve
-file "$BIN" 2>/dev/null | grep -q "aarch64" || { file "$BIN" 2>/dev/null; echo "arm: $BIN is not an aarch64 binary" >&2; exit 1; }
+aarch64-linux-gnu-readelf -h "$BIN" | grep -q "AArch64" || { echo "arm: $BIN is not an aarch64 binary" >&2; exit 1; }
 echo "arm: built $BIN ($(du -h "$BIN" | cut -f1))"
 [ -n "${ARM_SMOKE_BUILD_ONLY:-}" ] && exit 0
 
 # The x86 binary's answer on tract is the reference (ONNX Runtime's differs in the last
-# digits of the confidences).
-cargo build --release --locked -q --bin cvserve
+# digits of the confidences). Built as `cargo test` builds it (with the dev-dependencies'
+# features), so that after the tests this is no second build of the library.
+cargo test --release --locked -q --no-run
 work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+fail() { echo "arm: $1" >&2; tail -20 "$work/$2.log" >&2; exit 1; }
 photo=tests/fixtures/images/dog.jpg
 serve() { # name binary-and-runner...
   local name=$1; shift
@@ -46,16 +48,17 @@ serve() { # name binary-and-runner...
     PRELOAD_MODELS=coco/1 HOST=127.0.0.1 PORT=0 GRPC_PORT=0 RING_DIR="$work" \
     INSTANCES_PER_MODEL=1 LONE_REQUEST_THREADS=1 REQUEST_TIMEOUT_S=600 \
     "$@" serve > "$work/$name.out" 2> "$work/$name.log" &
-  local port=""
+  local pid=$! port=""
   for _ in $(seq 600); do
     port=$(sed -n 's|^cvserve listening on http://127.0.0.1:||p' "$work/$name.out")
     [ -n "$port" ] && curl -sf "127.0.0.1:$port/readiness" >/dev/null && break
     sleep 1
   done
-  curl -sf "127.0.0.1:$port/readiness" >/dev/null || { tail -20 "$work/$name.log" >&2; echo "arm: $name did not become ready" >&2; exit 1; }
-  curl -s "127.0.0.1:$port/info" > "$work/$name.info"
-  curl -s -F "file=@$photo" "127.0.0.1:$port/coco/1" > "$work/$name.json"
-  kill -TERM %% 2>/dev/null; wait %% 2>/dev/null || true
+  curl -sf "127.0.0.1:$port/readiness" >/dev/null || fail "$name did not become ready" "$name"
+  curl -sf "127.0.0.1:$port/info" > "$work/$name.info" || fail "$name: /info failed" "$name"
+  curl -sf -F "file=@$photo" "127.0.0.1:$port/coco/1" > "$work/$name.json" || fail "$name: no answer" "$name"
+  kill -TERM "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
 }
 serve x86 target/release/cvserve
 started=$(date +%s)

@@ -126,7 +126,7 @@ impl Metrics {
             )?,
             model_instances: register_int_gauge_vec_with_registry!(
                 "cvserve_model_instances",
-                "Inference instances of a loaded model, by execution provider",
+                "Inference instances of a loaded model, by execution provider and back end",
                 &["model", "execution_provider", "backend"],
                 r
             )?,

@@ -2,10 +2,10 @@
 //! Runtime's library is missing or does not exist (an ARM board, an air-gapped box, a
 //! distroless image). CPU only.
 //!
-//! A model is parsed once and optimised once per batch size, with concrete input facts
-//! (tract runs a plan specialised to one shape 1.1-1.8x faster than a symbolic one); the
-//! plans are shared by every instance of the model, so are their weights. Each instance
-//! keeps one run state per batch size (its intermediate buffers) and runs on its own thread,
+//! A model is parsed once and optimised for batches of 1 and of the largest size, with
+//! concrete input facts (tract runs a plan specialised to one shape 1.1-1.8x faster than a
+//! symbolic one); the plans are shared by every instance of the model, so are their weights.
+//! Each instance keeps one run state per plan and runs on its own thread,
 //! or on a pool of `threads` for the wide lone-request instance (tract parallelises matrix
 //! products only).
 
@@ -21,7 +21,7 @@ use super::backend::{
     Backend, BackendError, BatchBuffer, NetworkInput, OutputBuffer, OutputTensor,
 };
 
-/// Runs of one model: plans by batch size, made at load.
+/// Runs of one model: plans by batch size (1 and the largest), made at load.
 pub struct TractModel {
     input: NetworkInput,
     height: u32,
@@ -31,9 +31,9 @@ pub struct TractModel {
 }
 
 impl TractModel {
-    /// Parses the model file at `path` and optimises one plan for each batch size the
-    /// batcher may send: the graph's fixed batch, or 1 to `max_batch`. `size` (width,
-    /// height) stands in for a symbolic input size.
+    /// Parses the model file at `path` and optimises a plan for the graph's fixed batch, or
+    /// for batches of 1 and of `max_batch`. `size` (width, height) stands in for a symbolic
+    /// input size.
     pub fn load(path: &Path, max_batch: usize, size: (u32, u32)) -> Result<Self, String> {
         let fail =
             |e: TractError| format!("tract cannot load {}: {}", path.display(), describe(&e));
@@ -67,10 +67,14 @@ impl TractModel {
             input.height.unwrap_or(size.1),
             input.width.unwrap_or(size.0),
         );
-        let sizes: Vec<usize> = match input.fixed_batch {
+        // Plans for batches of 1 and of `max_batch` (each optimisation folds its own copy of
+        // the weights, so one per size would multiply load time and memory by the largest
+        // batch); a batch in between runs on the larger plan, padded.
+        let mut sizes: Vec<usize> = match input.fixed_batch {
             Some(b) => vec![b as usize],
-            None => (1..=max_batch.max(1)).collect(),
+            None => vec![1, max_batch.max(1)],
         };
+        sizes.dedup();
         let mut plans = HashMap::new();
         let mut output_names = Vec::new();
         for b in sizes {
@@ -167,11 +171,13 @@ impl Backend for TractBackend {
             vec![len]
         };
         let mut tensor = Tensor::zero::<f32>(&shape).expect("an f32 tensor of a known shape");
-        let ptr = tensor.as_ptr_mut::<f32>().expect("an f32 tensor");
+        // SAFETY: the tensor was made as f32 just above.
+        let ptr = unsafe { tensor.as_slice_mut_unchecked::<f32>() }.as_mut_ptr();
         // SAFETY: the tensor owns `len` floats at `ptr`; its data is a heap allocation that
         // does not move with the `Arc`, which the buffer owns. Tract reads it only during a
         // run, while the buffer is borrowed exclusively (`run` takes `&mut`), and writes it
-        // never (inputs are read-only to a plan).
+        // never: tract changes an input in place only when it holds the only reference
+        // (`Arc::try_unwrap`), and the buffer always keeps one.
         unsafe { BatchBuffer::from_owner(ptr, len, false, Box::new(TractInput(Arc::new(tensor)))) }
     }
 
@@ -189,38 +195,60 @@ impl Backend for TractBackend {
                 self.model.width, self.model.height
             )));
         }
-        let shape = [batch, 3, height as usize, width as usize];
-        let n: usize = shape.iter().product();
+        let image = 3 * height as usize * width as usize;
+        let n = batch * image;
         if n > input.len() {
             return Err(BackendError(format!(
                 "a batch of {batch} needs {n} floats, the tensor has {}",
                 input.len()
             )));
         }
-        let Some(state) = self.states.get_mut(&batch) else {
+        // The plan of this batch size, or the smallest larger one (its extra rows zero).
+        let Some(rows) = self.states.keys().copied().filter(|&r| r >= batch).min() else {
             return Err(BackendError(format!(
                 "no tract plan for a batch of {batch} (plans: {:?})",
                 self.model.plans.keys().collect::<Vec<_>>()
             )));
         };
-        // The tensor itself when it is exactly this batch (always with one row per batch,
+        let shape = [rows, 3, height as usize, width as usize];
+        // The tensor itself when it is exactly this shape (always with one row per batch,
         // the CPU's default); otherwise its first rows, copied.
-        let value: TValue = match input.owner::<TractInput>() {
-            Some(TractInput(t)) if t.shape() == shape => TValue::from_const(Arc::clone(t)),
-            _ => Tensor::from_shape(&shape, &input[..n]).map_err(err)?.into(),
+        let own = input.owner::<TractInput>().map(|TractInput(t)| t);
+        let value: TValue = match own {
+            Some(t) if t.shape() == shape => TValue::from_const(Arc::clone(t)),
+            _ => {
+                let mut t = Tensor::zero::<f32>(&shape).map_err(err)?;
+                // SAFETY: `t` was made as f32 just above.
+                let rows = unsafe { t.as_slice_mut_unchecked::<f32>() };
+                rows[..n].copy_from_slice(&input[..n]);
+                t.into()
+            }
         };
+        let state = self.states.get_mut(&rows).expect("a plan of that size");
         let outputs = match &self.executor {
             Some(pool) => multithread_tract_scope(pool.clone(), || state.run(tvec![value])),
             None => state.run(tvec![value]),
-        }
-        .map_err(err)?;
+        };
+        let outputs = match outputs {
+            Ok(o) => o,
+            Err(e) => {
+                // A failed run leaves its input and intermediate values in the state.
+                let _ = state.reset_turn();
+                return Err(err(e));
+            }
+        };
         let mut result = Vec::with_capacity(outputs.len());
         for (i, value) in outputs.into_iter().enumerate() {
             let tensor = value.into_arc_tensor();
-            let tensor = if tensor.datum_type() == f32::datum_type() {
-                tensor
-            } else {
+            let is_input = own.is_some_and(|t| Arc::ptr_eq(t, &tensor));
+            let tensor = if tensor.datum_type() != f32::datum_type() {
                 Arc::new(tensor.cast_to::<f32>().map_err(err)?.into_owned())
+            } else if is_input {
+                // An output that is the input itself: the batch tensor is refilled while
+                // postprocessing reads the outputs, so it is copied.
+                Arc::new(tensor.as_ref().clone())
+            } else {
+                tensor
             };
             let shape = tensor.shape().to_vec();
             let (ptr, len) = (tensor.as_ptr::<f32>().map_err(err)?, tensor.len());

@@ -282,12 +282,21 @@ async fn route_for(
         let body = resp.into_body().collect().await?.to_bytes();
         anyhow::Ok(serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default())
     };
+    // The route the registry lists for the model (keypoints: `/infer/keypoints_detection`,
+    // not the task type's spelling), else the task type's.
     let find = |registry: &serde_json::Value| {
         registry["models"].as_array().and_then(|models| {
-            models
+            let m = models
                 .iter()
-                .find(|m| m["model_id"] == cfg.model.as_str())
-                .and_then(|m| m["task_type"].as_str().map(str::to_owned))
+                .find(|m| m["model_id"] == cfg.model.as_str())?;
+            m["request_paths"][0]
+                .as_str()
+                .map(str::to_owned)
+                .or_else(|| {
+                    m["task_type"]
+                        .as_str()
+                        .map(|t| format!("/infer/{}", t.replace('-', "_")))
+                })
         })
     };
     let mut task = find(&get(format!("/model/registry?api_key={}", cfg.api_key)).await?);
@@ -308,7 +317,7 @@ async fn route_for(
             cfg.model
         )
     })?;
-    Ok(format!("/infer/{}", task.replace('-', "_")))
+    Ok(task)
 }
 
 /// Roboflow's route and bodies (base64 JSON, or the legacy route's base64 text).

@@ -15,7 +15,7 @@ use clap::Args;
 use serde::Serialize;
 
 use cvserve::config::{available_cores, OrtSettings};
-use cvserve::model::backend::{Backend, BackendKind, BatchBuffer};
+use cvserve::model::backend::{Backend, BackendChoice, BackendKind, BatchBuffer};
 use cvserve::model::ort::{environment, BatchProfile, OrtBackend};
 use cvserve::model::repository;
 use cvserve::model::tract::{TractBackend, TractModel};
@@ -99,8 +99,14 @@ pub fn run(cfg: CeilingConfig) -> anyhow::Result<CeilingReport> {
     let (instance_counts, thread_counts) = (or_range(&cfg.instances), or_range(&cfg.threads));
     let meta = repository::read(&cfg.model_cache_dir, &cfg.model)?;
     let providers = cfg.ort.providers().map_err(anyhow::Error::msg)?;
-    let ort_usable = environment(&cfg.ort.dylib_path).map(drop);
+    let ort_usable = match cfg.ort.backend {
+        BackendChoice::Tract => Ok(()), // not loaded at all
+        _ => environment(&cfg.ort.dylib_path).map(drop),
+    };
     let (kind, fell_back) = cfg.ort.backend.resolve(ort_usable, providers.wants_gpu());
+    if kind == BackendKind::Tract && providers.wants_gpu() {
+        anyhow::bail!("tract runs on the CPU only, and the execution providers ask for a GPU");
+    }
     if let Some(why) = fell_back {
         eprintln!("ONNX Runtime is not usable ({why}): measuring tract");
     }
