@@ -381,3 +381,37 @@ impl Backend for FaultyBackend {
         self.inner.run(input, batch, height, width)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `auto` takes ONNX Runtime when it loads, tract (with the reason) when it does not,
+    /// and never tract when a GPU is asked for; `ort` and `tract` are taken as said.
+    #[test]
+    fn the_back_end_choice_falls_back_only_when_it_should() {
+        let missing = || Err("library not found".to_string());
+        assert_eq!(
+            BackendChoice::Auto.resolve(Ok(()), false),
+            (BackendKind::Ort, None)
+        );
+        assert_eq!(
+            BackendChoice::Auto.resolve(missing(), false),
+            (BackendKind::Tract, Some("library not found".into()))
+        );
+        assert_eq!(
+            BackendChoice::Auto.resolve(missing(), true),
+            (BackendKind::Ort, None)
+        );
+        assert_eq!(
+            BackendChoice::Ort.resolve(missing(), false),
+            (BackendKind::Ort, None)
+        );
+        assert_eq!(
+            BackendChoice::Tract.resolve(Ok(()), false),
+            (BackendKind::Tract, None)
+        );
+        assert_eq!(BackendChoice::parse(" ONNXRuntime"), Ok(BackendChoice::Ort));
+        assert!(BackendChoice::parse("tensorflow").is_err());
+    }
+}
