@@ -6,7 +6,9 @@
 #                            cuRAND, NVRTC), cuDNN 9, and, where it can be had, TensorRT 10 for
 #                            CUDA 13 (libnvinfer, libnvonnxparser; tensorrt-cu13-libs 10.16, not
 #                            the 11.x releases)
-# Only the NVIDIA driver (>= 580 for CUDA 13) must come with the machine.
+# Only the NVIDIA driver (>= 580 for CUDA 13) must come with the machine. x86_64 only: PyPI has
+# no aarch64 onnxruntime-gpu wheel (fetch_onnxruntime.sh says so and stops; on a Jetson use
+# JetPack's onnxruntime-gpu and ORT_DYLIB_PATH).
 # TensorRT is optional: PyPI holds tensorrt-cu13-libs 10.x only as a stub that downloads the
 # real wheel from NVIDIA's index (pypi.nvidia.com). Where that cannot be reached the TensorRT
 # provider will not start (EXECUTION_PROVIDERS=auto then runs on CUDA and logs why); put the

@@ -1,5 +1,7 @@
 //! Bad input gets a clear 4xx JSON `{"message"}` and the server keeps serving, with every ring
 //! slot back.
+//!
+//! Tier: quick (docs/tests.md).
 
 mod common;
 

@@ -2,6 +2,8 @@
 //! Kubernetes schemas, and agree with the server's own defaults: a change of `PORT`,
 //! `DRAIN_TIMEOUT_S` or the ring's size that forgets the manifests fails here. The checks
 //! are in `deploy_check.py`; the tools come from `scripts/setup.sh --sdk`.
+//!
+//! Tier: full (docs/tests.md).
 
 mod common;
 

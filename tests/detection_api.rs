@@ -1,5 +1,7 @@
 //! Object detection over real HTTP against the bundled models, compared with the answers
 //! of Roboflow Inference 1.8.3 (tests/fixtures/golden).
+//!
+//! Tier: quick (docs/tests.md).
 
 mod common;
 

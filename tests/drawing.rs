@@ -2,6 +2,8 @@
 //! on `/infer/*`. The picture is a JPEG of the original size whose pixels along each returned
 //! box's edge carry the box colour while pixels far from every box are unchanged; a request
 //! without drawing answers exactly the JSON it did before.
+//!
+//! Tier: full (docs/tests.md).
 
 mod common;
 

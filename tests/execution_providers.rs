@@ -2,6 +2,8 @@
 //! says so everywhere an operator looks; asking for CUDA or TensorRT by name from the CPU build
 //! of ONNX Runtime fails the model's load with a message naming what is missing, never a
 //! silent CPU run.
+//!
+//! Tier: full (docs/tests.md).
 
 mod common;
 

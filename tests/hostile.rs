@@ -8,6 +8,8 @@
 //! the server's own state, read from `/metrics`, from `/proc`, or from what its sockets say,
 //! and time limits are deadlines the server enforces (`X-Request-Timeout-Ms`,
 //! REQUEST_TIMEOUT_S), so the tests hold on a busy box (CI runs them beside CPU hogs).
+//!
+//! Tier: full (docs/tests.md).
 
 mod common;
 

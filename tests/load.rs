@@ -1,5 +1,7 @@
 //! Load test over loopback, bounded in time: 1,000 concurrent connections (the seeds'
 //! benchmark parallelism) against the real server, driven by `cvserve bench`.
+//!
+//! Tier: full (docs/tests.md).
 
 mod common;
 

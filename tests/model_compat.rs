@@ -2,6 +2,8 @@
 //! NMS-free / RF-DETR / YOLO-NAS output layouts and keypoint detection, each compared with
 //! what Roboflow Inference 1.8.3 answered (tests/fixtures/golden) at the README's tolerance,
 //! and keypoints with the exact ground truth of the shapes samples.
+//!
+//! Tier: full (docs/tests.md).
 
 mod common;
 

@@ -3,6 +3,8 @@
 //! environment.json from the URLs it gives, written atomically into the cache, once for
 //! concurrent first requests; Roboflow's 401/403/404, OFFLINE_MODE, and the size and time
 //! limits.
+//!
+//! Tier: full (docs/tests.md).
 
 mod common;
 

@@ -2,6 +2,8 @@
 //! Python client (`tritonclient`, pinned in scripts/setup.sh; scripts/test.sh sets
 //! CVSERVE_TRITON_PYTHON): every answer is checked against what the Roboflow route answers
 //! for the same image, and shared-memory hazards against the server going on serving.
+//!
+//! Tier: full (docs/tests.md).
 
 mod common;
 

@@ -2,6 +2,8 @@
 //! the legacy query string, and image decoding. Arbitrary bytes and structured-but-wrong
 //! values must give an answer (Ok, or an error whose status is 4xx), never a panic; decoding
 //! never claims more pixels than MAX_IMAGE_PIXELS allows.
+//!
+//! Tier: full (docs/tests.md).
 
 use std::io::Cursor;
 use std::sync::Arc;

@@ -1,5 +1,7 @@
 //! Roboflow's Python client, `inference_sdk` (pinned in scripts/setup.sh), against the real
 //! server, unchanged. scripts/test.sh creates its virtualenv and sets CVSERVE_SDK_PYTHON.
+//!
+//! Tier: full (docs/tests.md).
 
 mod common;
 

@@ -1,5 +1,7 @@
 //! Instance segmentation against exact ground truth (tests/fixtures/samples/shapes/gt.json)
 //! for every mask mode and both mask formats, and classification, over real HTTP.
+//!
+//! Tier: full (docs/tests.md).
 
 mod common;
 

@@ -3,6 +3,8 @@
 //! turn while those that cannot are refused on their headers, instances that start under load
 //! and stop when idle, and memory returned once the server is quiet, with an idle server
 //! using no CPU.
+//!
+//! Tier: full (docs/tests.md).
 
 mod common;
 

@@ -2,6 +2,8 @@
 //! bundled models with Roboflow's answers, says which back end runs them, refuses a GPU, and
 //! names the operator it lacks. The golden comparisons of the other test binaries run on it
 //! too (`scripts/test.sh` runs them with CVSERVE_TEST_BACKEND=tract).
+//!
+//! Tier: full (docs/tests.md).
 
 mod common;
 

@@ -1,5 +1,7 @@
 //! Images given by URL, when ALLOW_URL_INPUT enables them: fetched over http with size and
 //! time limits; other schemes refused. A tiny local HTTP server plays the image host.
+//!
+//! Tier: full (docs/tests.md).
 
 mod common;
 

@@ -2,6 +2,8 @@
 //! on dog.jpg and draws the answer; `/openapi.json` validates as OpenAPI 3 and `/docs`
 //! renders it. The checks are in `web_check.py`; the browser, its driver and the Python
 //! packages come from `scripts/setup.sh --sdk`. A screenshot is left in `target/`.
+//!
+//! Tier: full (docs/tests.md).
 
 mod common;
 

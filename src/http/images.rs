@@ -173,9 +173,8 @@ impl UrlPolicy {
     pub fn client(self, timeout: Duration) -> reqwest::Result<reqwest::Client> {
         let policy = Arc::new(self);
         let redirects = Arc::clone(&policy);
-        reqwest::Client::builder()
+        crate::model::download::http_client()
             .timeout(timeout)
-            .no_proxy()
             .dns_resolver(Arc::new(GuardedResolver(Arc::clone(&policy))))
             .redirect(reqwest::redirect::Policy::custom(move |attempt| {
                 if attempt.previous().len() >= 3 {

@@ -75,9 +75,8 @@ pub struct Downloader {
 
 impl Downloader {
     pub fn new(settings: DownloadSettings) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
+        let client = http_client()
             .connect_timeout(Duration::from_secs(10))
-            .no_proxy()
             .build()
             .map_err(|e| format!("cannot build the download client: {e}"))?;
         Ok(Self {
@@ -358,6 +357,18 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// A builder for every outbound HTTP client of the server (model downloads, URL images): no
+/// proxy from the environment, and TLS by rustls on ring, installed as the process's crypto
+/// provider the first time (reqwest is built without a provider of its own).
+pub fn http_client() -> reqwest::ClientBuilder {
+    static PROVIDER: std::sync::Once = std::sync::Once::new();
+    PROVIDER.call_once(|| {
+        // Err only when another provider was installed first: that one serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+    reqwest::Client::builder().no_proxy()
+}
+
 fn connection(e: reqwest::Error) -> DownloadError {
     // The URL may carry the API key: never put it in an error message.
     DownloadError::Connection(e.without_url().to_string())
@@ -380,4 +391,22 @@ async fn publish(staged: &Path, target: &Path) -> Result<(), DownloadError> {
 /// The directory downloads are staged in (cleaned at start: leftovers of a killed process).
 pub fn partial_dir(root: &Path) -> PathBuf {
     root.join(PARTIAL_DIR)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// reqwest is built without a crypto provider of its own: without ring installed first,
+    /// building a client panics ("No rustls crypto provider is configured").
+    #[test]
+    fn outbound_clients_get_tls_from_ring() {
+        let client = http_client().build();
+        assert!(client.is_ok(), "{:?}", client.err());
+        let provider = rustls::crypto::CryptoProvider::get_default().expect("a provider");
+        assert!(provider
+            .cipher_suites
+            .iter()
+            .any(|s| s.suite() == rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
+    }
 }

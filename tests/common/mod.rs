@@ -291,9 +291,24 @@ impl Server {
 }
 
 impl Drop for Server {
+    /// Stops the server; when the test is failing (unwinding from a failed assertion), its
+    /// log goes to the test's output with the failure, the last 200 lines of it.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.logs();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(200)..];
+            eprintln!(
+                "---- the log of the server at {} ({}, last {} of {} lines) ----\n{}\n---- end of the server's log ----",
+                self.base,
+                self.log.display(),
+                tail.len(),
+                lines.len(),
+                tail.join("\n")
+            );
+        }
     }
 }
 
