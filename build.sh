@@ -8,6 +8,7 @@
 # binary serves both flavours: run.sh picks the library.
 set -euo pipefail
 cd "$(dirname "$0")"
+source scripts/toolchain.sh
 scripts/setup.sh
 gpu="${CVSERVE_GPU:-auto}"
 if [ "$gpu" = auto ]; then

@@ -1,7 +1,7 @@
 //! Criterion benches of each CPU stage, on synthetic inputs built from the test photos:
 //! JPEG decode (VGA, 720p, 1080p), resize/letterbox into the batch tensor, YOLO decode + NMS
 //! (few and many candidates), mask decoding per mode, polygon tracing, RLE, JSON encoding.
-//! `cargo bench --bench stages`; numbers are in README.md.
+//! `cargo bench --bench stages`; numbers are in docs/benchmarks.md.
 
 use std::hint::black_box;
 use std::io::Cursor;

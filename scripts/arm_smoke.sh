@@ -13,6 +13,7 @@
 #   ARM_SMOKE_BUILD_ONLY=1 scripts/arm_smoke.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/toolchain.sh
 TARGET=aarch64-unknown-linux-gnu
 
 missing=()

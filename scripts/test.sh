@@ -23,6 +23,7 @@ filter="${1:-}"
 start=$(date +%s)
 step() { echo "==> $* [$(($(date +%s) - start)) s]"; }
 
+source scripts/toolchain.sh
 step "set-up ($tier)"
 if [ $tier = quick ]; then scripts/setup.sh; else scripts/setup.sh --sdk; fi
 export CVSERVE_SDK_PYTHON="$PWD/vendor/sdk-venv/bin/python"

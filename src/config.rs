@@ -53,7 +53,7 @@ pub struct ServeConfig {
 
     /// Largest batch the dynamic batcher forms for a model with a dynamic batch dimension
     /// (Triton's `max_batch_size`). `auto`: 1 on CPU, where single-threaded instances gain
-    /// nothing from larger batches and lose to cache misses (see README), 8 on a GPU.
+    /// nothing from larger batches and lose to cache misses (see docs/design.md), 8 on a GPU.
     #[arg(long, env = "MAX_BATCH_SIZE", default_value = "auto", value_parser = parse_auto)]
     pub max_batch_size: Auto,
 
@@ -353,7 +353,7 @@ pub struct ServeConfig {
 pub struct OrtSettings {
     /// ONNX Runtime's CPU arena allocator. With it each model's session keeps the peak memory
     /// of its largest batch for good; without it memory is returned after each run, so a
-    /// server with several models needs far less (measured in README).
+    /// server with several models needs far less (measured in docs/production.md).
     #[arg(long = "ort-cpu-arena", env = "ORT_CPU_ARENA", default_value_t = false, action = clap::ArgAction::Set)]
     pub cpu_arena: bool,
 

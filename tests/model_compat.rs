@@ -1,6 +1,6 @@
 //! Roboflow model compatibility over real HTTP: environment.json's preprocessing steps, the
 //! NMS-free / RF-DETR / YOLO-NAS output layouts and keypoint detection, each compared with
-//! what Roboflow Inference 1.8.3 answered (tests/fixtures/golden) at the README's tolerance,
+//! what Roboflow Inference 1.8.3 answered (tests/fixtures/golden) at the tolerance of docs/tests.md,
 //! and keypoints with the exact ground truth of the shapes samples.
 //!
 //! Tier: full (docs/tests.md).
@@ -25,7 +25,7 @@ const PRE_MODELS: [&str; 6] = [
 
 type Box = (String, f64, f64, f64, f64, f64);
 
-/// The README's tolerance for these models: IoU >= 0.9 and confidence within 0.02 (see
+/// The tolerance of docs/tests.md for these models: IoU >= 0.9 and confidence within 0.02 (see
 /// `common::match_golden`); returns the class ties it let through.
 fn compare(ours: &Value, gold: &Value, threshold: f64, what: &str) -> usize {
     common::match_golden(ours, gold, threshold, 0.9, 0.02, what)

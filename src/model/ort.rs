@@ -577,7 +577,7 @@ impl Backend for OrtBackend {
         // never read): ONNX Runtime's CUDA provider searched cuDNN's convolution algorithms
         // again whenever the batch size changed from one run to the next, which took 0.2 to
         // 0.8 s a run, and served coco/1 at 20 img/s instead of 490 (measured on an H200,
-        // README). One shape also keeps TensorRT on its tuned profile.
+        // docs/gpu.md). One shape also keeps TensorRT on its tuned profile.
         let batch = rows_to_run(
             self.provider.is_gpu() && self.input.fixed_batch.is_none(),
             input.len(),
