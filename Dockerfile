@@ -8,14 +8,14 @@
 # Without --shm-size Docker's /dev/shm is 64 MiB: the ring shrinks to 4 slots (logged) and
 # more requests get 429 under load.
 
-FROM rust:1.95-bookworm AS build
+FROM rust:1.95.0-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN CVSERVE_GPU=0 ./build.sh
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \
- && apt-get install -y --no-install-recommends curl libstdc++6 \
+ && apt-get install -y --no-install-recommends ca-certificates curl libstdc++6 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --user-group --home-dir /app cvserve
 WORKDIR /app

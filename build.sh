@@ -12,7 +12,8 @@ source scripts/toolchain.sh
 scripts/setup.sh
 gpu="${CVSERVE_GPU:-auto}"
 if [ "$gpu" = auto ]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; else gpu=0; fi
+  # x86_64 only: PyPI has no aarch64 onnxruntime-gpu (a Jetson takes JetPack's, see docs/gpu.md).
+  if [ "$(uname -m)" = x86_64 ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; else gpu=0; fi
 fi
 if [ "$gpu" = 1 ]; then
   scripts/fetch_gpu_runtime.sh

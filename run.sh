@@ -16,5 +16,8 @@ else
   export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$PWD/vendor/onnxruntime/libonnxruntime.so.$ver}"
 fi
 export MODEL_CACHE_DIR="${MODEL_CACHE_DIR:-$PWD/models}"
+# In a checkout with cargo, the release build of these sources (scripts/test.sh leaves its own
+# build, with debug assertions, at the same path; an up-to-date build costs a second).
+if command -v cargo >/dev/null 2>&1 && [ -f Cargo.toml ]; then cargo build --release --locked -q; fi
 [ -x target/release/cvserve ] || { echo "run ./build.sh first" >&2; exit 1; }
 exec target/release/cvserve serve "$@"

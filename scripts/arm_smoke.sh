@@ -41,14 +41,15 @@ aarch64-linux-gnu-readelf -h "$BIN" | grep -q "AArch64" || { echo "arm: $BIN is 
 echo "arm: built $BIN ($(du -h "$BIN" | cut -f1))"
 [ -n "${ARM_SMOKE_BUILD_ONLY:-}" ] && exit 0
 
-# The references: the x86 build's answers on each back end. The test command leaves that build
-# in target/release; alone, this stage builds it.
-[ -x target/release/cvserve ] || cargo build --release --locked --bin cvserve
+# The references: the x86 build's answers on each back end (the test command's build: nothing
+# to compile after it).
+cargo build --release --locked "${test_build[@]}" --bin cvserve
 scripts/fetch_onnxruntime.sh vendor/onnxruntime cpu >/dev/null
 scripts/fetch_onnxruntime.sh vendor/onnxruntime-aarch64 cpu aarch64 >/dev/null
 ORT_VERSION="${ORT_VERSION:-1.31.1}"
 work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-fail() { echo "arm: $1" >&2; tail -20 "$work/$2.log" >&2; exit 1; }
+# A failing server is stopped with its check (`pid` is serve's, seen here by bash's scoping).
+fail() { echo "arm: $1" >&2; tail -20 "$work/$2.log" >&2; [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null; exit 1; }
 photo=tests/fixtures/images/dog.jpg
 serve() { # name backend ort-library binary-and-runner...
   local name=$1 backend=$2 lib=$3; shift 3
@@ -59,6 +60,7 @@ serve() { # name backend ort-library binary-and-runner...
   local pid=$! port="" started
   started=$(date +%s)
   for _ in $(seq 900); do
+    kill -0 "$pid" 2>/dev/null || break # exited: no point waiting
     port=$(sed -n 's|^cvserve listening on http://127.0.0.1:||p' "$work/$name.out")
     [ -n "$port" ] && curl -sf "127.0.0.1:$port/readiness" >/dev/null && break
     sleep 1

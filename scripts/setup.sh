@@ -45,6 +45,7 @@ venv() {
   if ! python3 -m venv "$dir" 2>/dev/null; then # Debian's python3 keeps venv apart
     rm -rf "$dir"
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
     python3 -m venv "$dir"
   fi
@@ -67,7 +68,7 @@ venv vendor/web-venv "import selenium, openapi_spec_validator" "selenium==4.*" "
 # vendor/test-models, rather than kept as three more weight files. Made again only when the
 # script or the models it reads change (the stamp holds their hashes).
 venv vendor/models-venv "import onnx, numpy" "onnx==1.23.2" "numpy>=2,<3"
-stamp=$(cat scripts/derive_test_models.py models/shapes-seg/1/* models/shapes-pose/1/* | sha256sum | cut -d' ' -f1)
+stamp=$( (grep '^venv vendor/models-venv' scripts/setup.sh; cat scripts/derive_test_models.py models/shapes-seg/1/* models/shapes-pose/1/*) | sha256sum | cut -d' ' -f1)
 if [ "$(cat vendor/test-models/.stamp 2>/dev/null)" != "$stamp" ]; then
   rm -rf vendor/test-models
   vendor/models-venv/bin/python scripts/derive_test_models.py models vendor/test-models

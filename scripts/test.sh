@@ -17,9 +17,14 @@
 # the build is shared with ./build.sh's but for cvserve itself).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tier=full
-if [ "${1:-}" = --quick ]; then tier=quick; shift; fi
-filter="${1:-}"
+tier=full filter=""
+for arg in "$@"; do
+  case "$arg" in
+    --quick) tier=quick ;;
+    -*) echo "test: unknown option $arg (see the top of $0)" >&2; exit 2 ;;
+    *) filter=$arg ;;
+  esac
+done
 start=$(date +%s)
 step() { echo "==> $* [$(($(date +%s) - start)) s]"; }
 
@@ -30,9 +35,11 @@ export CVSERVE_SDK_PYTHON="$PWD/vendor/sdk-venv/bin/python"
 export CVSERVE_DEPLOY_PYTHON="$PWD/vendor/deploy-venv/bin/python"
 export CVSERVE_TRITON_PYTHON="$PWD/vendor/triton-venv/bin/python"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$PWD/vendor/onnxruntime/libonnxruntime.so.${ORT_VERSION:-1.31.1}}"
-# The toolchain of rust-toolchain.toml, with clippy and rustfmt (rustup adds them when missing).
-cargo clippy --version >/dev/null && cargo fmt --version >/dev/null
-cargo nextest --version >/dev/null 2>&1 || cargo install --locked cargo-nextest
+# clippy and rustfmt of the pinned toolchain, and cargo-nextest (on the machine, or built once).
+for tool in clippy fmt; do
+  cargo $tool --version >/dev/null 2>&1 || { echo "test: cargo $tool is missing (rustup component add clippy rustfmt)" >&2; exit 1; }
+done
+cargo nextest --version >/dev/null 2>&1 || cargo install --locked cargo-nextest --version 0.9.143
 
 if [ -z "$filter" ]; then
   step rustfmt
@@ -43,12 +50,6 @@ if [ -z "$filter" ]; then
   cargo clippy --locked --all-targets -- -D warnings
 fi
 
-# cvserve's own code (not its dependencies, which stay shared with ./build.sh's build) with
-# debug assertions, overflow checks, and incremental compilation: after a one-file change the
-# test build takes seconds instead of four minutes of recompiling the crate three times.
-checks=(--config 'profile.release.package.cvserve.debug-assertions=true'
-        --config 'profile.release.package.cvserve.overflow-checks=true'
-        --config 'profile.release.incremental=true')
 # The quick tier: the unit tests and the test files that say "Tier: quick" (only those are built).
 quick='kind(lib) | kind(bin)'
 targets=(--lib --bins)
@@ -58,16 +59,17 @@ for f in $(grep -l '^//! Tier: quick' tests/*.rs); do
 done
 if [ $tier = quick ]; then set -- "($quick)${filter:+ & ($filter)}"; else set -- "${filter:-all()}"; targets=(); fi
 profile=$tier; [ $tier = full ] && profile=default
+rm -f target/nextest/$profile/junit.xml target/nextest/tract/junit.xml
 step "tests ($tier): $1"
 status=0
-cargo nextest run --release --locked "${checks[@]}" "${targets[@]}" --profile $profile -E "$1" || status=$?
+cargo nextest run --release --locked "${test_build[@]}" "${targets[@]}" --profile $profile -E "$1" || status=$?
 
 if [ $tier = full ] && [ $status -eq 0 ]; then
   # The golden comparisons and Roboflow's Python client again, every server on tract.
   golden='(binary(=detection_api) | binary(=model_compat) | binary(=segmentation_classification_api) | binary(=python_sdk))'
   golden+=' & (test(roboflow) | test(masks_match_ground_truth) | test(shapes_classifier) | test(inference_sdk))'
   step "tests again on tract: $golden"
-  CVSERVE_TEST_BACKEND=tract cargo nextest run --release --locked "${checks[@]}" --profile tract --no-tests=pass \
+  CVSERVE_TEST_BACKEND=tract cargo nextest run --release --locked "${test_build[@]}" --profile tract --no-tests=pass \
     -E "$golden${filter:+ & ($filter)}" || status=$?
 fi
 step "done (status $status)"

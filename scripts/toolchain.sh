@@ -8,3 +8,14 @@ if command -v rustup >/dev/null && ! rustup run "$pinned" rustc --version >/dev/
   export RUSTUP_TOOLCHAIN=stable
 fi
 unset pinned
+if ! cargo --version >/dev/null 2>&1; then
+  echo "the Rust toolchain of rust-toolchain.toml is not installed (rustup toolchain install $(sed -n 's/^channel = "\(.*\)"/\1/p' "$(dirname "${BASH_SOURCE[0]}")/../rust-toolchain.toml"))" >&2
+  exit 1
+fi
+# The test build (scripts/test.sh; scripts/arm_smoke.sh's x86 reference): the release profile
+# with, for cvserve's own code only, debug assertions, overflow checks and incremental
+# compilation. The dependencies stay as ./build.sh builds them, so the two builds share them,
+# and after a one-file change the test build takes seconds instead of minutes.
+test_build=(--config 'profile.release.package.cvserve.debug-assertions=true'
+            --config 'profile.release.package.cvserve.overflow-checks=true'
+            --config 'profile.release.incremental=true')

@@ -20,12 +20,7 @@ fn help_variables() -> BTreeSet<String> {
     let help = String::from_utf8(out.stdout).unwrap();
     help.split("[env: ")
         .skip(1)
-        .map(|rest| {
-            rest.split(|c: char| c == '=' || c == ']')
-                .next()
-                .unwrap()
-                .to_string()
-        })
+        .map(|rest| rest.split(['=', ']']).next().unwrap().to_string())
         .collect()
 }
 

@@ -297,10 +297,14 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            let log = self.logs();
+            use std::io::Write;
+            let log = std::fs::read(&self.log).unwrap_or_default();
+            let log = String::from_utf8_lossy(&log);
             let lines: Vec<&str> = log.lines().collect();
             let tail = &lines[lines.len().saturating_sub(200)..];
-            eprintln!(
+            // Never a second panic while unwinding (that would abort): write errors are ignored.
+            let _ = writeln!(
+                std::io::stderr(),
                 "---- the log of the server at {} ({}, last {} of {} lines) ----\n{}\n---- end of the server's log ----",
                 self.base,
                 self.log.display(),
