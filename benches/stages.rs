@@ -15,9 +15,10 @@ use cvserve::http::response::{ImageSize, InferResponse, ResolvedModel, TaskBody}
 use cvserve::pipeline::decode::{decode_into, DecodeOptions, NeededSize};
 use cvserve::pipeline::preprocess::preprocess_into;
 use cvserve::pipeline::ring::Ring;
+use cvserve::tasks::contours::outer_contour;
 use cvserve::tasks::detection::{self, DetectionParams, YoloLayout};
 use cvserve::tasks::rle;
-use cvserve::tasks::segmentation::{box_mask, outer_contour, MaskDecodeMode};
+use cvserve::tasks::segmentation::{box_mask, MaskDecodeMode};
 
 fn photo(w: u32, h: u32) -> image::RgbImage {
     let src =

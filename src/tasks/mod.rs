@@ -2,6 +2,7 @@
 //! The decoder is chosen once per model from its task and the shapes of a warm-up run.
 
 pub mod classification;
+pub mod contours;
 pub mod detection;
 pub mod draw;
 pub mod error;

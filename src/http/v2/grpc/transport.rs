@@ -1,0 +1,293 @@
+//! The gRPC listener's bounds: connections counted against MAX_CONNECTIONS and closed after
+//! GRPC_IDLE_TIMEOUT_S of silence, calls limited in time and per connection, and every
+//! message's bytes counted against the body budget while they arrive and until the answer.
+
+use super::*;
+
+/// Serves gRPC on `listener` until shutdown begins (`drain_started`), then lets the calls in
+/// flight finish. Bounded like the HTTP front end: at most MAX_CONNECTIONS connections (more
+/// are closed at once), each closed after GRPC_IDLE_TIMEOUT_S without a byte from its client, a unary call at most
+/// REQUEST_TIMEOUT_S, [`STREAMS_PER_CONNECTION`] calls each, and every message's bytes
+/// counted against MAX_BODY_MEMORY_BYTES and the client's BODY_MEMORY_PEER_SHARE as they
+/// arrive (a call over it fails with RESOURCE_EXHAUSTED).
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) {
+    let limit = max_message(&state);
+    let service = GrpcInferenceServiceServer::new(Grpc {
+        state: Arc::clone(&state),
+    })
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(usize::MAX);
+    let connections = Arc::new(tokio::sync::Semaphore::new(
+        state.cfg.max_connections as usize,
+    ));
+    let idle = Duration::from_secs_f64(state.cfg.grpc_idle_timeout_s);
+    let incoming = futures_util::stream::unfold(listener, move |listener| {
+        let connections = Arc::clone(&connections);
+        async move {
+            loop {
+                match listener.accept().await {
+                    Ok((io, _)) => {
+                        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+                            METRICS.connections_shed.inc();
+                            continue;
+                        };
+                        let _ = io.set_nodelay(true);
+                        let conn = Counted {
+                            io,
+                            _permit: permit,
+                            idle,
+                            silent_until: Box::pin(tokio::time::sleep(idle)),
+                        };
+                        return Some((Ok::<_, std::io::Error>(conn), listener));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "gRPC accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }
+    });
+    // A unary call (its message read included) lives at most REQUEST_TIMEOUT_S, or its
+    // `grpc-timeout`.
+    let call_limit = Duration::from_secs_f64(state.cfg.request_timeout_s);
+    let budget = Arc::clone(&state.body_memory);
+    let shutdown = async move {
+        loop {
+            let started = state.drain_started.notified();
+            if state.draining.load(Ordering::Acquire) {
+                return;
+            }
+            started.await;
+        }
+    };
+    let result = tonic::transport::Server::builder()
+        .timeout(call_limit)
+        .max_concurrent_streams(Some(STREAMS_PER_CONNECTION))
+        .layer(tower::layer::layer_fn(move |inner| Budgeted {
+            inner,
+            budget: Arc::clone(&budget),
+        }))
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "the gRPC server stopped");
+    }
+}
+
+/// A gRPC connection holding its place among MAX_CONNECTIONS, read as ended once its client
+/// has sent nothing for `idle`.
+pub(super) struct Counted {
+    io: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    idle: Duration,
+    silent_until: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl tonic::transport::server::Connected for Counted {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                let next = tokio::time::Instant::now() + self.idle;
+                self.silent_until.as_mut().reset(next);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match std::future::Future::poll(self.silent_until.as_mut(), cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client sent nothing for GRPC_IDLE_TIMEOUT_S",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+            other => other,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Counts each call's request bytes against the body budget as they arrive.
+#[derive(Clone)]
+pub(super) struct Budgeted<S> {
+    inner: S,
+    budget: Arc<crate::http::budget::BodyBudget>,
+}
+
+impl<S> tower::Service<hyper::Request<tonic::body::Body>> for Budgeted<S>
+where
+    S: tower::Service<hyper::Request<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: hyper::Request<tonic::body::Body>) -> Self::Future {
+        let peer = req
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(|i| i.remote_addr())
+            .map(|a| crate::http::budget::client_key(a.ip()));
+        let lease = self.budget.lease(peer);
+        let req = req.map(|inner| {
+            tonic::body::Body::new(CountedBody {
+                inner,
+                lease,
+                frames: Frames::default(),
+            })
+        });
+        self.inner.call(req)
+    }
+}
+
+/// A request body whose bytes grow its lease as they arrive; a message's bytes leave the
+/// lease once the message is whole (its handler counts it from then on), so a long stream
+/// (ModelStreamInfer) holds only its partial message.
+pub(super) struct CountedBody {
+    inner: tonic::body::Body,
+    lease: crate::http::budget::BodyLease,
+    frames: Frames,
+}
+
+/// Where a body is in gRPC's framing: 5 header bytes (a flag, a 4-byte big-endian length),
+/// then the message.
+#[derive(Default)]
+pub(super) struct Frames {
+    header: [u8; 5],
+    header_seen: usize,
+    /// Bytes of the current message still to come.
+    remaining: usize,
+    /// Bytes of the current, incomplete message (header included).
+    pending: usize,
+}
+
+impl Frames {
+    /// Takes `data`; returns the bytes of the messages still incomplete after it.
+    fn feed(&mut self, mut data: &[u8]) -> usize {
+        while !data.is_empty() {
+            if self.header_seen < 5 {
+                let n = (5 - self.header_seen).min(data.len());
+                self.header[self.header_seen..self.header_seen + n].copy_from_slice(&data[..n]);
+                self.header_seen += n;
+                self.pending += n;
+                data = &data[n..];
+                if self.header_seen == 5 {
+                    let len = u32::from_be_bytes(self.header[1..5].try_into().expect("4 bytes"));
+                    self.remaining = len as usize;
+                }
+            } else {
+                let n = self.remaining.min(data.len());
+                self.remaining -= n;
+                self.pending += n;
+                data = &data[n..];
+            }
+            if self.header_seen == 5 && self.remaining == 0 {
+                // A whole message: handed to the call.
+                self.header_seen = 0;
+                self.pending = 0;
+            }
+        }
+        self.pending
+    }
+}
+
+impl http_body::Body for CountedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        let frame = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(f)) = &frame {
+            if let Some(data) = f.data_ref() {
+                let pending = self.frames.feed(data);
+                if self.lease.cover(pending).is_err() {
+                    return std::task::Poll::Ready(Some(Err(Status::resource_exhausted(
+                        "Too many request bytes are being received at once (MAX_BODY_MEMORY_BYTES, BODY_MEMORY_PEER_SHARE); retry shortly",
+                    ))));
+                }
+                self.lease.shrink_to(pending);
+            }
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_incomplete_messages_stay_counted() {
+        let mut f = Frames::default();
+        let msg = |len: u32| {
+            let mut m = vec![0u8];
+            m.extend_from_slice(&len.to_be_bytes());
+            m.extend(std::iter::repeat_n(7u8, len as usize));
+            m
+        };
+        let (a, b) = (msg(10), msg(3));
+        assert_eq!(f.feed(&a[..3]), 3);
+        assert_eq!(f.feed(&a[3..12]), 12);
+        // The first message completes and the second arrives whole in the same chunk.
+        let mut rest = a[12..].to_vec();
+        rest.extend_from_slice(&b);
+        assert_eq!(f.feed(&rest), 0);
+        let c = msg(100);
+        assert_eq!(f.feed(&c[..50]), 50);
+        assert_eq!(f.feed(&c[50..]), 0);
+        assert_eq!(f.feed(&msg(0)), 0);
+    }
+}
