@@ -38,6 +38,8 @@ pub struct Metrics {
     pub ring_slots_in_use: IntGauge,
     /// Inference requests admitted and not yet answered (what an autoscaler should watch).
     pub inflight_requests: IntGauge,
+    /// Requests holding a place in a model's line (the waiting room's tickets), all models.
+    pub requests_in_line: IntGauge,
     pub ring_slots_total: IntGauge,
     /// Connections closed at once because MAX_CONNECTIONS and the health reserve were full.
     pub connections_shed: IntCounter,
@@ -133,6 +135,11 @@ impl Metrics {
             inflight_requests: register_int_gauge_with_registry!(
                 "cvserve_inflight_requests",
                 "Inference requests in the server, waiting or being served (at most MAX_INFLIGHT_REQUESTS)",
+                r
+            )?,
+            requests_in_line: register_int_gauge_with_registry!(
+                "cvserve_requests_in_line",
+                "Requests let into their model's line by the waiting room and not yet answered, all models",
                 r
             )?,
             ring_slots_in_use: register_int_gauge_with_registry!(

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{b64, repo, Server};
+use common::{b64, free_port, repo, Server};
 use serde_json::{json, Value};
 
 /// Runs tests/triton_client.py over `protocol` against `addr` (host:port).
@@ -195,15 +195,6 @@ fn check_triton_client(protocol: &str) {
         metrics.contains(&format!(r#"route="{route}",status="200""#)),
         "{metrics}"
     );
-}
-
-/// A port free now (GRPC_PORT has no ephemeral form).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

@@ -695,3 +695,122 @@ fn a_missing_preloaded_model_keeps_the_server_not_ready() {
     assert_eq!(classify(&s).status, 200);
     assert_eq!(s.get("/healthz").status, 200);
 }
+
+/// What a call holds while it is in the server (its place among MAX_INFLIGHT_REQUESTS, its
+/// ticket in its model's line, its body's share of the budget), read from the gauges.
+fn held(s: &Server) -> (f64, f64, f64) {
+    (
+        metric(s, "cvserve_inflight_requests"),
+        metric(s, "cvserve_requests_in_line"),
+        metric(s, "cvserve_request_body_bytes"),
+    )
+}
+
+/// Sends `request` (head and body) on a raw connection, waits until the call holds its place,
+/// its ticket and its body's bytes (a 1.5 s batch is running it), hangs up, and then every one
+/// of them must come back while the server goes on serving.
+fn hang_up_mid_flight(path: &str, content_type: &str, body: &[u8]) {
+    let s = Server::start(
+        MODEL,
+        &[("CVSERVE_INJECT_DELAY_MS", "1500"), ("MAX_BATCH_SIZE", "1")],
+    );
+    assert_eq!(held(&s), (0.0, 0.0, 0.0), "nothing held before the call");
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    stream.write_all(body).unwrap();
+    eventually(
+        "the call to hold its place, its ticket and its body",
+        || {
+            let (inflight, in_line, bytes) = held(&s);
+            inflight == 1.0 && in_line == 1.0 && bytes > 0.0
+        },
+    );
+    drop(stream);
+    eventually("everything the call held to come back", || {
+        held(&s) == (0.0, 0.0, 0.0)
+    });
+    assert_eq!(classify(&s).status, 200);
+    assert_eq!(held(&s), (0.0, 0.0, 0.0), "and after an answered call");
+}
+
+#[test]
+fn a_legacy_call_cancelled_mid_flight_gives_back_its_place_ticket_and_lease() {
+    let image = b64("samples/shapes-cls/000000.jpg");
+    hang_up_mid_flight(
+        "/shapes-cls/1",
+        "application/x-www-form-urlencoded",
+        image.as_bytes(),
+    );
+}
+
+#[test]
+fn an_infer_route_call_cancelled_mid_flight_gives_back_its_place_ticket_and_lease() {
+    let body = serde_json::to_vec(&body()).unwrap();
+    hang_up_mid_flight("/infer/classification", "application/json", &body);
+}
+
+#[test]
+fn a_v2_http_call_cancelled_mid_flight_gives_back_its_place_ticket_and_lease() {
+    let body = json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+        "data": [b64("samples/shapes-cls/000000.jpg")]}]});
+    let body = serde_json::to_vec(&body).unwrap();
+    hang_up_mid_flight(
+        "/v2/models/shapes-cls/versions/1/infer",
+        "application/json",
+        &body,
+    );
+}
+
+#[test]
+fn a_grpc_call_cancelled_mid_flight_gives_back_its_place_ticket_and_lease() {
+    use cvserve::http::v2::grpc::pb;
+    use pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+    let grpc_port = common::free_port().to_string();
+    let s = Server::start(
+        MODEL,
+        &[
+            ("GRPC_PORT", grpc_port.as_str()),
+            ("CVSERVE_INJECT_DELAY_MS", "1500"),
+            ("MAX_BATCH_SIZE", "1"),
+        ],
+    );
+    let image = common::fixture("samples/shapes-cls/000000.jpg");
+    let mut element = (image.len() as u32).to_le_bytes().to_vec();
+    element.extend_from_slice(&image);
+    let request = pb::ModelInferRequest {
+        model_name: "shapes-cls".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "image".into(),
+            datatype: "BYTES".into(),
+            shape: vec![1],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![element.into()],
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let addr = format!("http://{}", s.grpc.clone().unwrap());
+    let mut client =
+        rt.block_on(async { GrpcInferenceServiceClient::connect(addr).await.unwrap() });
+    let call = rt.spawn(async move { client.model_infer(request).await });
+    eventually(
+        "the call to hold its place, its ticket and its message",
+        || {
+            let (inflight, in_line, bytes) = held(&s);
+            inflight == 1.0 && in_line == 1.0 && bytes > 0.0
+        },
+    );
+    // The client gives up: its stream is reset, the connection stays.
+    call.abort();
+    eventually("everything the call held to come back", || {
+        held(&s) == (0.0, 0.0, 0.0)
+    });
+    drop(rt);
+    assert_eq!(classify(&s).status, 200);
+}

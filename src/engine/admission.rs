@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::memory::IdleTrimmer;
+use crate::metrics::METRICS;
 
 /// Every inference request in the server, over all models.
 pub struct Activity {
@@ -149,6 +150,7 @@ impl Line {
             return Err(refusal);
         }
         line.in_line += 1;
+        METRICS.requests_in_line.inc();
         let seq = line.next_seq;
         line.next_seq += 1;
         let turned_away = Arc::new(TurnedAway::default());
@@ -188,6 +190,7 @@ impl Line {
             line.waiting.remove(&seq);
         }
         line.in_line -= 1;
+        METRICS.requests_in_line.dec();
         if let (true, 0, Some(began)) = (served, line.in_line, started_at) {
             // Served alone: the model answers at least one request per service time, so a
             // rate learnt under heavier contention cannot keep it refusing for good.

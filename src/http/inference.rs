@@ -3,9 +3,8 @@
 //! reads its body within the request's deadline and the body budget, has it parsed off the
 //! reactor, builds the task parameters, calls the engine and serialises its answers.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::{Request, State};
 use axum::response::Response;
@@ -15,17 +14,18 @@ use http_body_util::Full;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::StatusCode;
 
-use super::answer::{finish, InferErrors, RequestId, RouteLabels};
+use super::answer::{InferErrors, RequestId};
 use super::body::{discard_body, read_body, Body, Peer};
 use super::budget::BodyLease;
+use super::call;
+use super::call::RequestContext;
 use super::error::ApiError;
 use super::images::fetch_url;
 use super::request::{legacy_params, query_api_key, ImageSource, InferRequest};
 use super::response::{json, task_path, ImageSize, InferResponse, ResolvedModel};
 use super::state::AppState;
-use crate::engine::admission::{Presence, Ticket};
+use crate::engine::admission::Ticket;
 use crate::engine::{Engine, ImageInput};
-use crate::metrics::{Outcome, Stage, METRICS};
 use crate::model::repository::TaskType;
 use crate::tasks::segmentation::SegmentationParams;
 use crate::tasks::TaskParams;
@@ -140,7 +140,7 @@ pub async fn legacy(
         return ctx.finish(Err(e));
     };
     let answer = async {
-        let (req, now, deadline, _presence) = enter(&st, req)?;
+        let (req, now, deadline, _presence) = call::enter_http(&st, req)?;
         // The model is known from the path: let in or refused before the body is read.
         match st.engine.admit(&model_id, now, deadline) {
             Ok(ticket) => ctx.ticket = ticket,
@@ -157,94 +157,16 @@ pub async fn legacy(
     ctx.finish(answer)
 }
 
-/// What a handler learns about its request that the access log and metrics need.
-pub struct RequestContext {
-    pub(super) request_id: String,
-    /// The model, once known to be loaded (bounded label values).
-    model: Option<String>,
-    /// The route's path, for the request metrics.
-    route: Option<&'static str>,
-    /// Its place in its model's line (the waiting room), once let in.
-    pub(super) ticket: Option<Ticket>,
-    /// The client's address (what its bodies and fetched images count under).
-    pub(super) peer: Option<std::net::IpAddr>,
-    /// What the request's body holds of the body budget (its fetched images count on top).
-    pub(super) body_held: usize,
-    /// The client's own address (what may use shared memory).
-    pub(super) remote: Option<std::net::IpAddr>,
-}
-
-impl RequestContext {
-    pub(super) fn new(id: RequestId, route: &'static str) -> Self {
-        Self {
-            request_id: id.0,
-            model: None,
-            route: Some(route),
-            ticket: None,
-            peer: None,
-            body_held: 0,
-            remote: None,
-        }
-    }
-
-    /// A request answered 200 counts as served in its model's line (the rate admission
-    /// predicts waits from).
-    pub(super) fn served<T>(&mut self, answer: &Result<T, ApiError>) {
-        if let (Ok(_), Some(ticket)) = (answer, self.ticket.as_mut()) {
-            ticket.served();
-        }
-    }
-
-    /// The response, labelled for the metrics.
-    pub(super) fn finish(self, answer: Result<HttpResponse, ApiError>) -> Response {
-        finish(answer, self.labels())
-    }
-
-    /// The labels of the request metrics.
-    pub(super) fn labels(self) -> Option<RouteLabels> {
-        self.route.map(|route| RouteLabels {
-            model: self.model,
-            route,
-        })
-    }
-}
-
 async fn task_route(st: Arc<AppState>, id: RequestId, req: Request, task: TaskType) -> Response {
     let mut ctx = RequestContext::new(id, task_path(task));
     let answer = async {
-        let (req, now, deadline, _presence) = enter(&st, req)?;
+        let (req, now, deadline, _presence) = call::enter_http(&st, req)?;
         let answer = infer_json(&st, req, task, now, deadline, &mut ctx).await;
         ctx.served(&answer);
         answer
     }
     .await;
     ctx.finish(answer)
-}
-
-/// What every inference request passes first: not while shutting down, its deadline (from
-/// now: it covers reading the body and waiting for a turn), and a place among the
-/// MAX_INFLIGHT_REQUESTS in the server (held while the returned guard lives). A request
-/// refused there has its body drained in the background.
-pub(super) fn enter(
-    st: &AppState,
-    req: Request,
-) -> Result<(Request, Instant, Instant, Presence<'_>), ApiError> {
-    if st.draining.load(Ordering::Acquire) {
-        return Err(super::body::shutting_down());
-    }
-    let now = Instant::now();
-    let deadline = deadline(st, &req, now)?;
-    // Then let in or refused as soon as the model is known (see `engine::admission`): from
-    // the path, or the body's first 64 KiB, so a refused body is not buffered unless it
-    // names its model only after that.
-    let Some(presence) = st.engine.activity().enter() else {
-        METRICS.outcome("none", Outcome::Rejected, Stage::Admission);
-        discard_body(st, req);
-        return Err(ApiError::overloaded(
-            "Server overloaded: MAX_INFLIGHT_REQUESTS inference requests are in the server; retry shortly",
-        ));
-    };
-    Ok((req, now, deadline, presence))
 }
 
 fn task_params(
@@ -418,27 +340,6 @@ async fn infer_legacy(
     };
     drop(held);
     Ok(resp)
-}
-
-/// The request's deadline: REQUEST_TIMEOUT_S after arrival, or sooner if the client asks with
-/// `X-Request-Timeout-Ms`.
-fn deadline(state: &AppState, req: &Request, started: Instant) -> Result<Instant, ApiError> {
-    let default = Duration::from_secs_f64(state.cfg.request_timeout_s.max(0.0));
-    let asked = match req.headers().get("x-request-timeout-ms") {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .map(Duration::from_millis)
-                .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "X-Request-Timeout-Ms must be a whole number of milliseconds",
-                    )
-                })?,
-        ),
-    };
-    Ok(started + asked.map_or(default, |a| a.min(default)))
 }
 
 /// The bytes of the multipart part named `file` (Roboflow's legacy upload).

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod answer;
 pub mod body;
 pub mod budget;
+pub mod call;
 pub mod error;
 pub mod images;
 pub mod inference;

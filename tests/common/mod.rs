@@ -592,3 +592,12 @@ impl Server {
             .unwrap_or_else(|| panic!("no {field} in /proc/PID/status"))
     }
 }
+
+/// A port free now (GRPC_PORT has no ephemeral form).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

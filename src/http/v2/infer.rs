@@ -10,8 +10,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
+use super::super::call::RequestContext;
 use super::super::error::ApiError;
-use super::super::inference::{attach_pictures, infer, InferCall, RequestContext};
+use super::super::inference::{attach_pictures, infer, InferCall};
 use super::super::request::{ImageSource, InferRequest};
 use super::super::state::AppState;
 use crate::pipeline::frame::{Frame, FramePixels};

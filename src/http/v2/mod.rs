@@ -31,8 +31,8 @@ use serde_json::{json, Map, Value};
 
 use super::answer::{RequestId, RouteLabels};
 use super::body::{discard_body, read_admin_body, read_body, Body, Peer, RemoteIp};
+use super::call::{enter_http as enter, RequestContext};
 use super::error::ApiError;
-use super::inference::{enter, RequestContext};
 use super::state::{AppState, Readiness};
 use crate::engine::models::LoadError;
 use crate::engine::EngineError;

@@ -19,18 +19,12 @@ pub(super) fn status_of(e: ApiError) -> Status {
     Status::new(code, e.message)
 }
 
-/// The request's deadline: REQUEST_TIMEOUT_S, or sooner by `grpc-timeout`.
-pub(super) fn deadline_of(
-    st: &AppState,
-    metadata: &tonic::metadata::MetadataMap,
-    now: Instant,
-) -> Instant {
-    let default = Duration::from_secs_f64(st.cfg.request_timeout_s.max(0.0));
-    let asked = metadata
+/// The deadline a gRPC client asks for: `grpc-timeout` (an unreadable one is ignored).
+pub(super) fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    metadata
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_grpc_timeout);
-    now + asked.map_or(default, |a| a.min(default))
+        .and_then(parse_grpc_timeout)
 }
 
 /// `grpc-timeout`: digits and a unit (H, M, S, m, u, n).

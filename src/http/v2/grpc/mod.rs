@@ -16,14 +16,15 @@ use serde_json::{Map, Value};
 use tonic::{Request, Response, Status};
 
 use super::super::answer::RequestId;
+use super::super::call;
+use super::super::call::RequestContext;
 use super::super::error::ApiError;
-use super::super::inference::RequestContext;
 use super::super::state::{AppState, Readiness};
 use super::infer::{
     self as v2, region_error, resolve_model, Contents, InputTensor, RequestedOutput, V2Request,
     OUTPUT_PREDICTIONS,
 };
-use crate::metrics::{Outcome, Stage, METRICS};
+use crate::metrics::METRICS;
 
 /// The code generated from proto/grpc_service.proto.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -42,16 +42,11 @@ impl Grpc {
             GRPC_INFER_ROUTE,
         );
         let answer = async {
-            if st.draining.load(Ordering::Acquire) {
-                return Err(crate::http::body::shutting_down());
-            }
-            let deadline = deadline_of(st, metadata, now);
-            let Some(_presence) = st.engine.activity().enter() else {
-                METRICS.outcome("none", Outcome::Rejected, Stage::Admission);
-                return Err(ApiError::overloaded(
-                    "Server overloaded: MAX_INFLIGHT_REQUESTS inference requests are in the server; retry shortly",
-                ));
-            };
+            let call::Entry {
+                arrived,
+                deadline,
+                presence: _presence,
+            } = call::enter(st, || Ok(grpc_timeout(metadata)))?;
             ctx.peer = peer.map(crate::http::budget::client_key);
             ctx.remote = peer;
             // The message is held until the answer: counted like an HTTP body.
@@ -62,10 +57,12 @@ impl Grpc {
             ctx.body_held = lease.held_bytes();
             let version = Some(req.model_version.as_str()).filter(|v| !v.is_empty());
             let (model_id, version) = resolve_model(st, &req.model_name, version)?;
-            ctx.ticket = st.engine.admit(&model_id, now, deadline)?;
+            ctx.ticket = st.engine.admit(&model_id, arrived, deadline)?;
             let request = v2_request(req)?;
-            let answer =
-                v2::run(st, &model_id, &version, request, now, deadline, &mut ctx).await;
+            let answer = v2::run(
+                st, &model_id, &version, request, arrived, deadline, &mut ctx,
+            )
+            .await;
             ctx.served(&answer);
             answer
         }
