@@ -5,7 +5,7 @@
 # runs the ARM binary under qemu-user twice, side by side, serving coco/1:
 #   - on ONNX Runtime, loading the aarch64 library of PyPI's onnxruntime wheel (what ./build.sh
 #     fetches on an aarch64 board), which must answer one photo as the x86 build does on
-#     ONNX Runtime;
+#     ONNX Runtime (the emulated process is shown an ARM /proc/cpuinfo, see below);
 #   - on tract (no ONNX Runtime library given), which must answer as the x86 build on tract.
 # Slow (an emulated CPU), but correct is the point.
 #
@@ -77,7 +77,15 @@ arm_ort="$PWD/vendor/onnxruntime-aarch64/libonnxruntime.so.$ORT_VERSION"
 serve x86-ort ort "$x86_ort" target/release/cvserve
 serve x86-tract tract /nonexistent/libonnxruntime.so target/release/cvserve
 qemu=(qemu-aarch64 -L /usr/aarch64-linux-gnu)
-serve arm-ort ort "$arm_ort" "${qemu[@]}" "$BIN" & ort_pid=$!
+# Under qemu-user /proc/cpuinfo is the x86 host's, which ONNX Runtime's CPU detection
+# (cpuinfo) cannot parse on aarch64: it crashes at start. The emulated server sees an ARM one
+# (two Cortex-A72 cores, a Raspberry Pi 4's) bound over it in a mount namespace of its own,
+# which needs root (CAP_SYS_ADMIN), as in CI. A real board needs none of this.
+printf 'processor\t: %s\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n' 0 1 > "$work/cpuinfo"
+unshare --mount -- mount --bind "$work/cpuinfo" /proc/cpuinfo ||
+  { echo "arm: serving on ONNX Runtime under qemu needs a private mount namespace (run as root)" >&2; exit 1; }
+arm_cpu=(unshare --mount -- sh -c 'mount --bind "$0" /proc/cpuinfo && exec "$@"' "$work/cpuinfo")
+serve arm-ort ort "$arm_ort" "${arm_cpu[@]}" "${qemu[@]}" "$BIN" & ort_pid=$!
 serve arm-tract tract /nonexistent/libonnxruntime.so "${qemu[@]}" "$BIN" & tract_pid=$!
 wait $ort_pid || exit 1
 wait $tract_pid || exit 1
