@@ -79,12 +79,14 @@ serve x86-tract tract /nonexistent/libonnxruntime.so target/release/cvserve
 qemu=(qemu-aarch64 -L /usr/aarch64-linux-gnu)
 # Under qemu-user /proc/cpuinfo is the x86 host's, which ONNX Runtime's CPU detection
 # (cpuinfo) cannot parse on aarch64: it crashes at start. The emulated server sees an ARM one
-# (two Cortex-A72 cores, a Raspberry Pi 4's) bound over it in a mount namespace of its own,
-# which needs root (CAP_SYS_ADMIN), as in CI. A real board needs none of this.
-printf 'processor\t: %s\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n' 0 1 > "$work/cpuinfo"
-unshare --mount -- mount --bind "$work/cpuinfo" /proc/cpuinfo ||
-  { echo "arm: serving on ONNX Runtime under qemu needs a private mount namespace (run as root)" >&2; exit 1; }
-arm_cpu=(unshare --mount -- sh -c 'mount --bind "$0" /proc/cpuinfo && exec "$@"' "$work/cpuinfo")
+# (Cortex-A72 cores, a Raspberry Pi 4's, as many as the host has) bound over it in a mount
+# namespace of its own (root, or an unprivileged user namespace). A real board needs none of this.
+printf 'processor\t: %s\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n' \
+  $(seq 0 $(($(nproc --all) - 1))) > "$work/cpuinfo" # as many as /sys says the host has
+um=(unshare --mount); [ "$(id -u)" -ne 0 ] && um=(unshare --map-root-user --mount)
+"${um[@]}" -- mount --bind "$work/cpuinfo" /proc/cpuinfo ||
+  { echo "arm: serving on ONNX Runtime under qemu needs a private mount namespace (root, or user namespaces)" >&2; exit 1; }
+arm_cpu=("${um[@]}" -- sh -c 'mount --bind "$0" /proc/cpuinfo && exec "$@"' "$work/cpuinfo")
 serve arm-ort ort "$arm_ort" "${arm_cpu[@]}" "${qemu[@]}" "$BIN" & ort_pid=$!
 serve arm-tract tract /nonexistent/libonnxruntime.so "${qemu[@]}" "$BIN" & tract_pid=$!
 wait $ort_pid || exit 1

@@ -696,15 +696,36 @@ fn a_missing_preloaded_model_keeps_the_server_not_ready() {
     assert_eq!(s.get("/healthz").status, 200);
 }
 
-/// What a call holds while it is in the server (its place among MAX_INFLIGHT_REQUESTS, its
-/// ticket in its model's line, its body's share of the budget), read from the gauges.
+/// What calls hold while in the server (their places among MAX_INFLIGHT_REQUESTS, their
+/// tickets in their model's line, their bodies' share of the budget), and the batches run so
+/// far, all from one scrape of the gauges.
 fn held(s: &Server) -> (f64, f64, f64) {
+    let text = s
+        .get("/metrics")
+        .body
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(f64::NAN)
+    };
     (
-        metric(s, "cvserve_inflight_requests"),
-        metric(s, "cvserve_requests_in_line"),
-        metric(s, "cvserve_request_body_bytes"),
+        value("cvserve_inflight_requests "),
+        value("cvserve_requests_in_line "),
+        value("cvserve_request_body_bytes "),
     )
 }
+
+/// Batches of the model that have finished running.
+fn batches_run(s: &Server) -> f64 {
+    metric(s, "cvserve_inference_seconds_count{model=\"shapes-cls/1\"}")
+}
+
+/// The injected length of a batch: a call cancelled while it runs must give everything back
+/// long before it ends (a call that let go only when answered would wait for it).
+const LONG_BATCH_MS: &str = "8000";
 
 /// Sends `request` (head and body) on a raw connection, waits until the call holds its place,
 /// its ticket and its body's bytes (a 1.5 s batch is running it), hangs up, and then every one
@@ -712,9 +733,13 @@ fn held(s: &Server) -> (f64, f64, f64) {
 fn hang_up_mid_flight(path: &str, content_type: &str, body: &[u8]) {
     let s = Server::start(
         MODEL,
-        &[("CVSERVE_INJECT_DELAY_MS", "1500"), ("MAX_BATCH_SIZE", "1")],
+        &[
+            ("CVSERVE_INJECT_DELAY_MS", LONG_BATCH_MS),
+            ("MAX_BATCH_SIZE", "1"),
+        ],
     );
     assert_eq!(held(&s), (0.0, 0.0, 0.0), "nothing held before the call");
+    let before = batches_run(&s);
     let addr = s.base.trim_start_matches("http://").to_string();
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     write!(
@@ -735,6 +760,11 @@ fn hang_up_mid_flight(path: &str, content_type: &str, body: &[u8]) {
     eventually("everything the call held to come back", || {
         held(&s) == (0.0, 0.0, 0.0)
     });
+    assert_eq!(
+        batches_run(&s),
+        before,
+        "given back while its batch still ran, not when it was answered"
+    );
     assert_eq!(classify(&s).status, 200);
     assert_eq!(held(&s), (0.0, 0.0, 0.0), "and after an answered call");
 }
@@ -776,10 +806,11 @@ fn a_grpc_call_cancelled_mid_flight_gives_back_its_place_ticket_and_lease() {
         MODEL,
         &[
             ("GRPC_PORT", grpc_port.as_str()),
-            ("CVSERVE_INJECT_DELAY_MS", "1500"),
+            ("CVSERVE_INJECT_DELAY_MS", LONG_BATCH_MS),
             ("MAX_BATCH_SIZE", "1"),
         ],
     );
+    let before = batches_run(&s);
     let image = common::fixture("samples/shapes-cls/000000.jpg");
     let mut element = (image.len() as u32).to_le_bytes().to_vec();
     element.extend_from_slice(&image);
@@ -796,9 +827,9 @@ fn a_grpc_call_cancelled_mid_flight_gives_back_its_place_ticket_and_lease() {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let addr = format!("http://{}", s.grpc.clone().unwrap());
-    let mut client =
-        rt.block_on(async { GrpcInferenceServiceClient::connect(addr).await.unwrap() });
-    let call = rt.spawn(async move { client.model_infer(request).await });
+    let client = rt.block_on(async { GrpcInferenceServiceClient::connect(addr).await.unwrap() });
+    let mut caller = client.clone();
+    let call = rt.spawn(async move { caller.model_infer(request).await });
     eventually(
         "the call to hold its place, its ticket and its message",
         || {
@@ -806,11 +837,17 @@ fn a_grpc_call_cancelled_mid_flight_gives_back_its_place_ticket_and_lease() {
             inflight == 1.0 && in_line == 1.0 && bytes > 0.0
         },
     );
-    // The client gives up: its stream is reset, the connection stays.
+    // The client gives up: its stream is reset, the connection (held by `client`) stays.
     call.abort();
     eventually("everything the call held to come back", || {
         held(&s) == (0.0, 0.0, 0.0)
     });
+    assert_eq!(
+        batches_run(&s),
+        before,
+        "given back while its batch still ran, not when it was answered"
+    );
+    drop(client);
     drop(rt);
     assert_eq!(classify(&s).status, 200);
 }

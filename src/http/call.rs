@@ -57,13 +57,19 @@ pub fn enter(
 }
 
 /// The call guard's entry for an HTTP request ([`enter`]) with the deadline the client
-/// may ask for in `X-Request-Timeout-Ms`; a request refused there has its body drained in the
-/// background.
+/// may ask for in `X-Request-Timeout-Ms`; a request refused for overload has its body drained
+/// in the background.
 pub fn enter_http(
     st: &AppState,
     req: Request,
 ) -> Result<(Request, Instant, Instant, Presence<'_>), ApiError> {
-    match enter(st, || http_timeout(req.headers())) {
+    // Refused while draining, or for a malformed header, the connection is not kept for the
+    // body; only the overload refusal reads it away (in the background).
+    if st.draining.load(Ordering::Acquire) {
+        return Err(super::body::shutting_down());
+    }
+    let asked = http_timeout(req.headers())?;
+    match enter(st, || Ok(asked)) {
         Ok(Entry {
             arrived,
             deadline,
