@@ -735,6 +735,8 @@ fn hang_up_mid_flight(path: &str, content_type: &str, body: &[u8]) {
         MODEL,
         &[
             ("CVSERVE_INJECT_DELAY_MS", LONG_BATCH_MS),
+            // The next call waits for that batch and runs one of its own.
+            ("REQUEST_TIMEOUT_S", "60"),
             ("MAX_BATCH_SIZE", "1"),
         ],
     );
@@ -807,6 +809,8 @@ fn a_grpc_call_cancelled_mid_flight_gives_back_its_place_ticket_and_lease() {
         &[
             ("GRPC_PORT", grpc_port.as_str()),
             ("CVSERVE_INJECT_DELAY_MS", LONG_BATCH_MS),
+            // The next call waits for that batch and runs one of its own.
+            ("REQUEST_TIMEOUT_S", "60"),
             ("MAX_BATCH_SIZE", "1"),
         ],
     );
