@@ -407,21 +407,7 @@ fn grpc_calls_in_flight_are_answered_through_the_drain() {
     );
     let addr = format!("http://{}", s.grpc.clone().unwrap());
     let image = common::fixture("samples/shapes-cls/000000.jpg");
-    let request = move || {
-        let mut element = (image.len() as u32).to_le_bytes().to_vec();
-        element.extend_from_slice(&image);
-        pb::ModelInferRequest {
-            model_name: "shapes-cls".into(),
-            inputs: vec![pb::model_infer_request::InferInputTensor {
-                name: "image".into(),
-                datatype: "BYTES".into(),
-                shape: vec![1],
-                ..Default::default()
-            }],
-            raw_input_contents: vec![element.into()],
-            ..Default::default()
-        }
-    };
+    let request = move || common::grpc_image_request("shapes-cls", &image);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = rt.block_on(async {
         GrpcInferenceServiceClient::connect(addr.clone())

@@ -727,6 +727,27 @@ fn batches_run(s: &Server) -> f64 {
 /// long before it ends (a call that let go only when answered would wait for it).
 const LONG_BATCH_MS: &str = "8000";
 
+/// Waits until one call holds its place, its ticket and its body's bytes, lets `hang_up` cancel
+/// it, and requires all three back while its batch still runs (`before` batches had run).
+fn given_back_while_its_batch_runs(s: &Server, before: f64, hang_up: impl FnOnce()) {
+    eventually(
+        "the call to hold its place, its ticket and its body",
+        || {
+            let (inflight, in_line, bytes) = held(s);
+            inflight == 1.0 && in_line == 1.0 && bytes > 0.0
+        },
+    );
+    hang_up();
+    eventually("everything the call held to come back", || {
+        held(s) == (0.0, 0.0, 0.0)
+    });
+    assert_eq!(
+        batches_run(s),
+        before,
+        "given back while its batch still ran, not when it was answered"
+    );
+}
+
 /// Sends `request` (head and body) on a raw connection, waits until the call holds its place,
 /// its ticket and its body's bytes (a 1.5 s batch is running it), hangs up, and then every one
 /// of them must come back while the server goes on serving.
@@ -751,22 +772,7 @@ fn hang_up_mid_flight(path: &str, content_type: &str, body: &[u8]) {
     )
     .unwrap();
     stream.write_all(body).unwrap();
-    eventually(
-        "the call to hold its place, its ticket and its body",
-        || {
-            let (inflight, in_line, bytes) = held(&s);
-            inflight == 1.0 && in_line == 1.0 && bytes > 0.0
-        },
-    );
-    drop(stream);
-    eventually("everything the call held to come back", || {
-        held(&s) == (0.0, 0.0, 0.0)
-    });
-    assert_eq!(
-        batches_run(&s),
-        before,
-        "given back while its batch still ran, not when it was answered"
-    );
+    given_back_while_its_batch_runs(&s, before, || drop(stream));
     assert_eq!(classify(&s).status, 200);
     assert_eq!(held(&s), (0.0, 0.0, 0.0), "and after an answered call");
 }
@@ -801,8 +807,7 @@ fn a_v2_http_call_cancelled_mid_flight_gives_back_its_place_ticket_and_lease() {
 
 #[test]
 fn a_grpc_call_cancelled_mid_flight_gives_back_its_place_ticket_and_lease() {
-    use cvserve::http::v2::grpc::pb;
-    use pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use cvserve::http::v2::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
     let grpc_port = common::free_port().to_string();
     let s = Server::start(
         MODEL,
@@ -816,41 +821,14 @@ fn a_grpc_call_cancelled_mid_flight_gives_back_its_place_ticket_and_lease() {
     );
     let before = batches_run(&s);
     let image = common::fixture("samples/shapes-cls/000000.jpg");
-    let mut element = (image.len() as u32).to_le_bytes().to_vec();
-    element.extend_from_slice(&image);
-    let request = pb::ModelInferRequest {
-        model_name: "shapes-cls".into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: "image".into(),
-            datatype: "BYTES".into(),
-            shape: vec![1],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![element.into()],
-        ..Default::default()
-    };
+    let request = common::grpc_image_request("shapes-cls", &image);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let addr = format!("http://{}", s.grpc.clone().unwrap());
     let client = rt.block_on(async { GrpcInferenceServiceClient::connect(addr).await.unwrap() });
     let mut caller = client.clone();
     let call = rt.spawn(async move { caller.model_infer(request).await });
-    eventually(
-        "the call to hold its place, its ticket and its message",
-        || {
-            let (inflight, in_line, bytes) = held(&s);
-            inflight == 1.0 && in_line == 1.0 && bytes > 0.0
-        },
-    );
     // The client gives up: its stream is reset, the connection (held by `client`) stays.
-    call.abort();
-    eventually("everything the call held to come back", || {
-        held(&s) == (0.0, 0.0, 0.0)
-    });
-    assert_eq!(
-        batches_run(&s),
-        before,
-        "given back while its batch still ran, not when it was answered"
-    );
+    given_back_while_its_batch_runs(&s, before, || call.abort());
     drop(client);
     drop(rt);
     assert_eq!(classify(&s).status, 200);

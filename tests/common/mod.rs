@@ -601,3 +601,25 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A gRPC ModelInfer request of one encoded image (a BYTES element in `raw_input_contents`:
+/// its 4-byte little-endian length, then the file) for `model_name`'s latest version.
+pub fn grpc_image_request(
+    model_name: &str,
+    image: &[u8],
+) -> cvserve::http::v2::grpc::pb::ModelInferRequest {
+    use cvserve::http::v2::grpc::pb;
+    let mut element = (image.len() as u32).to_le_bytes().to_vec();
+    element.extend_from_slice(image);
+    pb::ModelInferRequest {
+        model_name: model_name.into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "image".into(),
+            datatype: "BYTES".into(),
+            shape: vec![1],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![element.into()],
+        ..Default::default()
+    }
+}
