@@ -15,6 +15,7 @@ use hyper::HeaderMap;
 
 use super::answer::{finish, RequestId, RouteLabels};
 use super::body::discard_body;
+use super::budget::BodyLease;
 use super::error::ApiError;
 use super::state::AppState;
 use crate::engine::admission::{Presence, Ticket};
@@ -103,19 +104,23 @@ pub fn http_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
     }
 }
 
-/// What a handler learns about its request that the access log and metrics need.
+/// What a call holds and learns until its answer: its places in its models' lines, every
+/// byte it brought (body, fetched images, shared-memory reads) as leases of the body budget,
+/// and what the access log and metrics need. Dropping it gives everything back, on every
+/// exit path.
 pub struct RequestContext {
     pub(crate) request_id: String,
     /// The model, once known to be loaded (bounded label values).
     pub(crate) model: Option<String>,
     /// The route's path, for the request metrics.
     pub(crate) route: Option<&'static str>,
-    /// Its place in its model's line (the waiting room), once let in.
-    pub(crate) ticket: Option<Ticket>,
+    /// Its places in its models' lines (the waiting room), by model: one for a model route,
+    /// one per model step a workflow has reached.
+    tickets: Vec<(String, Ticket)>,
     /// The client's address (what its bodies and fetched images count under).
     pub(crate) peer: Option<std::net::IpAddr>,
-    /// What the request's body holds of the body budget (its fetched images count on top).
-    pub(crate) body_held: usize,
+    /// What the call's bytes hold of the body budget.
+    leases: Vec<BodyLease>,
     /// The client's own address (what may use shared memory).
     pub(crate) remote: Option<std::net::IpAddr>,
 }
@@ -126,18 +131,63 @@ impl RequestContext {
             request_id: id.0,
             model: None,
             route: Some(route),
-            ticket: None,
+            tickets: Vec::new(),
             peer: None,
-            body_held: 0,
+            leases: Vec::new(),
             remote: None,
         }
     }
 
-    /// A request answered 200 counts as served in its model's line (the rate admission
+    /// Takes a place in `model_id`'s line (the waiting room): let in if, by the model's
+    /// measured rate, it can be answered before `deadline`; refused with 429 otherwise. A
+    /// call already in that line keeps its place; a model not loaded yet has no line.
+    pub(crate) fn admit(
+        &mut self,
+        st: &AppState,
+        model_id: &str,
+        arrived: Instant,
+        deadline: Instant,
+    ) -> Result<(), ApiError> {
+        if self.tickets.iter().any(|(m, _)| m == model_id) {
+            return Ok(());
+        }
+        if let Some(ticket) = st.engine.admit(model_id, arrived, deadline)? {
+            self.tickets.push((model_id.to_owned(), ticket));
+        }
+        Ok(())
+    }
+
+    /// Leaves every line but `model_id`'s (a place taken for a model the call turned out
+    /// not to name).
+    pub(crate) fn keep_line_of(&mut self, model_id: &str) {
+        self.tickets.retain(|(m, _)| m == model_id);
+    }
+
+    /// Its place in `model_id`'s line.
+    pub(crate) fn ticket(&mut self, model_id: &str) -> Option<&mut Ticket> {
+        self.tickets
+            .iter_mut()
+            .find(|(m, _)| m == model_id)
+            .map(|(_, t)| t)
+    }
+
+    /// Holds `lease` until the answer.
+    pub(crate) fn hold(&mut self, lease: BodyLease) {
+        self.leases.push(lease);
+    }
+
+    /// Bytes of the body budget the call holds.
+    pub(crate) fn held_bytes(&self) -> usize {
+        self.leases.iter().map(BodyLease::held_bytes).sum()
+    }
+
+    /// A call answered 200 counts as served in each of its lines (the rate admission
     /// predicts waits from).
     pub(crate) fn served<T>(&mut self, answer: &Result<T, ApiError>) {
-        if let (Ok(_), Some(ticket)) = (answer, self.ticket.as_mut()) {
-            ticket.served();
+        if answer.is_ok() {
+            for (_, ticket) in &mut self.tickets {
+                ticket.served();
+            }
         }
     }
 

@@ -24,7 +24,6 @@ use super::images::fetch_url;
 use super::request::{legacy_params, query_api_key, ImageSource, InferRequest};
 use super::response::{json, task_path, ImageSize, InferResponse, ResolvedModel};
 use super::state::AppState;
-use crate::engine::admission::Ticket;
 use crate::engine::{Engine, ImageInput};
 use crate::model::repository::TaskType;
 use crate::tasks::segmentation::SegmentationParams;
@@ -142,12 +141,9 @@ pub async fn legacy(
     let answer = async {
         let (req, now, deadline, _presence) = call::enter_http(&st, req)?;
         // The model is known from the path: let in or refused before the body is read.
-        match st.engine.admit(&model_id, now, deadline) {
-            Ok(ticket) => ctx.ticket = ticket,
-            Err(e) => {
-                discard_body(&st, req);
-                return Err(e.into());
-            }
+        if let Err(e) = ctx.admit(&st, &model_id, now, deadline) {
+            discard_body(&st, req);
+            return Err(e);
         }
         let answer = infer_legacy(&st, req, model_id, deadline, &mut ctx).await;
         ctx.served(&answer);
@@ -199,12 +195,7 @@ async fn infer_json(
     let outer_key = query_api_key(&req);
     // The waiting room decides as soon as the body's first bytes name the model; the rest of
     // a refused body is read and dropped.
-    let mut admitted: Option<(String, Option<Ticket>)> = None;
-    let mut early = |id: &str| -> Result<(), ApiError> {
-        let ticket = state.engine.admit(id, arrived, deadline)?;
-        admitted = Some((id.to_owned(), ticket));
-        Ok(())
-    };
+    let mut early = |id: &str| ctx.admit(state, id, arrived, deadline);
     // The body's lease is held until the answer: its parsed copies count under it.
     let (
         _,
@@ -221,7 +212,7 @@ async fn infer_json(
         Some(&mut early),
     )
     .await?;
-    ctx.body_held = _lease.held_bytes();
+    ctx.hold(_lease);
     // A JSON body of megabytes (base64 images) is parsed on the CPU pool.
     let mut request = state
         .engine
@@ -229,16 +220,11 @@ async fn infer_json(
         .await??;
     request.api_key = outer_key.or(request.api_key.take());
     let model_id = request.model_id()?;
-    // Not named in the first bytes (or named otherwise than parsed): decided now.
-    match admitted {
-        Some((id, ticket)) if id == model_id => ctx.ticket = ticket,
-        other => {
-            // A place taken in another model's line (a `model_id` key nested elsewhere in
-            // the first bytes) is given up first.
-            drop(other);
-            ctx.ticket = state.engine.admit(&model_id, arrived, deadline)?;
-        }
-    }
+    // Not named in the first bytes (or named otherwise than parsed): decided now. A place
+    // taken in another model's line (a `model_id` key nested elsewhere in the first bytes)
+    // is given up first.
+    ctx.keep_line_of(&model_id);
+    ctx.admit(state, &model_id, arrived, deadline)?;
     let (images, is_list) = request.take_images()?;
     let inference_id = request.id.clone().unwrap_or_else(|| ctx.request_id.clone());
     let call = InferCall {
@@ -275,10 +261,8 @@ async fn infer_legacy(
     let query = req.uri().query().unwrap_or("").to_owned();
     let (mut request, opts) = legacy_params(&query)?;
     request.api_key = query_api_key(&req);
-    // The body's lease, held until the answer is ready.
-    let held;
+    // The body's lease is held until the answer is ready.
     let source = if let Some(url) = opts.image_url.clone() {
-        held = None;
         ImageSource::Url(url)
     } else {
         let content_type = req
@@ -292,7 +276,7 @@ async fn infer_legacy(
         let limit = state.cfg.max_body_bytes;
         let (_, Body { bytes: body, lease }) =
             read_body(state, req, limit, "MAX_BODY_BYTES", deadline, None).await?;
-        held = Some(lease);
+        ctx.hold(lease);
         if content_type.starts_with("multipart/form-data") {
             // The body is in memory: parsing it never waits, so it runs on the CPU pool.
             let file = state
@@ -338,7 +322,6 @@ async fn infer_legacy(
             })
             .await?
     };
-    drop(held);
     Ok(resp)
 }
 
@@ -417,7 +400,7 @@ pub(super) async fn infer(
             params,
             disabled,
             deadline,
-            ctx.ticket.as_mut(),
+            ctx.ticket(model_id),
         )
         .await?;
     let mut pictures = Vec::new();
@@ -462,7 +445,7 @@ async fn fetch_images(
 ) -> Result<(Vec<ImageInput>, Vec<BodyLease>), ApiError> {
     use futures_util::{StreamExt, TryStreamExt};
     let peer = ctx.peer;
-    let request_held = std::sync::atomic::AtomicUsize::new(ctx.body_held);
+    let request_held = std::sync::atomic::AtomicUsize::new(ctx.held_bytes());
     let request_held = &request_held;
     let fetches = futures_util::stream::iter(images)
         .map(|image| async move {

@@ -347,7 +347,7 @@ async fn infer_route(
         ctx.peer = req.extensions().get::<Peer>().map(|p| p.0);
         ctx.remote = req.extensions().get::<RemoteIp>().map(|p| p.0);
         let admitted = resolve_model(&st, &name, version.as_deref()).and_then(|(m, v)| {
-            ctx.ticket = st.engine.admit(&m, now, deadline)?;
+            ctx.admit(&st, &m, now, deadline)?;
             Ok((m, v))
         });
         let (model_id, version) = match admitted {
@@ -371,7 +371,7 @@ async fn infer_route(
         let limit = st.cfg.max_body_bytes;
         let (_, Body { bytes, lease }) =
             read_body(&st, req, limit, "MAX_BODY_BYTES", deadline, None).await?;
-        ctx.body_held = lease.held_bytes();
+        ctx.hold(lease);
         let request = st
             .engine
             .run_cpu(move || parse_request(bytes, header_len))
@@ -379,9 +379,7 @@ async fn infer_route(
         let answer = infer::run(&st, &model_id, &version, request, now, deadline, &mut ctx).await;
         ctx.served(&answer);
         let answer = answer?;
-        let resp = st.engine.run_cpu(move || http_answer(answer)).await?;
-        drop(lease);
-        resp
+        st.engine.run_cpu(move || http_answer(answer)).await?
     }
     .await;
     finish_v2(answer, ctx.labels())

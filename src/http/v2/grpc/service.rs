@@ -54,10 +54,10 @@ impl Grpc {
             lease
                 .cover(prost::Message::encoded_len(&req))
                 .map_err(crate::http::budget::body_memory_full)?;
-            ctx.body_held = lease.held_bytes();
+            ctx.hold(lease);
             let version = Some(req.model_version.as_str()).filter(|v| !v.is_empty());
             let (model_id, version) = resolve_model(st, &req.model_name, version)?;
-            ctx.ticket = st.engine.admit(&model_id, arrived, deadline)?;
+            ctx.admit(st, &model_id, arrived, deadline)?;
             let request = v2_request(req)?;
             let answer = v2::run(
                 st, &model_id, &version, request, arrived, deadline, &mut ctx,
