@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::geometry::{InputSpec, Normalization};
-use crate::model::backend::{Backend, BackendKind, FaultInjection, FaultyBackend};
+use crate::model::backend::{Backend, BackendKind, BatchShape, FaultInjection, FaultyBackend};
 use crate::model::ort::{environment, BatchProfile, OrtBackend, SessionOptions};
 use crate::model::provider::Provider;
 use crate::model::repository::{ModelMetadata, RepositoryError, TaskType};
@@ -181,7 +181,7 @@ pub(super) fn load(
             }
             probes.push(
                 backend
-                    .run(&mut input, probe_rows, spec.height, spec.width)
+                    .run(&mut input, BatchShape::of(probe_rows, &spec))
                     .map_err(|e| failed(format!("probe inference failed: {e}")))?,
             );
         }
@@ -214,7 +214,7 @@ pub(super) fn load(
         for &rows in &warm_sizes {
             let mut zeros = backend.alloc_batch(rows * spec.image_len());
             backend
-                .run(&mut zeros, rows, spec.height, spec.width)
+                .run(&mut zeros, BatchShape::of(rows, &spec))
                 .map_err(|e| failed(format!("warm-up inference failed: {e}")))?;
         }
     }
@@ -250,7 +250,7 @@ pub(super) fn load(
             let mut b = make(intra)?;
             for &rows in &warm_sizes {
                 let mut zeros = b.alloc_batch(rows * spec.image_len());
-                b.run(&mut zeros, rows, spec.height, spec.width)
+                b.run(&mut zeros, BatchShape::of(rows, &spec))
                     .map_err(|e| format!("warm-up inference failed: {e}"))?;
             }
             Ok(faulty(b))

@@ -245,13 +245,29 @@ pub trait Backend: Send {
 
     /// Runs `batch` images laid out as `[batch, 3, height, width]` in `input`. Exclusive
     /// (`&mut`): ONNX Runtime's raw tensor views are typed mutable even when only read.
-    fn run(
-        &mut self,
-        input: &mut BatchBuffer,
-        batch: usize,
-        height: u32,
-        width: u32,
-    ) -> Result<Vec<OutputTensor>, BackendError>;
+    fn run(&mut self, input: &mut BatchBuffer, shape: BatchShape) -> RunResult;
+}
+
+/// What a run gives: the model's outputs, or why it failed.
+pub type RunResult = Result<Vec<OutputTensor>, BackendError>;
+
+/// The shape of a run's input: `batch` images of `height` x `width`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchShape {
+    pub batch: usize,
+    pub height: u32,
+    pub width: u32,
+}
+
+impl BatchShape {
+    /// `batch` images of the network input `spec`'s size.
+    pub fn of(batch: usize, spec: &crate::geometry::InputSpec) -> BatchShape {
+        BatchShape {
+            batch,
+            height: spec.height,
+            width: spec.width,
+        }
+    }
 }
 
 /// Which back end runs the models (`BACKEND`).
@@ -363,13 +379,7 @@ impl Backend for FaultyBackend {
         self.inner.alloc_batch(len)
     }
 
-    fn run(
-        &mut self,
-        input: &mut BatchBuffer,
-        batch: usize,
-        height: u32,
-        width: u32,
-    ) -> Result<Vec<OutputTensor>, BackendError> {
+    fn run(&mut self, input: &mut BatchBuffer, shape: BatchShape) -> RunResult {
         let run = self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         std::thread::sleep(self.faults.delay);
         if self.faults.fail_batch == Some(run) {
@@ -378,7 +388,7 @@ impl Backend for FaultyBackend {
         if self.faults.panic_batch == Some(run) {
             panic!("injected panic in batch {run}");
         }
-        self.inner.run(input, batch, height, width)
+        self.inner.run(input, shape)
     }
 }
 

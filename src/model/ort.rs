@@ -23,7 +23,8 @@ use ort::value::{Shape, Tensor, TensorRef, TensorRefMut};
 use parking_lot::Mutex;
 
 use super::backend::{
-    Backend, BackendError, BatchBuffer, NetworkInput, OutputBuffer, OutputTensor,
+    Backend, BackendError, BatchBuffer, BatchShape, NetworkInput, OutputBuffer, OutputTensor,
+    RunResult,
 };
 use super::provider::{Provider, ProviderChoice};
 
@@ -563,13 +564,8 @@ impl Backend for OrtBackend {
         })
     }
 
-    fn run(
-        &mut self,
-        input: &mut BatchBuffer,
-        batch: usize,
-        height: u32,
-        width: u32,
-    ) -> Result<Vec<OutputTensor>, BackendError> {
+    fn run(&mut self, input: &mut BatchBuffer, shape: BatchShape) -> RunResult {
+        let (batch, height, width) = (shape.batch, shape.height, shape.width);
         let err = |e: ort::Error| BackendError(format!("inference failed: {e}"));
         let image = 3 * height as usize * width as usize;
         // On a GPU every run has the shape of the whole tensor (the model's largest batch;
@@ -658,7 +654,16 @@ mod tests {
         let mut buffer = backend.alloc_batch(data.len());
         assert!(!buffer.is_pinned());
         buffer.copy_from_slice(&data);
-        let plain = backend.run(&mut buffer, 2, h as u32, w as u32).unwrap();
+        let plain = backend
+            .run(
+                &mut buffer,
+                BatchShape {
+                    batch: 2,
+                    height: h as u32,
+                    width: w as u32,
+                },
+            )
+            .unwrap();
         assert_eq!(bound.len(), 2);
         for (b, p) in bound.iter().zip(&plain) {
             assert_eq!(b.name, p.name);

@@ -18,7 +18,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
 use super::backend::{
-    Backend, BackendError, BatchBuffer, NetworkInput, OutputBuffer, OutputTensor,
+    Backend, BackendError, BatchBuffer, BatchShape, NetworkInput, OutputBuffer, OutputTensor,
+    RunResult,
 };
 
 /// Runs of one model: plans by batch size (1 and the largest), made at load.
@@ -181,13 +182,8 @@ impl Backend for TractBackend {
         unsafe { BatchBuffer::from_owner(ptr, len, false, Box::new(TractInput(Arc::new(tensor)))) }
     }
 
-    fn run(
-        &mut self,
-        input: &mut BatchBuffer,
-        batch: usize,
-        height: u32,
-        width: u32,
-    ) -> Result<Vec<OutputTensor>, BackendError> {
+    fn run(&mut self, input: &mut BatchBuffer, shape: BatchShape) -> RunResult {
+        let (batch, height, width) = (shape.batch, shape.height, shape.width);
         let err = |e: TractError| BackendError(format!("inference failed: {}", describe(&e)));
         if (height, width) != (self.model.height, self.model.width) {
             return Err(BackendError(format!(

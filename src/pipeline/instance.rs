@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::job::{Batch, Done, InstancePolicy, JobState, LoneBackend, ModelRuntime};
 use super::{postprocess, PipelineError, Pools};
 use crate::metrics::{Outcome, Stage, METRICS};
-use crate::model::backend::{Backend, BackendError};
+use crate::model::backend::{Backend, BackendError, BatchShape};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 /// One inference instance of a model, before its thread starts.
@@ -136,7 +136,7 @@ impl Instance {
                 };
                 let started = Instant::now();
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    backend.run(&mut tensor, rows, spec.height, spec.width)
+                    backend.run(&mut tensor, BatchShape::of(rows, &spec))
                 }))
                 .unwrap_or_else(|_| Err(BackendError("the inference stage panicked".into())));
                 METRICS

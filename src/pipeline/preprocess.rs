@@ -461,27 +461,28 @@ mod tests {
 
     #[test]
     fn roboflow_format_strings() {
-        assert_eq!(
-            ResizeMode::from_roboflow(Some("Stretch to")),
-            ResizeMode::Stretch
-        );
-        assert_eq!(ResizeMode::from_roboflow(None), ResizeMode::Stretch);
-        assert_eq!(
-            ResizeMode::from_roboflow(Some("Fit (black edges) in")),
-            ResizeMode::Letterbox { pad: 0 }
-        );
-        assert_eq!(
-            ResizeMode::from_roboflow(Some("Fit (grey edges) in")),
-            ResizeMode::Letterbox { pad: 114 }
-        );
-        assert_eq!(
-            ResizeMode::from_roboflow(Some("Fit (white edges) in")),
-            ResizeMode::Letterbox { pad: 255 }
-        );
-        assert_eq!(
-            ResizeMode::from_roboflow(Some("Fit (reflect edges) in")),
-            ResizeMode::Letterbox { pad: 0 }
-        );
+        for (format, mode) in [
+            (Some("Stretch to"), ResizeMode::Stretch),
+            (None, ResizeMode::Stretch),
+            (
+                Some("Fit (black edges) in"),
+                ResizeMode::Letterbox { pad: 0 },
+            ),
+            (
+                Some("Fit (grey edges) in"),
+                ResizeMode::Letterbox { pad: 114 },
+            ),
+            (
+                Some("Fit (white edges) in"),
+                ResizeMode::Letterbox { pad: 255 },
+            ),
+            (
+                Some("Fit (reflect edges) in"),
+                ResizeMode::Letterbox { pad: 0 },
+            ),
+        ] {
+            assert_eq!(ResizeMode::from_roboflow(format), mode, "{format:?}");
+        }
     }
 
     #[test]
@@ -517,18 +518,24 @@ mod tests {
         assert_eq!(g.to_original(640.0, 560.0), (1280.0, 960.0));
     }
 
-    #[test]
-    fn letterbox_pads_and_normalises() {
-        // A 4x2 all-white image into 4x4 grey-edged: rows 0 and 3 are padding.
+    /// A 4x2 all-white image letterboxed into a 4x4 input padded with `pad`.
+    fn white_4x2_into_4x4(pad: u8, normalization: Normalization) -> (Geometry, Vec<f32>) {
         let s = InputSpec {
             width: 4,
             height: 4,
-            resize: ResizeMode::Letterbox { pad: 114 },
-            normalization: Normalization::ZeroToOne,
+            resize: ResizeMode::Letterbox { pad },
+            normalization,
         };
         let pixels = vec![255u8; 4 * 2 * 3];
-        let mut out = vec![-1f32; s.image_len()];
+        let mut out = vec![-9f32; s.image_len()];
         let g = preprocess_into(&pixels, 4, 2, 4, 2, &Steps::default(), &s, &mut out).unwrap();
+        (g, out)
+    }
+
+    #[test]
+    fn letterbox_pads_and_normalises() {
+        // Rows 0 and 3 are padding.
+        let (g, out) = white_4x2_into_4x4(114, Normalization::ZeroToOne);
         assert_eq!((g.top, g.content_h), (1.0, 2.0));
         for c in 0..3 {
             let plane = &out[c * 16..(c + 1) * 16];
@@ -764,15 +771,7 @@ mod tests {
 
     #[test]
     fn imagenet_normalisation_pads_with_the_mean() {
-        let s = InputSpec {
-            width: 4,
-            height: 4,
-            resize: ResizeMode::Letterbox { pad: 0 },
-            normalization: Normalization::ImageNet,
-        };
-        let pixels = vec![255u8; 4 * 2 * 3];
-        let mut out = vec![-9f32; s.image_len()];
-        preprocess_into(&pixels, 4, 2, 4, 2, &Steps::default(), &s, &mut out).unwrap();
+        let (_, out) = white_4x2_into_4x4(0, Normalization::ImageNet);
         assert_eq!(out[0], 0.0, "padding is 0 after normalising");
         assert!((out[4] - (1.0 - 0.485) / 0.229).abs() < 1e-5);
         assert!((out[32 + 4] - (1.0 - 0.406) / 0.225).abs() < 1e-5);

@@ -79,17 +79,33 @@ pub fn describe(outputs: &[OutputTensor]) -> String {
         .join(", ")
 }
 
+/// What picks a detection or segmentation head besides the outputs.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadHints<'a> {
+    /// `model_type.json`'s `model_type`: names the family when it is a known one.
+    pub model_type: &'a str,
+    /// Class names (the background class of an RF-DETR export already taken out).
+    pub num_classes: usize,
+    /// RF-DETR: the background column of the class scores.
+    pub background: Option<usize>,
+}
+
+impl<'a> HeadHints<'a> {
+    pub fn new(model_type: &'a str, num_classes: usize, background: Option<usize>) -> Self {
+        Self {
+            model_type,
+            num_classes,
+            background,
+        }
+    }
+}
+
 impl DetectionHead {
     /// Picks the head from the model type (when it names a known family) and checks it
     /// against the outputs; with an unknown model type, the outputs alone decide.
-    /// `background`: the background column of an RF-DETR export (already taken out of the
-    /// `num_classes` names).
-    pub fn infer(
-        model_type: &str,
-        outputs: &[OutputTensor],
-        num_classes: usize,
-        background: Option<usize>,
-    ) -> Result<Self, String> {
+    pub fn infer(hints: HeadHints<'_>, outputs: &[OutputTensor]) -> Result<Self, String> {
+        let (model_type, num_classes) = (hints.model_type, hints.num_classes);
+        let background = hints.background;
         let family = Family::from_model_type(model_type);
         let tried: Vec<Family> = match family {
             Some(f) => vec![f],
@@ -381,7 +397,7 @@ mod tests {
     fn model_type_picks_the_family_and_outputs_must_fit_it() {
         let e2e = [tensor("output0", &[1, 3, 6], vec![0.0; 18])];
         assert_eq!(
-            DetectionHead::infer("yolov10n", &e2e, 4, None).unwrap(),
+            DetectionHead::infer(HeadHints::new("yolov10n", 4, None), &e2e).unwrap(),
             DetectionHead::EndToEnd {
                 output: 0,
                 n: 3,
@@ -390,18 +406,18 @@ mod tests {
         );
         // An unknown model type: the outputs decide.
         assert!(matches!(
-            DetectionHead::infer("", &e2e, 4, None).unwrap(),
+            DetectionHead::infer(HeadHints::new("", 4, None), &e2e).unwrap(),
             DetectionHead::EndToEnd { .. }
         ));
         // A YOLOv8 model type with an end-to-end output: a load error naming the outputs.
-        let e = DetectionHead::infer("yolov8n", &e2e, 4, None).unwrap_err();
+        let e = DetectionHead::infer(HeadHints::new("yolov8n", 4, None), &e2e).unwrap_err();
         assert!(e.contains("output0 [1, 3, 6]"), "{e}");
         let detr = [
             tensor("dets", &[1, 2, 4], vec![0.0; 8]),
             tensor("labels", &[1, 2, 5], vec![0.0; 10]),
         ];
         assert!(matches!(
-            DetectionHead::infer("rfdetr-nano", &detr, 4, None).unwrap(),
+            DetectionHead::infer(HeadHints::new("rfdetr-nano", 4, None), &detr).unwrap(),
             DetectionHead::RfDetr {
                 dets: 0,
                 labels: 1,
@@ -415,14 +431,14 @@ mod tests {
             tensor("scores", &[1, 7, 3], vec![0.0; 21]),
         ];
         assert!(matches!(
-            DetectionHead::infer("yolo_nas_s", &nas, 3, None).unwrap(),
+            DetectionHead::infer(HeadHints::new("yolo_nas_s", 3, None), &nas).unwrap(),
             DetectionHead::Nas {
                 boxes: 0,
                 scores: 1,
                 n: 7
             }
         ));
-        let e = DetectionHead::infer("yolo_nas_s", &nas, 5, None).unwrap_err();
+        let e = DetectionHead::infer(HeadHints::new("yolo_nas_s", 5, None), &nas).unwrap_err();
         assert!(e.contains("scores [1, 7, 3]"), "{e}");
     }
 
@@ -436,7 +452,7 @@ mod tests {
             0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
         ];
         let out = [tensor("output0", &[1, 4, 6], rows)];
-        let head = DetectionHead::infer("yolo26n", &out, 2, None).unwrap();
+        let head = DetectionHead::infer(HeadHints::new("yolo26n", 2, None), &out).unwrap();
         let kept = head.boxes(&out, 0, (64, 64), 2, &params(0.4)).unwrap();
         assert_eq!(kept.len(), 2, "0.4 is not above 0.4");
         assert_eq!((kept[1].x1, kept[1].class_id), (12.0, 1));
@@ -459,7 +475,7 @@ mod tests {
             tensor("dets", &[1, 2, 4], dets),
             tensor("labels", &[1, 2, 3], logits),
         ];
-        let head = DetectionHead::infer("rfdetr-base", &out, 2, Some(0)).unwrap();
+        let head = DetectionHead::infer(HeadHints::new("rfdetr-base", 2, Some(0)), &out).unwrap();
         let kept = head.boxes(&out, 0, (100, 200), 2, &params(0.5)).unwrap();
         assert_eq!(kept.len(), 2);
         assert_eq!(kept[0].class_id, 0);
@@ -491,7 +507,7 @@ mod tests {
             tensor("boxes", &[1, 3, 4], boxes),
             tensor("scores", &[1, 3, 2], scores),
         ];
-        let head = DetectionHead::infer("yolo_nas_m", &out, 2, None).unwrap();
+        let head = DetectionHead::infer(HeadHints::new("yolo_nas_m", 2, None), &out).unwrap();
         let kept = head.boxes(&out, 0, (32, 32), 2, &params(0.4)).unwrap();
         assert_eq!(kept.len(), 2, "the second box overlaps the first");
         assert_eq!((kept[0].confidence, kept[1].class_id), (0.9, 1));

@@ -18,7 +18,7 @@ use crate::model::backend::OutputTensor;
 use crate::model::repository::TaskType;
 use classification::{Activation, ClassificationOutput, ClassificationParams};
 use detection::{DetectionParams, ObjectDetectionPrediction};
-use heads::DetectionHead;
+use heads::{DetectionHead, HeadHints};
 use keypoints::{KeypointLayout, KeypointsParams, KeypointsPrediction};
 use segmentation::{InstanceSegmentationPrediction, SegLayout, SegmentationParams};
 
@@ -55,6 +55,13 @@ pub struct DecoderHints<'a> {
     pub keypoints: &'a [Vec<String>],
 }
 
+impl DecoderHints<'_> {
+    /// What picks a detection or segmentation head.
+    fn head(&self) -> HeadHints<'_> {
+        HeadHints::new(self.model_type, self.num_classes, self.background)
+    }
+}
+
 /// How to read one model's outputs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OutputDecoder {
@@ -78,8 +85,7 @@ impl OutputDecoder {
         let with_outputs = |e: String| format!("{e} (outputs found: {})", heads::describe(outputs));
         match hints.task {
             TaskType::ObjectDetection => {
-                DetectionHead::infer(hints.model_type, outputs, num_classes, hints.background)
-                    .map(OutputDecoder::Detection)
+                DetectionHead::infer(hints.head(), outputs).map(OutputDecoder::Detection)
             }
             TaskType::KeypointDetection => {
                 let out = outputs.first().ok_or("the model has no output")?;
@@ -92,11 +98,9 @@ impl OutputDecoder {
                 .map(OutputDecoder::Keypoints)
                 .map_err(with_outputs)
             }
-            TaskType::InstanceSegmentation => {
-                SegLayout::infer(hints.model_type, outputs, num_classes, hints.background)
-                    .map(OutputDecoder::Segmentation)
-                    .map_err(with_outputs)
-            }
+            TaskType::InstanceSegmentation => SegLayout::infer(hints.head(), outputs)
+                .map(OutputDecoder::Segmentation)
+                .map_err(with_outputs),
             TaskType::Classification => {
                 let out = outputs.first().ok_or("the model has no output")?;
                 match out.item_shape() {

@@ -13,7 +13,7 @@ use super::contours::outer_contour;
 pub use super::contours::BoxMask;
 use super::detection::{self, Candidate, DetectionParams, YoloLayout};
 use super::error::PostprocessError;
-use super::heads::{self, DetectionHead};
+use super::heads::{self, DetectionHead, HeadHints};
 use super::rle;
 use crate::geometry::Geometry;
 use crate::model::backend::OutputTensor;
@@ -304,14 +304,10 @@ fn rle_mask(mask: &BoxMask, input: (usize, usize), geo: &Geometry) -> rle::Rle {
 
 impl SegLayout {
     /// Picks the layout from the model type (when it names a known family) and the outputs;
-    /// with an unknown model type, the outputs alone decide. `background`: the background
-    /// column of an RF-DETR export.
-    pub fn infer(
-        model_type: &str,
-        outputs: &[OutputTensor],
-        num_classes: usize,
-        background: Option<usize>,
-    ) -> Result<Self, String> {
+    /// with an unknown model type, the outputs alone decide.
+    pub fn infer(hints: HeadHints<'_>, outputs: &[OutputTensor]) -> Result<Self, String> {
+        let (model_type, num_classes) = (hints.model_type, hints.num_classes);
+        let background = hints.background;
         let family = heads::Family::from_model_type(model_type);
         let pred = outputs.iter().position(|o| o.item_shape().len() == 2);
         let three_d = outputs.iter().position(|o| o.item_shape().len() == 3);
@@ -329,7 +325,8 @@ impl SegLayout {
             num_classes,
         };
         let rf_detr = || -> Result<SegLayout, String> {
-            let head = DetectionHead::infer("rfdetr", outputs, num_classes, background)?;
+            let head =
+                DetectionHead::infer(HeadHints::new("rfdetr", num_classes, background), outputs)?;
             let DetectionHead::RfDetr { queries, .. } = head else {
                 unreachable!("an rfdetr model type gives the RF-DETR head")
             };
@@ -646,20 +643,26 @@ mod tests {
         ];
         let e2e = [tensor("output0", &[1, 5, 6 + 2], vec![0.0; 40]), protos()];
         assert_eq!(
-            SegLayout::infer("yolov8n-seg", &v8, 3, None).unwrap().kind,
+            SegLayout::infer(HeadHints::new("yolov8n-seg", 3, None), &v8)
+                .unwrap()
+                .kind,
             SegKind::Yolo
         );
         assert_eq!(
-            SegLayout::infer("yolo26n-seg", &e2e, 3, None).unwrap().kind,
+            SegLayout::infer(HeadHints::new("yolo26n-seg", 3, None), &e2e)
+                .unwrap()
+                .kind,
             SegKind::EndToEnd
         );
         // An unknown type: the outputs decide.
         assert_eq!(
-            SegLayout::infer("", &e2e, 3, None).unwrap().kind,
+            SegLayout::infer(HeadHints::new("", 3, None), &e2e)
+                .unwrap()
+                .kind,
             SegKind::EndToEnd
         );
         // A YOLO26 type with a YOLOv8 output: an error naming the expected rows.
-        let e = SegLayout::infer("yolo26n-seg", &v8, 3, None).unwrap_err();
+        let e = SegLayout::infer(HeadHints::new("yolo26n-seg", 3, None), &v8).unwrap_err();
         assert!(e.contains("YOLO26-seg needs [N, 6 + 2]"), "{e}");
         let dets = || tensor("dets", &[1, 3, 4], vec![0.0; 12]);
         let labels = || tensor("labels", &[1, 3, 4], vec![0.0; 12]);
@@ -668,7 +671,7 @@ mod tests {
             labels(),
             tensor("masks", &[1, 3, 4, 4], vec![0.0; 48]),
         ];
-        let l = SegLayout::infer("rfdetr-seg-nano", &detr, 3, None).unwrap();
+        let l = SegLayout::infer(HeadHints::new("rfdetr-seg-nano", 3, None), &detr).unwrap();
         assert!(matches!(
             l.kind,
             SegKind::RfDetr(DetectionHead::RfDetr { queries: 3, .. })
@@ -680,7 +683,7 @@ mod tests {
             labels(),
             tensor("masks", &[1, 2, 4, 4], vec![0.0; 32]),
         ];
-        assert!(SegLayout::infer("rfdetr-seg-nano", &short, 3, None).is_err());
+        assert!(SegLayout::infer(HeadHints::new("rfdetr-seg-nano", 3, None), &short).is_err());
     }
 
     #[test]
@@ -703,7 +706,7 @@ mod tests {
             tensor("output0", &[1, 3, 8], rows),
             tensor("output1", &[1, 2, 8, 8], protos),
         ];
-        let layout = SegLayout::infer("yolo26n-seg", &outputs, 1, None).unwrap();
+        let layout = SegLayout::infer(HeadHints::new("yolo26n-seg", 1, None), &outputs).unwrap();
         let preds = postprocess(
             &outputs,
             0,
@@ -763,7 +766,8 @@ mod tests {
             tensor("labels", &[1, 1, 2], labels),
             tensor("masks", &[1, 1, 4, 4], vec![5.0; 16]),
         ];
-        let layout = SegLayout::infer("rfdetr-seg-nano", &outputs, 2, None).unwrap();
+        let layout =
+            SegLayout::infer(HeadHints::new("rfdetr-seg-nano", 2, None), &outputs).unwrap();
         let preds = postprocess(
             &outputs,
             0,

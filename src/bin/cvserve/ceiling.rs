@@ -15,7 +15,7 @@ use clap::Args;
 use serde::Serialize;
 
 use cvserve::config::{available_cores, OrtSettings};
-use cvserve::model::backend::{Backend, BackendChoice, BackendKind, BatchBuffer};
+use cvserve::model::backend::{Backend, BackendChoice, BackendKind, BatchBuffer, BatchShape};
 use cvserve::model::ort::{environment, BatchProfile, OrtBackend};
 use cvserve::model::repository;
 use cvserve::model::tract::{TractBackend, TractModel};
@@ -161,16 +161,21 @@ pub fn run(cfg: CeilingConfig) -> anyhow::Result<CeilingReport> {
         let input = sessions[0].input().clone();
         let (h, w) = (input.height.unwrap_or(rh), input.width.unwrap_or(rw));
         let fixed = input.fixed_batch.map(|b| b as usize);
+        let shape = |batch| BatchShape {
+            batch,
+            height: h,
+            width: w,
+        };
         latency.push(Latency {
             intra_threads: threads,
-            batch1_ms: batch1_latency(&mut sessions[0], fixed.unwrap_or(1), h, w)?,
+            batch1_ms: batch1_latency(&mut sessions[0], shape(fixed.unwrap_or(1)))?,
         });
         for &instances in instance_counts.iter().filter(|&&i| i <= max_instances) {
             for &batch in &cfg.batches {
                 if fixed.is_some_and(|f| f != batch) {
                     continue;
                 }
-                let ips = measure(&mut sessions[..instances], batch, h, w, cfg.seconds)?;
+                let ips = measure(&mut sessions[..instances], shape(batch), cfg.seconds)?;
                 eprintln!(
                     "{}: {instances} instance(s) x {threads} thread(s), batch {batch}: {ips:.1} img/s",
                     cfg.model
@@ -203,25 +208,21 @@ pub fn run(cfg: CeilingConfig) -> anyhow::Result<CeilingReport> {
 }
 
 /// Mid-grey input: a realistic, not degenerate, activation pattern.
-fn grey(session: &dyn Backend, batch: usize, h: u32, w: u32) -> BatchBuffer {
-    let mut input = session.alloc_batch(batch * 3 * h as usize * w as usize);
+fn grey(session: &dyn Backend, shape: BatchShape) -> BatchBuffer {
+    let mut input =
+        session.alloc_batch(shape.batch * 3 * shape.height as usize * shape.width as usize);
     input.fill(0.5);
     input
 }
 
 /// Median of 15 batch-1 runs of one session alone (after a warm-up run).
-fn batch1_latency(
-    session: &mut Box<dyn Backend>,
-    batch: usize,
-    h: u32,
-    w: u32,
-) -> anyhow::Result<f64> {
-    let mut input = grey(session.as_ref(), batch, h, w);
+fn batch1_latency(session: &mut Box<dyn Backend>, shape: BatchShape) -> anyhow::Result<f64> {
+    let mut input = grey(session.as_ref(), shape);
     let mut times = Vec::new();
     for i in 0..16 {
         let started = Instant::now();
         session
-            .run(&mut input, batch, h, w)
+            .run(&mut input, shape)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         if i > 0 {
             times.push(started.elapsed().as_secs_f64() * 1000.0);
@@ -235,9 +236,7 @@ fn batch1_latency(
 /// thread, for `seconds`.
 fn measure(
     sessions: &mut [Box<dyn Backend>],
-    batch: usize,
-    h: u32,
-    w: u32,
+    shape: BatchShape,
     seconds: f64,
 ) -> anyhow::Result<f64> {
     let images = AtomicUsize::new(0);
@@ -248,19 +247,19 @@ fn measure(
         for session in sessions.iter_mut() {
             let (images, stop, start, failed) = (&images, &stop, &start, Arc::clone(&failed));
             s.spawn(move || {
-                let mut input = grey(session.as_ref(), batch, h, w);
-                let warm = session.run(&mut input, batch, h, w);
+                let mut input = grey(session.as_ref(), shape);
+                let warm = session.run(&mut input, shape);
                 start.wait();
                 if let Err(e) = warm {
                     *failed.lock() = Some(e.to_string());
                     return;
                 }
                 while !stop.load(Ordering::Relaxed) {
-                    if let Err(e) = session.run(&mut input, batch, h, w) {
+                    if let Err(e) = session.run(&mut input, shape) {
                         *failed.lock() = Some(e.to_string());
                         return;
                     }
-                    images.fetch_add(batch, Ordering::Relaxed);
+                    images.fetch_add(shape.batch, Ordering::Relaxed);
                 }
             });
         }

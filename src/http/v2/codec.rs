@@ -109,12 +109,12 @@ pub(super) fn parse_request(body: Bytes, header_len: Option<usize>) -> Result<V2
                 input.name
             )));
         };
-        inputs.push(InputTensor {
-            name: input.name,
-            datatype: input.datatype,
-            shape: input.shape,
+        inputs.push(InputTensor::new(
+            input.name,
+            input.datatype,
+            input.shape,
             contents,
-        });
+        ));
     }
     if at != body.len() {
         return Err(ApiError::bad_request(format!(

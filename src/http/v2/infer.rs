@@ -136,6 +136,17 @@ pub struct InputTensor {
     pub contents: Contents,
 }
 
+impl InputTensor {
+    pub fn new(name: String, datatype: String, shape: Vec<i64>, contents: Contents) -> Self {
+        Self {
+            name,
+            datatype,
+            shape,
+            contents,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct RequestedOutput {
     pub name: String,

@@ -96,13 +96,7 @@ pub async fn repository_load(
     Path(name): Path<String>,
     req: Request,
 ) -> Response {
-    let answer = async {
-        read_admin_body(&st, req).await?;
-        load_model(&st, &name).await?;
-        Ok(Response::new(Full::new(Bytes::new())))
-    }
-    .await;
-    finish_v2(answer, None)
+    admin_call(&st, req, load_model(&st, &name)).await
 }
 
 #[utoipa::path(post, path = "/v2/repository/models/{model_name}/unload", tag = "open inference protocol",
@@ -113,9 +107,19 @@ pub async fn repository_unload(
     Path(name): Path<String>,
     req: Request,
 ) -> Response {
+    admin_call(&st, req, async { unload_model(&st, &name) }).await
+}
+
+/// A repository call: reads its (empty or JSON) body, then runs `action`
+/// and answers 200 with no body, or the action's error.
+async fn admin_call(
+    st: &AppState,
+    req: Request,
+    action: impl std::future::Future<Output = Result<(), ApiError>>,
+) -> Response {
     let answer = async {
-        read_admin_body(&st, req).await?;
-        unload_model(&st, &name)?;
+        read_admin_body(st, req).await?;
+        action.await?;
         Ok(Response::new(Full::new(Bytes::new())))
     }
     .await;

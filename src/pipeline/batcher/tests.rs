@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 
 use super::*;
 use crate::geometry::{InputSpec, Normalization, ResizeMode};
-use crate::model::backend::{BackendError, NetworkInput, OutputTensor};
+use crate::model::backend::{BatchShape, NetworkInput, OutputTensor, RunResult};
 use crate::pipeline::cores::CoreBudget;
 use crate::pipeline::decode::DecodedImage;
 use crate::pipeline::ring::Ring;
@@ -35,13 +35,8 @@ impl Backend for FakeBackend {
         &self.input
     }
 
-    fn run(
-        &mut self,
-        input: &mut BatchBuffer,
-        batch: usize,
-        h: u32,
-        w: u32,
-    ) -> Result<Vec<OutputTensor>, BackendError> {
+    fn run(&mut self, input: &mut BatchBuffer, shape: BatchShape) -> RunResult {
+        let (batch, h, w) = (shape.batch, shape.height, shape.width);
         let _ = self.runs.send((self.index, batch));
         if let Some(gate) = &self.gate {
             let _ = gate.recv();

@@ -15,6 +15,18 @@ const OPTS: DecodeOptions = DecodeOptions {
     deadline: None,
 };
 
+/// Every EXIF orientation, the identity first.
+const ORIENTATIONS: [Orientation; 8] = [
+    Orientation::NoTransforms,
+    Orientation::Rotate90,
+    Orientation::Rotate180,
+    Orientation::Rotate270,
+    Orientation::FlipHorizontal,
+    Orientation::FlipVertical,
+    Orientation::Rotate90FlipH,
+    Orientation::Rotate270FlipH,
+];
+
 fn ring(pixels: usize) -> Arc<Ring> {
     Ring::create(&std::env::temp_dir(), 2, pixels * 3).unwrap()
 }
@@ -38,11 +50,25 @@ fn max_diff(a: &[u8], b: &[u8]) -> i32 {
         .unwrap_or(0)
 }
 
+/// `img` encoded as `fmt`, decoded with `opts` into a slot of `slot_pixels`.
+fn in_slot(
+    img: &image::RgbImage,
+    fmt: image::ImageFormat,
+    slot_pixels: usize,
+    opts: &DecodeOptions,
+) -> Result<DecodedImage, DecodeError> {
+    let ring = ring(slot_pixels);
+    decode_into(
+        &encode(img, fmt),
+        ring.try_acquire().unwrap(),
+        opts,
+        &|| false,
+    )
+}
+
 /// `img` as PNG, decoded into a slot of `slot_pixels`.
 fn png_in_slot(img: &image::RgbImage, slot_pixels: usize) -> DecodedImage {
-    let ring = ring(slot_pixels);
-    let data = encode(img, image::ImageFormat::Png);
-    decode_into(&data, ring.try_acquire().unwrap(), &OPTS, &|| false).unwrap()
+    in_slot(img, image::ImageFormat::Png, slot_pixels, &OPTS).unwrap()
 }
 
 #[test]
@@ -100,32 +126,18 @@ fn png_larger_than_a_slot_is_box_shrunk_in_the_slot() {
 #[test]
 fn png_decoding_stops_at_the_deadline() {
     let img = gradient(64, 200);
-    let ring = ring(64 * 200);
     let opts = DecodeOptions {
         deadline: Some(Instant::now()),
         ..OPTS
     };
-    let e = decode_into(
-        &encode(&img, image::ImageFormat::Png),
-        ring.try_acquire().unwrap(),
-        &opts,
-        &|| false,
-    )
-    .unwrap_err();
+    let e = in_slot(&img, image::ImageFormat::Png, 64 * 200, &opts).unwrap_err();
     assert_eq!(e, DecodeError::DeadlineExceeded);
 }
 
 #[test]
 fn jpeg_decodes_close_to_the_original() {
     let img = gradient(64, 48);
-    let ring = ring(4096);
-    let d = decode_into(
-        &encode(&img, image::ImageFormat::Jpeg),
-        ring.try_acquire().unwrap(),
-        &OPTS,
-        &|| false,
-    )
-    .unwrap();
+    let d = in_slot(&img, image::ImageFormat::Jpeg, 4096, &OPTS).unwrap();
     assert_eq!((d.width, d.height), (64, 48));
     let max_diff = max_diff(d.pixels(), img.as_raw());
     assert!(max_diff < 40, "max diff {max_diff}");
@@ -134,14 +146,8 @@ fn jpeg_decodes_close_to_the_original() {
 #[test]
 fn oversized_jpeg_is_decoded_at_a_reduced_scale_keeping_the_original_size() {
     let img = gradient(200, 100);
-    let ring = ring(100 * 50); // holds exactly a half-scale decode
-    let d = decode_into(
-        &encode(&img, image::ImageFormat::Jpeg),
-        ring.try_acquire().unwrap(),
-        &OPTS,
-        &|| false,
-    )
-    .unwrap();
+    // The slot holds exactly a half-scale decode.
+    let d = in_slot(&img, image::ImageFormat::Jpeg, 100 * 50, &OPTS).unwrap();
     assert_eq!((d.width, d.height), (100, 50));
     assert_eq!((d.orig_width, d.orig_height), (200, 100));
 }
@@ -192,14 +198,7 @@ fn a_large_jpeg_is_decoded_only_as_large_as_the_network_needs() {
 #[test]
 fn oversized_png_is_shrunk_into_the_slot() {
     let img = gradient(200, 100);
-    let ring = ring(5000);
-    let d = decode_into(
-        &encode(&img, image::ImageFormat::Png),
-        ring.try_acquire().unwrap(),
-        &OPTS,
-        &|| false,
-    )
-    .unwrap();
+    let d = png_in_slot(&img, 5000);
     assert!(d.width as usize * d.height as usize <= 5000);
     assert_eq!((d.orig_width, d.orig_height), (200, 100));
     assert!((d.width as f64 / d.height as f64 - 2.0).abs() < 0.05);
@@ -267,16 +266,7 @@ fn absurd_header_dimensions_are_refused_before_decoding() {
 #[test]
 fn orientation_matches_the_image_crate_for_all_eight_cases() {
     let img = gradient(5, 3);
-    for o in [
-        Orientation::NoTransforms,
-        Orientation::Rotate90,
-        Orientation::Rotate180,
-        Orientation::Rotate270,
-        Orientation::FlipHorizontal,
-        Orientation::FlipVertical,
-        Orientation::Rotate90FlipH,
-        Orientation::Rotate270FlipH,
-    ] {
+    for o in ORIENTATIONS {
         let mut expected = image::DynamicImage::ImageRgb8(img.clone());
         expected.apply_orientation(o);
         let mut out = vec![0u8; 5 * 3 * 3];
@@ -543,15 +533,7 @@ fn other_formats_decode_as_the_image_crate_does_oriented_and_shrunk() {
     for p in img.pixels() {
         native.extend_from_slice(&[p[0], p[1], p[2], 255]);
     }
-    for o in [
-        Orientation::Rotate90,
-        Orientation::Rotate180,
-        Orientation::Rotate270,
-        Orientation::FlipHorizontal,
-        Orientation::FlipVertical,
-        Orientation::Rotate90FlipH,
-        Orientation::Rotate270FlipH,
-    ] {
+    for &o in &ORIENTATIONS[1..] {
         let mut out = vec![0u8; 40 * 30 * 3];
         let size = convert_into(&native, ColorType::Rgba8, 40, 30, o, &mut out);
         let mut turned = image::DynamicImage::ImageRgb8(img.clone());

@@ -114,12 +114,12 @@ pub(super) fn v2_request(req: pb::ModelInferRequest) -> Result<V2Request, ApiErr
                 input.name
             )));
         };
-        inputs.push(InputTensor {
-            name: input.name,
-            datatype: input.datatype,
-            shape: input.shape,
+        inputs.push(InputTensor::new(
+            input.name,
+            input.datatype,
+            input.shape,
             contents,
-        });
+        ));
     }
     let mut outputs = Vec::with_capacity(req.outputs.len());
     for o in req.outputs {
