@@ -148,9 +148,10 @@ pub struct ServeConfig {
     #[arg(long, env = "GRPC_PORT", default_value_t = 9002)]
     pub grpc_port: u16,
 
-    /// Longest a gRPC connection may send nothing (no call, no message, no ping) before it
-    /// is closed: what a silent connection holds is bounded, as HEADER_READ_TIMEOUT_S does
-    /// over HTTP. Above REQUEST_TIMEOUT_S, so a call waiting for its answer is not cut.
+    /// Longest a gRPC connection may send no request bytes (no call, no message; PINGs and
+    /// other control frames do not count) before it is closed: what a silent connection
+    /// holds is bounded, as HEADER_READ_TIMEOUT_S does over HTTP. Above REQUEST_TIMEOUT_S,
+    /// so a call waiting for its answer is not cut.
     #[arg(long, env = "GRPC_IDLE_TIMEOUT_S", default_value_t = 60.0, value_parser = within(0.1, 86_400.0))]
     pub grpc_idle_timeout_s: f64,
 
@@ -158,6 +159,12 @@ pub struct ServeConfig {
     /// extension): `local` (clients on a loopback address), `off`, or `any`.
     #[arg(long, env = "ALLOW_CLIENT_SHM", default_value = "local", value_enum)]
     pub allow_client_shm: crate::regions::ClientShm,
+
+    /// Users (uids, comma-separated) besides the server's own whose files in /dev/shm may be
+    /// registered as shared-memory regions; another user's file is refused, whatever the
+    /// server's privileges (docs/protocols.md, the trust model).
+    #[arg(long, env = "SHM_ALLOWED_UIDS", value_delimiter = ',')]
+    pub shm_allowed_uids: Vec<u32>,
 
     /// Most shared-memory regions registered at once (each holds a file descriptor).
     #[arg(long, env = "MAX_SHM_REGIONS", default_value_t = 256, value_parser = within(1usize, 1 << 16))]

@@ -55,6 +55,14 @@ pub struct Metrics {
     /// Inference requests refused as soon as their headers were read: the predicted wait
     /// did not fit their deadline.
     pub admission_refused: IntCounter,
+    /// Shared-memory registrations refused for what their file is (`reason`: foreign_owner,
+    /// ring).
+    pub shm_refused: IntCounterVec,
+    /// Unregister calls that named no region (every region unregistered).
+    pub shm_unregister_all: IntCounter,
+    /// gRPC streams and connections the server ended (`reason`: unread_answers, idle,
+    /// control_flood).
+    pub grpc_closed: IntCounterVec,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -150,6 +158,23 @@ impl Metrics {
             ring_slots_total: register_int_gauge_with_registry!(
                 "cvserve_ring_slots",
                 "Ring slots",
+                r
+            )?,
+            shm_refused: register_int_counter_vec_with_registry!(
+                "cvserve_shm_refused_total",
+                "Shared-memory registrations refused for their file: another user's (foreign_owner) or a cvserve ring (ring)",
+                &["reason"],
+                r
+            )?,
+            shm_unregister_all: register_int_counter_with_registry!(
+                "cvserve_shm_unregister_all_total",
+                "Shared-memory unregister calls that named no region (all were unregistered)",
+                r
+            )?,
+            grpc_closed: register_int_counter_vec_with_registry!(
+                "cvserve_grpc_closed_total",
+                "gRPC streams or connections ended by the server: answers unread past the deadline (unread_answers), no request bytes for GRPC_IDLE_TIMEOUT_S (idle), control frames past their rate (control_flood)",
+                &["reason"],
                 r
             )?,
             connections_shed: register_int_counter_with_registry!(

@@ -24,6 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+
+use crate::metrics::METRICS;
+use crate::pipeline::ring::RING_MAGIC;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Requests that may use one region at once (unregister takes them all to wait for them).
@@ -148,6 +151,8 @@ pub struct Regions {
     max_regions: usize,
     /// Files that are never a region, by identity (device, inode): the server's ring.
     protected: Vec<(u64, u64)>,
+    /// Whose files may be regions: the server's own user, and SHM_ALLOWED_UIDS.
+    owners: Vec<u32>,
     map: Mutex<HashMap<String, Arc<Region>>>,
 }
 
@@ -160,8 +165,16 @@ impl Regions {
             policy,
             max_regions,
             protected: Vec::new(),
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            owners: vec![unsafe { libc::geteuid() }],
             map: Mutex::default(),
         }
+    }
+
+    /// Lets the files of `uids` be regions too (besides the server's own user's).
+    pub fn owned_by(mut self, uids: &[u32]) -> Self {
+        self.owners.extend_from_slice(uids);
+        self
     }
 
     /// Never lets `path` (the server's own ring) be registered, under any name or link.
@@ -292,6 +305,24 @@ impl Regions {
         if self.protected.contains(&(meta.dev(), meta.ino())) {
             return Err(invalid("it is this server's ring"));
         }
+        // The server writes with its own rights: never into another user's file, even one
+        // it could open (a client cannot lend it rights the client lacks).
+        if !self.owners.contains(&meta.uid()) {
+            METRICS
+                .shm_refused
+                .with_label_values(&["foreign_owner"])
+                .inc();
+            return Err(RegionError::Refused(format!(
+                "shared memory key '{key}' is not accepted: its file belongs to uid {}, not to this server's user (SHM_ALLOWED_UIDS)",
+                meta.uid()
+            )));
+        }
+        // Any cvserve's ring (a hard link or a copy of one) carries its mark.
+        let mut head = [0u8; RING_MAGIC.len()];
+        if file.read_exact_at(&mut head, 0).is_ok() && &head == RING_MAGIC {
+            METRICS.shm_refused.with_label_values(&["ring"]).inc();
+            return Err(invalid("it is a cvserve ring"));
+        }
         Ok(file)
     }
 
@@ -346,6 +377,14 @@ impl Regions {
                 None => map.drain().map(|(_, r)| r).collect(),
             }
         };
+        if name.is_none() {
+            // Open to any client (Triton's clients call it with no name), and so recorded.
+            METRICS.shm_unregister_all.inc();
+            tracing::info!(
+                regions = removed.len(),
+                "every shared-memory region unregistered"
+            );
+        }
         let waits = removed.iter().map(|r| {
             let users = Arc::clone(&r.users);
             async move {

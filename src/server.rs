@@ -226,6 +226,7 @@ fn build_state(
             cfg.allow_client_shm,
             cfg.max_shm_regions,
         )
+        .owned_by(&cfg.shm_allowed_uids)
         .protect(&ring_path),
         cfg,
     }))

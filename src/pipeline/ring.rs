@@ -13,6 +13,12 @@ use std::sync::Arc;
 use crossbeam_queue::ArrayQueue;
 use memmap2::MmapMut;
 
+/// The first bytes of every ring file: what marks it as a cvserve ring.
+pub const RING_MAGIC: &[u8; 16] = b"cvserve-ring\0v1\0";
+
+/// Bytes before the first slot (the mark, in a page of its own).
+const RING_HEADER: usize = 4096;
+
 /// A ring of `slots` slots of `slot_bytes` bytes each, backed by a file on tmpfs.
 pub struct Ring {
     /// Keeps the mapping alive; all access goes through `base`.
@@ -86,6 +92,7 @@ impl Ring {
         );
         let total = slots
             .checked_mul(slot_bytes)
+            .and_then(|t| t.checked_add(RING_HEADER))
             .ok_or_else(|| anyhow::anyhow!("ring size overflows"))?;
         check_free_space(dir, total)?;
         let name = format!(
@@ -127,7 +134,11 @@ impl Ring {
         let mut mmap = unsafe { MmapMut::map_mut(&file) }
             .map_err(|e| anyhow::anyhow!("cannot map ring file {}: {e}", path.display()))?;
         std::mem::forget(remove);
-        let base = mmap.as_mut_ptr();
+        // The mark before the slots: a hard link to this file or a copy of it is known for a
+        // ring by any cvserve, which never takes it for a client's region.
+        mmap[..RING_MAGIC.len()].copy_from_slice(RING_MAGIC);
+        // SAFETY: the mapping is `total` bytes, RING_HEADER of them before the slots.
+        let base = unsafe { mmap.as_mut_ptr().add(RING_HEADER) };
         let free = ArrayQueue::new(slots);
         for i in 0..slots {
             // The queue has exactly `slots` capacity, so this cannot fail.

@@ -259,7 +259,11 @@ pub async fn run(
         .as_ref()
         .map(|r| state.regions.get(&r.name, ctx.remote).map_err(region_error))
         .transpose()?;
-    let images = images_of(state, request.inputs.remove(0), ctx.remote)?;
+    let mut input = request.inputs.remove(0);
+    if let (INPUT_IMAGE, Contents::Region(r)) = (input.name.as_str(), &input.contents) {
+        input.contents = Contents::Raw(read_region(state, r, ctx).await?);
+    }
+    let images = images_of(state, input, ctx.remote)?;
     let mut fields = request.parameters;
     fields.insert("model_id".into(), Value::String(model_id.to_owned()));
     let roboflow: InferRequest = serde_json::from_value(Value::Object(fields))
@@ -395,7 +399,7 @@ fn images_of(
         .into());
     }
     match input.name.as_str() {
-        INPUT_IMAGE => encoded_images(state, input, remote),
+        INPUT_IMAGE => encoded_images(input),
         INPUT_PIXELS => frames(state, input, remote),
         other => Err(ApiError::bad_request(format!(
             "unexpected inference input '{other}': the model takes '{INPUT_IMAGE}' (BYTES, encoded images) or '{INPUT_PIXELS}' (UINT8, [B, H, W, 3] RGB)"
@@ -413,13 +417,46 @@ fn expect_datatype(input: &InputTensor, datatype: &str) -> Result<(), ApiError> 
     Ok(())
 }
 
+/// The bytes of an `image` input in a shared-memory region, counted against the body budget
+/// like a body's (held by the call until its answer) and read on the blocking pool, never on
+/// the reactor.
+async fn read_region(
+    state: &AppState,
+    r: &RegionRef,
+    ctx: &mut RequestContext,
+) -> Result<Bytes, ApiError> {
+    let limit = state.cfg.max_body_bytes as u64;
+    if r.byte_size > limit {
+        return Err(ApiError::new(
+            hyper::StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "input 'image' is {} bytes in its region, more than MAX_BODY_BYTES ({limit})",
+                r.byte_size
+            ),
+        ));
+    }
+    let region = state
+        .regions
+        .get(&r.name, ctx.remote)
+        .map_err(region_error)?;
+    let mut lease = state.body_memory.lease(ctx.peer);
+    lease
+        .cover(r.byte_size as usize)
+        .map_err(crate::http::budget::body_memory_full)?;
+    ctx.hold(lease);
+    let (offset, len) = (r.offset, r.byte_size as usize);
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len];
+        region.read_at(offset, &mut buf).map(|()| Bytes::from(buf))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("reading the region failed: {e}")))?
+    .map_err(region_error)
+}
+
 /// `image`, BYTES `[B]`: encoded image files (JSON strings are base64 text or URLs, as in
 /// Roboflow's `image.value`).
-fn encoded_images(
-    state: &AppState,
-    input: InputTensor,
-    remote: Option<std::net::IpAddr>,
-) -> Result<Vec<ImageSource>, ApiError> {
+fn encoded_images(input: InputTensor) -> Result<Vec<ImageSource>, ApiError> {
     expect_datatype(&input, "BYTES")?;
     let batch = batch_of(&input, &[])?;
     let elements: Vec<ImageSource> = match input.contents {
@@ -445,25 +482,11 @@ fn encoded_images(
             .into_iter()
             .map(ImageSource::Bytes)
             .collect(),
-        Contents::Region(r) => {
-            let limit = state.cfg.max_body_bytes as u64;
-            if r.byte_size > limit {
-                return Err(ApiError::new(
-                    hyper::StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "input 'image' is {} bytes in its region, more than MAX_BODY_BYTES ({limit})",
-                        r.byte_size
-                    ),
-                ));
-            }
-            let region = state.regions.get(&r.name, remote).map_err(region_error)?;
-            let mut buf = vec![0u8; r.byte_size as usize];
-            region.read_at(r.offset, &mut buf).map_err(region_error)?;
-            deserialize_bytes(&Bytes::from(buf))
-                .map_err(|e| ApiError::bad_request(format!("input 'image': {e}")))?
-                .into_iter()
-                .map(ImageSource::Bytes)
-                .collect()
+        // Read by `read_region` before the images are built.
+        Contents::Region(_) => {
+            return Err(ApiError::internal(
+                "input 'image' in a region was not read before its images were built",
+            ))
         }
     };
     if elements.len() != batch {

@@ -2,7 +2,7 @@
 //! `grpc_service.proto`, with tonic) on GRPC_PORT: the same models, inference
 //! ([`super::infer`]), admission, deadlines (`grpc-timeout`), metrics and drain as HTTP.
 //! `ModelStreamInfer` answers each request of the stream, in order, working on a few at
-//! once: the form a video client wants.
+//! once (the form a video client wants), driven by the server ([`stream`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -36,13 +36,15 @@ use pb::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServi
 
 mod convert;
 mod service;
+mod stream;
 mod transport;
 
 use convert::*;
 use service::*;
 pub use transport::serve;
 
-/// Requests of one `ModelStreamInfer` stream worked on at once (answered in order).
+/// Requests of one `ModelStreamInfer` stream worked on at once, and answers queued for its
+/// client (in order).
 const STREAM_IN_FLIGHT: usize = 4;
 
 /// Largest gRPC message accepted (a batch of raw frames): MAX_BODY_BYTES, as over HTTP.

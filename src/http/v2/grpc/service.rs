@@ -28,7 +28,7 @@ pub(super) const GRPC_INFER_ROUTE: &str = "grpc ModelInfer";
 
 impl Grpc {
     /// One inference, admitted and bounded like an HTTP one.
-    async fn infer_one(
+    pub(super) async fn infer_one(
         &self,
         req: pb::ModelInferRequest,
         metadata: &tonic::metadata::MetadataMap,
@@ -220,43 +220,10 @@ impl GrpcInferenceService for Grpc {
         req: Request<tonic::Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let peer = req.remote_addr().map(|a: SocketAddr| a.ip());
-        // A stream's `grpc-timeout` bounds the whole stream (the client enforces it); each
-        // of its requests gets REQUEST_TIMEOUT_S from its arrival.
-        let metadata = tonic::metadata::MetadataMap::new();
-        let this = Grpc {
+        let grpc = Arc::new(Grpc {
             state: Arc::clone(&self.state),
-        };
-        let this = Arc::new(this);
-        let answers = req
-            .into_inner()
-            .map(move |next| {
-                let (this, metadata) = (Arc::clone(&this), metadata.clone());
-                async move {
-                    match next {
-                        // A broken stream ends it.
-                        Err(status) => Err(status),
-                        Ok(one) => {
-                            let id = one.id.clone();
-                            Ok(match this.infer_one(one, &metadata, peer).await {
-                                Ok(r) => pb::ModelStreamInferResponse {
-                                    error_message: String::new(),
-                                    infer_response: Some(r),
-                                },
-                                // An error answers that request; the stream goes on.
-                                Err(status) => pb::ModelStreamInferResponse {
-                                    error_message: status.message().to_owned(),
-                                    infer_response: Some(pb::ModelInferResponse {
-                                        id,
-                                        ..Default::default()
-                                    }),
-                                },
-                            })
-                        }
-                    }
-                }
-            })
-            .buffered(STREAM_IN_FLIGHT);
-        Ok(Response::new(Box::pin(answers)))
+        });
+        Ok(Response::new(stream::drive(grpc, req.into_inner(), peer)))
     }
 
     async fn model_config(

@@ -1,5 +1,5 @@
 //! The gRPC listener's bounds: connections counted against MAX_CONNECTIONS and closed after
-//! GRPC_IDLE_TIMEOUT_S of silence, calls limited in time and per connection, and every
+//! GRPC_IDLE_TIMEOUT_S without request bytes or past a rate of control frames, calls limited in time and per connection, and every
 //! message's bytes counted against the body budget while they arrive and until the answer.
 
 use super::*;
@@ -37,6 +37,8 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) {
                             _permit: permit,
                             idle,
                             silent_until: Box::pin(tokio::time::sleep(idle)),
+                            frames: FrameScan::default(),
+                            control: ControlBudget::new(),
                         };
                         return Some((Ok::<_, std::io::Error>(conn), listener));
                     }
@@ -77,12 +79,110 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) {
 }
 
 /// A gRPC connection holding its place among MAX_CONNECTIONS, read as ended once its client
-/// has sent nothing for `idle`.
+/// has sent no request bytes for `idle` (PINGs and other control frames do not count), or
+/// sends control frames faster than [`CONTROL_FRAMES_PER_S`].
 pub(super) struct Counted {
     io: tokio::net::TcpStream,
     _permit: tokio::sync::OwnedSemaphorePermit,
     idle: Duration,
     silent_until: std::pin::Pin<Box<tokio::time::Sleep>>,
+    frames: FrameScan,
+    control: ControlBudget,
+}
+
+/// Control frames (SETTINGS, PING, WINDOW_UPDATE, PRIORITY) a client may send per second on
+/// one connection, sustained, and at once: far above what real clients' keep-alives and
+/// flow control send, far below a flood that takes the reactor from other clients.
+pub(super) const CONTROL_FRAMES_PER_S: f64 = 1_000.0;
+const CONTROL_FRAMES_BURST: f64 = 2_000.0;
+
+/// A token bucket of control frames.
+pub(super) struct ControlBudget {
+    tokens: f64,
+    at: Instant,
+}
+
+impl ControlBudget {
+    fn new() -> Self {
+        Self {
+            tokens: CONTROL_FRAMES_BURST,
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes `n` frames' tokens; false once the client is past its rate.
+    fn take(&mut self, n: usize, now: Instant) -> bool {
+        let refill = now.duration_since(self.at).as_secs_f64() * CONTROL_FRAMES_PER_S;
+        self.tokens = (self.tokens + refill).min(CONTROL_FRAMES_BURST) - n as f64;
+        self.at = now;
+        self.tokens >= 0.0
+    }
+}
+
+/// Where a connection's incoming bytes are in HTTP/2's framing: the client preface (24
+/// bytes), then frames of a 9-byte header (3-byte length, type, flags, stream) and a payload.
+pub(super) struct FrameScan {
+    preface_left: usize,
+    header: [u8; 9],
+    header_seen: usize,
+    payload_left: usize,
+}
+
+impl Default for FrameScan {
+    fn default() -> Self {
+        Self {
+            preface_left: 24,
+            header: [0; 9],
+            header_seen: 0,
+            payload_left: 0,
+        }
+    }
+}
+
+/// What a run of a client's bytes held.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct Seen {
+    /// Frames of requests: HEADERS, CONTINUATION, and DATA with a payload.
+    pub request: usize,
+    /// SETTINGS and PING (not acknowledgements), WINDOW_UPDATE and PRIORITY frames.
+    pub control: usize,
+}
+
+impl FrameScan {
+    pub(super) fn feed(&mut self, mut data: &[u8]) -> Seen {
+        let mut seen = Seen::default();
+        while !data.is_empty() {
+            if self.preface_left > 0 {
+                let n = self.preface_left.min(data.len());
+                self.preface_left -= n;
+                data = &data[n..];
+            } else if self.payload_left > 0 {
+                let n = self.payload_left.min(data.len());
+                self.payload_left -= n;
+                data = &data[n..];
+            } else {
+                let n = (9 - self.header_seen).min(data.len());
+                self.header[self.header_seen..self.header_seen + n].copy_from_slice(&data[..n]);
+                self.header_seen += n;
+                data = &data[n..];
+                if self.header_seen == 9 {
+                    self.header_seen = 0;
+                    let h = self.header;
+                    let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+                    let (kind, ack) = (h[3], h[4] & 1 == 1);
+                    match kind {
+                        0 if len > 0 => seen.request += 1,
+                        1 | 9 => seen.request += 1,
+                        4 | 6 if !ack => seen.control += 1,
+                        2 | 8 => seen.control += 1,
+                        _ => {}
+                    }
+                    self.payload_left = len;
+                }
+            }
+        }
+        seen
+    }
 }
 
 impl tonic::transport::server::Connected for Counted {
@@ -102,15 +202,31 @@ impl tokio::io::AsyncRead for Counted {
         let before = buf.filled().len();
         match std::pin::Pin::new(&mut self.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                let next = tokio::time::Instant::now() + self.idle;
-                self.silent_until.as_mut().reset(next);
+                let this = &mut *self;
+                let seen = this.frames.feed(&buf.filled()[before..]);
+                if seen.control > 0 && !this.control.take(seen.control, Instant::now()) {
+                    METRICS
+                        .grpc_closed
+                        .with_label_values(&["control_flood"])
+                        .inc();
+                    return Poll::Ready(Err(std::io::Error::other(
+                        "the client sent control frames past their rate",
+                    )));
+                }
+                if seen.request > 0 {
+                    let next = tokio::time::Instant::now() + this.idle;
+                    this.silent_until.as_mut().reset(next);
+                }
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => match std::future::Future::poll(self.silent_until.as_mut(), cx) {
-                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the client sent nothing for GRPC_IDLE_TIMEOUT_S",
-                ))),
+                Poll::Ready(()) => {
+                    METRICS.grpc_closed.with_label_values(&["idle"]).inc();
+                    Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client sent no request bytes for GRPC_IDLE_TIMEOUT_S",
+                    )))
+                }
                 Poll::Pending => Poll::Pending,
             },
             other => other,
@@ -268,6 +384,53 @@ impl http_body::Body for CountedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn frame(kind: u8, flags: u8, len: usize) -> Vec<u8> {
+        let mut f = (len as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags, 0, 0, 0, 1]);
+        f.extend(std::iter::repeat_n(0u8, len));
+        f
+    }
+
+    #[test]
+    fn frames_are_told_apart_across_reads() {
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        bytes.extend(frame(4, 0, 12)); // SETTINGS
+        bytes.extend(frame(4, 1, 0)); // its acknowledgement: not counted
+        bytes.extend(frame(6, 0, 8)); // PING
+        bytes.extend(frame(1, 4, 30)); // HEADERS
+        bytes.extend(frame(0, 0, 100)); // DATA
+        bytes.extend(frame(0, 1, 0)); // an empty DATA (END_STREAM): not a request byte
+        bytes.extend(frame(8, 0, 4)); // WINDOW_UPDATE
+        let mut scan = FrameScan::default();
+        let mut total = Seen::default();
+        for chunk in bytes.chunks(7) {
+            let s = scan.feed(chunk);
+            total.request += s.request;
+            total.control += s.control;
+        }
+        assert_eq!(
+            total,
+            Seen {
+                request: 2,
+                control: 3
+            }
+        );
+    }
+
+    #[test]
+    fn control_frames_past_their_rate_are_refused() {
+        let t0 = Instant::now();
+        let mut b = ControlBudget::new();
+        assert!(b.take(CONTROL_FRAMES_BURST as usize, t0));
+        assert!(!b.take(1, t0));
+        // A second later the rate's worth is back.
+        let mut b = ControlBudget::new();
+        assert!(b.take(CONTROL_FRAMES_BURST as usize, t0));
+        let later = t0 + Duration::from_secs(1);
+        assert!(b.take(CONTROL_FRAMES_PER_S as usize, later));
+        assert!(!b.take(1, later));
+    }
 
     #[test]
     fn only_incomplete_messages_stay_counted() {
