@@ -155,6 +155,22 @@ pub struct ServeConfig {
     #[arg(long, env = "GRPC_IDLE_TIMEOUT_S", default_value_t = 60.0, value_parser = within(0.1, 86_400.0))]
     pub grpc_idle_timeout_s: f64,
 
+    /// Who loads and unloads models: `open` (any client, and a request for a model not
+    /// loaded loads it: Roboflow's behaviour), `explicit` (only PRELOAD_MODELS and what an
+    /// administrator loads with ADMIN_TOKEN; requests never load), `none` (only
+    /// PRELOAD_MODELS; no load or unload over any API).
+    #[arg(long, env = "MODEL_CONTROL", default_value = "open", value_enum)]
+    pub model_control: ModelControl,
+
+    /// The administrator's token for loading, unloading and clearing models under
+    /// MODEL_CONTROL=explicit (sent as `Authorization: Bearer <token>`). Never logged.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// A file holding ADMIN_TOKEN (a Kubernetes secret mounted as a file); read at start.
+    #[arg(long, env = "ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
     /// Who may register system shared-memory regions (the Open Inference Protocol's
     /// extension): `local` (clients on a loopback address), `off`, or `any`.
     #[arg(long, env = "ALLOW_CLIENT_SHM", default_value = "local", value_enum)]
@@ -338,6 +354,15 @@ pub struct ServeConfig {
         hide = true
     , value_parser = within(0u64, 600_000))]
     pub inject_delay_ms: u64,
+
+    /// Fault injection for tests: every model load sleeps this long first (a slow load).
+    #[arg(
+        long,
+        env = "CVSERVE_INJECT_LOAD_DELAY_MS",
+        default_value_t = 0,
+        hide = true
+    , value_parser = within(0u64, 600_000))]
+    pub inject_load_delay_ms: u64,
 
     /// Fault injection for tests: the model the injected faults apply to (default: every
     /// model).
@@ -636,5 +661,26 @@ mod tests {
         assert_eq!(parse_auto("0"), Ok(Auto::Auto));
         assert_eq!(parse_auto("3"), Ok(Auto::Count(3)));
         assert!(parse_auto("many").is_err());
+    }
+}
+
+/// Who loads and unloads models (MODEL_CONTROL), as Triton's `--model-control-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModelControl {
+    /// Any client; a request for a model not loaded loads it (Roboflow's behaviour).
+    Open,
+    /// Only an administrator with ADMIN_TOKEN; requests never load a model.
+    Explicit,
+    /// Nobody: only PRELOAD_MODELS are served.
+    None,
+}
+
+impl ModelControl {
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelControl::Open => "open",
+            ModelControl::Explicit => "explicit",
+            ModelControl::None => "none",
+        }
     }
 }

@@ -144,6 +144,8 @@ fn build_state(
             },
             fault_model: cfg.inject_model.clone(),
             max_active: cfg.max_active_models as usize,
+            load_delay: Duration::from_millis(cfg.inject_load_delay_ms),
+            control: cfg.model_control,
         },
         Arc::clone(&pools),
     ));
@@ -205,7 +207,9 @@ fn build_state(
         max_bytes: cfg.url_max_bytes,
     };
     let ring_path = engine.ring().path().to_owned();
+    let admin_token = http::control::admin_token(&cfg)?;
     Ok(Arc::new(AppState {
+        admin_token,
         urls,
         engine,
         uuid: uuid::Uuid::new_v4().simple().to_string()[..6].to_string(),
@@ -299,9 +303,27 @@ async fn serve(cfg: ServeConfig, on_gpu: bool, backend: BackendKind) -> anyhow::
             tracing::warn!("gRPC calls still running at the end of the drain timeout");
         }
     }
+    // Every model's queue closes: its batcher and instances finish what they hold and end.
+    // They are waited for before `main` returns, so that no session runs, with its tensors
+    // alive, while ONNX Runtime's and CUDA's static destructors run; past the limit the
+    // process ends without running them (inside Kubernetes' 30 s grace period).
+    state.engine.clear_models();
+    if !crate::pipeline::threads::wait_all(SHUTDOWN_JOIN_LIMIT) {
+        tracing::warn!(
+            running = crate::pipeline::threads::running(),
+            limit_s = SHUTDOWN_JOIN_LIMIT.as_secs(),
+            "pipeline threads still running at shutdown: exiting without library destructors"
+        );
+        let _ = std::fs::remove_file(state.engine.ring().path());
+        // SAFETY: ends the process at once; nothing after this runs.
+        unsafe { libc::_exit(0) };
+    }
     tracing::info!("bye");
     Ok(())
 }
+
+/// Longest shutdown waits for the pipeline's threads after the drain.
+const SHUTDOWN_JOIN_LIMIT: Duration = Duration::from_secs(3);
 
 fn preload_models(state: &AppState) {
     let wanted: Vec<String> = match state.cfg.preload_models.trim() {
@@ -325,6 +347,8 @@ fn preload_models(state: &AppState) {
     }
     let mut failed = Vec::new();
     for id in wanted.into_iter().take(max_active) {
+        // Never unloaded to make room for a model a client names.
+        state.engine.models().pin(&id);
         if let Err(e) = state.engine.models().add(&id) {
             // One broken or missing model does not keep the others from serving, but the
             // replica is not ready (it cannot serve what it was asked to) until it loads,

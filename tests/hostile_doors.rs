@@ -134,10 +134,11 @@ fn never_read_grpc_streams_leave_the_model_to_a_bystander() {
 }
 
 /// An encoded image named in a shared-memory window costs the server a buffer of the
-/// window's size: 24 clients naming 32 MiB windows at once are held to the body budget
-/// (64 MiB here) like bodies of that size, the rest refused with 429 and Retry-After, and
-/// the server's peak memory grows by about the budget, not by 24 windows (768 MiB). The
-/// server once read each window into a buffer of its own outside the budget.
+/// window's size: 24 clients naming 32 MiB windows at once, waiting for the model's two
+/// ring slots, are held to the body budget (64 MiB here) like bodies of that size, the rest
+/// refused with 429 and Retry-After, and the server's peak memory grows by about the budget,
+/// not by 24 windows (768 MiB). The server once read each window into a buffer of its own
+/// outside the budget, held while the request waited for its turn.
 #[test]
 fn shared_memory_reads_are_held_to_the_body_budget() {
     const WINDOW: usize = 32 << 20;
@@ -149,6 +150,8 @@ fn shared_memory_reads_are_held_to_the_body_budget() {
             ("BODY_MEMORY_PEER_SHARE", "1.0"),
             ("CVSERVE_INJECT_DELAY_MS", "300"),
             ("MAX_BATCH_SIZE", "1"),
+            // Two images in flight: the others wait for a slot, holding what they read.
+            ("RING_SLOTS", "2"),
         ],
     );
     // One BYTES element: its length, then a JPEG padded with zeros to the window's end

@@ -617,15 +617,16 @@ fn removing_a_model_with_queued_jobs_serves_them_and_the_server_goes_on() {
     assert_eq!(s.get("/healthz").body, json!({"status": "healthy"}));
 }
 
-/// MAX_ACTIVE_MODELS=1: a request for a second model loads it, evicting the first while a
-/// request is still being served by the first. That request holds the evicted model until
-/// it answers, so it completes (200, the right class); the other model serves; the evicted
-/// one loads again on its next request (evicting the other).
+/// MAX_ACTIVE_MODELS=1: a request for a second model loads it, evicting the first (loaded
+/// by a request, not preloaded: preloaded models are never evicted) while a request is
+/// still being served by the first. That request holds the evicted model until it answers,
+/// so it completes (200, the right class); the other model serves; the evicted one loads
+/// again on its next request (evicting the other).
 #[test]
 fn a_model_evicted_while_a_request_uses_it_still_answers_that_request() {
     const OTHER: &str = "shapes-yolonas/1";
     let s = Server::start(
-        MODEL,
+        "none",
         &[
             ("MAX_ACTIVE_MODELS", "1"),
             ("CVSERVE_INJECT_DELAY_MS", "8000"),

@@ -93,6 +93,9 @@ struct LineState {
     in_line: usize,
     /// Of those, the ones that got their ring slots (being served).
     started: usize,
+    /// The ones whose request is whole and waits for its ring slots (the model's backlog;
+    /// the rest are still arriving: their bodies uploading, their images fetched).
+    queued: usize,
     /// The rest, in arrival order, with their deadlines: re-checked as the rate is learnt.
     waiting: BTreeMap<u64, Waiter>,
     next_seq: u64,
@@ -166,8 +169,17 @@ impl Line {
             seq,
             turned_away,
             started: None,
+            ready: false,
             served: false,
         })
+    }
+
+    /// A line whose first prediction uses `rate` answers per second (measured at the
+    /// model's warm-up) until it has measured its own under load.
+    pub fn starting_at(rate: Option<f64>) -> Self {
+        let line = Self::default();
+        line.state.lock().previous_rate = rate.filter(|r| r.is_finite() && *r > 0.0);
+        line
     }
 
     /// Requests of the model in the server now.
@@ -180,7 +192,7 @@ impl Line {
         self.state.lock().rate()
     }
 
-    fn leave(&self, seq: u64, started_at: Option<Instant>, served: bool) {
+    fn leave(&self, seq: u64, started_at: Option<Instant>, ready: bool, served: bool) {
         let started = started_at.is_some();
         let now = Instant::now();
         let mut line = self.state.lock();
@@ -188,10 +200,16 @@ impl Line {
             line.started -= 1;
         } else {
             line.waiting.remove(&seq);
+            if ready {
+                line.queued -= 1;
+            }
         }
         line.in_line -= 1;
         METRICS.requests_in_line.dec();
-        if let (true, 0, Some(began)) = (served, line.in_line, started_at) {
+        // The model still has work: others hold their slots or wait for them, not merely
+        // arriving (slow uploads would teach the arrival rate, not the model's).
+        let busy = line.started + line.queued > 0;
+        if let (true, false, Some(began)) = (served, busy, started_at) {
             // Served alone: the model answers at least one request per service time, so a
             // rate learnt under heavier contention cannot keep it refusing for good.
             let service = now.saturating_duration_since(began).as_secs_f64();
@@ -200,15 +218,15 @@ impl Line {
                 line.previous_rate = Some(line.previous_rate.map_or(alone, |r| r.max(alone)));
             }
         }
-        if served && line.in_line > 0 {
-            // Others are still in line: this answer measures the model's rate under load.
+        if served && busy {
+            // This answer measures the model's rate under load.
             if line.recent.len() == RATE_WINDOW {
                 line.recent.pop_front();
             }
             line.recent.push_back(now);
             line.turn_away_the_late(now);
         }
-        if line.in_line == 0 {
+        if !busy {
             // The busy period is over: keep its rate, forget its instants (the idle gap
             // that follows must not count).
             line.previous_rate = line.rate();
@@ -216,10 +234,17 @@ impl Line {
         }
     }
 
-    fn start(&self, seq: u64) {
+    fn ready(&self) {
+        self.state.lock().queued += 1;
+    }
+
+    fn start(&self, seq: u64, ready: bool) {
         let mut line = self.state.lock();
         if line.waiting.remove(&seq).is_some() {
             line.started += 1;
+            if ready {
+                line.queued -= 1;
+            }
         }
     }
 }
@@ -281,6 +306,8 @@ pub struct Ticket {
     turned_away: Arc<TurnedAway>,
     /// When its turn came (it got its ring slots).
     started: Option<Instant>,
+    /// Its request is whole: it waits only for its ring slots.
+    ready: bool,
     served: bool,
 }
 
@@ -289,7 +316,16 @@ impl Ticket {
     pub fn start(&mut self) {
         if self.started.is_none() {
             self.started = Some(Instant::now());
-            self.line.start(self.seq);
+            self.line.start(self.seq, self.ready);
+        }
+    }
+
+    /// Its request is whole (body read, images fetched): from now on it waits only for
+    /// the model, and counts in the model's backlog.
+    pub fn ready(&mut self) {
+        if !self.ready && self.started.is_none() {
+            self.ready = true;
+            self.line.ready();
         }
     }
 
@@ -312,7 +348,8 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.line.leave(self.seq, self.started, self.served);
+        self.line
+            .leave(self.seq, self.started, self.ready, self.served);
     }
 }
 
@@ -383,10 +420,12 @@ mod tests {
         }
         let alone = line.rate().expect("a floor");
         assert!(alone > 20.0 && alone <= 50.0, "{alone}/s");
-        // Twenty in line, answered 10 ms apart: about 100 per second.
-        let tickets: Vec<_> = (0..20)
+        // Twenty in line, whole and waiting for the model, answered 10 ms apart: about 100
+        // per second.
+        let mut tickets: Vec<_> = (0..20)
             .map(|_| line.enter(Instant::now(), far).ok().unwrap())
             .collect();
+        tickets.iter_mut().for_each(Ticket::ready);
         for mut t in tickets {
             std::thread::sleep(Duration::from_millis(10));
             t.start();
@@ -409,8 +448,11 @@ mod tests {
         let mut front: Vec<_> = (0..40)
             .map(|_| line.enter(now, far).ok().unwrap())
             .collect();
-        let patient = line.enter(now, far).ok().unwrap();
-        let hurried = line.enter(now, soon).ok().unwrap();
+        front.iter_mut().for_each(Ticket::ready);
+        let mut patient = line.enter(now, far).ok().unwrap();
+        let mut hurried = line.enter(now, soon).ok().unwrap();
+        patient.ready();
+        hurried.ready();
         // Answers 20 ms apart (50 per second) while others wait: after ten, 30 are still
         // ahead (0.6 s at that rate), so the 500 ms request cannot be served in time.
         for mut t in front.drain(..10) {
@@ -429,5 +471,41 @@ mod tests {
                 .is_err()
         );
         drop(front);
+    }
+
+    #[test]
+    fn answers_while_the_others_are_still_arriving_do_not_teach_the_rate() {
+        let line = Arc::new(Line::default());
+        let far = Instant::now() + Duration::from_secs(60);
+        // Twenty let in whose bodies are still uploading (never whole), while one request
+        // at a time is served, 10 ms apart: the model is not busy, so no rate of 100 per
+        // second is learnt from the uploads' pace.
+        let uploading: Vec<_> = (0..20)
+            .map(|_| line.enter(Instant::now(), far).ok().unwrap())
+            .collect();
+        for _ in 0..12 {
+            let mut t = line.enter(Instant::now(), far).ok().unwrap();
+            t.ready();
+            t.start();
+            std::thread::sleep(Duration::from_millis(10));
+            t.served();
+        }
+        // Only the floor of requests served alone (each took at least 10 ms).
+        let rate = line.rate().expect("a floor");
+        assert!(rate <= 100.0, "{rate}/s");
+        assert!(line.state.lock().recent.is_empty());
+        drop(uploading);
+    }
+
+    #[test]
+    fn a_line_starts_from_the_warm_up_rate() {
+        let line = Arc::new(Line::starting_at(Some(10.0)));
+        let now = Instant::now();
+        let held: Vec<_> = (0..8)
+            .map(|_| line.enter(now, now + SECOND).expect("fits"))
+            .collect();
+        assert!(line.enter(now, now + SECOND).is_err(), "refused at once");
+        drop(held);
+        assert_eq!(Line::starting_at(Some(f64::NAN)).rate(), None);
     }
 }

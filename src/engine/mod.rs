@@ -10,12 +10,13 @@ pub mod models;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::try_join_all;
 use tokio::sync::oneshot;
 
+use crate::config::ModelControl;
 use crate::geometry::{DisabledSteps, ResizeMode};
 use crate::metrics::{Outcome, Stage, METRICS};
 use crate::model::download::{DownloadError, Downloader};
@@ -30,7 +31,7 @@ use crate::pipeline::{Job, PipelineError, Pools};
 use crate::tasks::draw::{self, DrawOptions};
 use crate::tasks::{TaskOutput, TaskParams};
 use admission::{Activity, Ticket};
-use models::{LoadError, LoadedModel, ModelManager};
+use models::{Asked, LoadError, LoadedModel, ModelManager};
 
 /// Why an inference call got no answer. `http::error` maps each to its status.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +72,19 @@ pub enum EngineError {
     Pipeline(#[from] PipelineError),
     #[error("Internal error: {0}")]
     Internal(&'static str),
+    /// The model is still loading at the request's deadline (the load goes on).
+    #[error("Model '{model}' is loading ({:.1} s so far) and was not ready by the request's deadline; retry after {} s", .loading_for.as_secs_f64(), .retry_after.as_secs())]
+    Loading {
+        model: String,
+        loading_for: std::time::Duration,
+        retry_after: std::time::Duration,
+    },
+    /// Requests do not load models (MODEL_CONTROL explicit or none).
+    #[error("Model '{model}' is not loaded, and requests do not load models on this server (MODEL_CONTROL={control}){}", if *.control == "explicit" { ": an administrator loads it (POST /model/add with the admin token)" } else { "" })]
+    NotLoaded {
+        model: String,
+        control: &'static str,
+    },
 }
 
 /// How one loaded model is served: what `/info` and the model registry report.
@@ -283,24 +297,52 @@ impl Engine {
             .map_err(|_| EngineError::Internal("a CPU task of the front end panicked"))
     }
 
-    /// The model, loading it (off the reactor, with the caller's log span) on first use;
-    /// one missing from the repository is downloaded first when an API key is given.
+    /// The model, loading it on first use (its load runs on a thread of its own, shared
+    /// with every request for it meanwhile); one missing from the repository is downloaded
+    /// first when an API key is given. Waits for a load at most until `deadline`: a model
+    /// still loading then answers [`EngineError::Loading`] (the load goes on). Under
+    /// MODEL_CONTROL explicit or none, a model not loaded is [`EngineError::NotLoaded`].
     pub async fn model(
         &self,
         id: &str,
         api_key: Option<&str>,
+        deadline: Instant,
     ) -> Result<Arc<LoadedModel>, EngineError> {
         if let Some(m) = self.models.get(id) {
             return Ok(m);
         }
+        let control = self.models.settings().control;
+        if control != ModelControl::Open {
+            return Err(EngineError::NotLoaded {
+                model: id.to_owned(),
+                control: control.name(),
+            });
+        }
         self.fetch(id, api_key).await?;
         let models = Arc::clone(&self.models);
-        let id = id.to_owned();
+        let owned = id.to_owned();
         let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || span.in_scope(|| models.get_or_load(&id)))
-            .await
-            .map_err(|_| EngineError::Internal("model loading panicked"))?
-            .map_err(EngineError::from)
+        let asked =
+            tokio::task::spawn_blocking(move || span.in_scope(|| models.ask(&owned, false)))
+                .await
+                .map_err(|_| EngineError::Internal("model loading panicked"))??;
+        let pending = match asked {
+            Asked::Loaded(m) => return Ok(m),
+            Asked::Loading(p) => p,
+        };
+        match pending.wait_until(deadline).await {
+            Some(loaded) => Ok(loaded?),
+            None => {
+                let loading_for = pending.elapsed();
+                METRICS.outcome(id, Outcome::Rejected, Stage::Admission);
+                Err(EngineError::Loading {
+                    model: id.to_owned(),
+                    loading_for,
+                    // A load takes about as long again as it has so far (at least 1 s).
+                    retry_after: Duration::from_secs(loading_for.as_secs().clamp(1, 60)),
+                })
+            }
+        }
     }
 
     /// Downloads `id` into the repository if it is missing there and a key is given.
@@ -505,8 +547,12 @@ impl Engine {
         model: &LoadedModel,
         count: usize,
         deadline: Instant,
-        ticket: Option<&mut Ticket>,
+        mut ticket: Option<&mut Ticket>,
     ) -> Result<Vec<SlotHandle>, EngineError> {
+        // The request is whole: from here it waits only for the model.
+        if let Some(t) = ticket.as_deref_mut() {
+            t.ready();
+        }
         let waiting = self.wait_for_slots(model, count, deadline);
         // While it waits, the request's line may learn that it can no longer make it.
         let turned_away = async {
@@ -554,6 +600,15 @@ impl Engine {
             tokio::pin!(released);
             released.as_mut().enable();
             let share = self.ring_share();
+            if count > share {
+                // The share shrank (another model loaded) below what this request needs
+                // since it was let in: no retry could be served, so it is not a 429.
+                return Err(EngineError::TooManyImages {
+                    count,
+                    limit: share,
+                    setting: "RING_MODEL_SHARE of RING_SLOTS",
+                });
+            }
             let missing = count - taken.len();
             let room = self.ring.slots().saturating_sub(self.ring.in_use());
             let model_room = share.saturating_sub(model.ring_held.load(Ordering::Acquire));

@@ -1,17 +1,20 @@
 //! The registry of the models that are loaded and serving: a model id in, a [`LoadedModel`]
 //! (its metadata and the queue of its batcher) out, at most MAX_ACTIVE_MODELS of them (the
-//! least recently used is unloaded to make room), with the models that failed to load and
-//! why. Loading one is `loader`'s job. Unloading drops the queue: the threads finish the
+//! least recently used that was not preloaded is unloaded to make room), with the models
+//! that failed to load and why. Each load runs on a thread of its own, shared by everyone
+//! who asks for that model meanwhile and holding no lock: other models' requests never wait
+//! on it. Loading one is `loader`'s job. Unloading drops the queue: the threads finish the
 //! queued work and exit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::metrics::METRICS;
-use crate::model::repository::{self, RepositoryError};
+use crate::model::repository::{self, ModelMetadata, RepositoryError};
 use crate::pipeline::Pools;
 
 use super::loader::load;
@@ -24,10 +27,89 @@ pub struct ModelManager {
     models: RwLock<HashMap<String, Arc<LoadedModel>>>,
     /// Models that failed to load, with why; not retried until `/model/add` asks again.
     failed: RwLock<HashMap<String, String>>,
-    /// Serialises loads so two concurrent requests for a cold model load it once.
-    loading: Mutex<()>,
+    /// Loads under way, by model: the requests for one model share its load, and loads of
+    /// different models run at once (no lock is held while a model loads).
+    loading: Mutex<HashMap<String, Arc<PendingLoad>>>,
+    /// Models never unloaded to make room for another (PRELOAD_MODELS).
+    pinned: RwLock<HashSet<String>>,
     /// Ticks once per model lookup: the clock of `LoadedModel::last_used`.
     uses: std::sync::atomic::AtomicU64,
+}
+
+/// A model being loaded on a thread of its own, whoever waits for it.
+pub struct PendingLoad {
+    started: Instant,
+    /// The load's end: the model, or why it failed.
+    done: Mutex<Option<Result<Arc<LoadedModel>, String>>>,
+    ended: Condvar,
+    ended_async: tokio::sync::Notify,
+    id: String,
+}
+
+/// A model asked for: loaded already, or being loaded.
+pub enum Asked {
+    Loaded(Arc<LoadedModel>),
+    Loading(Arc<PendingLoad>),
+}
+
+impl PendingLoad {
+    fn new(id: &str) -> Self {
+        Self {
+            started: Instant::now(),
+            done: Mutex::new(None),
+            ended: Condvar::new(),
+            ended_async: tokio::sync::Notify::new(),
+            id: id.to_owned(),
+        }
+    }
+
+    fn finish(&self, result: Result<Arc<LoadedModel>, String>) {
+        *self.done.lock() = Some(result);
+        self.ended.notify_all();
+        self.ended_async.notify_waiters();
+    }
+
+    fn result(&self) -> Option<Result<Arc<LoadedModel>, LoadError>> {
+        self.done.lock().as_ref().map(|r| {
+            r.clone().map_err(|reason| LoadError::Failed {
+                id: self.id.clone(),
+                reason,
+            })
+        })
+    }
+
+    /// Waits for the load's end (blocking: off the reactor).
+    pub fn wait(&self) -> Result<Arc<LoadedModel>, LoadError> {
+        let mut done = self.done.lock();
+        while done.is_none() {
+            self.ended.wait(&mut done);
+        }
+        drop(done);
+        self.result().expect("the load has ended")
+    }
+
+    /// Waits for the load's end until `deadline`; `None` when it is still loading then (the
+    /// load goes on).
+    pub async fn wait_until(
+        &self,
+        deadline: Instant,
+    ) -> Option<Result<Arc<LoadedModel>, LoadError>> {
+        let waiting = async {
+            loop {
+                let ended = self.ended_async.notified();
+                if let Some(r) = self.result() {
+                    return r;
+                }
+                ended.await;
+            }
+        };
+        tokio::time::timeout_at(deadline.into(), waiting).await.ok()
+    }
+
+    /// How long it has been loading.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
 }
 
 impl ModelManager {
@@ -37,7 +119,8 @@ impl ModelManager {
             pools,
             models: RwLock::new(HashMap::new()),
             failed: RwLock::new(HashMap::new()),
-            loading: Mutex::new(()),
+            loading: Mutex::new(HashMap::new()),
+            pinned: RwLock::new(HashSet::new()),
             uses: Default::default(),
         }
     }
@@ -45,6 +128,11 @@ impl ModelManager {
     /// The settings models are loaded with.
     pub fn settings(&self) -> &LoadSettings {
         &self.settings
+    }
+
+    /// Keeps `id` loaded whatever other models are asked for (a preloaded model).
+    pub fn pin(&self, id: &str) {
+        self.pinned.write().insert(id.to_owned());
     }
 
     /// The model if it is loaded (and marks it used now).
@@ -55,35 +143,35 @@ impl ModelManager {
         Some(m)
     }
 
-    /// The model, loading it from the repository first if needed. Blocks while loading:
-    /// call it off the async reactor.
-    pub fn get_or_load(&self, id: &str) -> Result<Arc<LoadedModel>, LoadError> {
+    /// The model if it is loaded, else its load: started now on a thread of its own, or
+    /// the one under way. A model that failed before is not retried unless `retry`
+    /// (`/model/add`). Reads the model's metadata (small files): call it off the reactor.
+    pub fn ask(self: &Arc<Self>, id: &str, retry: bool) -> Result<Asked, LoadError> {
         if let Some(m) = self.get(id) {
-            return Ok(m);
+            return Ok(Asked::Loaded(m));
+        }
+        if retry {
+            self.failed.write().remove(id);
+        } else if let Some(reason) = self.failed.read().get(id) {
+            return Err(LoadError::Failed {
+                id: id.to_string(),
+                reason: reason.clone(),
+            });
+        }
+        repository::validate_id(id)?;
+        let mut loading = self.loading.lock();
+        if let Some(pending) = loading.get(id) {
+            return Ok(Asked::Loading(Arc::clone(pending)));
+        }
+        // Loaded (or failed) between the first look and taking the lock.
+        if let Some(m) = self.get(id) {
+            return Ok(Asked::Loaded(m));
         }
         if let Some(reason) = self.failed.read().get(id) {
             return Err(LoadError::Failed {
                 id: id.to_string(),
                 reason: reason.clone(),
             });
-        }
-        self.load_now(id)
-    }
-
-    /// Loads a model, retrying one that failed before (`/model/add`).
-    pub fn add(&self, id: &str) -> Result<Arc<LoadedModel>, LoadError> {
-        if let Some(m) = self.get(id) {
-            return Ok(m);
-        }
-        self.failed.write().remove(id);
-        self.load_now(id)
-    }
-
-    fn load_now(&self, id: &str) -> Result<Arc<LoadedModel>, LoadError> {
-        repository::validate_id(id)?;
-        let _guard = self.loading.lock();
-        if let Some(m) = self.get(id) {
-            return Ok(m);
         }
         let meta = match repository::read(&self.settings.repository, id) {
             Ok(meta) => meta,
@@ -96,7 +184,75 @@ impl ModelManager {
                 return Err(e.into());
             }
         };
+        self.check_room(id)?;
+        let pending = Arc::new(PendingLoad::new(id));
+        loading.insert(id.to_owned(), Arc::clone(&pending));
+        drop(loading);
+        let (this, load) = (Arc::clone(self), Arc::clone(&pending));
+        let span = tracing::Span::current();
+        let spawned = crate::pipeline::threads::spawn("cvserve-load".into(), move || {
+            let result = span.in_scope(|| this.load_now(meta));
+            this.loading.lock().remove(&load.id);
+            load.finish(result.map_err(|e| match e {
+                LoadError::Failed { reason, .. } => reason,
+                other => other.to_string(),
+            }));
+        });
+        if let Err(e) = spawned {
+            self.loading.lock().remove(id);
+            return Err(LoadError::Failed {
+                id: id.to_owned(),
+                reason: format!("cannot start its loading thread: {e}"),
+            });
+        }
+        Ok(Asked::Loading(pending))
+    }
+
+    /// The model, loading it first if needed and waiting for the load (blocking).
+    pub fn get_or_load(self: &Arc<Self>, id: &str) -> Result<Arc<LoadedModel>, LoadError> {
+        match self.ask(id, false)? {
+            Asked::Loaded(m) => Ok(m),
+            Asked::Loading(p) => p.wait(),
+        }
+    }
+
+    /// Loads a model, retrying one that failed before (`/model/add`), and waits for it
+    /// (blocking).
+    pub fn add(self: &Arc<Self>, id: &str) -> Result<Arc<LoadedModel>, LoadError> {
+        match self.ask(id, true)? {
+            Asked::Loaded(m) => Ok(m),
+            Asked::Loading(p) => p.wait(),
+        }
+    }
+
+    /// Refuses to load `id` when MAX_ACTIVE_MODELS are loaded and none of them may be
+    /// unloaded for it (all are preloaded): it could never be served.
+    fn check_room(&self, id: &str) -> Result<(), LoadError> {
+        let models = self.models.read();
+        let pinned = self.pinned.read();
+        let max = self.settings.max_active.max(1);
+        if models.len() >= max && models.keys().all(|m| pinned.contains(m)) && !pinned.contains(id)
+        {
+            return Err(LoadError::NoRoom {
+                id: id.to_owned(),
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Loads `meta`'s model (on its loading thread: no lock is held), then registers it,
+    /// unloading the least recently used models that were not preloaded past
+    /// MAX_ACTIVE_MODELS.
+    fn load_now(&self, meta: ModelMetadata) -> Result<Arc<LoadedModel>, LoadError> {
+        let id = meta.id.clone();
+        let id = id.as_str();
         let started = std::time::Instant::now();
+        if !self.settings.load_delay.is_zero()
+            && self.settings.fault_model.as_ref().is_none_or(|m| m == id)
+        {
+            std::thread::sleep(self.settings.load_delay);
+        }
         let model = match load(meta, &self.settings, &self.pools) {
             Ok(m) => Arc::new(m),
             Err(e) => {
@@ -128,10 +284,12 @@ impl ModelManager {
         model.last_used.store(now, Ordering::Relaxed);
         let evicted = {
             let mut models = self.models.write();
+            let pinned = self.pinned.read();
             let mut evicted = Vec::new();
             while models.len() >= self.settings.max_active.max(1) {
                 let Some(lru) = models
                     .values()
+                    .filter(|m| !pinned.contains(&m.meta.id))
                     .min_by_key(|m| m.last_used.load(Ordering::Relaxed))
                     .map(|m| m.meta.id.clone())
                 else {

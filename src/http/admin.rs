@@ -9,11 +9,13 @@ use axum::response::Response;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::HeaderMap;
 use hyper::StatusCode;
 use serde::Deserialize;
 
 use super::answer::{finish, ErrorBody};
 use super::body::read_admin_body;
+use super::control::may_control_models_http;
 use super::error::ApiError;
 use super::request::query_api_key;
 use super::response::{json, ModelsDescriptions};
@@ -146,6 +148,7 @@ pub async fn registry(State(st): State<Arc<AppState>>) -> HttpResponse {
         (status = 500, description = "The model failed to load", body = ErrorBody)))]
 pub async fn model_add(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let answer = async {
+        may_control_models_http(&st, req.headers())?;
         let query_key = query_api_key(&req);
         let body = read_admin_body(&st, req).await?;
         let (id, body_key) = model_request(&body.bytes)?;
@@ -164,6 +167,7 @@ pub async fn model_add(State(st): State<Arc<AppState>>, req: Request) -> Respons
         (status = 404, description = "Not loaded", body = ErrorBody)))]
 pub async fn model_remove(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let answer = async {
+        may_control_models_http(&st, req.headers())?;
         let body = read_admin_body(&st, req).await?;
         let (id, _) = model_request(&body.bytes)?;
         if !st.engine.remove_model(&id) {
@@ -177,9 +181,12 @@ pub async fn model_remove(State(st): State<Arc<AppState>>, req: Request) -> Resp
 
 #[utoipa::path(post, path = "/model/clear", tag = "models",
     responses((status = 200, description = "Every model unloaded; the registry", body = ModelsDescriptions)))]
-pub async fn model_clear(State(st): State<Arc<AppState>>) -> HttpResponse {
-    st.engine.clear_models();
-    registry_of(&st)
+pub async fn model_clear(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let answer = may_control_models_http(&st, &headers).map(|()| {
+        st.engine.clear_models();
+        registry_of(&st)
+    });
+    finish(answer, None)
 }
 
 /// The page to try models in a browser (no build step, no CDN: every asset is served here).

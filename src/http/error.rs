@@ -151,6 +151,13 @@ impl From<EngineError> for ApiError {
             EngineError::Submit(e) => submit_error(e),
             EngineError::Pipeline(e) => pipeline_error(e),
             EngineError::Internal(_) => ApiError::internal(e.to_string()),
+            // Roboflow blocks until the model is loaded; here the request's deadline bounds
+            // the wait (docs/differences.md).
+            EngineError::Loading { retry_after, .. } => ApiError {
+                retry_after_s: Some(retry_after.as_secs().clamp(1, u32::MAX as u64) as u32),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            },
+            EngineError::NotLoaded { .. } => ApiError::not_found(e.to_string()),
         }
     }
 }
@@ -177,6 +184,8 @@ fn load_error(e: LoadError) -> ApiError {
         LoadError::Repository(RepositoryError::Broken { .. }) | LoadError::Failed { .. } => {
             ApiError::internal(e.to_string())
         }
+        // Not a retry's matter (no Retry-After): an administrator unloads a model first.
+        LoadError::NoRoom { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 

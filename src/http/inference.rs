@@ -378,7 +378,7 @@ pub(super) async fn infer(
     let draw = request.draw_options()?;
     let model = state
         .engine
-        .model(model_id, request.api_key.as_deref())
+        .model(model_id, request.api_key.as_deref(), deadline)
         .await?;
     ctx.model = Some(model.meta.id.clone());
     if let Some(expected) = expected {

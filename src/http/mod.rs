@@ -10,6 +10,7 @@ pub mod answer;
 pub mod body;
 pub mod budget;
 pub mod call;
+pub mod control;
 pub mod error;
 pub mod images;
 pub mod inference;

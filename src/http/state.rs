@@ -35,6 +35,8 @@ pub struct AppState {
     pub in_flight: InFlight,
     /// Clients' shared-memory regions (the Open Inference Protocol's extension).
     pub regions: crate::regions::Regions,
+    /// The administrator's token (MODEL_CONTROL=explicit).
+    pub admin_token: Option<String>,
 }
 
 /// Whether the server should get traffic (`/readiness`).

@@ -10,10 +10,10 @@ use std::time::Instant;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::job::{Batch, Done, InstancePolicy, JobState, LoneBackend, ModelRuntime};
+use super::job::{Batch, Done, InstancePolicy, JobState, LoneBackend, ModelRuntime, PreparedJob};
 use super::{postprocess, PipelineError, Pools};
 use crate::metrics::{Outcome, Stage, METRICS};
-use crate::model::backend::{Backend, BackendError, BatchShape};
+use crate::model::backend::{Backend, BackendError, BatchBuffer, BatchShape};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 /// One inference instance of a model, before its thread starts.
@@ -34,12 +34,13 @@ pub(super) struct Instance {
 impl Instance {
     /// Starts the instance's thread.
     pub(super) fn spawn(self) -> std::io::Result<()> {
-        std::thread::Builder::new()
-            .name(format!("infer-{}-{}", self.runtime.id, self.index))
-            .spawn(move || {
+        super::threads::spawn(
+            format!("infer-{}-{}", self.runtime.id, self.index),
+            move || {
                 lower_priority();
                 self.run()
-            })?;
+            },
+        )?;
         Ok(())
     }
 }
@@ -98,80 +99,113 @@ impl Instance {
     }
 
     fn run(mut self) {
-        let spec = self.runtime.spec;
-        let label = self.index.to_string();
-        while let Some(Batch {
-            mut tensor,
-            mut jobs,
-            lone,
-        }) = self.next_batch()
-        {
-            let model = self.runtime.id.as_str();
-            // Jobs whose client left, or whose deadline passed, are settled (answered or
-            // dropped) now; their rows are ignored.
-            let now = Instant::now();
-            for job in jobs.iter_mut() {
-                job.settle_before_inference(model, now);
+        while let Some(Batch { tensor, jobs, lone }) = self.next_batch() {
+            // The tensor stays here while the batch is served: a panic anywhere in serving
+            // it still gives it back (the batcher would otherwise wait for it for ever), and
+            // the batch's jobs, dropped unanswered, answer their clients with a 500.
+            let mut held = Some(tensor);
+            let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.serve(&mut held, jobs, lone)
+            }));
+            if let Err(panic) = &served {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(model = %self.runtime.id, panic = %why, "an inference instance panicked serving a batch; its requests are answered with 500");
             }
-            let result = if jobs.iter().any(|j| j.is_ready()) {
-                let rows = self.runtime.fixed_batch.unwrap_or(jobs.len());
-                // A lone batch takes the wide session, unless another instance still has it.
-                let mut wide = match (&self.lone, lone) {
-                    (Some(l), true) => l.try_lock(),
-                    _ => None,
-                };
-                // Its cores first: the wide session only when they are all idle.
-                let cores = &self.policy.cores;
-                let wide_cores = wide
-                    .is_some()
-                    .then(|| cores.try_acquire(self.policy.lone_threads))
-                    .flatten();
-                if wide_cores.is_none() {
-                    wide = None;
+            if let Some(tensor) = held.take() {
+                if self.done.send(Done::Free(tensor)).is_err() {
+                    return;
                 }
-                let _cores = wide_cores.unwrap_or_else(|| cores.acquire(self.policy.intra_threads));
-                let backend: &mut Box<dyn Backend> = match wide.as_deref_mut() {
-                    Some(w) => w,
-                    None => &mut self.backend,
-                };
-                let started = Instant::now();
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    backend.run(&mut tensor, BatchShape::of(rows, &spec))
-                }))
-                .unwrap_or_else(|_| Err(BackendError("the inference stage panicked".into())));
-                METRICS
-                    .inference_seconds
-                    .with_label_values(&[model])
-                    .observe(started.elapsed().as_secs_f64());
-                METRICS
-                    .batch_size
-                    .with_label_values(&[model])
-                    .observe(rows as f64);
-                METRICS
-                    .instance_batches_total
-                    .with_label_values(&[model, &label])
-                    .inc();
-                Some(r)
-            } else {
-                None // every client went away: skipped before inference
-            };
-            // Free again: the batcher may hand this instance the next batch at once.
-            if self.done.send(Done::Free(tensor)).is_err() {
+            }
+            if matches!(served, Ok(false)) {
                 return;
             }
-            match result {
-                None => {}
-                Some(Ok(outputs)) => {
-                    postprocess::dispatch(&self.pools, &self.runtime, outputs, jobs)
-                }
-                Some(Err(e)) => {
-                    tracing::error!(model, error = %e, "batch failed");
-                    for job in jobs.iter_mut().filter(|j| j.is_ready()) {
-                        METRICS.outcome(model, Outcome::Failed, Stage::Inference);
-                        job.fail(PipelineError::Backend(e.0.clone()), JobState::Failed);
-                    }
+        }
+    }
+
+    /// Serves one batch: settles the jobs nobody waits for, runs the rest, gives the tensor
+    /// back (taking it out of `held`) and hands the outputs on. `false` when the batcher is
+    /// gone.
+    fn serve(
+        &mut self,
+        held: &mut Option<BatchBuffer>,
+        mut jobs: Vec<PreparedJob>,
+        lone: bool,
+    ) -> bool {
+        let spec = self.runtime.spec;
+        let label = self.index.to_string();
+        let model = self.runtime.id.as_str();
+        // Jobs whose client left, or whose deadline passed, are settled (answered or
+        // dropped) now; their rows are ignored.
+        let now = Instant::now();
+        for job in jobs.iter_mut() {
+            job.settle_before_inference(model, now);
+        }
+        let result = if jobs.iter().any(|j| j.is_ready()) {
+            let tensor = held
+                .as_mut()
+                .expect("the batch's tensor is held until given back");
+            let rows = self.runtime.fixed_batch.unwrap_or(jobs.len());
+            // A lone batch takes the wide session, unless another instance still has it.
+            let mut wide = match (&self.lone, lone) {
+                (Some(l), true) => l.try_lock(),
+                _ => None,
+            };
+            // Its cores first: the wide session only when they are all idle.
+            let cores = &self.policy.cores;
+            let wide_cores = wide
+                .is_some()
+                .then(|| cores.try_acquire(self.policy.lone_threads))
+                .flatten();
+            if wide_cores.is_none() {
+                wide = None;
+            }
+            let _cores = wide_cores.unwrap_or_else(|| cores.acquire(self.policy.intra_threads));
+            let backend: &mut Box<dyn Backend> = match wide.as_deref_mut() {
+                Some(w) => w,
+                None => &mut self.backend,
+            };
+            let started = Instant::now();
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                backend.run(tensor, BatchShape::of(rows, &spec))
+            }))
+            .unwrap_or_else(|_| Err(BackendError("the inference stage panicked".into())));
+            METRICS
+                .inference_seconds
+                .with_label_values(&[model])
+                .observe(started.elapsed().as_secs_f64());
+            METRICS
+                .batch_size
+                .with_label_values(&[model])
+                .observe(rows as f64);
+            METRICS
+                .instance_batches_total
+                .with_label_values(&[model, &label])
+                .inc();
+            Some(r)
+        } else {
+            None // every client went away: skipped before inference
+        };
+        // Free again: the batcher may hand this instance the next batch at once.
+        if let Some(tensor) = held.take() {
+            if self.done.send(Done::Free(tensor)).is_err() {
+                return false;
+            }
+        }
+        match result {
+            None => {}
+            Some(Ok(outputs)) => postprocess::dispatch(&self.pools, &self.runtime, outputs, jobs),
+            Some(Err(e)) => {
+                tracing::error!(model, error = %e, "batch failed");
+                for job in jobs.iter_mut().filter(|j| j.is_ready()) {
+                    METRICS.outcome(model, Outcome::Failed, Stage::Inference);
+                    job.fail(PipelineError::Backend(e.0.clone()), JobState::Failed);
                 }
             }
         }
+        true
     }
 }

@@ -13,6 +13,7 @@ pub mod job;
 pub mod postprocess;
 pub mod preprocess;
 pub mod ring;
+pub mod threads;
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -454,7 +454,7 @@ mod tests {
             Ring::create(&dir, 1, 4096).unwrap(),
         );
         let meta = std::fs::metadata(a.path()).unwrap();
-        assert_eq!(meta.len(), 4 << 20);
+        assert_eq!(meta.len(), (4 << 20) + RING_HEADER as u64);
         assert!(
             meta.blocks() * 512 >= 4 << 20,
             "sparse: {} blocks",

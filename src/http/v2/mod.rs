@@ -32,6 +32,7 @@ use serde_json::{json, Map, Value};
 use super::answer::{RequestId, RouteLabels};
 use super::body::{discard_body, read_admin_body, read_body, Body, Peer, RemoteIp};
 use super::call::{enter_http as enter, RequestContext};
+use super::control::may_control_models_http;
 use super::error::ApiError;
 use super::state::{AppState, Readiness};
 use crate::engine::models::LoadError;

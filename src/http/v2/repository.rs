@@ -118,6 +118,7 @@ async fn admin_call(
     action: impl std::future::Future<Output = Result<(), ApiError>>,
 ) -> Response {
     let answer = async {
+        may_control_models_http(st, req.headers())?;
         read_admin_body(st, req).await?;
         action.await?;
         Ok(Response::new(Full::new(Bytes::new())))

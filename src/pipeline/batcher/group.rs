@@ -113,9 +113,8 @@ impl Batcher {
         self.starting = true;
         let factory = Arc::clone(factory);
         let tx = self.grown_tx.clone();
-        let started = std::thread::Builder::new()
-            .name(format!("start-{}", self.runtime.id))
-            .spawn(move || {
+        let started =
+            crate::pipeline::threads::spawn(format!("start-{}", self.runtime.id), move || {
                 let backend = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory()))
                     .unwrap_or_else(|_| Err("creating the session panicked".into()));
                 let _ = tx.send(backend);

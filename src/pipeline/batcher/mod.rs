@@ -149,9 +149,7 @@ pub fn start(
         batcher.add_instance(backend)?;
     }
     batcher.tensors.extend(filling);
-    std::thread::Builder::new()
-        .name(format!("batcher-{}", runtime.id))
-        .spawn(move || batcher.run())?;
+    crate::pipeline::threads::spawn(format!("batcher-{}", runtime.id), move || batcher.run())?;
     Ok(BatchQueue { tx, live })
 }
 

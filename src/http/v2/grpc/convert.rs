@@ -8,6 +8,7 @@ pub(super) fn status_of(e: ApiError) -> Status {
     use tonic::Code;
     let code = match e.status.as_u16() {
         400 | 413 | 422 => Code::InvalidArgument,
+        401 => Code::Unauthenticated,
         403 => Code::PermissionDenied,
         404 => Code::NotFound,
         408 | 504 => Code::DeadlineExceeded,

@@ -23,6 +23,15 @@ pub(super) fn observe(ctx: RequestContext, status: &str, started: Instant) {
     }
 }
 
+/// Lets a call load or unload models (MODEL_CONTROL; the token in `authorization` metadata).
+fn authorized<T>(st: &AppState, req: &Request<T>) -> Result<(), Status> {
+    let authorization = req
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    crate::http::control::may_control_models(st, authorization).map_err(status_of)
+}
+
 /// The metrics label of gRPC inference calls.
 pub(super) const GRPC_INFER_ROUTE: &str = "grpc ModelInfer";
 
@@ -269,6 +278,7 @@ impl GrpcInferenceService for Grpc {
         &self,
         req: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        authorized(&self.state, &req)?;
         let name = req.into_inner().model_name;
         api(crate::http::v2::load_model(&self.state, &name)
             .await
@@ -279,6 +289,7 @@ impl GrpcInferenceService for Grpc {
         &self,
         req: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        authorized(&self.state, &req)?;
         let name = req.into_inner().model_name;
         api(crate::http::v2::unload_model(&self.state, &name)
             .map(|()| pb::RepositoryModelUnloadResponse {}))
