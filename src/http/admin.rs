@@ -144,8 +144,11 @@ pub async fn registry(State(st): State<Arc<AppState>>) -> HttpResponse {
     responses(
         (status = 200, description = "Loaded; the registry", body = ModelsDescriptions),
         (status = 404, description = "Not in the model cache", body = ErrorBody),
+        (status = 401, description = "MODEL_CONTROL=explicit without the admin token (Authorization: Bearer)", body = ErrorBody),
+        (status = 403, description = "MODEL_CONTROL=none", body = ErrorBody),
         (status = 413, description = "Body over ADMIN_MAX_BODY_BYTES", body = ErrorBody),
-        (status = 500, description = "The model failed to load", body = ErrorBody)))]
+        (status = 500, description = "The model failed to load", body = ErrorBody),
+        (status = 503, description = "MAX_ACTIVE_MODELS models are loaded and all were preloaded", body = ErrorBody)))]
 pub async fn model_add(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let answer = async {
         may_control_models_http(&st, req.headers())?;
@@ -164,7 +167,9 @@ pub async fn model_add(State(st): State<Arc<AppState>>, req: Request) -> Respons
 #[utoipa::path(post, path = "/model/remove", tag = "models", request_body = ModelRequest,
     responses(
         (status = 200, description = "Unloaded; the registry", body = ModelsDescriptions),
-        (status = 404, description = "Not loaded", body = ErrorBody)))]
+        (status = 404, description = "Not loaded", body = ErrorBody),
+        (status = 401, description = "MODEL_CONTROL=explicit without the admin token (Authorization: Bearer)", body = ErrorBody),
+        (status = 403, description = "MODEL_CONTROL=none", body = ErrorBody)))]
 pub async fn model_remove(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let answer = async {
         may_control_models_http(&st, req.headers())?;
@@ -180,7 +185,9 @@ pub async fn model_remove(State(st): State<Arc<AppState>>, req: Request) -> Resp
 }
 
 #[utoipa::path(post, path = "/model/clear", tag = "models",
-    responses((status = 200, description = "Every model unloaded; the registry", body = ModelsDescriptions)))]
+    responses((status = 200, description = "Every model unloaded; the registry", body = ModelsDescriptions),
+        (status = 401, description = "MODEL_CONTROL=explicit without the admin token (Authorization: Bearer)", body = ErrorBody),
+        (status = 403, description = "MODEL_CONTROL=none", body = ErrorBody)))]
 pub async fn model_clear(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let answer = may_control_models_http(&st, &headers).map(|()| {
         st.engine.clear_models();

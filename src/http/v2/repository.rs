@@ -90,7 +90,8 @@ pub fn unload_model(st: &AppState, name: &str) -> Result<(), ApiError> {
 
 #[utoipa::path(post, path = "/v2/repository/models/{model_name}/load", tag = "open inference protocol",
     params(("model_name" = String, Path)),
-    responses((status = 200, description = "Loaded (its highest version in the repository)"), (status = 404, description = "Not in the repository", body = Value)))]
+    responses((status = 200, description = "Loaded (its highest version in the repository)"), (status = 404, description = "Not in the repository", body = Value),
+        (status = 401, description = "MODEL_CONTROL=explicit without the admin token", body = Value), (status = 403, description = "MODEL_CONTROL=none", body = Value)))]
 pub async fn repository_load(
     State(st): State<Arc<AppState>>,
     Path(name): Path<String>,
@@ -101,7 +102,8 @@ pub async fn repository_load(
 
 #[utoipa::path(post, path = "/v2/repository/models/{model_name}/unload", tag = "open inference protocol",
     params(("model_name" = String, Path)),
-    responses((status = 200, description = "Unloaded (every loaded version)"), (status = 404, description = "Unknown model", body = Value)))]
+    responses((status = 200, description = "Unloaded (every loaded version)"), (status = 404, description = "Unknown model", body = Value),
+        (status = 401, description = "MODEL_CONTROL=explicit without the admin token", body = Value), (status = 403, description = "MODEL_CONTROL=none", body = Value)))]
 pub async fn repository_unload(
     State(st): State<Arc<AppState>>,
     Path(name): Path<String>,

@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""How a fresh server answers the seeds' burst: 1,000 requests at once, no warm-up traffic.
+
+For each binary (alternating, --rounds times): start it on the bundled models with only
+MODEL preloaded, wait for /readiness, send the burst with `cvserve bench` (the first
+binary's), and report the answers by status and how fast the refusals came (429/503
+latency p50/p99). A fresh server has measured its model only at warm-up: this shows whether
+its waiting room refuses at the door or lets the burst wait until its deadline.
+
+    scripts/fresh_burst.py --binary OLD --binary NEW [--model coco/1] [--rounds 2]
+"""
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ready(url, limit=180):
+    t = time.time()
+    while time.time() - t < limit:
+        try:
+            with urllib.request.urlopen(url + "/readiness", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} not ready in {limit} s")
+
+
+def one(binary, bench, model, burst, timeout_s):
+    port = free_port()
+    env = dict(os.environ, HOST="127.0.0.1", PORT=str(port), GRPC_PORT="0",
+               MODEL_CACHE_DIR=os.path.join(ROOT, "models"), PRELOAD_MODELS=model,
+               REQUEST_TIMEOUT_S=str(timeout_s), LOG_LEVEL="warn")
+    env.setdefault("ORT_DYLIB_PATH", os.path.join(
+        ROOT, "vendor/onnxruntime/libonnxruntime.so.1.31.1"))
+    server = subprocess.Popen([binary, "serve"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        ready(url)
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            subprocess.run([bench, "bench", "--url", url, "--model", model,
+                            "--concurrency", str(burst), "--requests", str(burst),
+                            "--warmup", "0", "--json", out.name],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            return json.load(open(out.name))
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--binary", action="append", required=True)
+    ap.add_argument("--model", default="coco/1")
+    ap.add_argument("--burst", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--timeout-s", type=float, default=10.0)
+    a = ap.parse_args()
+    bench = a.binary[0]
+    print(f"{a.burst} requests at once on a fresh server, {a.model}, "
+          f"REQUEST_TIMEOUT_S={a.timeout_s:g}, {os.cpu_count()} cores")
+    print("| binary | round | answers | refused p50 / p99 ms | with Retry-After | served p50 / p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for r in range(a.rounds):
+        for b in a.binary:
+            rep = one(b, bench, a.model, a.burst, a.timeout_s)
+            answers = ", ".join(f"{n} x {k}" for k, n in sorted(rep["by_status"].items()))
+            ref, ok = rep["refused_latency_ms"], rep["latency_ms"]
+            print(f"| {os.path.basename(b)} | {r + 1} | {answers} | {ref['p50']:.0f} / "
+                  f"{ref['p99']:.0f} | {rep['refused_with_retry_after']} | "
+                  f"{ok['p50']:.0f} / {ok['p99']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
