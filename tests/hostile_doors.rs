@@ -296,3 +296,97 @@ fn another_servers_ring_is_never_a_region() {
     let plain = ShmFile::new("plain", &[7u8; 4096]);
     assert_eq!(register(&second, "plain", &plain.key(), 4096).status, 200);
 }
+
+/// Writes the HTTP/2 client preface and an empty SETTINGS frame on a new gRPC connection.
+fn h2_connect(s: &Server) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut c = std::net::TcpStream::connect(s.grpc.as_deref().unwrap()).unwrap();
+    c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    c.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).unwrap();
+    c
+}
+
+/// A PING frame (not an acknowledgement).
+const PING: [u8; 17] = [0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+
+/// Reads until the server closes the connection; false if it is still open after `limit`.
+fn closed_by_server(c: &mut std::net::TcpStream, limit: Duration) -> bool {
+    use std::io::Read;
+    c.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let until = std::time::Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    while std::time::Instant::now() < until {
+        match c.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// A client that floods control frames (PINGs here; SETTINGS and WINDOW_UPDATE count the
+/// same) past their rate has its connection closed, counted; a connection that sends only
+/// PINGs, however regularly, is idle and closed after GRPC_IDLE_TIMEOUT_S. A bystander's
+/// call is answered meanwhile. The server once answered every PING of a flood and let
+/// PINGs keep a connection open for ever.
+#[test]
+fn grpc_control_frame_floods_and_ping_only_connections_are_closed() {
+    use std::io::Write;
+    let grpc_port = free_port().to_string();
+    let s = Server::start(
+        "shapes-det/1",
+        &[
+            ("GRPC_PORT", grpc_port.as_str()),
+            ("GRPC_IDLE_TIMEOUT_S", "2"),
+        ],
+    );
+    // 5,000 PINGs at once: past the burst of 2,000.
+    let mut flood = h2_connect(&s);
+    let pings: Vec<u8> = PING
+        .iter()
+        .copied()
+        .cycle()
+        .take(PING.len() * 5000)
+        .collect();
+    let _ = flood.write_all(&pings);
+    assert!(closed_by_server(&mut flood, Duration::from_secs(20)));
+    assert_eq!(
+        metric(&s, "cvserve_grpc_closed_total{reason=\"control_flood\"}"),
+        1.0
+    );
+    // A PING every 200 ms (5 a second, far below the rate) and nothing else: idle.
+    let mut pinger = h2_connect(&s);
+    let started = std::time::Instant::now();
+    let mut closed = false;
+    while started.elapsed() < Duration::from_secs(20) {
+        if pinger.write_all(&PING).is_err()
+            || closed_by_server(&mut pinger, Duration::from_millis(200))
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a PING-only connection was kept open for 20 s");
+    eventually(
+        "the idle close to be counted",
+        Duration::from_secs(10),
+        || metric(&s, "cvserve_grpc_closed_total{reason=\"idle\"}") >= 1.0,
+    );
+    // A bystander is served.
+    let addr = format!("http://{}", s.grpc.clone().unwrap());
+    let image = fixture("samples/shapes/000000.jpg");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let answer = rt.block_on(async {
+        let mut c = GrpcInferenceServiceClient::connect(addr)
+            .await
+            .expect("connect");
+        c.model_infer(common::grpc_image_request("shapes-det", &image))
+            .await
+    });
+    assert!(answer.is_ok(), "{answer:?}");
+}
