@@ -63,6 +63,8 @@ pub struct Metrics {
     /// gRPC streams and connections the server ended (`reason`: unread_answers, idle,
     /// control_flood).
     pub grpc_closed: IntCounterVec,
+    /// Loads, unloads and clears refused by MODEL_CONTROL (`reason`: no_token, off).
+    pub model_control_refused: IntCounterVec,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -174,6 +176,12 @@ impl Metrics {
             grpc_closed: register_int_counter_vec_with_registry!(
                 "cvserve_grpc_closed_total",
                 "gRPC streams or connections ended by the server: answers unread past the deadline (unread_answers), no request bytes for GRPC_IDLE_TIMEOUT_S (idle), control frames past their rate (control_flood)",
+                &["reason"],
+                r
+            )?,
+            model_control_refused: register_int_counter_vec_with_registry!(
+                "cvserve_model_control_refused_total",
+                "Loads, unloads and clears refused by MODEL_CONTROL: without the admin token (no_token) or with model control off (off)",
                 &["reason"],
                 r
             )?,

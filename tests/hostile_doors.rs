@@ -130,7 +130,23 @@ fn never_read_grpc_streams_leave_the_model_to_a_bystander() {
         Duration::from_secs(60),
         || metric(&s, "cvserve_grpc_closed_total{reason=\"unread_answers\"}") >= 1.0,
     );
-    drop(stalled);
+    // ... and their connection closed: the stalled client's streams end in an error.
+    let mut first = stalled.into_iter().next().unwrap().into_inner();
+    let ended = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match first.message().await {
+                    Ok(Some(_)) => continue,
+                    other => return other.map(|_| ()),
+                }
+            }
+        })
+        .await
+    });
+    assert!(
+        matches!(ended, Ok(Err(_))),
+        "the stalled connection is still open: {ended:?}"
+    );
 }
 
 /// An encoded image named in a shared-memory window costs the server a buffer of the

@@ -103,8 +103,15 @@ fn explicit_model_control_needs_the_admin_token_and_requests_never_load() {
     assert_eq!(r.status, 200, "{:?}", r.body);
     grpc_unload(Some(TOKEN)).expect("unloaded with the token");
     assert!(!loaded(&s).contains(MODEL), "{}", loaded(&s));
-    // The token is never written to the log.
+    // The token is never written to the log; the refusals are counted.
     assert!(!s.logs().contains(TOKEN));
+    assert_eq!(
+        metric(
+            &s,
+            "cvserve_model_control_refused_total{reason=\"no_token\"}"
+        ),
+        9.0
+    );
 }
 
 #[test]

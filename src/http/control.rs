@@ -10,6 +10,7 @@ use subtle::ConstantTimeEq;
 use super::error::ApiError;
 use super::state::AppState;
 use crate::config::ModelControl;
+use crate::metrics::METRICS;
 
 /// The administrator's token: ADMIN_TOKEN, or the contents of ADMIN_TOKEN_FILE (trimmed).
 pub fn admin_token(cfg: &crate::config::ServeConfig) -> anyhow::Result<Option<String>> {
@@ -40,10 +41,16 @@ pub fn admin_token(cfg: &crate::config::ServeConfig) -> anyhow::Result<Option<St
 pub fn may_control_models(st: &AppState, authorization: Option<&str>) -> Result<(), ApiError> {
     match st.cfg.model_control {
         ModelControl::Open => Ok(()),
-        ModelControl::None => Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "Models are not loaded or unloaded over the API on this server (MODEL_CONTROL=none)",
-        )),
+        ModelControl::None => {
+            METRICS
+                .model_control_refused
+                .with_label_values(&["off"])
+                .inc();
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "Models are not loaded or unloaded over the API on this server (MODEL_CONTROL=none)",
+            ))
+        }
         ModelControl::Explicit => {
             let given = authorization.and_then(|v| v.trim().strip_prefix("Bearer "));
             match (&st.admin_token, given) {
@@ -52,10 +59,16 @@ pub fn may_control_models(st: &AppState, authorization: Option<&str>) -> Result<
                 {
                     Ok(())
                 }
-                _ => Err(ApiError::new(
+                _ => {
+                    METRICS
+                        .model_control_refused
+                        .with_label_values(&["no_token"])
+                        .inc();
+                    Err(ApiError::new(
                     StatusCode::UNAUTHORIZED,
                     "Loading and unloading models needs the admin token (MODEL_CONTROL=explicit): send Authorization: Bearer <ADMIN_TOKEN>",
-                )),
+                ))
+                }
             }
         }
     }

@@ -228,7 +228,7 @@ impl GrpcInferenceService for Grpc {
         &self,
         req: Request<tonic::Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
-        let peer = req.remote_addr().map(|a: SocketAddr| a.ip());
+        let peer = req.remote_addr();
         let grpc = Arc::new(Grpc {
             state: Arc::clone(&self.state),
         });

@@ -2,9 +2,9 @@
 //! under its own deadline, whether or not the client reads its answers. Finished answers
 //! wait for the client in order, at most [`STREAM_IN_FLIGHT`] of them; while they wait no
 //! further request is read (the client's sends stop at HTTP/2's flow control). An answer the
-//! client has not taken within REQUEST_TIMEOUT_S ends the stream's work: its running
-//! requests are cancelled and nothing more of it is read, so a client that never reads holds
-//! at most that queue's bytes, never a place, ticket, lease or ring slot.
+//! client has not taken within REQUEST_TIMEOUT_S ends the stream's work (its running
+//! requests are cancelled) and closes its connection, so a client that never reads holds
+//! at most that queue's bytes for that long, never a place, ticket, lease or ring slot.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,7 +18,7 @@ use super::*;
 pub(super) fn drive(
     grpc: Arc<Grpc>,
     requests: tonic::Streaming<pb::ModelInferRequest>,
-    peer: Option<std::net::IpAddr>,
+    peer: Option<SocketAddr>,
 ) -> InferStream {
     let (answers, queue) = tokio::sync::mpsc::channel(STREAM_IN_FLIGHT);
     tokio::spawn(run(grpc, requests, peer, answers));
@@ -68,9 +68,10 @@ fn failed(id: String, why: &str) -> pb::ModelStreamInferResponse {
 async fn run(
     grpc: Arc<Grpc>,
     mut requests: tonic::Streaming<pb::ModelInferRequest>,
-    peer: Option<std::net::IpAddr>,
+    client: Option<SocketAddr>,
     answers: tokio::sync::mpsc::Sender<Result<pb::ModelStreamInferResponse, Status>>,
 ) {
+    let peer = client.map(|a| a.ip());
     let unread_limit = Duration::from_secs_f64(grpc.state.cfg.request_timeout_s);
     // A stream's `grpc-timeout` bounds the whole stream (the client enforces it); each of
     // its requests gets REQUEST_TIMEOUT_S from its arrival.
@@ -93,8 +94,11 @@ async fn run(
                         METRICS.grpc_closed.with_label_values(&["unread_answers"]).inc();
                         tracing::warn!(
                             ?peer,
-                            "a gRPC stream's answers were not read within REQUEST_TIMEOUT_S: its work is stopped"
+                            "a gRPC stream's answers were not read within REQUEST_TIMEOUT_S: its work is stopped and its connection closed"
                         );
+                        if let Some(client) = client {
+                            super::transport::close(client);
+                        }
                         return;
                     }
                 }

@@ -26,14 +26,18 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) {
         async move {
             loop {
                 match listener.accept().await {
-                    Ok((io, _)) => {
+                    Ok((io, peer)) => {
                         let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
                             METRICS.connections_shed.inc();
                             continue;
                         };
                         let _ = io.set_nodelay(true);
+                        let closer = Arc::new(Closer::default());
+                        OPEN.lock().insert(peer, Arc::clone(&closer));
                         let conn = Counted {
                             io,
+                            peer,
+                            closer,
                             _permit: permit,
                             idle,
                             silent_until: Box::pin(tokio::time::sleep(idle)),
@@ -83,11 +87,49 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) {
 /// sends control frames faster than [`CONTROL_FRAMES_PER_S`].
 pub(super) struct Counted {
     io: tokio::net::TcpStream,
+    /// The client's address: what the server closes the connection by ([`close`]).
+    peer: SocketAddr,
+    closer: Arc<Closer>,
     _permit: tokio::sync::OwnedSemaphorePermit,
     idle: Duration,
     silent_until: std::pin::Pin<Box<tokio::time::Sleep>>,
     frames: FrameScan,
     control: ControlBudget,
+}
+
+/// The open gRPC connections, by client address (one connection each: its port differs).
+static OPEN: std::sync::LazyLock<parking_lot::Mutex<HashMap<SocketAddr, Arc<Closer>>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Tells a connection to close.
+#[derive(Default)]
+pub(super) struct Closer {
+    closed: std::sync::atomic::AtomicBool,
+    waker: futures_util::task::AtomicWaker,
+}
+
+/// Closes the connection of the client at `peer` (all its streams end): a stream that does
+/// not take its answers holds its connection's flow-control window and its queued bytes
+/// until then. `false` when it is closed already.
+pub(super) fn close(peer: SocketAddr) -> bool {
+    let Some(closer) = OPEN.lock().get(&peer).cloned() else {
+        return false;
+    };
+    closer.closed.store(true, Ordering::Release);
+    closer.waker.wake();
+    true
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut open = OPEN.lock();
+        if open
+            .get(&self.peer)
+            .is_some_and(|c| Arc::ptr_eq(c, &self.closer))
+        {
+            open.remove(&self.peer);
+        }
+    }
 }
 
 /// Control frames (SETTINGS, PING, WINDOW_UPDATE, PRIORITY) a client may send per second on
@@ -199,6 +241,12 @@ impl tokio::io::AsyncRead for Counted {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         use std::task::Poll;
+        self.closer.waker.register(cx.waker());
+        if self.closer.closed.load(Ordering::Acquire) {
+            return Poll::Ready(Err(std::io::Error::other(
+                "closed by the server: a stream's answers went unread",
+            )));
+        }
         let before = buf.filled().len();
         match std::pin::Pin::new(&mut self.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
