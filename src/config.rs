@@ -164,8 +164,8 @@ pub struct ServeConfig {
 
     /// The administrator's token for loading, unloading and clearing models under
     /// MODEL_CONTROL=explicit (sent as `Authorization: Bearer <token>`). Never logged.
-    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub admin_token: Option<Secret>,
 
     /// A file holding ADMIN_TOKEN (a Kubernetes secret mounted as a file); read at start.
     #[arg(long, env = "ADMIN_TOKEN_FILE")]
@@ -683,4 +683,18 @@ impl ModelControl {
             ModelControl::None => "none",
         }
     }
+}
+
+/// A value never printed (`Debug` shows `***`): the admin token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+fn secret(s: &str) -> Result<Secret, String> {
+    Ok(Secret(s.to_owned()))
 }

@@ -312,23 +312,28 @@ impl Engine {
             return Ok(m);
         }
         let control = self.models.settings().control;
-        if control != ModelControl::Open {
-            return Err(EngineError::NotLoaded {
-                model: id.to_owned(),
-                control: control.name(),
-            });
-        }
-        self.fetch(id, api_key).await?;
-        let models = Arc::clone(&self.models);
-        let owned = id.to_owned();
-        let span = tracing::Span::current();
-        let asked =
-            tokio::task::spawn_blocking(move || span.in_scope(|| models.ask(&owned, false)))
-                .await
-                .map_err(|_| EngineError::Internal("model loading panicked"))??;
-        let pending = match asked {
-            Asked::Loaded(m) => return Ok(m),
-            Asked::Loading(p) => p,
+        let pending = if control != ModelControl::Open {
+            // Requests never start a load here; one under way (a preload, an
+            // administrator's) is waited for as under `open`.
+            self.models
+                .pending(id)
+                .ok_or_else(|| EngineError::NotLoaded {
+                    model: id.to_owned(),
+                    control: control.name(),
+                })?
+        } else {
+            self.fetch(id, api_key).await?;
+            let models = Arc::clone(&self.models);
+            let owned = id.to_owned();
+            let span = tracing::Span::current();
+            let asked =
+                tokio::task::spawn_blocking(move || span.in_scope(|| models.ask(&owned, false)))
+                    .await
+                    .map_err(|_| EngineError::Internal("model loading panicked"))??;
+            match asked {
+                Asked::Loaded(m) => return Ok(m),
+                Asked::Loading(p) => p,
+            }
         };
         match pending.wait_until(deadline).await {
             Some(loaded) => Ok(loaded?),

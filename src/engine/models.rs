@@ -32,8 +32,24 @@ pub struct ModelManager {
     loading: Mutex<HashMap<String, Arc<PendingLoad>>>,
     /// Models never unloaded to make room for another (PRELOAD_MODELS).
     pinned: RwLock<HashSet<String>>,
+    /// Loads building their sessions now (at most LOADS_AT_ONCE).
+    loads_running: Mutex<usize>,
+    load_ended: Condvar,
     /// Ticks once per model lookup: the clock of `LoadedModel::last_used`.
     uses: std::sync::atomic::AtomicU64,
+}
+
+/// Models that build their sessions at once; more loads wait for a turn.
+const LOADS_AT_ONCE: usize = 2;
+
+/// One of the LOADS_AT_ONCE turns, given back when dropped.
+struct LoadSlot<'a>(&'a ModelManager);
+
+impl Drop for LoadSlot<'_> {
+    fn drop(&mut self) {
+        *self.0.loads_running.lock() -= 1;
+        self.0.load_ended.notify_one();
+    }
 }
 
 /// A model being loaded on a thread of its own, whoever waits for it.
@@ -121,6 +137,8 @@ impl ModelManager {
             failed: RwLock::new(HashMap::new()),
             loading: Mutex::new(HashMap::new()),
             pinned: RwLock::new(HashSet::new()),
+            loads_running: Mutex::new(0),
+            load_ended: Condvar::new(),
             uses: Default::default(),
         }
     }
@@ -159,6 +177,22 @@ impl ModelManager {
             });
         }
         repository::validate_id(id)?;
+        if let Some(pending) = self.pending(id) {
+            return Ok(Asked::Loading(pending));
+        }
+        // Read before taking the lock: cold lookups of different models never wait on each
+        // other's reads.
+        let meta = match repository::read(&self.settings.repository, id) {
+            Ok(meta) => meta,
+            Err(e) => {
+                // Broken metadata is a failed load too (`/healthz` lists it); a model that
+                // is simply absent is not.
+                if matches!(e, RepositoryError::Broken { .. }) {
+                    self.failed.write().insert(id.to_string(), e.to_string());
+                }
+                return Err(e.into());
+            }
+        };
         let mut loading = self.loading.lock();
         if let Some(pending) = loading.get(id) {
             return Ok(Asked::Loading(Arc::clone(pending)));
@@ -173,17 +207,6 @@ impl ModelManager {
                 reason: reason.clone(),
             });
         }
-        let meta = match repository::read(&self.settings.repository, id) {
-            Ok(meta) => meta,
-            Err(e) => {
-                // Broken metadata is a failed load too (`/healthz` lists it); a model that
-                // is simply absent is not.
-                if matches!(e, RepositoryError::Broken { .. }) {
-                    self.failed.write().insert(id.to_string(), e.to_string());
-                }
-                return Err(e.into());
-            }
-        };
         self.check_room(id)?;
         let pending = Arc::new(PendingLoad::new(id));
         loading.insert(id.to_owned(), Arc::clone(&pending));
@@ -191,7 +214,20 @@ impl ModelManager {
         let (this, load) = (Arc::clone(self), Arc::clone(&pending));
         let span = tracing::Span::current();
         let spawned = crate::pipeline::threads::spawn("cvserve-load".into(), move || {
-            let result = span.in_scope(|| this.load_now(meta));
+            // At most LOADS_AT_ONCE models build their sessions at once (memory: a burst of
+            // cold models cannot hold more than that many half-loaded); the others wait here.
+            let _slot = this.load_slot();
+            // A panic in a load fails that load (and answers its waiters), never leaves it
+            // pending for ever.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                span.in_scope(|| this.load_now(meta))
+            }))
+            .unwrap_or_else(|_| {
+                Err(LoadError::Failed {
+                    id: load.id.clone(),
+                    reason: "loading panicked".into(),
+                })
+            });
             this.loading.lock().remove(&load.id);
             load.finish(result.map_err(|e| match e {
                 LoadError::Failed { reason, .. } => reason,
@@ -206,6 +242,21 @@ impl ModelManager {
             });
         }
         Ok(Asked::Loading(pending))
+    }
+
+    /// The load of `id` under way, if any.
+    pub fn pending(&self, id: &str) -> Option<Arc<PendingLoad>> {
+        self.loading.lock().get(id).cloned()
+    }
+
+    /// Waits for one of the LOADS_AT_ONCE load slots (blocking: on a load's thread).
+    fn load_slot(&self) -> LoadSlot<'_> {
+        let mut running = self.loads_running.lock();
+        while *running >= LOADS_AT_ONCE {
+            self.load_ended.wait(&mut running);
+        }
+        *running += 1;
+        LoadSlot(self)
     }
 
     /// The model, loading it first if needed and waiting for the load (blocking).
@@ -332,6 +383,8 @@ impl ModelManager {
 
     /// Unloads a model; `false` if it was not loaded.
     pub fn remove(&self, id: &str) -> bool {
+        // Unloaded by an administrator: no longer kept loaded if it loads again.
+        self.pinned.write().remove(id);
         let removed = self.models.write().remove(id);
         if let Some(m) = &removed {
             let _ = METRICS

@@ -15,7 +15,7 @@ use crate::metrics::METRICS;
 /// The administrator's token: ADMIN_TOKEN, or the contents of ADMIN_TOKEN_FILE (trimmed).
 pub fn admin_token(cfg: &crate::config::ServeConfig) -> anyhow::Result<Option<String>> {
     let token = match (&cfg.admin_token, &cfg.admin_token_file) {
-        (Some(t), _) => Some(t.trim().to_owned()),
+        (Some(t), _) => Some(t.0.trim().to_owned()),
         (None, Some(path)) => Some(
             std::fs::read_to_string(path)
                 .map_err(|e| anyhow::anyhow!("ADMIN_TOKEN_FILE {}: {e}", path.display()))?
@@ -52,7 +52,12 @@ pub fn may_control_models(st: &AppState, authorization: Option<&str>) -> Result<
             ))
         }
         ModelControl::Explicit => {
-            let given = authorization.and_then(|v| v.trim().strip_prefix("Bearer "));
+            // The scheme is case-insensitive (RFC 7235).
+            let given = authorization.and_then(|v| {
+                let v = v.trim();
+                let (scheme, token) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then_some(token)
+            });
             match (&st.admin_token, given) {
                 (Some(token), Some(given))
                     if bool::from(token.as_bytes().ct_eq(given.trim().as_bytes())) =>

@@ -443,15 +443,18 @@ async fn read_region(
     lease
         .cover(r.byte_size as usize)
         .map_err(crate::http::budget::body_memory_full)?;
-    ctx.hold(lease);
     let (offset, len) = (r.offset, r.byte_size as usize);
-    tokio::task::spawn_blocking(move || {
+    // The lease travels with the buffer: a call cancelled mid-read leaves the buffer
+    // counted until the read ends and frees it.
+    let (lease, read) = tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; len];
-        region.read_at(offset, &mut buf).map(|()| Bytes::from(buf))
+        let read = region.read_at(offset, &mut buf).map(|()| Bytes::from(buf));
+        (lease, read)
     })
     .await
-    .map_err(|e| ApiError::internal(format!("reading the region failed: {e}")))?
-    .map_err(region_error)
+    .map_err(|e| ApiError::internal(format!("reading the region failed: {e}")))?;
+    ctx.hold(lease);
+    read.map_err(region_error)
 }
 
 /// `image`, BYTES `[B]`: encoded image files (JSON strings are base64 text or URLs, as in

@@ -6,7 +6,8 @@ use super::*;
 
 /// Serves gRPC on `listener` until shutdown begins (`drain_started`), then lets the calls in
 /// flight finish. Bounded like the HTTP front end: at most MAX_CONNECTIONS connections (more
-/// are closed at once), each closed after GRPC_IDLE_TIMEOUT_S without a byte from its client, a unary call at most
+/// are closed at once), each closed after GRPC_IDLE_TIMEOUT_S without request bytes from its
+/// client or past a rate of control frames, a unary call at most
 /// REQUEST_TIMEOUT_S, [`STREAMS_PER_CONNECTION`] calls each, and every message's bytes
 /// counted against MAX_BODY_MEMORY_BYTES and the client's BODY_MEMORY_PEER_SHARE as they
 /// arrive (a call over it fails with RESOURCE_EXHAUSTED).
@@ -110,7 +111,7 @@ pub(super) struct Closer {
 
 /// Closes the connection of the client at `peer` (all its streams end): a stream that does
 /// not take its answers holds its connection's flow-control window and its queued bytes
-/// until then. `false` when it is closed already.
+/// until then. `false` when no such connection is open.
 pub(super) fn close(peer: SocketAddr) -> bool {
     let Some(closer) = OPEN.lock().get(&peer).cloned() else {
         return false;
@@ -168,6 +169,8 @@ pub(super) struct FrameScan {
     header: [u8; 9],
     header_seen: usize,
     payload_left: usize,
+    /// A WINDOW_UPDATE's increment, as its 4 payload bytes arrive.
+    increment: Option<([u8; 4], usize)>,
 }
 
 impl Default for FrameScan {
@@ -177,16 +180,25 @@ impl Default for FrameScan {
             header: [0; 9],
             header_seen: 0,
             payload_left: 0,
+            increment: None,
         }
     }
 }
 
+/// A WINDOW_UPDATE smaller than this is counted against the control-frame rate: real
+/// clients release window in large steps (HTTP/2 implementations send one after reading half
+/// a window), a flood in tiny ones.
+pub(super) const SMALL_WINDOW_UPDATE: u32 = 4096;
+
 /// What a run of a client's bytes held.
 #[derive(Debug, Default, PartialEq)]
 pub(super) struct Seen {
-    /// Frames of requests: HEADERS, CONTINUATION, and DATA with a payload.
+    /// Frames of requests: HEADERS, CONTINUATION, and DATA with a payload or ending its
+    /// stream.
     pub request: usize,
-    /// SETTINGS and PING (not acknowledgements), WINDOW_UPDATE and PRIORITY frames.
+    /// Every other frame (SETTINGS, PING, PRIORITY, RST_STREAM, GOAWAY, empty DATA, unknown
+    /// types), except WINDOW_UPDATEs that open the window by at least
+    /// [`SMALL_WINDOW_UPDATE`] bytes: what a client reading its answers sends.
     pub control: usize,
 }
 
@@ -200,6 +212,18 @@ impl FrameScan {
                 data = &data[n..];
             } else if self.payload_left > 0 {
                 let n = self.payload_left.min(data.len());
+                if let Some((bytes, seen_bytes)) = &mut self.increment {
+                    let k = (4 - *seen_bytes).min(n);
+                    bytes[*seen_bytes..*seen_bytes + k].copy_from_slice(&data[..k]);
+                    *seen_bytes += k;
+                    if *seen_bytes == 4 {
+                        let increment = u32::from_be_bytes(*bytes) & 0x7fff_ffff;
+                        if increment < SMALL_WINDOW_UPDATE {
+                            seen.control += 1;
+                        }
+                        self.increment = None;
+                    }
+                }
                 self.payload_left -= n;
                 data = &data[n..];
             } else {
@@ -211,19 +235,46 @@ impl FrameScan {
                     self.header_seen = 0;
                     let h = self.header;
                     let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
-                    let (kind, ack) = (h[3], h[4] & 1 == 1);
+                    let (kind, flags) = (h[3], h[4]);
                     match kind {
-                        0 if len > 0 => seen.request += 1,
+                        // DATA with bytes, or ending its stream (END_STREAM).
+                        0 if len > 0 || flags & 1 == 1 => seen.request += 1,
                         1 | 9 => seen.request += 1,
-                        4 | 6 if !ack => seen.control += 1,
-                        2 | 8 => seen.control += 1,
-                        _ => {}
+                        // Judged by its increment once its payload is read.
+                        8 if len == 4 => self.increment = Some(([0; 4], 0)),
+                        _ => seen.control += 1,
                     }
                     self.payload_left = len;
                 }
             }
         }
         seen
+    }
+}
+
+impl Counted {
+    /// Why the connection must end now (closed by the server, or idle), checked on writes
+    /// too: HTTP/2 stops reading while it cannot write (a client that sends a PING and
+    /// never reads), and such a connection must still end. Registers the task to be woken
+    /// when either happens.
+    fn ended(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Option<std::io::Error> {
+        self.closer.waker.register(cx.waker());
+        if self.closer.closed.load(Ordering::Acquire) {
+            return Some(std::io::Error::other(
+                "closed by the server: a stream's answers went unread",
+            ));
+        }
+        if std::future::Future::poll(self.silent_until.as_mut(), cx).is_ready() {
+            METRICS.grpc_closed.with_label_values(&["idle"]).inc();
+            return Some(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client sent no request bytes for GRPC_IDLE_TIMEOUT_S",
+            ));
+        }
+        None
     }
 }
 
@@ -288,6 +339,9 @@ impl tokio::io::AsyncWrite for Counted {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if let Some(closed) = self.as_mut().ended(cx) {
+            return std::task::Poll::Ready(Err(closed));
+        }
         std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
@@ -295,6 +349,9 @@ impl tokio::io::AsyncWrite for Counted {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(closed) = self.as_mut().ended(cx) {
+            return std::task::Poll::Ready(Err(closed));
+        }
         std::pin::Pin::new(&mut self.io).poll_flush(cx)
     }
 
@@ -440,16 +497,25 @@ mod tests {
         f
     }
 
+    fn window_update(increment: u32) -> Vec<u8> {
+        let mut f = frame(8, 0, 0);
+        f[2] = 4;
+        f.extend_from_slice(&increment.to_be_bytes());
+        f
+    }
+
     #[test]
     fn frames_are_told_apart_across_reads() {
         let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         bytes.extend(frame(4, 0, 12)); // SETTINGS
-        bytes.extend(frame(4, 1, 0)); // its acknowledgement: not counted
+        bytes.extend(frame(4, 1, 0)); // its acknowledgement
         bytes.extend(frame(6, 0, 8)); // PING
         bytes.extend(frame(1, 4, 30)); // HEADERS
         bytes.extend(frame(0, 0, 100)); // DATA
-        bytes.extend(frame(0, 1, 0)); // an empty DATA (END_STREAM): not a request byte
-        bytes.extend(frame(8, 0, 4)); // WINDOW_UPDATE
+        bytes.extend(frame(0, 1, 0)); // an empty DATA ending its stream: a request's
+        bytes.extend(frame(0, 0, 0)); // an empty DATA that ends nothing: control
+        bytes.extend(window_update(1)); // a tiny WINDOW_UPDATE: control
+        bytes.extend(window_update(32768)); // a reader's WINDOW_UPDATE: neither
         let mut scan = FrameScan::default();
         let mut total = Seen::default();
         for chunk in bytes.chunks(7) {
@@ -460,8 +526,8 @@ mod tests {
         assert_eq!(
             total,
             Seen {
-                request: 2,
-                control: 3
+                request: 3,
+                control: 5
             }
         );
     }
