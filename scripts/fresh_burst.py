@@ -13,47 +13,18 @@ its waiting room refuses at the door or lets the burst wait until its deadline.
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ready(url, limit=180):
-    t = time.time()
-    while time.time() - t < limit:
-        try:
-            with urllib.request.urlopen(url + "/readiness", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} not ready in {limit} s")
+import serverlib
 
 
 def one(binary, bench, model, burst, timeout_s):
-    port = free_port()
-    env = dict(os.environ, HOST="127.0.0.1", PORT=str(port), GRPC_PORT="0",
-               MODEL_CACHE_DIR=os.path.join(ROOT, "models"), PRELOAD_MODELS=model,
-               REQUEST_TIMEOUT_S=str(timeout_s), LOG_LEVEL="warn")
-    env.setdefault("ORT_DYLIB_PATH", os.path.join(
-        ROOT, "vendor/onnxruntime/libonnxruntime.so.1.31.1"))
-    server = subprocess.Popen([binary, "serve"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    server, url = serverlib.start(binary, {"PRELOAD_MODELS": model,
+                                           "REQUEST_TIMEOUT_S": str(timeout_s)})
     try:
-        ready(url)
+        serverlib.wait_ready(url)
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             subprocess.run([bench, "bench", "--url", url, "--model", model,
                             "--concurrency", str(burst), "--requests", str(burst),

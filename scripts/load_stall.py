@@ -15,7 +15,6 @@ whole of LOADED's load.
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,13 +22,9 @@ import threading
 import time
 import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import serverlib
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ROOT = serverlib.REPO
 
 
 def post(url, body, timeout=120):
@@ -64,24 +59,11 @@ def main():
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=5.0)
     a = ap.parse_args()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, HOST="127.0.0.1", PORT=str(port), GRPC_PORT="0",
-               MODEL_CACHE_DIR=os.path.join(ROOT, "models"), PRELOAD_MODELS=a.served,
-               LOG_LEVEL="warn", CVSERVE_INJECT_LOAD_DELAY_MS=str(int(a.load_s * 1000)),
-               CVSERVE_INJECT_MODEL=a.loaded)
-    env.setdefault("ORT_DYLIB_PATH", os.path.join(
-        ROOT, "vendor/onnxruntime/libonnxruntime.so.1.31.1"))
-    server = subprocess.Popen([a.binary, "serve"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server, url = serverlib.start(a.binary, {
+        "PRELOAD_MODELS": a.served, "CVSERVE_INJECT_LOAD_DELAY_MS": str(int(a.load_s * 1000)),
+        "CVSERVE_INJECT_MODEL": a.loaded})
     try:
-        for _ in range(900):
-            try:
-                with urllib.request.urlopen(url + "/readiness", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except Exception:
-                time.sleep(0.2)
+        serverlib.wait_ready(url)
         quiet = bench(a.binary, url, a.served, a.clients, a.seconds)
         adding = threading.Thread(target=post, args=(url + "/model/add", {"model_id": a.loaded}))
         started = time.time()

@@ -24,6 +24,8 @@ import time
 import urllib.request
 import zlib
 
+import serverlib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -72,31 +74,11 @@ def main():
     ap.add_argument("--settle", type=float, default=30.0)
     args = ap.parse_args()
 
-    env = dict(os.environ)
-    env.update({
-        "HOST": "127.0.0.1", "PORT": "0", "PRELOAD_MODELS": "coco/1",
-        "MODEL_CACHE_DIR": os.path.join(REPO, "models"),
-        "ORT_DYLIB_PATH": env.get("ORT_DYLIB_PATH",
-                                  os.path.join(REPO, "vendor/onnxruntime/libonnxruntime.so.1.31.1")),
-        "REQUEST_TIMEOUT_S": "60", "RING_DIR": "/tmp",
-    })
-    proc = subprocess.Popen([args.binary, "serve"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    base = None
-    for line in proc.stdout:
-        if line.startswith("cvserve listening on "):
-            base = line.split()[-1]
-            break
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+    proc, base = serverlib.start(args.binary, {
+        "PRELOAD_MODELS": "coco/1", "REQUEST_TIMEOUT_S": "60", "RING_DIR": "/tmp",
+        "LOG_LEVEL": "info"})
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/readiness", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.2)
+        serverlib.wait_ready(base)
         time.sleep(2)
         idle = rss_mib(proc.pid)
 
