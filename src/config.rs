@@ -197,6 +197,27 @@ pub struct ServeConfig {
     #[arg(long, env = "MAX_MASK_WORK_PIXELS", default_value_t = 2_000_000_000, value_parser = within(1u64, 1 << 50))]
     pub max_mask_work_pixels: u64,
 
+    /// Most steps one workflow definition may have (413 beyond).
+    #[arg(long, env = "WORKFLOW_MAX_STEPS", default_value_t = 64, value_parser = within(1usize, 10_000))]
+    pub workflow_max_steps: usize,
+
+    /// Most images one workflow request may send (413 beyond).
+    #[arg(long, env = "WORKFLOW_MAX_IMAGES", default_value_t = 16, value_parser = within(1usize, 10_000))]
+    pub workflow_max_images: usize,
+
+    /// Most crops one workflow step may make of one image (413 beyond).
+    #[arg(long, env = "WORKFLOW_MAX_CROPS", default_value_t = 256, value_parser = within(1usize, 100_000))]
+    pub workflow_max_crops: usize,
+
+    /// Largest workflow answer, in bytes of JSON (413 beyond: ask for fewer outputs).
+    #[arg(long, env = "WORKFLOW_MAX_ANSWER_BYTES", default_value_t = 64 << 20, value_parser = within(1024usize, 1 << 34))]
+    pub workflow_max_answer_bytes: usize,
+
+    /// Compiled workflow definitions kept (least recently used dropped), and saved
+    /// workflows' definitions fetched from Roboflow's API kept (each for 15 minutes).
+    #[arg(long, env = "WORKFLOW_CACHE_SIZE", default_value_t = 128, value_parser = within(1usize, 100_000))]
+    pub workflow_cache_size: usize,
+
     /// Largest image (width x height, from its header) accepted for decoding; beyond it 400.
     /// One decode may also allocate at most 4 bytes per allowed pixel beyond its output (413
     /// past it, before allocating).

@@ -4,8 +4,9 @@
 //! models; one call per request) → `pipeline::decode` (into a `pipeline::ring` slot) →
 //! `pipeline::batcher` (per model; `pipeline::preprocess` into the batch tensor) →
 //! `pipeline::instance` (a `model::backend` session, ONNX Runtime) → `pipeline::postprocess`
-//! (`tasks::*` decoding) → back to the handler. Lower rooms never import higher ones:
-//! `geometry` < `model` < `tasks` < `pipeline` < `engine` < `http` < `server`.
+//! (`tasks::*` decoding) → back to the handler. Workflows (`workflows`) run definitions of
+//! steps through the engine. Lower rooms never import higher ones:
+//! `geometry` < `model` < `tasks` < `pipeline` < `engine` < `workflows` < `http` < `server`.
 //! The load generator and the ceiling are tools beside the server, in `src/bin/cvserve/`.
 
 pub mod config;
@@ -21,3 +22,4 @@ pub mod server;
 pub mod tasks;
 #[doc(hidden)]
 pub mod testing;
+pub mod workflows;

@@ -65,6 +65,13 @@ pub struct Metrics {
     pub grpc_closed: IntCounterVec,
     /// Loads, unloads and clears refused by MODEL_CONTROL (`reason`: no_token, off).
     pub model_control_refused: IntCounterVec,
+    /// Workflow runs by workflow (`inline`, or a saved workflow's id) and status.
+    pub workflow_requests: IntCounterVec,
+    /// Time of one workflow run, and of each step in it (by block type).
+    pub workflow_seconds: HistogramVec,
+    pub workflow_step_seconds: HistogramVec,
+    /// Compiled workflow definitions in the cache.
+    pub workflow_definitions_cached: IntGauge,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -177,6 +184,27 @@ impl Metrics {
                 "cvserve_grpc_closed_total",
                 "gRPC streams or connections ended by the server: answers unread past the deadline (unread_answers), no request bytes for GRPC_IDLE_TIMEOUT_S (idle), control frames past their rate (control_flood)",
                 &["reason"],
+                r
+            )?,
+            workflow_requests: register_int_counter_vec_with_registry!(
+                "cvserve_workflow_requests_total",
+                "Workflow runs by workflow (`inline` for definitions sent with the request, else the saved workflow's id, at most 64 ids) and HTTP status",
+                &["workflow", "status"],
+                r
+            )?,
+            workflow_seconds: hist(
+                "cvserve_workflow_duration_seconds",
+                "Time of one workflow run",
+                &["workflow"],
+            )?,
+            workflow_step_seconds: hist(
+                "cvserve_workflow_step_seconds",
+                "Time of one workflow step over all its elements, by block type",
+                &["workflow", "block"],
+            )?,
+            workflow_definitions_cached: register_int_gauge_with_registry!(
+                "cvserve_workflow_definitions_cached",
+                "Compiled workflow definitions held (at most WORKFLOW_CACHE_SIZE)",
                 r
             )?,
             model_control_refused: register_int_counter_vec_with_registry!(

@@ -209,6 +209,12 @@ fn build_state(
     let ring_path = engine.ring().path().to_owned();
     let admin_token = http::control::admin_token(&cfg)?;
     Ok(Arc::new(AppState {
+        workflows: crate::workflows::Workflows::new(
+            cfg.workflow_cache_size,
+            crate::workflows::spec::DefinitionLimits {
+                max_steps: cfg.workflow_max_steps,
+            },
+        ),
         admin_token,
         urls,
         engine,

@@ -353,6 +353,60 @@ impl Drop for Ticket {
     }
 }
 
+/// A call's places in its models' lines, one per model: one for a model route, one per
+/// model a workflow's steps reach. Dropping them leaves every line.
+#[derive(Default)]
+pub struct Tickets(Vec<(String, Ticket)>);
+
+impl Tickets {
+    /// Keeps `ticket` as the place in `model`'s line (a second place in one line is dropped).
+    pub fn keep(&mut self, model: &str, ticket: Ticket) {
+        if !self.holds(model) {
+            self.0.push((model.to_owned(), ticket));
+        }
+    }
+
+    /// Whether it holds a place in `model`'s line.
+    pub fn holds(&self, model: &str) -> bool {
+        self.0.iter().any(|(m, _)| m == model)
+    }
+
+    /// Leaves every line but `model`'s.
+    pub fn keep_only(&mut self, model: &str) {
+        self.0.retain(|(m, _)| m == model);
+    }
+
+    /// Its place in `model`'s line.
+    pub fn get(&mut self, model: &str) -> Option<&mut Ticket> {
+        self.0.iter_mut().find(|(m, _)| m == model).map(|(_, t)| t)
+    }
+
+    /// Its places, by model.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&str, &mut Ticket)> {
+        self.0.iter_mut().map(|(m, t)| (m.as_str(), t))
+    }
+
+    /// One place per entry of `models` (`None` where the model has no line, is not given,
+    /// or came earlier in the list): what concurrent calls of one wave each hold.
+    pub fn split(&mut self, models: &[Option<String>]) -> Vec<Option<&mut Ticket>> {
+        let mut free: Vec<Option<(&str, &mut Ticket)>> = self
+            .0
+            .iter_mut()
+            .map(|(m, t)| Some((m.as_str(), t)))
+            .collect();
+        models
+            .iter()
+            .map(|want| {
+                let want = want.as_deref()?;
+                free.iter_mut()
+                    .find(|e| e.as_ref().is_some_and(|(m, _)| *m == want))
+                    .and_then(Option::take)
+                    .map(|(_, t)| t)
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,7 +30,7 @@ use crate::pipeline::ring::{Ring, SlotHandle};
 use crate::pipeline::{Job, PipelineError, Pools};
 use crate::tasks::draw::{self, DrawOptions};
 use crate::tasks::{TaskOutput, TaskParams};
-use admission::{Activity, Ticket};
+use admission::{Activity, Ticket, Tickets};
 use models::{Asked, LoadError, LoadedModel, ModelManager};
 
 /// Why an inference call got no answer. `http::error` maps each to its status.
@@ -278,6 +278,23 @@ impl Engine {
         }
     }
 
+    /// Takes a place in `model_id`'s line for a call that holds `tickets` (see [`Self::admit`]);
+    /// a call already in that line keeps its place.
+    pub fn take_place(
+        &self,
+        tickets: &mut Tickets,
+        model_id: &str,
+        now: Instant,
+        deadline: Instant,
+    ) -> Result<(), EngineError> {
+        if !tickets.holds(model_id) {
+            if let Some(t) = self.admit(model_id, now, deadline)? {
+                tickets.keep(model_id, t);
+            }
+        }
+        Ok(())
+    }
+
     /// The ring of decoded images.
     pub fn ring(&self) -> &Ring {
         &self.ring
@@ -464,11 +481,7 @@ impl Engine {
     /// 429 that a client obeying Retry-After would retry forever. Callers that fetch images
     /// (URLs) check before fetching any.
     pub fn check_image_count(&self, model: &LoadedModel, count: usize) -> Result<(), EngineError> {
-        for (limit, setting) in [
-            (self.ring.slots(), "RING_SLOTS"),
-            (self.ring_share(), "RING_MODEL_SHARE of RING_SLOTS"),
-            (model.queue.capacity(), "MAX_QUEUE_SIZE"),
-        ] {
+        for (limit, setting) in self.image_limits(model) {
             if count > limit {
                 return Err(EngineError::TooManyImages {
                     count,
@@ -478,6 +491,58 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// The most images one call to [`Self::infer`] may give `model`.
+    pub fn max_images(&self, model: &LoadedModel) -> usize {
+        self.image_limits(model)
+            .into_iter()
+            .map(|(l, _)| l)
+            .min()
+            .unwrap_or(1)
+    }
+
+    fn image_limits(&self, model: &LoadedModel) -> [(usize, &'static str); 3] {
+        [
+            (self.ring.slots(), "RING_SLOTS"),
+            (self.ring_share(), "RING_MODEL_SHARE of RING_SLOTS"),
+            (model.queue.capacity(), "MAX_QUEUE_SIZE"),
+        ]
+    }
+
+    /// The image as the client sent it, decoded whole and oriented (EXIF, unless
+    /// DISABLE_PREPROC_AUTO_ORIENT), on the decode pool: what workflows crop and draw on.
+    pub async fn picture(
+        &self,
+        image: ImageInput,
+        deadline: Instant,
+    ) -> Result<image::RgbImage, EngineError> {
+        let decode = self.full_decode(!self.decode.disabled.auto_orient, deadline);
+        let (tx, rx) = oneshot::channel();
+        self.pools.decode.spawn(move || {
+            let result = (Instant::now() < deadline)
+                .then_some(())
+                .ok_or(DecodeError::DeadlineExceeded)
+                .and_then(|()| picture_of(image, &decode, &|| tx.is_closed()));
+            let _ = tx.send(result);
+        });
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Err(_) => Err(PipelineError::DeadlineExceeded("while decoding").into()),
+            Ok(r) => r
+                .map_err(|_| EngineError::Internal("decoding panicked"))?
+                .map_err(EngineError::from),
+        }
+    }
+
+    fn full_decode(&self, auto_orient: bool, deadline: Instant) -> DecodeOptions {
+        DecodeOptions {
+            auto_orient,
+            max_image_pixels: self.decode.max_image_pixels,
+            max_jpeg_scans: self.decode.max_jpeg_scans,
+            max_decode_work: self.decode.max_decode_work,
+            needed: None,
+            deadline: Some(deadline),
+        }
     }
 
     /// Draws `output` on the image as the client sent it (decoded again, full size, oriented
@@ -493,14 +558,7 @@ impl Engine {
     ) -> Result<Vec<u8>, EngineError> {
         let auto_orient =
             model.meta.auto_orient && !self.decode.disabled.auto_orient && !disable_auto_orient;
-        let decode = DecodeOptions {
-            auto_orient,
-            max_image_pixels: self.decode.max_image_pixels,
-            max_jpeg_scans: self.decode.max_jpeg_scans,
-            max_decode_work: self.decode.max_decode_work,
-            needed: None,
-            deadline: Some(deadline),
-        };
+        let decode = self.full_decode(auto_orient, deadline);
         let colors = model.meta.colors.clone();
         let output = output.clone();
         let (tx, rx) = oneshot::channel();
@@ -513,13 +571,7 @@ impl Engine {
             };
             let result = (|| {
                 in_time()?;
-                let mut img = match image {
-                    ImageInput::Base64(text) => {
-                        decode_full(&base64_bytes(&text)?, &decode, &|| tx.is_closed())?
-                    }
-                    ImageInput::Bytes(b) => decode_full(&b, &decode, &|| tx.is_closed())?,
-                    ImageInput::Frame(f) => frame_picture(f, decode.max_image_pixels)?,
-                };
+                let mut img = picture_of(image, &decode, &|| tx.is_closed())?;
                 in_time()?;
                 draw::draw(&mut img, &output, &colors, opts);
                 draw::encode_jpeg(&img).map_err(DecodeError::Undecodable)
@@ -681,6 +733,19 @@ impl Engine {
 }
 
 /// A raw frame as a picture to draw on (its own copy, within MAX_IMAGE_PIXELS).
+/// An image decoded whole (a frame copied out).
+fn picture_of(
+    image: ImageInput,
+    decode: &DecodeOptions,
+    gone: &dyn Fn() -> bool,
+) -> Result<image::RgbImage, DecodeError> {
+    match image {
+        ImageInput::Base64(text) => decode_full(&base64_bytes(&text)?, decode, gone),
+        ImageInput::Bytes(b) => decode_full(&b, decode, gone),
+        ImageInput::Frame(f) => frame_picture(f, decode.max_image_pixels),
+    }
+}
+
 fn frame_picture(frame: Frame, max_image_pixels: u64) -> Result<image::RgbImage, DecodeError> {
     let (w, h) = (frame.width, frame.height);
     if w as u64 * h as u64 > max_image_pixels {
@@ -691,21 +756,7 @@ fn frame_picture(frame: Frame, max_image_pixels: u64) -> Result<image::RgbImage,
         });
     }
     let mut out = vec![0u8; frame.len()];
-    match &frame.pixels {
-        crate::pipeline::frame::FramePixels::Bytes(b) if b.len() == out.len() => {
-            out.copy_from_slice(b)
-        }
-        crate::pipeline::frame::FramePixels::Bytes(b) => {
-            return Err(DecodeError::Undecodable(format!(
-                "a {w}x{h} RGB frame has {} bytes, not {}",
-                out.len(),
-                b.len()
-            )))
-        }
-        crate::pipeline::frame::FramePixels::Region { region, offset } => region
-            .read_at(*offset, &mut out)
-            .map_err(|e| DecodeError::Undecodable(e.to_string()))?,
-    }
+    frame.read_into(&mut out)?;
     image::RgbImage::from_raw(w, h, out)
         .ok_or_else(|| DecodeError::Undecodable("the frame has the wrong size.".into()))
 }

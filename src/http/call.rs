@@ -18,7 +18,7 @@ use super::body::discard_body;
 use super::budget::BodyLease;
 use super::error::ApiError;
 use super::state::AppState;
-use crate::engine::admission::{Presence, Ticket};
+use crate::engine::admission::{Presence, Ticket, Tickets};
 use crate::metrics::{Outcome, Stage, METRICS};
 
 type HttpResponse = axum::response::Response<http_body_util::Full<bytes::Bytes>>;
@@ -116,7 +116,7 @@ pub struct RequestContext {
     pub(crate) route: Option<&'static str>,
     /// Its places in its models' lines (the waiting room), by model: one for a model route,
     /// one per model step a workflow has reached.
-    tickets: Vec<(String, Ticket)>,
+    pub(crate) tickets: Tickets,
     /// The client's address (what its bodies and fetched images count under).
     pub(crate) peer: Option<std::net::IpAddr>,
     /// What the call's bytes hold of the body budget.
@@ -131,7 +131,7 @@ impl RequestContext {
             request_id: id.0,
             model: None,
             route: Some(route),
-            tickets: Vec::new(),
+            tickets: Tickets::default(),
             peer: None,
             leases: Vec::new(),
             remote: None,
@@ -148,27 +148,20 @@ impl RequestContext {
         arrived: Instant,
         deadline: Instant,
     ) -> Result<(), ApiError> {
-        if self.tickets.iter().any(|(m, _)| m == model_id) {
-            return Ok(());
-        }
-        if let Some(ticket) = st.engine.admit(model_id, arrived, deadline)? {
-            self.tickets.push((model_id.to_owned(), ticket));
-        }
-        Ok(())
+        Ok(st
+            .engine
+            .take_place(&mut self.tickets, model_id, arrived, deadline)?)
     }
 
     /// Leaves every line but `model_id`'s (a place taken for a model the call turned out
     /// not to name).
     pub(crate) fn keep_line_of(&mut self, model_id: &str) {
-        self.tickets.retain(|(m, _)| m == model_id);
+        self.tickets.keep_only(model_id);
     }
 
     /// Its place in `model_id`'s line.
     pub(crate) fn ticket(&mut self, model_id: &str) -> Option<&mut Ticket> {
-        self.tickets
-            .iter_mut()
-            .find(|(m, _)| m == model_id)
-            .map(|(_, t)| t)
+        self.tickets.get(model_id)
     }
 
     /// Holds `lease` until the answer.
@@ -185,7 +178,7 @@ impl RequestContext {
     /// predicts waits from).
     pub(crate) fn served<T>(&mut self, answer: &Result<T, ApiError>) {
         if answer.is_ok() {
-            for (_, ticket) in &mut self.tickets {
+            for (_, ticket) in self.tickets.iter_mut() {
                 ticket.served();
             }
         }

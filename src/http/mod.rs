@@ -19,6 +19,7 @@ pub mod response;
 pub mod router;
 pub mod state;
 pub mod v2;
+pub mod workflows;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -22,7 +22,7 @@ use super::answer::{finish, ErrorBody, RequestId, RouteLabels};
 use super::error::ApiError;
 use super::request::{OneOrMany, RequestImage};
 use super::state::{AppState, ConnectionClass};
-use super::{admin, inference, v2};
+use super::{admin, inference, v2, workflows};
 use crate::metrics::METRICS;
 
 /// The routes a connection over MAX_CONNECTIONS may still ask for (cheap, no body).
@@ -60,6 +60,23 @@ fn all_routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(admin::docs))
         .route("/docs/redoc.standalone.js", get(admin::redoc_js))
         .routes(routes!(admin::openapi_json))
+        // Roboflow's Workflows.
+        .routes(routes!(workflows::run_inline))
+        .route("/infer/workflows", post(workflows::run_inline_legacy))
+        .routes(routes!(workflows::run_saved))
+        .route(
+            "/infer/workflows/{workspace_name}/{workflow_id}",
+            post(workflows::run_saved_legacy),
+        )
+        .routes(routes!(workflows::validate))
+        .routes(routes!(workflows::describe_interface))
+        .routes(routes!(workflows::blocks_describe))
+        .route(
+            "/workflows/blocks/describe",
+            post(workflows::blocks_describe_post),
+        )
+        .routes(routes!(workflows::definition_schema))
+        .routes(routes!(workflows::engine_versions))
         // The Open Inference Protocol (KServe v2), with Triton's extensions.
         .routes(routes!(v2::server_metadata))
         .routes(routes!(v2::model_metadata))

@@ -37,6 +37,8 @@ pub struct AppState {
     pub regions: crate::regions::Regions,
     /// The administrator's token (MODEL_CONTROL=explicit).
     pub admin_token: Option<String>,
+    /// Compiled workflow definitions and saved ones fetched (bounded caches).
+    pub workflows: crate::workflows::Workflows,
 }
 
 /// Whether the server should get traffic (`/readiness`).

@@ -29,6 +29,13 @@ pub enum FramePixels {
         region: std::sync::Arc<RegionUse>,
         offset: u64,
     },
+    /// The `width x height` window at (`x`, `y`) of a decoded image (a workflow's crop): its
+    /// rows are copied straight into the slot, never into a buffer of their own first.
+    Window {
+        image: std::sync::Arc<image::RgbImage>,
+        x: u32,
+        y: u32,
+    },
 }
 
 impl PartialEq for FramePixels {
@@ -43,6 +50,14 @@ impl PartialEq for FramePixels {
                     offset: o2,
                 },
             ) => std::sync::Arc::ptr_eq(region, r2) && offset == o2,
+            (
+                Self::Window { image, x, y },
+                Self::Window {
+                    image: i2,
+                    x: x2,
+                    y: y2,
+                },
+            ) => std::sync::Arc::ptr_eq(image, i2) && x == x2 && y == y2,
             _ => false,
         }
     }
@@ -56,6 +71,43 @@ impl Frame {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Copies the frame's pixels into `out` (exactly [`Self::len`] bytes).
+    pub fn read_into(&self, out: &mut [u8]) -> Result<(), DecodeError> {
+        let (w, h) = (self.width, self.height);
+        let len = self.len();
+        match &self.pixels {
+            FramePixels::Bytes(b) => {
+                if b.len() != len {
+                    return Err(DecodeError::Undecodable(format!(
+                        "a {w}x{h} RGB frame has {len} bytes, not {}",
+                        b.len()
+                    )));
+                }
+                out.copy_from_slice(b);
+            }
+            FramePixels::Region { region, offset } => region
+                .read_at(*offset, out)
+                .map_err(|e| DecodeError::Undecodable(e.to_string()))?,
+            FramePixels::Window { image, x, y } => {
+                if x + w > image.width() || y + h > image.height() {
+                    return Err(DecodeError::Undecodable(format!(
+                        "a {w}x{h} window at ({x}, {y}) does not fit a {}x{} image",
+                        image.width(),
+                        image.height()
+                    )));
+                }
+                let stride = image.width() as usize * 3;
+                let row = w as usize * 3;
+                let src = image.as_raw();
+                for (r, dst) in out.chunks_exact_mut(row).take(h as usize).enumerate() {
+                    let start = (*y as usize + r) * stride + *x as usize * 3;
+                    dst.copy_from_slice(&src[start..start + row]);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Copies the frame into `slot`, refusing one larger than a slot (RING_SLOT_PIXELS) or
@@ -83,20 +135,7 @@ impl Frame {
                 max: out.len() as u64 / 3,
             });
         }
-        match &self.pixels {
-            FramePixels::Bytes(b) => {
-                if b.len() != len {
-                    return Err(DecodeError::Undecodable(format!(
-                        "a {w}x{h} RGB frame has {len} bytes, not {}",
-                        b.len()
-                    )));
-                }
-                out[..len].copy_from_slice(b);
-            }
-            FramePixels::Region { region, offset } => region
-                .read_at(*offset, &mut out[..len])
-                .map_err(|e| DecodeError::Undecodable(e.to_string()))?,
-        }
+        self.read_into(&mut out[..len])?;
         Ok(DecodedImage {
             slot,
             width: w,

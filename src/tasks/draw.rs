@@ -111,37 +111,64 @@ fn scale_for(img: &RgbImage) -> f32 {
 }
 
 fn boxed(img: &mut RgbImage, p: &ObjectDetectionPrediction, c: Rgb<u8>, stroke: u32, labels: bool) {
-    let x0 = (p.x - p.width / 2.0).round() as i32;
-    let y0 = (p.y - p.height / 2.0).round() as i32;
-    let (w, h) = (p.width.round() as i32, p.height.round() as i32);
-    // `stroke` nested outlines, growing inwards from the box edge.
-    for k in 0..stroke as i32 {
+    let (x1, y1) = (p.x - p.width / 2.0, p.y - p.height / 2.0);
+    outline(img, (x1, y1, x1 + p.width, y1 + p.height), c.0, stroke);
+    if labels {
+        let text = format!("{} {:.2}", p.class_name, p.confidence);
+        let px = scale_for(img);
+        text_label(
+            img,
+            &text,
+            x1.round() as i32,
+            y1.round() as i32,
+            c.0,
+            [255, 255, 255],
+            px,
+            (px / 6.0).ceil() as u32,
+        );
+    }
+}
+
+/// A box outline `stroke` pixels wide in `c`, growing inwards from the corners `(x1, y1)`,
+/// `(x2, y2)` (rounded to whole pixels).
+pub fn outline(img: &mut RgbImage, corners: (f32, f32, f32, f32), c: [u8; 3], stroke: u32) {
+    let (x0, y0) = (corners.0.round() as i32, corners.1.round() as i32);
+    let (w, h) = (
+        (corners.2 - corners.0).round() as i32,
+        (corners.3 - corners.1).round() as i32,
+    );
+    for k in 0..stroke.clamp(1, 100) as i32 {
         let (rw, rh) = (w - 2 * k, h - 2 * k);
         if rw <= 0 || rh <= 0 {
             break;
         }
         let r = Rect::at(x0 + k, y0 + k).of_size(rw as u32, rh as u32);
-        imageproc::drawing::draw_hollow_rect_mut(img, r, c);
-    }
-    if labels {
-        let text = format!("{} {:.2}", p.class_name, p.confidence);
-        label(img, &text, x0, y0, c, scale_for(img));
+        imageproc::drawing::draw_hollow_rect_mut(img, r, Rgb(c));
     }
 }
 
-/// A filled label background in `c` with white text, its top-left at (x, y) moved inside the
-/// image; returns its height.
-fn label(img: &mut RgbImage, text: &str, x: i32, y: i32, c: Rgb<u8>, px: f32) -> u32 {
+/// A filled label background in `bg` with `fg` text of `px` pixels and `pad` pixels of
+/// padding, its top-left at (x, y) moved inside the image; returns its height.
+#[allow(clippy::too_many_arguments)]
+pub fn text_label(
+    img: &mut RgbImage,
+    text: &str,
+    x: i32,
+    y: i32,
+    bg: [u8; 3],
+    fg: [u8; 3],
+    px: f32,
+    pad: u32,
+) -> u32 {
     let scale = PxScale::from(px);
     let (tw, th) = text_size(scale, &*FONT, text);
-    let pad = (px / 6.0).ceil() as u32;
     let (bw, bh) = (tw + 2 * pad, th + 2 * pad);
     let x = x.clamp(0, (img.width() as i32 - bw as i32).max(0));
     let y = y.clamp(0, (img.height() as i32 - bh as i32).max(0));
-    draw_filled_rect_mut(img, Rect::at(x, y).of_size(bw, bh), c);
+    draw_filled_rect_mut(img, Rect::at(x, y).of_size(bw, bh), Rgb(bg));
     draw_text_mut(
         img,
-        Rgb([255, 255, 255]),
+        Rgb(fg),
         x + pad as i32,
         y + pad as i32,
         scale,
@@ -149,6 +176,21 @@ fn label(img: &mut RgbImage, text: &str, x: i32, y: i32, c: Rgb<u8>, px: f32) ->
         text,
     );
     bh
+}
+
+/// A filled label background in `c` with white text, its top-left at (x, y) moved inside the
+/// image; returns its height.
+fn label(img: &mut RgbImage, text: &str, x: i32, y: i32, c: Rgb<u8>, px: f32) -> u32 {
+    text_label(
+        img,
+        text,
+        x,
+        y,
+        c.0,
+        [255, 255, 255],
+        px,
+        (px / 6.0).ceil() as u32,
+    )
 }
 
 fn thick_line(img: &mut RgbImage, a: (f32, f32), b: (f32, f32), c: Rgb<u8>, stroke: u32) {
@@ -169,6 +211,11 @@ fn thick_line(img: &mut RgbImage, a: (f32, f32), b: (f32, f32), c: Rgb<u8>, stro
 
 /// Encodes as JPEG (libjpeg-turbo, quality 90).
 pub fn encode_jpeg(img: &RgbImage) -> Result<Vec<u8>, String> {
+    encode_jpeg_quality(img, 90)
+}
+
+/// Encodes as JPEG at `quality` (workflows answer quality 95, as Roboflow's).
+pub fn encode_jpeg_quality(img: &RgbImage, quality: i32) -> Result<Vec<u8>, String> {
     let image = turbojpeg::Image {
         pixels: img.as_raw().as_slice(),
         width: img.width() as usize,
@@ -176,7 +223,7 @@ pub fn encode_jpeg(img: &RgbImage) -> Result<Vec<u8>, String> {
         height: img.height() as usize,
         format: turbojpeg::PixelFormat::RGB,
     };
-    turbojpeg::compress(image, 90, turbojpeg::Subsamp::Sub2x2)
+    turbojpeg::compress(image, quality, turbojpeg::Subsamp::Sub2x2)
         .map(|b| b.to_vec())
         .map_err(|e| format!("cannot encode the visualisation: {e}"))
 }
