@@ -21,10 +21,10 @@ pub struct WorkflowError {
     pub message: String,
     pub error_type: &'static str,
     pub context: &'static str,
-    pub inner_error_type: Option<String>,
-    pub inner_error_message: Option<String>,
+    pub inner_error_type: Option<&'static str>,
+    pub inner_error_message: Option<Box<str>>,
     /// Present: the full form.
-    pub blocks_errors: Option<Vec<BlockError>>,
+    pub blocks_errors: Option<Box<[BlockError]>>,
     /// Seconds to wait before retrying (an overloaded model, a model loading).
     pub retry_after_s: Option<u32>,
 }
@@ -68,14 +68,14 @@ impl WorkflowError {
         inner: String,
     ) -> Self {
         Self {
-            inner_error_type: Some("ValidationError".into()),
-            inner_error_message: Some(inner),
-            blocks_errors: Some(vec![BlockError {
+            inner_error_type: Some("ValidationError"),
+            inner_error_message: Some(inner.into()),
+            blocks_errors: Some(Box::new([BlockError {
                 block_id: step.to_owned(),
                 block_type: block_type.map(str::to_owned),
                 property_name: property.map(str::to_owned),
                 property_details: details.into(),
-            }]),
+            }])),
             ..Self::short(
                 400,
                 "WorkflowSyntaxError",
@@ -88,14 +88,14 @@ impl WorkflowError {
     /// 400 `InvalidReferenceTargetError`: a selector names no input or step.
     pub fn reference(block_id: &str, property: &str, selector: &str, what: &str) -> Self {
         Self {
-            inner_error_type: Some("None".into()),
+            inner_error_type: Some("None"),
             inner_error_message: Some("None".into()),
-            blocks_errors: Some(vec![BlockError {
+            blocks_errors: Some(Box::new([BlockError {
                 block_id: block_id.to_owned(),
                 block_type: None,
                 property_name: Some(property.to_owned()),
                 property_details: format!("Invalid reference to {selector}"),
-            }]),
+            }])),
             ..Self::short(
                 400,
                 "InvalidReferenceTargetError",
@@ -121,18 +121,18 @@ impl WorkflowError {
         step: &str,
         block_type: &str,
         status: u16,
-        inner_type: &str,
+        inner_type: &'static str,
         message: String,
     ) -> Self {
         Self {
-            inner_error_type: Some(inner_type.to_owned()),
-            inner_error_message: Some(message.clone()),
-            blocks_errors: Some(vec![BlockError {
+            inner_error_type: Some(inner_type),
+            inner_error_message: Some(message.as_str().into()),
+            blocks_errors: Some(Box::new([BlockError {
                 block_id: step.to_owned(),
                 block_type: Some(block_type.to_owned()),
                 property_name: None,
                 property_details: message.clone(),
-            }]),
+            }])),
             ..Self::short(
                 status,
                 "StepExecutionError",

@@ -183,6 +183,9 @@ fn collect_sels<'a>(f: &'a Field, out: &mut Vec<&'a Selector>) {
     }
 }
 
+/// The images of a model step that share a model and parameters: one engine call.
+type ModelGroup = (String, TaskParams, Vec<(Index, Arc<WfImage>)>);
+
 fn step_error(step: &Step, e: RunError) -> RunError {
     match e {
         RunError::Workflow(e) if e.blocks_errors.is_none() => {
@@ -755,7 +758,7 @@ impl Runner<'_> {
     ) -> Result<HashMap<Index, Outputs>, RunError> {
         let get =
             |name: &str, idx: &[usize]| step.fields.get(name).and_then(|f| state.resolve(f, idx));
-        let mut groups: Vec<(String, TaskParams, Vec<(Index, Arc<WfImage>)>)> = Vec::new();
+        let mut groups: Vec<ModelGroup> = Vec::new();
         for idx in live {
             let Some(Value::Image(img)) = get("images", idx) else {
                 continue;
@@ -907,7 +910,7 @@ impl Runner<'_> {
                     "accurate" => MaskDecodeMode::Accurate,
                     "fast" => MaskDecodeMode::Fast,
                     "tradeoff" => MaskDecodeMode::Tradeoff(unit("tradeoff_factor", 0.0)?),
-                    other => return Err(bad_field(step, "mask_decode_mode", format!("mask_decode_mode must be 'accurate', 'fast' or 'tradeoff', not '{other}'")).into()),
+                    other => return Err(bad_field(step, "mask_decode_mode", format!("mask_decode_mode must be 'accurate', 'fast' or 'tradeoff', not '{other}'"))),
                 },
                 format: MaskFormat::Polygon,
                 max_work_pixels: self.limits.max_mask_work_pixels,

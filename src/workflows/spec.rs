@@ -389,14 +389,14 @@ pub fn compile(def: &Json, limits: DefinitionLimits) -> Result<Workflow, Workflo
         });
     }
     // Dependencies: every selector, and the gates of continue_if.
-    for i in 0..steps.len() {
+    for step in steps.iter_mut() {
         let mut deps = Vec::new();
-        for f in steps[i].fields.values() {
+        for f in step.fields.values() {
             collect_steps(f, &mut deps);
         }
         deps.sort_unstable();
         deps.dedup();
-        steps[i].deps = deps;
+        step.deps = deps;
     }
     for i in 0..steps.len() {
         for &n in &steps[i].extra.next_steps.clone() {

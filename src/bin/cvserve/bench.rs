@@ -29,9 +29,15 @@ pub struct BenchConfig {
     pub model: String,
 
     /// `infer`: POST /infer/<task> with a JSON body (the task from /model/registry, or --task);
-    /// `legacy`: POST /<dataset>/<version> with a base64 body.
-    #[arg(long, default_value = "infer", value_parser = ["infer", "legacy"])]
+    /// `legacy`: POST /<dataset>/<version> with a base64 body; `workflow`: POST
+    /// /workflows/run with --workflow's definition (default: one object detection step of
+    /// --model), the image as its input `image`.
+    #[arg(long, default_value = "infer", value_parser = ["infer", "legacy", "workflow"])]
     pub route: String,
+
+    /// A workflow definition (JSON file) for `--route workflow`.
+    #[arg(long)]
+    pub workflow: Option<PathBuf>,
 
     /// Task route for `infer` (object_detection, instance_segmentation, classification) when the
     /// server's registry cannot say (Roboflow's parallel server lists no models).
@@ -337,6 +343,8 @@ async fn roboflow_target(
             format!("/{}?api_key={}", cfg.model, cfg.api_key),
             "application/x-www-form-urlencoded",
         )
+    } else if cfg.route == "workflow" {
+        ("/workflows/run".to_owned(), "application/json")
     } else {
         (route_for(&client, cfg).await?, "application/json")
     };
@@ -345,6 +353,13 @@ async fn roboflow_target(
         let b64 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(f)?);
         bodies.push(Bytes::from(if cfg.route == "legacy" {
             b64
+        } else if cfg.route == "workflow" {
+            serde_json::json!({
+                "api_key": cfg.api_key,
+                "specification": workflow_definition(cfg)?,
+                "inputs": {"image": {"type": "base64", "value": b64}},
+            })
+            .to_string()
         } else {
             let mut body = serde_json::json!({
                 "api_key": cfg.api_key,
@@ -372,6 +387,20 @@ async fn roboflow_target(
         respect_retry_after: cfg.respect_retry_after,
     };
     Ok((path, target))
+}
+
+/// The definition `--route workflow` runs: `--workflow`'s file, or detection with `--model`.
+fn workflow_definition(cfg: &BenchConfig) -> anyhow::Result<serde_json::Value> {
+    if let Some(path) = &cfg.workflow {
+        let text = std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        return Ok(serde_json::from_slice(&text)?);
+    }
+    Ok(serde_json::json!({"version": "1.0",
+        "inputs": [{"type": "WorkflowImage", "name": "image"}],
+        "steps": [{"type": "roboflow_core/roboflow_object_detection_model@v1", "name": "det",
+                   "images": "$inputs.image", "model_id": cfg.model}],
+        "outputs": [{"type": "JsonField", "name": "predictions", "selector": "$steps.det.predictions"}]}))
 }
 
 async fn run_async(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
