@@ -66,7 +66,7 @@ fn same(ours: &Value, gold: &Value, path: &str) {
             assert_eq!(ok_sorted, gk_sorted, "{path}: keys differ");
             if is_dets {
                 assert_eq!(o["image"], g["image"], "{path}.image");
-                assert_matches_golden(ours, gold, 0.45, path);
+                assert_matches_golden(&o["predictions"], &g["predictions"], 0.45, path);
                 let (op, gp) = (
                     o["predictions"].as_array().unwrap(),
                     g["predictions"].as_array().unwrap(),
@@ -214,10 +214,18 @@ fn drawn_images_are_jpegs_with_the_boxes() {
         (p["x"].as_f64().unwrap() - p["width"].as_f64().unwrap() / 2.0).round() as u32,
         p["y"].as_f64().unwrap() as u32,
     );
-    let px = drawn.get_pixel(x1, y).0;
+    // The line is 2 pixels wide and JPEG's halved chroma blurs its colour: at the reddest
+    // pixel near the edge, red rose and green fell against the photo.
+    let x = (x1 - 3..=x1 + 3)
+        .max_by_key(|&x| {
+            let p = drawn.get_pixel(x, y).0;
+            p[0] as i32 - p[1] as i32
+        })
+        .unwrap();
+    let (px, was) = (drawn.get_pixel(x, y).0, plain.get_pixel(x, y).0);
     assert!(
-        px[0] > 200 && px[1] < 120 && px[2] < 120,
-        "edge pixel {px:?}"
+        px[0] as i32 >= was[0] as i32 + 40 && px[1] as i32 + 20 <= was[1] as i32,
+        "edge pixel {px:?}, the photo's {was:?}"
     );
     let diff = |a: [u8; 3], b: [u8; 3]| {
         a.iter()
@@ -450,7 +458,8 @@ fn continue_if_gates_each_image_of_a_batch() {
         out[0]["viz"]["video_metadata"]["video_identifier"],
         "image.[0]"
     );
-    assert_eq!(out[1]["count"], 2);
+    // cow 0.58, cow 0.53, horse 0.48 (the next, a horse, is 0.37).
+    assert_eq!(out[1]["count"], 3);
     assert!(out[1]["viz"].is_null(), "{}", out[1]["viz"]);
 }
 
@@ -606,7 +615,14 @@ fn limits_answer_413() {
 /// request reach the classifier as one batch.
 #[test]
 fn metrics_per_workflow_and_step() {
-    let s = Server::start("coco/1,imagenet/1", &[]);
+    // Batches of up to 4, and time enough to fill them: the two crops are one batch.
+    let s = Server::start(
+        "coco/1,imagenet/1",
+        &[
+            ("MAX_BATCH_SIZE", "4"),
+            ("MAX_QUEUE_DELAY_MICROSECONDS", "50000"),
+        ],
+    );
     let before = metric(&s, "cvserve_batch_size_count");
     let r = s.post_json(
         "/workflows/run",
@@ -763,7 +779,12 @@ fn inference_sdk_runs_workflows_unchanged() {
         ],
     );
     assert!(ok, "{report}\n{}", s.logs());
-    let out: Value = serde_json::from_str(report.lines().last().unwrap()).unwrap();
+    // The report is stdout then stderr (the client's warnings): the JSON line is stdout's.
+    let line = report
+        .lines()
+        .find(|l| l.starts_with("{\"single\""))
+        .unwrap_or_else(|| panic!("no result line: {report}"));
+    let out: Value = serde_json::from_str(line).unwrap();
     assert_eq!(out["single"]["keys"], json!(["predictions"]));
     assert_eq!(out["single"]["classes"], json!(["bicycle"]));
     assert_eq!(out["batch"].as_array().unwrap().len(), 2);
