@@ -13,8 +13,11 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use common::{assert_matches_golden, b64, fixture, golden, metric, python_check, repo, Server};
+use common::{
+    assert_matches_golden, b64, eventually, fixture, golden, metric, python_check, repo, Server,
+};
 use serde_json::{json, Value};
 
 const MODELS: &str = "coco/1,imagenet/1,shapes-seg/1,shapes-pose/1";
@@ -852,4 +855,124 @@ fn blocks_describe_and_schema() {
     let no_key = golden("workflows/14c_describe_interface_no_key.json");
     let r = post(&s, &no_key);
     assert_eq!((r.status, &r.body), (400, &no_key["response"]));
+}
+
+fn classify_spec() -> Value {
+    json!({"version": "1.0", "inputs": [{"type": "WorkflowImage", "name": "image"}],
+        "steps": [{"type": "roboflow_core/roboflow_classification_model@v1", "name": "cls",
+                   "images": "$inputs.image", "model_id": "imagenet/1"}],
+        "outputs": [{"type": "JsonField", "name": "cls", "selector": "$steps.cls.predictions"}]})
+}
+
+fn detect_spec() -> Value {
+    json!({"version": "1.0", "inputs": [{"type": "WorkflowImage", "name": "image"}],
+        "steps": [detect(0.4)],
+        "outputs": [{"type": "JsonField", "name": "p", "selector": "$steps.det.predictions"}]})
+}
+
+/// A workflow whose model is not loaded waits for the load only until its deadline (503 with
+/// Retry-After, the load goes on), and a workflow on a loaded model is served meanwhile
+/// (the reference stalls every workflow during a load, roboflow/inference#2448).
+#[test]
+fn a_cold_model_in_one_workflow_never_stalls_another() {
+    let s = Server::start(
+        "coco/1",
+        &[
+            ("CVSERVE_INJECT_LOAD_DELAY_MS", "5000"),
+            ("CVSERVE_INJECT_MODEL", "imagenet/1"),
+        ],
+    );
+    let cold =
+        json!({"specification": classify_spec(), "inputs": {"image": image("images/chelsea.jpg")}});
+    let r = s.post_json_with_headers("/workflows/run", &cold, &[("X-Request-Timeout-Ms", "800")]);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r
+        .header("retry-after")
+        .is_some_and(|v| v.parse::<u64>().unwrap() >= 1));
+    assert_eq!(r.body["error_type"], "StepExecutionError", "{}", r.body);
+    assert_eq!(r.body["blocks_errors"][0]["block_id"], "cls", "{}", r.body);
+    // The load runs on: a workflow on the loaded model is answered meanwhile.
+    let r = run(&s, detect_spec(), json!({"image": image("images/dog.jpg")}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.body["outputs"][0]["p"]["predictions"][0]["class"],
+        "bicycle"
+    );
+    let registry = || s.get("/model/registry").body.to_string();
+    assert!(
+        !registry().contains("imagenet/1"),
+        "loaded already: the injected delay is too short"
+    );
+    eventually("the load to finish", Duration::from_secs(60), || {
+        registry().contains("imagenet/1")
+    });
+    let r = s.post_json("/workflows/run", &cold);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.body["outputs"][0]["cls"]["top"], "Egyptian cat",
+        "{}",
+        r.body
+    );
+}
+
+/// A client that hangs up while its workflow's model step runs gives back its in-flight
+/// place and its waiting-room ticket at once, while the batch still runs.
+#[test]
+fn a_workflow_cancelled_mid_flight_gives_back_its_place_and_ticket() {
+    let s = Server::start(
+        "coco/1",
+        &[
+            ("CVSERVE_INJECT_DELAY_MS", "8000"),
+            ("CVSERVE_INJECT_MODEL", "coco/1"),
+            ("MAX_BATCH_SIZE", "1"),
+            ("REQUEST_TIMEOUT_S", "60"),
+        ],
+    );
+    let text = || {
+        s.get("/metrics")
+            .body
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let value = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(f64::NAN)
+    };
+    let held = || {
+        let t = text();
+        (
+            value(&t, "cvserve_inflight_requests "),
+            value(&t, "cvserve_requests_in_line "),
+        )
+    };
+    let batches = || metric(&s, "cvserve_inference_seconds_count{model=\"coco/1\"}");
+    assert_eq!(held(), (0.0, 0.0));
+    let before = batches();
+    let body = serde_json::to_vec(
+        &json!({"specification": detect_spec(), "inputs": {"image": image("images/dog.jpg")}}),
+    )
+    .unwrap();
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "POST /workflows/run HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    stream.write_all(&body).unwrap();
+    eventually(
+        "the run to hold its place and its ticket",
+        Duration::from_secs(20),
+        || held() == (1.0, 1.0),
+    );
+    drop(stream);
+    eventually(
+        "what the run held to come back",
+        Duration::from_secs(5),
+        || held() == (0.0, 0.0),
+    );
+    assert_eq!(batches(), before, "given back while its batch still ran");
 }

@@ -771,7 +771,7 @@ static BLOCKS_DESCRIPTION: LazyLock<Json> = LazyLock::new(|| {
         "primitives_connections": [],
         "universal_query_language_description": {
             "operations_description": crate::workflows::uql::OPERATIONS.iter().map(|o| json!({"operation_type": o})).collect::<Vec<_>>(),
-            "operators_descriptions": crate::workflows::uql::COMPARATORS.iter().map(|o| json!({"operator_type": o})).collect::<Vec<_>>(),
+            "operators_descriptions": crate::workflows::uql::BINARY.iter().chain(crate::workflows::uql::UNARY).map(|o| json!({"operator_type": o})).collect::<Vec<_>>(),
         },
         "dynamic_block_definition_schema": {},
     })

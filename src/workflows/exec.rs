@@ -424,19 +424,11 @@ impl Runner<'_> {
                             step.name, dets.dets.len(), self.limits.max_crops)).into());
                     }
                     let pixels = self.pixels(&img).await?;
-                    let (pw, ph) = (pixels.image.width(), pixels.image.height());
                     for (j, d) in dets.dets.iter().enumerate() {
                         let mut child = idx.clone();
                         child.push(j);
-                        let (x1, y1) = (
-                            (d.x1.round() as i64).clamp(0, pw as i64),
-                            (d.y1.round() as i64).clamp(0, ph as i64),
-                        );
-                        let (x2, y2) = (
-                            (d.x2.round() as i64).clamp(0, pw as i64),
-                            (d.y2.round() as i64).clamp(0, ph as i64),
-                        );
-                        if x2 <= x1 || y2 <= y1 {
+                        let b = (d.x1 as f64, d.y1 as f64, d.x2 as f64, d.y2 as f64);
+                        let Some((crop, x1, y1)) = pixels.crop(&d.detection_id, b) else {
                             data.push(
                                 child,
                                 Some(vec![
@@ -445,35 +437,9 @@ impl Runner<'_> {
                                 ]),
                             );
                             continue;
-                        }
-                        let (w, h) = ((x2 - x1) as u32, (y2 - y1) as u32);
-                        let lineage = pixels.lineage.child(
-                            &d.detection_id,
-                            x1 + pixels.x as i64,
-                            y1 + pixels.y as i64,
-                            pw,
-                            ph,
-                        );
-                        let lineage = Lineage {
-                            parent: value::Origin {
-                                x: x1,
-                                y: y1,
-                                width: pw,
-                                height: ph,
-                            },
-                            ..lineage
                         };
-                        let crop = WfImage {
-                            pixels: Pixels::Window {
-                                image: Arc::clone(&pixels.image),
-                                x: pixels.x + x1 as u32,
-                                y: pixels.y + y1 as u32,
-                                width: w,
-                                height: h,
-                            },
-                            lineage: lineage.clone(),
-                            base64: None,
-                        };
+                        let (w, h) = crop.size().unwrap_or_default();
+                        let lineage = crop.lineage.clone();
                         let mut moved = d.clone();
                         moved.x1 -= x1 as f32;
                         moved.x2 -= x1 as f32;
@@ -513,41 +479,11 @@ impl Runner<'_> {
                     if step.block.kind == Kind::RelativeStaticCrop {
                         (xc, yc, w, h) = (xc * pw, yc * ph, w * pw, h * ph);
                     }
-                    let x1 = ((xc - w / 2.0).round() as i64).clamp(0, pw as i64);
-                    let y1 = ((yc - h / 2.0).round() as i64).clamp(0, ph as i64);
-                    let x2 = ((xc + w / 2.0).round() as i64).clamp(0, pw as i64);
-                    let y2 = ((yc + h / 2.0).round() as i64).clamp(0, ph as i64);
-                    if x2 <= x1 || y2 <= y1 {
+                    let id = uuid::Uuid::new_v4().to_string();
+                    let b = (xc - w / 2.0, yc - h / 2.0, xc + w / 2.0, yc + h / 2.0);
+                    let Some((crop, _, _)) = pixels.crop(&id, b) else {
                         results.insert(idx.clone(), vec![("crops".into(), Value::null())]);
                         continue;
-                    }
-                    let id = uuid::Uuid::new_v4().to_string();
-                    let lineage = pixels.lineage.child(
-                        &id,
-                        x1 + pixels.x as i64,
-                        y1 + pixels.y as i64,
-                        pixels.width,
-                        pixels.height,
-                    );
-                    let lineage = Lineage {
-                        parent: value::Origin {
-                            x: x1,
-                            y: y1,
-                            width: pixels.width,
-                            height: pixels.height,
-                        },
-                        ..lineage
-                    };
-                    let crop = WfImage {
-                        pixels: Pixels::Window {
-                            image: Arc::clone(&pixels.image),
-                            x: pixels.x + x1 as u32,
-                            y: pixels.y + y1 as u32,
-                            width: (x2 - x1) as u32,
-                            height: (y2 - y1) as u32,
-                        },
-                        lineage,
-                        base64: None,
                     };
                     results.insert(
                         idx.clone(),
@@ -1225,6 +1161,34 @@ struct WindowRef {
 }
 
 impl WindowRef {
+    /// A crop of this window, the box in the window's coordinates (rounded, clamped to the
+    /// window), as a window of the same decoded image (no pixel copied), its lineage a child
+    /// of this one's; with the crop's offset in the window. None when nothing of it is inside.
+    fn crop(
+        &self,
+        id: &str,
+        (x1, y1, x2, y2): (f64, f64, f64, f64),
+    ) -> Option<(WfImage, i64, i64)> {
+        let clamp = |v: f64, max: u32| (v.round() as i64).clamp(0, max as i64);
+        let (x1, x2) = (clamp(x1, self.width), clamp(x2, self.width));
+        let (y1, y2) = (clamp(y1, self.height), clamp(y2, self.height));
+        if x2 <= x1 || y2 <= y1 {
+            return None;
+        }
+        let crop = WfImage {
+            pixels: Pixels::Window {
+                image: Arc::clone(&self.image),
+                x: self.x + x1 as u32,
+                y: self.y + y1 as u32,
+                width: (x2 - x1) as u32,
+                height: (y2 - y1) as u32,
+            },
+            lineage: self.lineage.child(id, x1, y1, self.width, self.height),
+            base64: None,
+        };
+        Some((crop, x1, y1))
+    }
+
     /// The window's pixels as an image of their own (for a drawing or an encoder).
     fn to_image(&self) -> RgbImage {
         if self.x == 0
@@ -1424,5 +1388,74 @@ impl DrawSettings {
                 draw::outline(img, (d.x1, d.y1, d.x2, d.y2), color, self.thickness);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(image: &Arc<RgbImage>, w: &WfImage) -> WindowRef {
+        let Pixels::Window {
+            x,
+            y,
+            width,
+            height,
+            ..
+        } = w.pixels
+        else {
+            panic!("a window")
+        };
+        WindowRef {
+            image: Arc::clone(image),
+            x,
+            y,
+            width,
+            height,
+            lineage: w.lineage.clone(),
+        }
+    }
+
+    /// A crop of a crop: a window of the same decoded image at the sum of the offsets, its
+    /// parent the first crop (in the first crop's coordinates), its root the input image.
+    #[test]
+    fn crops_of_crops_sit_in_their_parent_and_the_root() {
+        let image = Arc::new(RgbImage::new(200, 100));
+        let top = WindowRef {
+            image: Arc::clone(&image),
+            x: 0,
+            y: 0,
+            width: 200,
+            height: 100,
+            lineage: Lineage::root("image", 200, 100),
+        };
+        let (a, ax, ay) = top.crop("a", (50.4, 20.0, 150.0, 90.0)).unwrap();
+        assert_eq!((ax, ay), (50, 20));
+        assert_eq!(a.size(), Some((100, 70)));
+        // Past the window's edge: clamped to the first crop, not to the photo.
+        let (b, bx, by) = window(&image, &a)
+            .crop("b", (10.0, 5.0, 180.0, 30.0))
+            .unwrap();
+        assert_eq!((bx, by), (10, 5));
+        assert_eq!(b.size(), Some((90, 25)));
+        let Pixels::Window { x, y, .. } = b.pixels else {
+            panic!()
+        };
+        assert_eq!((x, y), (60, 25));
+        assert_eq!(&*b.lineage.parent_id, "b");
+        assert_eq!(
+            (
+                b.lineage.parent.x,
+                b.lineage.parent.y,
+                b.lineage.parent.width
+            ),
+            (10, 5, 100)
+        );
+        assert_eq!(&*b.lineage.root_id, "image");
+        assert_eq!(
+            (b.lineage.root.x, b.lineage.root.y, b.lineage.root.width),
+            (60, 25, 200)
+        );
+        assert!(top.crop("c", (210.0, 0.0, 250.0, 10.0)).is_none());
     }
 }

@@ -103,34 +103,8 @@ pub const OPERATIONS: &[&str] = &[
     "StringToLowerCase",
 ];
 
-/// The comparators and unary operators of statements.
-pub const COMPARATORS: &[&str] = &[
-    "==",
-    "(Number) ==",
-    "!=",
-    "(Number) !=",
-    "(Number) >",
-    "(Number) >=",
-    "(Number) <",
-    "(Number) <=",
-    "(Number) in range",
-    "(String) startsWith",
-    "(String) endsWith",
-    "(String) contains",
-    "in (Sequence)",
-    "str in str",
-    "all in (Sequence)",
-    "any in (Sequence)",
-    "(Sequence) contains",
-    "Exists",
-    "DoesNotExist",
-    "(Boolean) is True",
-    "(Boolean) is False",
-    "(Sequence) is empty",
-    "(Sequence) is not empty",
-];
-
-const BINARY: &[&str] = &[
+/// The comparators of binary statements.
+pub const BINARY: &[&str] = &[
     "==",
     "(Number) ==",
     "!=",
@@ -150,7 +124,8 @@ const BINARY: &[&str] = &[
     "(Sequence) contains",
 ];
 
-const UNARY: &[&str] = &[
+/// The operators of unary statements.
+pub const UNARY: &[&str] = &[
     "Exists",
     "DoesNotExist",
     "(Boolean) is True",
