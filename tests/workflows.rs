@@ -523,11 +523,15 @@ fn expression_transformation_and_static_crops() {
                "default": {"type": "StaticCaseResult", "value": "MISSING"}}},
             {"type": "roboflow_core/absolute_static_crop@v1", "name": "abs", "images": "$inputs.image", "x_center": 100, "y_center": 50, "width": 80, "height": 40},
             {"type": "roboflow_core/relative_statoic_crop@v1", "name": "rel", "images": "$inputs.image", "x_center": 0.5, "y_center": 0.5, "width": 0.5, "height": 0.25},
-            {"type": "roboflow_core/property_definition@v1", "name": "relsize", "data": "$steps.rel.crops", "operations": [{"type": "ExtractImageProperty", "property_name": "size"}]}],
+            {"type": "roboflow_core/property_definition@v1", "name": "relsize", "data": "$steps.rel.crops", "operations": [{"type": "ExtractImageProperty", "property_name": "size"}]},
+            {"type": "roboflow_core/relative_statoic_crop@v1", "name": "rel2", "images": "$inputs.image", "x_center": 0.3, "y_center": 0.6, "width": 0.4, "height": 0.6},
+            {"type": "roboflow_core/property_definition@v1", "name": "rel2size", "data": "$steps.rel2.crops", "operations": [{"type": "ExtractImageProperty", "property_name": "size"}]}],
         "outputs": [{"type": "JsonField", "name": "sorted", "selector": "$steps.sorted.predictions"},
                     {"type": "JsonField", "name": "verdict", "selector": "$steps.verdict.output"},
                     {"type": "JsonField", "name": "abs", "selector": "$steps.abs.crops"},
-                    {"type": "JsonField", "name": "relsize", "selector": "$steps.relsize.output"}]});
+                    {"type": "JsonField", "name": "relsize", "selector": "$steps.relsize.output"},
+                    {"type": "JsonField", "name": "rel2", "selector": "$steps.rel2.crops"},
+                    {"type": "JsonField", "name": "rel2size", "selector": "$steps.rel2size.output"}]});
     let r = run(&s, spec.clone(), json!({"image": image("images/dog.jpg")}));
     assert_eq!(r.status, 200, "{}", r.body);
     let out = &r.body["outputs"][0];
@@ -547,6 +551,23 @@ fn expression_transformation_and_static_crops() {
         json!({"offset_x": 60, "offset_y": 30, "width": 768, "height": 576})
     );
     assert_eq!(out["relsize"], 384 * 144);
+    // As the reference crops (captured from Roboflow Inference 1.8.3): fractions rounded to
+    // whole pixels first, halves to even (x: 230 - 307 / 2 = 76.5 gives 76), and crops named
+    // after their block.
+    assert_eq!(
+        out["rel2"]["parent_origin"],
+        json!({"offset_x": 76, "offset_y": 173, "width": 768, "height": 576})
+    );
+    assert_eq!(out["rel2size"], 307 * 346);
+    for (k, block) in [
+        ("rel2", "relative_static_crop."),
+        ("abs", "absolute_static_crop."),
+    ] {
+        let id = out[k]["video_metadata"]["video_identifier"]
+            .as_str()
+            .unwrap();
+        assert!(id.starts_with(block), "{id}");
+    }
     let r = run(
         &s,
         spec,

@@ -476,11 +476,34 @@ impl Runner<'_> {
                     };
                     let (mut xc, mut yc, mut w, mut h) =
                         (v("x_center")?, v("y_center")?, v("width")?, v("height")?);
-                    if step.block.kind == Kind::RelativeStaticCrop {
+                    let relative = step.block.kind == Kind::RelativeStaticCrop;
+                    if relative {
+                        // Fractions become whole pixels first, as the reference rounds them
+                        // (Python's round: halves to even).
                         (xc, yc, w, h) = (xc * pw, yc * ph, w * pw, h * ph);
+                        (xc, yc, w, h) = (
+                            xc.round_ties_even(),
+                            yc.round_ties_even(),
+                            w.round_ties_even(),
+                            h.round_ties_even(),
+                        );
                     }
-                    let id = uuid::Uuid::new_v4().to_string();
-                    let b = (xc - w / 2.0, yc - h / 2.0, xc + w / 2.0, yc + h / 2.0);
+                    let (x1, y1) = (
+                        (xc - w / 2.0).round_ties_even(),
+                        (yc - h / 2.0).round_ties_even(),
+                    );
+                    // The crop's id, its images' `video_identifier` and its detections'
+                    // `parent_id`, named after its block as the reference names it.
+                    let id = format!(
+                        "{}.{}",
+                        if relative {
+                            "relative_static_crop"
+                        } else {
+                            "absolute_static_crop"
+                        },
+                        uuid::Uuid::new_v4()
+                    );
+                    let b = (x1, y1, x1 + w, y1 + h);
                     let Some((crop, _, _)) = pixels.crop(&id, b) else {
                         results.insert(idx.clone(), vec![("crops".into(), Value::null())]);
                         continue;

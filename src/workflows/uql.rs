@@ -24,6 +24,10 @@ pub enum Op {
         mode: String,
         ascending: bool,
     },
+    /// One detection (or none of none): `first`, `last`, `top_confidence` (the first of the
+    /// most confident), `left_most` (the first of the least centre x), `right_most` (the last
+    /// of the greatest centre x), as the reference picks them.
+    DetectionsSelection(Selection),
     DetectionsOffset {
         x: i64,
         y: i64,
@@ -88,6 +92,7 @@ pub const OPERATIONS: &[&str] = &[
     "ExtractDetectionProperty",
     "DetectionsFilter",
     "SortDetections",
+    "DetectionsSelection",
     "DetectionsOffset",
     "DetectionsRename",
     "ClassificationPropertyExtract",
@@ -102,6 +107,16 @@ pub const OPERATIONS: &[&str] = &[
     "StringToUpperCase",
     "StringToLowerCase",
 ];
+
+/// Which detection `DetectionsSelection` keeps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Selection {
+    First,
+    Last,
+    TopConfidence,
+    LeftMost,
+    RightMost,
+}
 
 /// The comparators of binary statements.
 pub const BINARY: &[&str] = &[
@@ -179,6 +194,18 @@ fn parse_op(o: &Json) -> Result<Op, WorkflowError> {
             mode: str_field(o, "mode").unwrap_or("confidence").to_owned(),
             ascending: o.get("ascending").and_then(Json::as_bool).unwrap_or(true),
         },
+        "DetectionsSelection" => Op::DetectionsSelection(match str_field(o, "mode") {
+            Some("first") => Selection::First,
+            Some("last") => Selection::Last,
+            Some("top_confidence") => Selection::TopConfidence,
+            Some("left_most") => Selection::LeftMost,
+            Some("right_most") => Selection::RightMost,
+            other => {
+                return Err(bad(format!(
+                    "DetectionsSelection `mode` must be first, last, top_confidence, left_most or right_most, not {other:?}"
+                )))
+            }
+        }),
         "DetectionsOffset" => Op::DetectionsOffset {
             x: num("offset_x")? as i64,
             y: num("offset_y")? as i64,
@@ -489,6 +516,40 @@ fn apply_one(op: &Op, v: Value, scope: Scope<'_>) -> Result<Value, WorkflowError
                 }))
             }
             _ => return Err(mismatch("SortDetections", &v)),
+        },
+        Op::DetectionsSelection(mode) => match &v {
+            Value::Detections(d) => {
+                let dets = &d.dets;
+                let cx = |x: &Det| (x.x1 + x.x2) / 2.0;
+                let pick = match mode {
+                    Selection::First => (!dets.is_empty()).then_some(0),
+                    Selection::Last => dets.len().checked_sub(1),
+                    // The first of the greatest (ties keep the earlier).
+                    Selection::TopConfidence => dets
+                        .iter()
+                        .enumerate()
+                        .rev()
+                        .max_by(|a, b| a.1.confidence.total_cmp(&b.1.confidence))
+                        .map(|(i, _)| i),
+                    // The first of the least (min_by keeps the earlier).
+                    Selection::LeftMost => dets
+                        .iter()
+                        .enumerate()
+                        .min_by(|a, b| cx(a.1).total_cmp(&cx(b.1)))
+                        .map(|(i, _)| i),
+                    // The last of the greatest.
+                    Selection::RightMost => dets
+                        .iter()
+                        .enumerate()
+                        .max_by(|a, b| cx(a.1).total_cmp(&cx(b.1)))
+                        .map(|(i, _)| i),
+                };
+                Value::Detections(Arc::new(Detections {
+                    dets: pick.map(|i| dets[i].clone()).into_iter().collect(),
+                    ..(**d).clone()
+                }))
+            }
+            _ => return Err(mismatch("DetectionsSelection", &v)),
         },
         Op::DetectionsOffset { x, y } => match &v {
             Value::Detections(d) => {
@@ -861,6 +922,47 @@ mod tests {
         assert_eq!(or.as_json().unwrap(), &json!(["dog", "cat"]));
         let and = apply(&parse_ops(&filter("and")).unwrap(), dets(), &none).unwrap();
         assert_eq!(and.as_json().unwrap(), &json!([]));
+    }
+
+    /// One detection per mode; with every box in one place, ties go as the reference's
+    /// (the first of the leftmost, the last of the rightmost, the first of the most confident).
+    #[test]
+    fn detections_selection_modes_and_ties() {
+        let none = |_: &str| None;
+        let pick = |mode: &str, v: Value| {
+            let ops = json!([{"type": "DetectionsSelection", "mode": mode},
+                             {"type": "DetectionsPropertyExtract", "property_name": "class_name"}]);
+            apply(&parse_ops(&ops).unwrap(), v, &none)
+                .unwrap()
+                .as_json()
+                .unwrap()
+                .clone()
+        };
+        for (mode, want) in [
+            ("first", "dog"),
+            ("last", "car"),
+            ("top_confidence", "cat"),
+            ("left_most", "dog"),
+            ("right_most", "car"),
+        ] {
+            assert_eq!(pick(mode, dets()), json!([want]), "{mode}");
+        }
+        let Value::Detections(d) = dets() else {
+            unreachable!()
+        };
+        let mut moved = (*d).clone();
+        moved.dets[2].x1 = 50.0;
+        moved.dets[2].x2 = 60.0;
+        moved.dets[0].x1 = -4.0;
+        let moved = Value::Detections(Arc::new(moved));
+        assert_eq!(pick("left_most", moved.clone()), json!(["dog"]));
+        assert_eq!(pick("right_most", moved), json!(["car"]));
+        let empty = Value::Detections(Arc::new(Detections {
+            dets: Vec::new(),
+            ..(*d).clone()
+        }));
+        assert_eq!(pick("top_confidence", empty), json!([]));
+        assert!(parse_ops(&json!([{"type": "DetectionsSelection", "mode": "middle"}])).is_err());
     }
 
     #[test]
