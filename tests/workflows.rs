@@ -525,13 +525,19 @@ fn expression_transformation_and_static_crops() {
             {"type": "roboflow_core/relative_statoic_crop@v1", "name": "rel", "images": "$inputs.image", "x_center": 0.5, "y_center": 0.5, "width": 0.5, "height": 0.25},
             {"type": "roboflow_core/property_definition@v1", "name": "relsize", "data": "$steps.rel.crops", "operations": [{"type": "ExtractImageProperty", "property_name": "size"}]},
             {"type": "roboflow_core/relative_statoic_crop@v1", "name": "rel2", "images": "$inputs.image", "x_center": 0.3, "y_center": 0.6, "width": 0.4, "height": 0.6},
-            {"type": "roboflow_core/property_definition@v1", "name": "rel2size", "data": "$steps.rel2.crops", "operations": [{"type": "ExtractImageProperty", "property_name": "size"}]}],
+            {"type": "roboflow_core/property_definition@v1", "name": "rel2size", "data": "$steps.rel2.crops", "operations": [{"type": "ExtractImageProperty", "property_name": "size"}]},
+            {"type": "roboflow_core/property_definition@v1", "name": "height", "data": "$inputs.image", "operations": [{"type": "ExtractImageProperty", "property_name": "height"}]},
+            {"type": "roboflow_core/property_definition@v1", "name": "mapped", "data": "$steps.sorted.predictions", "operations": [
+                {"type": "DetectionsPropertyExtract", "property_name": "class_name"},
+                {"type": "SequenceMap", "lookup_table": {"dog": "pet", "bicycle": "vehicle", "truck": "vehicle"}}]}],
         "outputs": [{"type": "JsonField", "name": "sorted", "selector": "$steps.sorted.predictions"},
                     {"type": "JsonField", "name": "verdict", "selector": "$steps.verdict.output"},
                     {"type": "JsonField", "name": "abs", "selector": "$steps.abs.crops"},
                     {"type": "JsonField", "name": "relsize", "selector": "$steps.relsize.output"},
                     {"type": "JsonField", "name": "rel2", "selector": "$steps.rel2.crops"},
-                    {"type": "JsonField", "name": "rel2size", "selector": "$steps.rel2size.output"}]});
+                    {"type": "JsonField", "name": "rel2size", "selector": "$steps.rel2size.output"},
+                    {"type": "JsonField", "name": "height", "selector": "$steps.height.output"},
+                    {"type": "JsonField", "name": "mapped", "selector": "$steps.mapped.output"}]});
     let r = run(&s, spec.clone(), json!({"image": image("images/dog.jpg")}));
     assert_eq!(r.status, 200, "{}", r.body);
     let out = &r.body["outputs"][0];
@@ -559,6 +565,16 @@ fn expression_transformation_and_static_crops() {
         json!({"offset_x": 76, "offset_y": 173, "width": 768, "height": 576})
     );
     assert_eq!(out["rel2size"], 307 * 346);
+    // An input image's property (decoded for it), and each class through a lookup table.
+    assert_eq!(out["height"], 576);
+    let mapped: Vec<&str> = sorted
+        .iter()
+        .map(|p| match p["class"].as_str().unwrap() {
+            "dog" => "pet",
+            _ => "vehicle",
+        })
+        .collect();
+    assert_eq!(out["mapped"], json!(mapped));
     for (k, block) in [
         ("rel2", "relative_static_crop."),
         ("abs", "absolute_static_crop."),

@@ -566,6 +566,7 @@ impl Runner<'_> {
             Kind::PropertyDefinition => {
                 for idx in &live {
                     let Some(v) = get("data", idx) else { continue };
+                    let v = self.sized(v).await?;
                     let none = |_: &str| None;
                     let out = uql::apply(&step.extra.ops, v, &none)?;
                     results.insert(idx.clone(), vec![("output".into(), out)]);
@@ -580,7 +581,8 @@ impl Runner<'_> {
                     for (name, ops) in &step.extra.data_ops {
                         if let Some(entry) = named.iter_mut().find(|(n, _)| n == name) {
                             let none = |_: &str| None;
-                            entry.1 = uql::apply(ops, entry.1.clone(), &none)?;
+                            let v = self.sized(entry.1.clone()).await?;
+                            entry.1 = uql::apply(ops, v, &none)?;
                         }
                     }
                     let named = Some(Value::Dict(named));
@@ -906,6 +908,17 @@ impl Runner<'_> {
     }
 
     /// An image's pixels, decoding an input image (once per request) when first needed.
+    /// `v`, with an input image decoded if its size is not known yet (an image property
+    /// asked of it).
+    async fn sized(&self, v: Value) -> Result<Value, RunError> {
+        if let Value::Image(img) = &v {
+            if img.size().is_none() {
+                self.pixels(img).await?;
+            }
+        }
+        Ok(v)
+    }
+
     async fn pixels(&self, img: &WfImage) -> Result<WindowRef, RunError> {
         match &img.pixels {
             Pixels::Window {

@@ -45,6 +45,8 @@ pub enum Op {
     },
     NumberRound(i32),
     LookupTable(serde_json::Map<String, Json>),
+    /// Each element of a list through a lookup table; an element not in it is an error.
+    SequenceMap(serde_json::Map<String, Json>),
     Multiply(f64),
     Divide(f64),
     ToBoolean,
@@ -101,6 +103,7 @@ pub const OPERATIONS: &[&str] = &[
     "ToNumber",
     "NumberRound",
     "LookupTable",
+    "SequenceMap",
     "Multiply",
     "Divide",
     "ToBoolean",
@@ -181,9 +184,16 @@ fn parse_op(o: &Json) -> Result<Op, WorkflowError> {
     Ok(match ty {
         "SequenceLength" => Op::SequenceLength,
         "SequenceElementsCount" => Op::SequenceElementsCount,
-        "SequenceAggregate" => {
-            Op::SequenceAggregate(str_field(o, "mode").unwrap_or("first").to_owned())
-        }
+        "SequenceAggregate" => match str_field(o, "mode") {
+            Some(m @ ("first" | "last" | "most_common" | "least_common")) => {
+                Op::SequenceAggregate(m.to_owned())
+            }
+            other => {
+                return Err(bad(format!(
+                    "SequenceAggregate `mode` must be 'first', 'last', 'most_common' or 'least_common', not {other:?}"
+                )))
+            }
+        },
         "DetectionsPropertyExtract" => Op::DetectionsPropertyExtract(prop()?),
         "ExtractDetectionProperty" => Op::ExtractDetectionProperty(prop()?),
         "DetectionsFilter" => Op::DetectionsFilter(Box::new(parse_group(
@@ -238,6 +248,12 @@ fn parse_op(o: &Json) -> Result<Op, WorkflowError> {
                 .and_then(Json::as_object)
                 .cloned()
                 .ok_or_else(|| bad("LookupTable needs `lookup_table`"))?,
+        ),
+        "SequenceMap" => Op::SequenceMap(
+            o.get("lookup_table")
+                .and_then(Json::as_object)
+                .cloned()
+                .ok_or_else(|| bad("SequenceMap needs `lookup_table`"))?,
         ),
         "Multiply" => Op::Multiply(num("other")?),
         "Divide" => Op::Divide(num("other")?),
@@ -430,30 +446,29 @@ fn apply_one(op: &Op, v: Value, scope: Scope<'_>) -> Result<Value, WorkflowError
         }
         Op::SequenceAggregate(mode) => {
             let list = json_list(&v).ok_or_else(|| mismatch("SequenceAggregate", &v))?;
-            let nums: Vec<f64> = list.iter().filter_map(Json::as_f64).collect();
+            // Counts in first-seen order, as Python's Counter keeps them.
+            let mut counts: Vec<(&Json, usize)> = Vec::new();
+            for item in &list {
+                match counts.iter_mut().find(|(k, _)| *k == item) {
+                    Some(c) => c.1 += 1,
+                    None => counts.push((item, 1)),
+                }
+            }
             Value::Json(match mode.as_str() {
                 "first" => list.first().cloned().unwrap_or(Json::Null),
                 "last" => list.last().cloned().unwrap_or(Json::Null),
-                "max" => nums
+                // Counter.most_common(): by count, ties in first-seen order; the first of the
+                // greatest and the last of the least.
+                "most_common" => counts
                     .iter()
-                    .copied()
-                    .reduce(f64::max)
-                    .map_or(Json::Null, |x| json!(x)),
-                "min" => nums
+                    .rev()
+                    .max_by_key(|c| c.1)
+                    .map_or(Json::Null, |c| c.0.clone()),
+                _ => counts
                     .iter()
-                    .copied()
-                    .reduce(f64::min)
-                    .map_or(Json::Null, |x| json!(x)),
-                "sum" => json!(nums.iter().sum::<f64>()),
-                "avg" | "mean" if !nums.is_empty() => {
-                    json!(nums.iter().sum::<f64>() / nums.len() as f64)
-                }
-                "avg" | "mean" => Json::Null,
-                other => {
-                    return Err(bad(format!(
-                        "SequenceAggregate mode `{other}` is not known"
-                    )))
-                }
+                    .rev()
+                    .min_by_key(|c| c.1)
+                    .map_or(Json::Null, |c| c.0.clone()),
             })
         }
         Op::DetectionsPropertyExtract(p) => match &v {
@@ -686,6 +701,27 @@ fn apply_one(op: &Op, v: Value, scope: Scope<'_>) -> Result<Value, WorkflowError
             let n = as_f64(&v).ok_or_else(|| mismatch("NumberRound", &v))?;
             let k = 10f64.powi(*digits);
             Value::Json(json!((n * k).round() / k))
+        }
+        Op::SequenceMap(table) => {
+            let list = json_list(&v).ok_or_else(|| mismatch("SequenceMap", &v))?;
+            let mut out = Vec::with_capacity(list.len());
+            for item in list {
+                let key = match &item {
+                    Json::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let Some(mapped) = table.get(&key) else {
+                    let keys: Vec<&String> = table.keys().collect();
+                    return Err(WorkflowError::short(
+                        400,
+                        "InvalidInputTypeError",
+                        "workflow_execution | step_execution",
+                        format!("While executing operation sequence_map(...), encountered value `{key}` which cannot be found in lookup table with keys: {keys:?}"),
+                    ));
+                };
+                out.push(mapped.clone());
+            }
+            Value::Json(Json::Array(out))
         }
         Op::LookupTable(table) => {
             let key = match &v {
@@ -963,6 +999,27 @@ mod tests {
         }));
         assert_eq!(pick("top_confidence", empty), json!([]));
         assert!(parse_ops(&json!([{"type": "DetectionsSelection", "mode": "middle"}])).is_err());
+    }
+
+    /// The reference's aggregation modes, ties as Python's Counter breaks them; other modes
+    /// are refused when the definition is read.
+    #[test]
+    fn sequence_aggregate_modes() {
+        let none = |_: &str| None;
+        let agg = |mode: &str| {
+            let ops = json!([{"type": "SequenceAggregate", "mode": mode}]);
+            let v = Value::Json(json!(["b", "a", "a", "c", "b", "d"]));
+            apply(&parse_ops(&ops).unwrap(), v, &none)
+                .unwrap()
+                .as_json()
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(agg("first"), json!("b"));
+        assert_eq!(agg("last"), json!("d"));
+        assert_eq!(agg("most_common"), json!("b"));
+        assert_eq!(agg("least_common"), json!("d"));
+        assert!(parse_ops(&json!([{"type": "SequenceAggregate", "mode": "max"}])).is_err());
     }
 
     #[test]
