@@ -370,7 +370,11 @@ fn det_property(d: &Det, w: u32, h: u32, p: &str) -> Result<Json, WorkflowError>
         "x_max" => json!(d.x2 as f64),
         "y_max" => json!(d.y2 as f64),
         "size" => json!((d.width() * d.height()) as f64),
-        "center" => json!([cx as f64, cy as f64]),
+        // Whole pixels, as the reference's anchors answer (halves to even).
+        "center" => json!([
+            (cx as f64).round_ties_even() as i64,
+            (cy as f64).round_ties_even() as i64
+        ]),
         "top_left" => json!([d.x1 as f64, d.y1 as f64]),
         "top_right" => json!([d.x2 as f64, d.y1 as f64]),
         "bottom_left" => json!([d.x1 as f64, d.y2 as f64]),
@@ -581,22 +585,42 @@ fn apply_one(op: &Op, v: Value, scope: Scope<'_>) -> Result<Value, WorkflowError
                 let mut names: Vec<&String> = map.values().collect();
                 names.sort();
                 names.dedup();
+                // The new ids: strict, each new name's place among the sorted new names; else
+                // a class keeps its id (a new name that is an existing class takes that
+                // class's), and the other new names take `id_offset` on, in sorted order.
+                let ids: BTreeMap<&str, i64> = if *strict {
+                    if let Some(det) = d.dets.iter().find(|x| !map.contains_key(&x.class_name)) {
+                        return Err(bad(format!(
+                            "DetectionsRename (strict): class '{}' not found in class_map",
+                            det.class_name
+                        )));
+                    }
+                    names
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| (n.as_str(), i as i64))
+                        .collect()
+                } else {
+                    let mut ids: BTreeMap<&str, i64> = d
+                        .dets
+                        .iter()
+                        .map(|x| (x.class_name.as_str(), x.class_id))
+                        .collect();
+                    let fresh: Vec<&String> = names
+                        .into_iter()
+                        .filter(|n| !ids.contains_key(n.as_str()))
+                        .collect();
+                    for (i, n) in fresh.into_iter().enumerate() {
+                        ids.insert(n.as_str(), id_offset + i as i64);
+                    }
+                    ids
+                };
                 let mut dets = Vec::with_capacity(d.dets.len());
                 for det in &d.dets {
                     let mut det = det.clone();
-                    match map.get(&det.class_name) {
-                        Some(new) => {
-                            det.class_id = names.iter().position(|n| *n == new).unwrap_or(0) as i64;
-                            det.class_name = new.clone();
-                        }
-                        None if *strict => {
-                            return Err(bad(format!(
-                                "DetectionsRename (strict) has no new name for class `{}`",
-                                det.class_name
-                            )))
-                        }
-                        None => det.class_id += id_offset,
-                    }
+                    let name = map.get(&det.class_name).unwrap_or(&det.class_name).clone();
+                    det.class_id = ids.get(name.as_str()).copied().unwrap_or(det.class_id);
+                    det.class_name = name;
                     dets.push(det);
                 }
                 Value::Detections(Arc::new(Detections {
@@ -759,11 +783,13 @@ pub fn offset_detections(d: &Detections, dx: i64, dy: i64, new_ids: bool) -> Det
         .iter()
         .map(|x| {
             let mut n = x.clone();
-            n.x1 = (x.x1 - hx).clamp(0.0, w);
-            n.y1 = (x.y1 - hy).clamp(0.0, h);
-            n.x2 = (x.x2 + hx).clamp(0.0, w);
-            n.y2 = (x.y2 + hy).clamp(0.0, h);
+            (n.x1, n.y1, n.x2, n.y2) = (x.x1 - hx, x.y1 - hy, x.x2 + hx, x.y2 + hy);
             if new_ids {
+                // The block keeps boxes inside the image; the UQL operation does not.
+                n.x1 = n.x1.clamp(0.0, w);
+                n.y1 = n.y1.clamp(0.0, h);
+                n.x2 = n.x2.clamp(0.0, w);
+                n.y2 = n.y2.clamp(0.0, h);
                 n.lineage.parent_id = x.detection_id.as_str().into();
                 n.detection_id = uuid::Uuid::new_v4().to_string();
             }
@@ -1020,6 +1046,34 @@ mod tests {
         assert_eq!(agg("most_common"), json!("b"));
         assert_eq!(agg("least_common"), json!("d"));
         assert!(parse_ops(&json!([{"type": "SequenceAggregate", "mode": "max"}])).is_err());
+    }
+
+    /// Non-strict renaming keeps ids (a new name that is an existing class takes its id) and
+    /// numbers the other new names from the offset; the UQL offset leaves boxes unclamped;
+    /// centres are whole pixels.
+    #[test]
+    fn rename_offset_and_centre_as_the_reference() {
+        let none = |_: &str| None;
+        let run = |ops: Json, prop: &str| {
+            let mut ops = ops.as_array().unwrap().clone();
+            ops.push(json!({"type": "DetectionsPropertyExtract", "property_name": prop}));
+            apply(&parse_ops(&Json::Array(ops)).unwrap(), dets(), &none)
+                .unwrap()
+                .as_json()
+                .unwrap()
+                .clone()
+        };
+        let rename = json!([{"type": "DetectionsRename", "class_map": {"dog": "pet", "cat": "car"}, "strict": false}]);
+        assert_eq!(
+            run(rename.clone(), "class_name"),
+            json!(["pet", "car", "car"])
+        );
+        assert_eq!(run(rename, "class_id"), json!([1024, 0, 0]));
+        let strict = json!([{"type": "DetectionsRename", "class_map": {"dog": "b", "cat": "a", "car": "b"}}]);
+        assert_eq!(run(strict, "class_id"), json!([1, 0, 1]));
+        let offset = json!([{"type": "DetectionsOffset", "offset_x": 10, "offset_y": 4}]);
+        assert_eq!(run(offset.clone(), "x_min"), json!([-5.0, -5.0, -5.0]));
+        assert_eq!(run(json!([]), "center"), json!([[5, 5], [5, 5], [5, 5]]));
     }
 
     #[test]
