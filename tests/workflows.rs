@@ -965,23 +965,11 @@ fn a_workflow_cancelled_mid_flight_gives_back_its_place_and_ticket() {
             ("REQUEST_TIMEOUT_S", "60"),
         ],
     );
-    let text = || {
-        s.get("/metrics")
-            .body
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
-    };
-    let value = |text: &str, name: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or(f64::NAN)
-    };
+    // The trailing space keeps each name from matching longer ones.
     let held = || {
-        let t = text();
         (
-            value(&t, "cvserve_inflight_requests "),
-            value(&t, "cvserve_requests_in_line "),
+            metric(&s, "cvserve_inflight_requests "),
+            metric(&s, "cvserve_requests_in_line "),
         )
     };
     let batches = || metric(&s, "cvserve_inference_seconds_count{model=\"coco/1\"}");
