@@ -147,6 +147,12 @@ pub fn outline(img: &mut RgbImage, corners: (f32, f32, f32, f32), c: [u8; 3], st
     }
 }
 
+/// The size of a `text_label` of `text` (`px` pixels, `pad` padding).
+pub fn label_size(text: &str, px: f32, pad: u32) -> (u32, u32) {
+    let (tw, th) = text_size(PxScale::from(px), &*FONT, text);
+    (tw + 2 * pad, th + 2 * pad)
+}
+
 /// A filled label background in `bg` with `fg` text of `px` pixels and `pad` pixels of
 /// padding, its top-left at (x, y) moved inside the image; returns its height.
 #[allow(clippy::too_many_arguments)]
@@ -193,7 +199,8 @@ fn label(img: &mut RgbImage, text: &str, x: i32, y: i32, c: Rgb<u8>, px: f32) ->
     )
 }
 
-fn thick_line(img: &mut RgbImage, a: (f32, f32), b: (f32, f32), c: Rgb<u8>, stroke: u32) {
+/// A line `stroke` pixels wide from `a` to `b`.
+pub fn thick_line(img: &mut RgbImage, a: (f32, f32), b: (f32, f32), c: Rgb<u8>, stroke: u32) {
     let half = (stroke as f32 - 1.0) / 2.0;
     let (dx, dy) = (b.0 - a.0, b.1 - a.1);
     let len = (dx * dx + dy * dy).sqrt().max(1e-3);

@@ -23,6 +23,15 @@ pub enum Kind {
     DimensionCollapse,
     BoundingBox,
     Label,
+    /// `image_slicer`: v2 (same-size tiles) or v1.
+    ImageSlicer(bool),
+    DetectionsStitch,
+    DetectionsConsensus,
+    ClassesReplacement,
+    Mask,
+    Polygon,
+    CropVisualization,
+    ClassificationLabel,
 }
 
 /// A field's default: required, or a JSON literal.
@@ -166,6 +175,22 @@ const VIS_COMMON: [FieldSpec; 7] = [
     f("custom_colors", &["list_of_values"], Is("[]")),
     f("color_axis", &["string"], Is("\"CLASS\"")),
 ];
+
+/// A detections visualisation's fields: the common ones, then its own.
+macro_rules! vis_fields {
+    ($($own:expr),* $(,)?) => {
+        &[
+            VIS_COMMON[0],
+            VIS_COMMON[1],
+            VIS_COMMON[2],
+            VIS_COMMON[3],
+            VIS_COMMON[4],
+            VIS_COMMON[5],
+            VIS_COMMON[6],
+            $($own),*
+        ]
+    };
+}
 
 const OPS_FIELDS: &[FieldSpec] = &[
     PREDICTIONS,
@@ -584,7 +609,161 @@ pub static BLOCKS: &[BlockType] = &[
         outputs: &[("image", "image")],
         dim_offset: 0,
     },
+    slicer("roboflow_core/image_slicer@v1", false, "Slices each image into overlapping tiles (border tiles cut at the edge), one nesting level deeper."),
+    slicer("roboflow_core/image_slicer@v2", true, "Slices each image into overlapping tiles of the same size (border tiles moved inwards, repeats dropped), one nesting level deeper."),
+    BlockType {
+        id: "roboflow_core/detections_stitch@v1",
+        aliases: &[],
+        name: "Detections Stitch",
+        description: "Merges the detections of an image's tiles (or crops) into the image's coordinates, overlaps reconciled by NMS or NMM.",
+        kind: Kind::DetectionsStitch,
+        fields: &[
+            f("reference_image", &["image"], Required),
+            f("predictions", &["object_detection_prediction", "instance_segmentation_prediction"], Required),
+            f("overlap_filtering_strategy", &["string"], Is("\"nms\"")),
+            bounded("iou_threshold", Is("0.3"), 0.0, 1.0),
+        ],
+        outputs: &[("predictions", "object_detection_prediction")],
+        dim_offset: -1,
+    },
+    BlockType {
+        id: "roboflow_core/detections_consensus@v1",
+        aliases: &["DetectionsConsensus"],
+        name: "Detections Consensus",
+        description: "Keeps the objects that enough of several models' detections agree on, merged.",
+        kind: Kind::DetectionsConsensus,
+        fields: &[
+            lit("predictions_batches", Required),
+            f("required_votes", &["integer"], Required),
+            f("class_aware", &["boolean"], Is("true")),
+            bounded("iou_threshold", Is("0.3"), 0.0, 1.0),
+            bounded("confidence", Is("0.0"), 0.0, 1.0),
+            f("classes_to_consider", &["list_of_values"], Is("null")),
+            f("required_objects", &["integer", "dictionary"], Is("null")),
+            lit("presence_confidence_aggregation", Is("\"max\"")),
+            lit("detections_merge_confidence_aggregation", Is("\"average\"")),
+            lit("detections_merge_coordinates_aggregation", Is("\"average\"")),
+            lit("detections_merge_mask_aggregation", Is("\"union\"")),
+        ],
+        outputs: &[
+            ("predictions", "object_detection_prediction"),
+            ("object_present", "boolean"),
+            ("presence_confidence", "dictionary"),
+        ],
+        dim_offset: 0,
+    },
+    BlockType {
+        id: "roboflow_core/detections_classes_replacement@v1",
+        aliases: &["DetectionsClassesReplacement"],
+        name: "Detections Classes Replacement",
+        description: "Gives each detection the top class of the classification of its crop.",
+        kind: Kind::ClassesReplacement,
+        fields: &[
+            f("object_detection_predictions", DETS, Required),
+            f("classification_predictions", &["classification_prediction", "string", "list_of_values"], Required),
+            f("fallback_class_name", &["string"], Is("null")),
+            f("fallback_class_id", &["integer"], Is("null")),
+        ],
+        outputs: &[("predictions", "object_detection_prediction")],
+        dim_offset: -1,
+    },
+    visual(
+        "roboflow_core/mask_visualization@v1",
+        &["MaskVisualization"],
+        "Mask Visualization",
+        "Fills each instance's mask with its colour.",
+        Kind::Mask,
+        vis_fields![bounded("opacity", Is("0.5"), 0.0, 1.0)],
+    ),
+    visual(
+        "roboflow_core/polygon_visualization@v1",
+        &["PolygonVisualization"],
+        "Polygon Visualization",
+        "Outlines each instance's polygon.",
+        Kind::Polygon,
+        vis_fields![f("thickness", &["integer"], Is("2"))],
+    ),
+    visual(
+        "roboflow_core/crop_visualization@v1",
+        &["CropVisualization"],
+        "Crop Visualization",
+        "Shows each detection's crop, scaled, next to its box.",
+        Kind::CropVisualization,
+        vis_fields![
+            f("position", &["string"], Is("\"TOP_CENTER\"")),
+            f("scale_factor", &["float"], Is("2.0")),
+            f("border_thickness", &["integer"], Is("2")),
+        ],
+    ),
+    BlockType {
+        id: "roboflow_core/classification_label_visualization@v1",
+        aliases: &[],
+        name: "Classification Label Visualization",
+        description: "Writes the image's classification (top class, or every predicted class) on it.",
+        kind: Kind::ClassificationLabel,
+        fields: &[
+            VIS_COMMON[0],
+            f("predictions", &["classification_prediction"], Required),
+            VIS_COMMON[2],
+            VIS_COMMON[3],
+            VIS_COMMON[4],
+            VIS_COMMON[5],
+            VIS_COMMON[6],
+            f("text", &["string"], Is("\"Class\"")),
+            f("text_position", &["string"], Is("\"TOP_LEFT\"")),
+            f("text_color", &["string"], Is("\"WHITE\"")),
+            f("text_scale", &["float"], Is("1.0")),
+            f("text_thickness", &["integer"], Is("1")),
+            f("text_padding", &["integer"], Is("10")),
+            f("border_radius", &["integer"], Is("0")),
+        ],
+        outputs: &[("image", "image")],
+        dim_offset: 0,
+    },
 ];
+
+const SLICER_FIELDS: &[FieldSpec] = &[
+    IMAGE,
+    f("slice_width", &["integer"], Is("640")),
+    f("slice_height", &["integer"], Is("640")),
+    bounded("overlap_ratio_width", Is("0.2"), 0.0, 1.0),
+    bounded("overlap_ratio_height", Is("0.2"), 0.0, 1.0),
+];
+
+const fn slicer(id: &'static str, v2: bool, description: &'static str) -> BlockType {
+    BlockType {
+        id,
+        aliases: &[],
+        name: "Image Slicer",
+        description,
+        kind: Kind::ImageSlicer(v2),
+        fields: SLICER_FIELDS,
+        outputs: &[("slices", "image")],
+        dim_offset: 1,
+    }
+}
+
+/// A detections visualisation: the common fields, then its own.
+const fn visual(
+    id: &'static str,
+    aliases: &'static [&'static str],
+    name: &'static str,
+    description: &'static str,
+    kind: Kind,
+    own: &'static [FieldSpec],
+) -> BlockType {
+    // `own`: the common fields (vis_fields!) and the block's.
+    BlockType {
+        id,
+        aliases,
+        name,
+        description,
+        kind,
+        fields: own,
+        outputs: &[("image", "image")],
+        dim_offset: 0,
+    }
+}
 
 /// Block types of Roboflow's that run client-supplied code or send data elsewhere: refused
 /// by name.

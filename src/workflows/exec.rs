@@ -12,13 +12,15 @@ use futures_util::future::join_all;
 use image::RgbImage;
 use serde_json::{json, Map, Value as Json};
 
-use super::blocks::{BlockType, Kind};
+use super::blocks::Kind;
 use super::error::{RunError, WorkflowError};
+use super::fusion::{self, Agg, Consensus, MaskAgg, Overlap, Replacement, Required};
 use super::spec::{CaseResult, Field, Selector, Step, Workflow};
 use super::uql;
 use super::value::{
     self, Classification, Det, Detections, Keypoint, Lineage, Pixels, Value, WfImage,
 };
+use super::visual::DrawSettings;
 use crate::engine::admission::{Ticket, Tickets};
 use crate::engine::{Engine, EngineError, ImageInput, ImageOutput};
 use crate::metrics::METRICS;
@@ -144,6 +146,15 @@ impl State<'_> {
         if step.run_dim == 0 {
             return vec![Vec::new()];
         }
+        // Blocks that gather a deeper input per element run at their reference field's.
+        if let Some(Field::Sel(s)) =
+            reference_field(step.block.kind).and_then(|f| step.fields.get(f))
+        {
+            return self
+                .sel_data(s)
+                .map(|d| d.items.iter().map(|(i, _)| i.clone()).collect())
+                .unwrap_or_default();
+        }
         let mut sels = Vec::new();
         for f in step.fields.values() {
             collect_sels(f, &mut sels);
@@ -164,6 +175,19 @@ impl State<'_> {
         !s.is_empty() && (0..=idx.len()).any(|k| s.contains(&idx[..k]))
     }
 
+    /// The values one level below `idx` of what `s` points at, in order (`None` where a
+    /// child has none).
+    fn children(&self, s: &Selector, idx: &[usize]) -> Vec<(Index, Option<Value>)> {
+        let Some(d) = self.sel_data(s) else {
+            return Vec::new();
+        };
+        d.items
+            .iter()
+            .filter(|(i, _)| i.len() == idx.len() + 1 && i.starts_with(idx))
+            .map(|(i, _)| (i.clone(), self.select(s, i).filter(|v| !v.is_null())))
+            .collect()
+    }
+
     /// The step's batch fields all hold a value for `idx`.
     fn inputs_present(&self, step: &Step, idx: &[usize]) -> bool {
         step.fields.values().all(|f| match f {
@@ -172,6 +196,15 @@ impl State<'_> {
             }
             _ => true,
         })
+    }
+}
+
+/// The field whose elements a step gathering a deeper input runs for.
+fn reference_field(kind: Kind) -> Option<&'static str> {
+    match kind {
+        Kind::DetectionsStitch => Some("reference_image"),
+        Kind::ClassesReplacement => Some("object_detection_predictions"),
+        _ => None,
     }
 }
 
@@ -185,6 +218,10 @@ fn collect_sels<'a>(f: &'a Field, out: &mut Vec<&'a Selector>) {
 
 /// The images of a model step that share a model and parameters: one engine call.
 type ModelGroup = (String, TaskParams, Vec<(Index, Arc<WfImage>)>);
+
+fn get_field(step: &Step, state: &State<'_>, name: &str, idx: &[usize]) -> Option<Value> {
+    step.fields.get(name).and_then(|f| state.resolve(f, idx))
+}
 
 fn step_error(step: &Step, e: RunError) -> RunError {
     match e {
@@ -399,7 +436,13 @@ impl Runner<'_> {
         let elements: Vec<Index> = state.elements(step);
         let live: Vec<Index> = elements
             .iter()
-            .filter(|idx| !state.is_stopped(i, idx) && state.inputs_present(step, idx))
+            .filter(|idx| {
+                !state.is_stopped(i, idx)
+                    && match reference_field(step.block.kind) {
+                        Some(f) => get_field(step, state, f, idx).is_some_and(|v| !v.is_null()),
+                        None => state.inputs_present(step, idx),
+                    }
+            })
             .cloned()
             .collect();
         let get =
@@ -662,7 +705,219 @@ impl Runner<'_> {
                 }
                 return Ok((data, stops));
             }
-            Kind::BoundingBox | Kind::Label => {
+            Kind::ImageSlicer(v2) => {
+                for idx in &live {
+                    let Some(Value::Image(img)) = get("image", idx) else {
+                        continue;
+                    };
+                    let size = |k: &str| match num(&get(k, idx)) {
+                        Some(x) if x >= 1.0 && x.fract() == 0.0 && x <= u32::MAX as f64 => {
+                            Ok(x as u32)
+                        }
+                        _ => Err(bad_field(
+                            step,
+                            k,
+                            format!("`{k}` must be a whole number of at least 1"),
+                        )),
+                    };
+                    let ratio = |k: &str| match num(&get(k, idx)) {
+                        Some(x) if (0.0..1.0).contains(&x) => Ok(x),
+                        _ => Err(bad_field(
+                            step,
+                            k,
+                            format!("`{k}` must be a number in [0, 1)"),
+                        )),
+                    };
+                    let tile = (size("slice_width")?, size("slice_height")?);
+                    let overlap = (
+                        ratio("overlap_ratio_width")?,
+                        ratio("overlap_ratio_height")?,
+                    );
+                    let pixels = self.pixels(&img).await?;
+                    let whole = (pixels.width, pixels.height);
+                    let n = fusion::slice_count(whole, tile, overlap);
+                    if n > self.limits.max_crops as u64 {
+                        return Err(WorkflowError::limit(413, format!(
+                            "Step `{}` would cut {n} tiles of one image; this server makes at most {} (WORKFLOW_MAX_CROPS)",
+                            step.name, self.limits.max_crops)).into());
+                    }
+                    for (j, (x1, y1, x2, y2)) in fusion::slice_offsets(whole, tile, overlap, v2)
+                        .into_iter()
+                        .enumerate()
+                    {
+                        let mut child = idx.clone();
+                        child.push(j);
+                        let id = format!("image_slicer.{}", uuid::Uuid::new_v4());
+                        let b = (x1 as f64, y1 as f64, x2 as f64, y2 as f64);
+                        let slice = pixels
+                            .crop(&id, b)
+                            .map_or_else(Value::null, |(c, _, _)| Value::Image(Arc::new(c)));
+                        data.push(child, Some(vec![("slices".into(), slice)]));
+                    }
+                }
+                return Ok((data, stops));
+            }
+            Kind::DetectionsStitch => {
+                for idx in &live {
+                    let Some(Value::Image(img)) = get("reference_image", idx) else {
+                        continue;
+                    };
+                    let how = text(&get("overlap_filtering_strategy", idx))
+                        .as_deref()
+                        .and_then(Overlap::parse)
+                        .ok_or_else(|| {
+                            bad_field(
+                                step,
+                                "overlap_filtering_strategy",
+                                "`overlap_filtering_strategy` must be 'none', 'nms' or 'nmm'",
+                            )
+                        })?;
+                    let thr = num(&get("iou_threshold", idx)).unwrap_or(0.3) as f32;
+                    let pixels = self.pixels(&img).await?;
+                    let into = Detections {
+                        width: pixels.width,
+                        height: pixels.height,
+                        lineage: pixels.lineage.clone(),
+                        dets: Vec::new(),
+                    };
+                    let Some(Field::Sel(sel)) = step.fields.get("predictions") else {
+                        continue;
+                    };
+                    let mut tiles = Vec::new();
+                    for (_, v) in state.children(sel, idx) {
+                        match v {
+                            Some(Value::Detections(d)) => {
+                                // Each tile's detections move by the tile's place in its
+                                // parent, the reference image.
+                                let at = d.lineage.parent;
+                                tiles.push(((*d).clone(), (at.x, at.y)));
+                            }
+                            None => {}
+                            Some(other) => {
+                                return Err(bad_field(
+                                    step,
+                                    "predictions",
+                                    format!(
+                                        "`predictions` must be detections, not {}",
+                                        other.kind()
+                                    ),
+                                )
+                                .into())
+                            }
+                        }
+                    }
+                    let out = self
+                        .engine
+                        .run_cpu(move || fusion::stitch(tiles, &into, how, thr))
+                        .await
+                        .map_err(|e| engine_error(step, e))?;
+                    results.insert(
+                        idx.clone(),
+                        vec![("predictions".into(), Value::Detections(Arc::new(out)))],
+                    );
+                }
+            }
+            Kind::DetectionsConsensus => {
+                for idx in &live {
+                    let sources: Vec<Detections> = match get("predictions_batches", idx) {
+                        Some(Value::Dict(items)) => items
+                            .into_iter()
+                            .map(|(_, v)| match v {
+                                Value::Detections(d) => Ok((*d).clone()),
+                                v if v.is_null() => Ok(fusion::empty()),
+                                other => Err(bad_field(
+                                    step,
+                                    "predictions_batches",
+                                    format!(
+                                        "every source must be detections, not {}",
+                                        other.kind()
+                                    ),
+                                )),
+                            })
+                            .collect::<Result<_, _>>()?,
+                        _ => continue,
+                    };
+                    let c = consensus_settings(step, &|k| get(k, idx))?;
+                    let r = c.agree(&sources);
+                    let presence: Map<String, Json> =
+                        r.presence.into_iter().map(|(k, v)| (k, json!(v))).collect();
+                    results.insert(
+                        idx.clone(),
+                        vec![
+                            (
+                                "predictions".into(),
+                                Value::Detections(Arc::new(r.predictions)),
+                            ),
+                            (
+                                "object_present".into(),
+                                Value::Json(json!(r.object_present)),
+                            ),
+                            (
+                                "presence_confidence".into(),
+                                Value::Json(Json::Object(presence)),
+                            ),
+                        ],
+                    );
+                }
+            }
+            Kind::ClassesReplacement => {
+                for idx in &live {
+                    let Some(Value::Detections(dets)) = get("object_detection_predictions", idx)
+                    else {
+                        continue;
+                    };
+                    let Some(Field::Sel(sel)) = step.fields.get("classification_predictions")
+                    else {
+                        continue;
+                    };
+                    let children = state.children(sel, idx);
+                    let values: Vec<Option<Value>> = children.into_iter().map(|(_, v)| v).collect();
+                    let classes: Vec<Replacement<'_>> = values
+                        .iter()
+                        .map(|v| match v {
+                            Some(Value::Classification(c)) => Replacement::Classification(c),
+                            Some(Value::Json(Json::String(t))) => Replacement::Text(t),
+                            Some(Value::Json(Json::Array(a))) => a
+                                .first()
+                                .and_then(Json::as_str)
+                                .map_or(Replacement::Missing, Replacement::Text),
+                            _ => Replacement::Missing,
+                        })
+                        .collect();
+                    let name = text(&get("fallback_class_name", idx)).filter(|n| !n.is_empty());
+                    let id = num(&get("fallback_class_id", idx)).map_or(-1, |x| x as i64);
+                    let out = if values.is_empty() {
+                        fusion::empty()
+                    } else {
+                        fusion::replace_classes(&dets, &classes, name.as_deref().map(|n| (n, id)))
+                    };
+                    results.insert(
+                        idx.clone(),
+                        vec![("predictions".into(), Value::Detections(Arc::new(out)))],
+                    );
+                }
+            }
+            Kind::ClassificationLabel => {
+                for idx in &live {
+                    let (Some(Value::Image(img)), Some(Value::Classification(c))) =
+                        (get("image", idx), get("predictions", idx))
+                    else {
+                        continue;
+                    };
+                    let opts = DrawSettings::of(step.block, &|k| get(k, idx));
+                    let out = self
+                        .drawn(step, &img, move |canvas| {
+                            opts.draw_classification(canvas, &c)
+                        })
+                        .await?;
+                    results.insert(idx.clone(), vec![("image".into(), out)]);
+                }
+            }
+            Kind::BoundingBox
+            | Kind::Label
+            | Kind::Mask
+            | Kind::Polygon
+            | Kind::CropVisualization => {
                 for idx in &live {
                     let (Some(Value::Image(img)), Some(Value::Detections(dets))) =
                         (get("image", idx), get("predictions", idx))
@@ -670,33 +925,10 @@ impl Runner<'_> {
                         continue;
                     };
                     let opts = DrawSettings::of(step.block, &|k| get(k, idx));
-                    let pixels = self.pixels(&img).await?;
-                    let lineage = img.lineage.clone();
-                    let drawn = self
-                        .engine
-                        .run_cpu(move || {
-                            let mut canvas = pixels.to_image();
-                            opts.draw(&mut canvas, &dets);
-                            canvas
-                        })
-                        .await
-                        .map_err(|e| engine_error(step, e))?;
-                    let (w, h) = (drawn.width(), drawn.height());
-                    let out = WfImage {
-                        pixels: Pixels::Window {
-                            image: Arc::new(drawn),
-                            x: 0,
-                            y: 0,
-                            width: w,
-                            height: h,
-                        },
-                        lineage,
-                        base64: None,
-                    };
-                    results.insert(
-                        idx.clone(),
-                        vec![("image".into(), Value::Image(Arc::new(out)))],
-                    );
+                    let out = self
+                        .drawn(step, &img, move |canvas| opts.draw(canvas, &dets))
+                        .await?;
+                    results.insert(idx.clone(), vec![("image".into(), out)]);
                 }
             }
         }
@@ -705,6 +937,38 @@ impl Runner<'_> {
             data.push(idx, out);
         }
         Ok((data, stops))
+    }
+
+    /// A copy of `img` drawn on by `paint`, on the CPU pool.
+    async fn drawn(
+        &self,
+        step: &Step,
+        img: &WfImage,
+        paint: impl FnOnce(&mut RgbImage) + Send + 'static,
+    ) -> Result<Value, RunError> {
+        let pixels = self.pixels(img).await?;
+        let lineage = img.lineage.clone();
+        let drawn = self
+            .engine
+            .run_cpu(move || {
+                let mut canvas = pixels.to_image();
+                paint(&mut canvas);
+                canvas
+            })
+            .await
+            .map_err(|e| engine_error(step, e))?;
+        let (w, h) = (drawn.width(), drawn.height());
+        Ok(Value::Image(Arc::new(WfImage {
+            pixels: Pixels::Window {
+                image: Arc::new(drawn),
+                x: 0,
+                y: 0,
+                width: w,
+                height: h,
+            },
+            lineage,
+            base64: None,
+        })))
     }
 
     /// Runs a model step: every element's image through the model in one call (chunked to
@@ -1164,6 +1428,92 @@ fn dict_get(v: &Option<Value>, name: &str) -> Option<Value> {
     }
 }
 
+/// A consensus step's settings, checked.
+fn consensus_settings(
+    step: &Step,
+    get: &dyn Fn(&str) -> Option<Value>,
+) -> Result<Consensus, WorkflowError> {
+    let agg = |k: &str, d: &str| {
+        let v = text(&get(k)).unwrap_or_else(|| d.to_owned());
+        Agg::parse(&v).ok_or_else(|| {
+            bad_field(
+                step,
+                k,
+                format!("`{k}` must be 'average', 'max' or 'min', not '{v}'"),
+            )
+        })
+    };
+    let masks = text(&get("detections_merge_mask_aggregation")).unwrap_or_else(|| "union".into());
+    let merge_masks = MaskAgg::parse(&masks).ok_or_else(|| {
+        bad_field(step, "detections_merge_mask_aggregation", format!("`detections_merge_mask_aggregation` must be 'union', 'intersection', 'max' or 'min', not '{masks}'"))
+    })?;
+    let required_votes = match num(&get("required_votes")) {
+        Some(x) if x >= 1.0 && x.fract() == 0.0 => x as usize,
+        _ => {
+            return Err(bad_field(
+                step,
+                "required_votes",
+                "`required_votes` must be a whole number of at least 1",
+            ))
+        }
+    };
+    let unit = |k: &str, d: f64| match get(k) {
+        Some(v) if !v.is_null() => match v.as_json().and_then(Json::as_f64) {
+            Some(x) if (0.0..=1.0).contains(&x) => Ok(x as f32),
+            _ => Err(bad_field(
+                step,
+                k,
+                format!("`{k}` must be a number in [0, 1]"),
+            )),
+        },
+        _ => Ok(d as f32),
+    };
+    let count = |v: &Json| v.as_u64().filter(|n| *n >= 1).map(|n| n as usize);
+    let required_objects = match get("required_objects").as_ref().and_then(Value::as_json) {
+        None | Some(Json::Null) => None,
+        Some(Json::Object(o)) => Some(Required::PerClass(
+            o.iter()
+                .map(|(k, v)| count(v).map(|n| (k.clone(), n)))
+                .collect::<Option<_>>()
+                .ok_or_else(|| {
+                    bad_field(
+                        step,
+                        "required_objects",
+                        "`required_objects` per class are whole numbers of at least 1",
+                    )
+                })?,
+        )),
+        Some(v) => Some(Required::Count(count(v).ok_or_else(|| {
+            bad_field(
+                step,
+                "required_objects",
+                "`required_objects` must be a whole number of at least 1, or one per class",
+            )
+        })?)),
+    };
+    let classes_to_consider = match get("classes_to_consider") {
+        Some(Value::Json(Json::Array(a))) => Some(
+            a.iter()
+                .filter_map(|c| c.as_str().map(str::to_owned))
+                .collect::<Vec<_>>(),
+        )
+        .filter(|c| !c.is_empty()),
+        _ => None,
+    };
+    Ok(Consensus {
+        required_votes,
+        class_aware: !matches!(get("class_aware"), Some(Value::Json(Json::Bool(false)))),
+        iou_threshold: unit("iou_threshold", 0.3)?,
+        confidence: unit("confidence", 0.0)?,
+        classes_to_consider,
+        required_objects,
+        presence: agg("presence_confidence_aggregation", "max")?,
+        merge_confidence: agg("detections_merge_confidence_aggregation", "average")?,
+        merge_boxes: agg("detections_merge_coordinates_aggregation", "average")?,
+        merge_masks,
+    })
+}
+
 /// `detection_offset` in percent: each side moves by `int(size x offset / 200)`, clamped at
 /// 0 only (as the reference).
 fn percent_offset(d: &Detections, ow: i64, oh: i64) -> Detections {
@@ -1319,112 +1669,6 @@ fn to_value(
         lineage,
         dets,
     }))
-}
-
-/// The drawing settings of a visualisation step.
-#[derive(Clone)]
-struct DrawSettings {
-    label: bool,
-    thickness: u32,
-    palette: Vec<[u8; 3]>,
-    by_index: bool,
-    text: String,
-    text_color: [u8; 3],
-    text_scale: f32,
-    padding: u32,
-}
-
-/// supervision's default palette (`ColorPalette.DEFAULT`), which Roboflow's blocks use.
-const PALETTE: [&str; 21] = [
-    "A351FB", "FF4040", "FFA1A0", "FF7633", "FFB633", "D1D435", "4CFB12", "94CF1A", "40DE8A",
-    "1B9640", "00D6C1", "2E9CAA", "00C4FF", "364797", "6675FF", "0019EF", "863AFF", "530087",
-    "CD3AFF", "FF97CA", "FF39C9",
-];
-
-fn hex(s: &str) -> Option<[u8; 3]> {
-    let s = s.trim().trim_start_matches('#');
-    if s.len() != 6 {
-        return None;
-    }
-    let p = |i: usize| u8::from_str_radix(&s[i..i + 2], 16).ok();
-    Some([p(0)?, p(2)?, p(4)?])
-}
-
-fn named_color(s: &str) -> Option<[u8; 3]> {
-    Some(match s.to_ascii_uppercase().as_str() {
-        "WHITE" => [255, 255, 255],
-        "BLACK" => [0, 0, 0],
-        "RED" => [255, 0, 0],
-        "GREEN" => [0, 255, 0],
-        "BLUE" => [0, 0, 255],
-        "YELLOW" => [255, 255, 0],
-        "ROBOFLOW" => [0xA3, 0x51, 0xFB],
-        other => return hex(other),
-    })
-}
-
-impl DrawSettings {
-    fn of(block: &BlockType, get: &dyn Fn(&str) -> Option<Value>) -> Self {
-        let custom: Vec<[u8; 3]> = match get("custom_colors") {
-            Some(Value::Json(Json::Array(a))) => {
-                a.iter().filter_map(|c| c.as_str().and_then(hex)).collect()
-            }
-            _ => Vec::new(),
-        };
-        let palette =
-            if text(&get("color_palette")).as_deref() == Some("CUSTOM") && !custom.is_empty() {
-                custom
-            } else {
-                PALETTE.iter().filter_map(|h| hex(h)).collect()
-            };
-        let n = |k: &str, d: f64| num(&get(k)).unwrap_or(d);
-        Self {
-            label: block.kind == Kind::Label,
-            thickness: n("thickness", 2.0).clamp(1.0, 100.0) as u32,
-            palette,
-            by_index: text(&get("color_axis")).as_deref() == Some("INDEX"),
-            text: text(&get("text")).unwrap_or_else(|| "Class".into()),
-            text_color: text(&get("text_color"))
-                .and_then(|c| named_color(&c))
-                .unwrap_or([255, 255, 255]),
-            text_scale: n("text_scale", 1.0).clamp(0.1, 10.0) as f32,
-            padding: n("text_padding", 10.0).clamp(0.0, 100.0) as u32,
-        }
-    }
-
-    fn draw(&self, img: &mut RgbImage, dets: &Detections) {
-        use crate::tasks::draw;
-        for (i, d) in dets.dets.iter().enumerate() {
-            let key = if self.by_index {
-                i
-            } else {
-                d.class_id.max(0) as usize
-            };
-            let color = self.palette[key % self.palette.len()];
-            if self.label {
-                let text = match self.text.as_str() {
-                    "Confidence" => format!("{:.2}", d.confidence),
-                    "Class and Confidence" => format!("{} {:.2}", d.class_name, d.confidence),
-                    "Index" => i.to_string(),
-                    "Dimensions" => format!("{} x {}", d.width().round(), d.height().round()),
-                    _ => d.class_name.clone(),
-                };
-                // OpenCV's HERSHEY font at scale 1 is about 22 px tall.
-                draw::text_label(
-                    img,
-                    &text,
-                    d.x1.round() as i32,
-                    d.y1.round() as i32,
-                    color,
-                    self.text_color,
-                    22.0 * self.text_scale,
-                    self.padding,
-                );
-            } else {
-                draw::outline(img, (d.x1, d.y1, d.x2, d.y2), color, self.thickness);
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -7,9 +7,11 @@
 pub mod blocks;
 pub mod error;
 pub mod exec;
+pub mod fusion;
 pub mod spec;
 pub mod uql;
 pub mod value;
+pub mod visual;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

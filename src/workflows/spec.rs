@@ -266,7 +266,13 @@ pub fn compile(def: &Json, limits: DefinitionLimits) -> Result<Workflow, Workflo
         };
         let mut fields = HashMap::new();
         for spec in block.fields {
-            let v = match (raw.get(spec.name), spec.default) {
+            // `predictions` is the reference's other name for a consensus' sources.
+            let given = raw.get(spec.name).or_else(|| {
+                (spec.name == "predictions_batches")
+                    .then(|| raw.get("predictions"))
+                    .flatten()
+            });
+            let v = match (given, spec.default) {
                 (Some(v), _) => v.clone(),
                 (None, Dflt::Required) => {
                     return Err(syntax(spec.name, "Field required".into(), "missing"));
@@ -317,6 +323,34 @@ pub fn compile(def: &Json, limits: DefinitionLimits) -> Result<Workflow, Workflo
                     let p = params(&fields, "operations_parameters")?;
                     fields.insert("operations_parameters", p);
                 }
+            }
+            Kind::DetectionsConsensus => {
+                // A list of detection selectors: one source each.
+                let v = lit(&fields, "predictions_batches");
+                let sources = v.as_array().filter(|a| !a.is_empty()).ok_or_else(|| {
+                    syntax(
+                        "predictions_batches",
+                        "List should have at least 1 item after validation".into(),
+                        "too_short",
+                    )
+                })?;
+                let mut items = Vec::with_capacity(sources.len());
+                for (k, src) in sources.iter().enumerate() {
+                    match src.as_str().filter(|x| x.starts_with('$')) {
+                        Some(sel) => items.push((
+                            k.to_string(),
+                            Field::Sel(resolve(sel, name, "predictions_batches")?),
+                        )),
+                        None => {
+                            return Err(syntax(
+                                "predictions_batches",
+                                format!("Item {k} must be a selector of detections"),
+                                "value_error",
+                            ))
+                        }
+                    }
+                }
+                fields.insert("predictions_batches", Field::Dict(items));
             }
             Kind::ContinueIf => {
                 extra.condition = Some(uql::parse_group(&lit(&fields, "condition_statement"))?);

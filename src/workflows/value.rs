@@ -162,7 +162,8 @@ impl Det {
         (self.y2 - self.y1).abs()
     }
 
-    fn shifted(&self, dx: f32, dy: f32) -> Det {
+    /// Moved by `(dx, dy)`: box, polygon and keypoints.
+    pub fn shifted(&self, dx: f32, dy: f32) -> Det {
         let mut d = self.clone();
         d.x1 += dx;
         d.x2 += dx;
@@ -260,8 +261,15 @@ impl Detections {
     }
 
     pub fn to_json(&self) -> Json {
+        // Detections made from nothing (`fusion::empty`) have no image: null, as the
+        // reference answers an empty `sv.Detections`.
+        let (w, h) = if self.width == 0 && self.height == 0 {
+            (Json::Null, Json::Null)
+        } else {
+            (json!(self.width), json!(self.height))
+        };
         json!({
-            "image": {"width": self.width, "height": self.height},
+            "image": {"width": w, "height": h},
             "predictions": self.dets.iter().map(Det::to_json).collect::<Vec<_>>(),
         })
     }
