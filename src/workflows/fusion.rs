@@ -54,8 +54,9 @@ pub fn slice_count((w, h): (u32, u32), (sw, sh): (u32, u32), (ow, oh): (f64, f64
     n(w, sw.min(w.max(1)), ow) * n(h, sh.min(h.max(1)), oh)
 }
 
-/// A detection's instance mask: its polygon filled on the pixel grid (pixel centres inside,
-/// even-odd), over the box `(x0, y0, w, h)`; the whole box for a detection without one.
+/// A detection's instance mask: its polygon filled on the pixel grid, over the box
+/// `(x0, y0, w, h)`, boundary pixels included (as OpenCV's `fillPoly` fills the reference's
+/// masks); the whole box for a detection without one.
 fn fill(d: &Det, x0: i64, y0: i64, w: usize, h: usize) -> Vec<bool> {
     let mut bits = vec![false; w * h];
     let Some(poly) = d.polygon.as_ref().filter(|p| p.len() >= 3) else {
@@ -68,9 +69,25 @@ fn fill(d: &Det, x0: i64, y0: i64, w: usize, h: usize) -> Vec<bool> {
         }
         return bits;
     };
-    let mut xs: Vec<f32> = Vec::new();
     for row in 0..h {
-        let cy = (y0 + row as i64) as f32 + 0.5;
+        scan(poly, (y0 + row as i64) as f32, |from, to| {
+            let from = (from - x0).max(0);
+            let to = (to - x0).min(w as i64 - 1);
+            for x in from..=to {
+                bits[row * w + x as usize] = true;
+            }
+        });
+    }
+    bits
+}
+
+/// The pixel runs `(from, to)` (inclusive) of row `y` inside `poly`, its boundary included:
+/// the row is sampled just above and just below its line, so that the polygon's top and
+/// bottom edges and its corners count.
+pub fn scan(poly: &[(f32, f32)], y: f32, mut run: impl FnMut(i64, i64)) {
+    const EPS: f32 = 1e-3;
+    let mut xs: Vec<f32> = Vec::new();
+    for cy in [y - EPS, y + EPS] {
         xs.clear();
         for (i, a) in poly.iter().enumerate() {
             let b = poly[(i + 1) % poly.len()];
@@ -80,14 +97,15 @@ fn fill(d: &Det, x0: i64, y0: i64, w: usize, h: usize) -> Vec<bool> {
         }
         xs.sort_by(f32::total_cmp);
         for pair in xs.chunks_exact(2) {
-            let from = ((pair[0] - 0.5).ceil() as i64 - x0).max(0);
-            let to = ((pair[1] - 0.5).floor() as i64 - x0).min(w as i64 - 1);
-            for x in from..=to {
-                bits[row * w + x as usize] = true;
+            let (from, to) = (
+                (pair[0] - EPS).ceil() as i64,
+                (pair[1] + EPS).floor() as i64,
+            );
+            if from <= to {
+                run(from, to);
             }
         }
     }
-    bits
 }
 
 /// The pixel box that holds every one of `dets` (their boxes and polygons).
@@ -105,12 +123,13 @@ fn frame(dets: &[&Det]) -> (i64, i64, usize, usize) {
             y2 = y2.max(p.1);
         }
     }
+    // Boundary pixels are filled: the last column and row are inside.
     let (fx, fy) = (x1.floor() as i64, y1.floor() as i64);
     (
         fx,
         fy,
-        (x2.ceil() as i64 - fx).max(1) as usize,
-        (y2.ceil() as i64 - fy).max(1) as usize,
+        (x2.ceil() as i64 - fx + 1).max(1) as usize,
+        (y2.ceil() as i64 - fy + 1).max(1) as usize,
     )
 }
 
@@ -812,7 +831,7 @@ mod tests {
         assert!(iou(&a, &b) < 0.05);
         let (poly, bx) = joined(&[&a, &b], MaskJoin::Union).unwrap();
         assert!(poly.len() >= 4);
-        assert_eq!(bx, (0.0, 0.0, 99.0, 99.0));
+        assert_eq!(bx, (0.0, 0.0, 100.0, 100.0));
     }
 
     fn consensus() -> Consensus {

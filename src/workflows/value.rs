@@ -238,7 +238,20 @@ impl Detections {
                 || l.root.width != self.width
                 || l.root.height != self.height
         };
-        if self.dets.is_empty() || !self.dets.iter().any(|d| needs(&d.lineage)) {
+        if self.dets.is_empty() {
+            // No detections on a crop: the root image's size (as the reference).
+            let l = &self.lineage;
+            if self.width == 0 || !needs(l) {
+                return self.clone();
+            }
+            return Detections {
+                width: l.root.width,
+                height: l.root.height,
+                lineage: Lineage::root(&l.root_id, l.root.width, l.root.height),
+                dets: Vec::new(),
+            };
+        }
+        if !self.dets.iter().any(|d| needs(&d.lineage)) {
             return self.clone();
         }
         let root = &self.dets[0].lineage;

@@ -282,27 +282,20 @@ fn fill_mask(img: &mut RgbImage, d: &Det, color: [u8; 3], opacity: f32) {
         .map(|p| p.1)
         .fold(f32::MIN, f32::max)
         .ceil()
-        .min(h as f32) as i64;
-    let mut xs: Vec<f32> = Vec::new();
-    for y in y0..y1 {
-        let cy = y as f32 + 0.5;
-        xs.clear();
-        for (i, a) in poly.iter().enumerate() {
-            let b = poly[(i + 1) % poly.len()];
-            if (a.1 <= cy) != (b.1 <= cy) {
-                xs.push(a.0 + (cy - a.1) / (b.1 - a.1) * (b.0 - a.0));
+        .min(h as f32 - 1.0) as i64;
+    let mut row = vec![false; w as usize];
+    for y in y0..=y1 {
+        row.iter_mut().for_each(|b| *b = false);
+        super::fusion::scan(poly, y as f32, |from, to| {
+            for x in from.max(0)..=to.min(w - 1) {
+                row[x as usize] = true;
             }
-        }
-        xs.sort_by(f32::total_cmp);
-        for pair in xs.chunks_exact(2) {
-            let from = ((pair[0] - 0.5).ceil() as i64).max(0);
-            let to = ((pair[1] - 0.5).floor() as i64).min(w - 1);
-            for x in from..=to {
-                let p = img.get_pixel_mut(x as u32, y as u32);
-                for c in 0..3 {
-                    p.0[c] =
-                        (p.0[c] as f32 * (1.0 - opacity) + color[c] as f32 * opacity).round() as u8;
-                }
+        });
+        for (x, _) in row.iter().enumerate().filter(|(_, b)| **b) {
+            let p = img.get_pixel_mut(x as u32, y as u32);
+            for c in 0..3 {
+                p.0[c] =
+                    (p.0[c] as f32 * (1.0 - opacity) + color[c] as f32 * opacity).round() as u8;
             }
         }
     }
