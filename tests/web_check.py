@@ -6,7 +6,10 @@
    three /infer/* routes and the legacy route.
 2. Headless Chromium opens /, picks coco/1, uploads IMAGE, waits for the answer, and checks
    that the results list the dog and that the canvas is not blank; saves SCREENSHOT.
-3. /docs renders the document (Redoc, served by cvserve itself).
+3. A workflow definition pasted into the page (image_slicer -> coco/1 on the tiles ->
+   detections_stitch -> bounding_box_visualization) runs on the same photo: the drawn image
+   is shown as a picture of the photo's size, the detections as JSON listing the dog.
+4. /docs renders the document (Redoc, served by cvserve itself).
 Prints "web check: ok" on success; raises otherwise.
 """
 
@@ -67,6 +70,47 @@ def main():
         os.makedirs(os.path.dirname(screenshot), exist_ok=True)
         driver.save_screenshot(screenshot)
         print("page: rows %s, canvas %s" % (rows, distinct))
+
+        # A workflow pasted into the page, run on the photo already picked.
+        definition = {
+            "version": "1.0",
+            "inputs": [{"type": "WorkflowImage", "name": "image"}],
+            "steps": [
+                {"type": "roboflow_core/image_slicer@v2", "name": "tiles", "image": "$inputs.image",
+                 "slice_width": 480, "slice_height": 480},
+                {"type": "roboflow_core/roboflow_object_detection_model@v2", "name": "detect",
+                 "images": "$steps.tiles.slices", "model_id": "coco/1"},
+                {"type": "roboflow_core/detections_stitch@v1", "name": "stitch",
+                 "reference_image": "$inputs.image", "predictions": "$steps.detect.predictions"},
+                {"type": "roboflow_core/bounding_box_visualization@v1", "name": "boxes",
+                 "image": "$inputs.image", "predictions": "$steps.stitch.predictions"},
+            ],
+            "outputs": [
+                {"type": "JsonField", "name": "drawn", "selector": "$steps.boxes.image"},
+                {"type": "JsonField", "name": "stitched", "selector": "$steps.stitch.predictions"},
+            ],
+        }
+        box = driver.find_element(By.ID, "wf-definition")
+        assert "roboflow_core/" in box.get_attribute("value"), "no example definition"
+        driver.execute_script(
+            "const t = arguments[0]; t.value = arguments[1];"
+            "t.dispatchEvent(new Event('input', {bubbles: true}));", box, json.dumps(definition))
+        driver.find_element(By.ID, "wf-run").click()
+        wait.until(EC.text_to_be_present_in_element((By.ID, "wf-status"), "round trip"))
+        status = driver.find_element(By.ID, "wf-status").text
+        assert status.startswith("1 image"), status
+        size = wait.until(lambda d: d.execute_script("""
+            const img = document.querySelector('#wf-outputs img.wf-image');
+            return img && img.complete && img.naturalWidth ? [img.naturalWidth, img.naturalHeight] : null;
+        """))
+        assert size == [768, 576], size
+        shown = json.loads(driver.find_element(By.ID, "wf-json").text)
+        assert shown[0]["drawn"] == "<image: [0].drawn>", shown[0]["drawn"]
+        classes = [p["class"] for p in shown[0]["stitched"]["predictions"]]
+        assert "dog" in classes, classes
+        driver.execute_script("document.getElementById('workflow').scrollIntoView()")
+        driver.save_screenshot(screenshot.replace(".png", "-workflow.png"))
+        print("workflow: %s, image %s, classes %s" % (status, size, classes))
 
         driver.get(base + "/docs")
         wait.until(lambda d: "/infer/object_detection" in d.page_source

@@ -1,5 +1,6 @@
 //! The page at `/` in a real headless Chromium (Selenium): it lists the models, runs coco/1
-//! on dog.jpg and draws the answer; `/openapi.json` validates as OpenAPI 3 and `/docs`
+//! on dog.jpg and draws the answer, and runs a pasted workflow (sliced detection, stitched,
+//! drawn) on the same photo, showing the drawn image and the JSON; `/openapi.json` validates as OpenAPI 3 and `/docs`
 //! renders it. The checks are in `web_check.py`; the browser, its driver and the Python
 //! packages come from `scripts/setup.sh --sdk`. A screenshot is left in `target/`.
 //!
