@@ -358,6 +358,26 @@ impl Runner<'_> {
                 }
             }
         }
+        // Images whose pixels a crop, tile or drawing needs are decoded once, first; their
+        // model steps then read the decoded pixels (one copy into the ring slot) instead of
+        // decoding the bytes a second time.
+        let mut first: Vec<Arc<WfImage>> = Vec::new();
+        for (input, d) in wf.inputs.iter().zip(&state.inputs) {
+            if let (true, InputData::Images(data)) = (input.pixels_needed, d) {
+                for (_, out) in &data.items {
+                    if let Some(Value::Image(img)) =
+                        out.as_ref().and_then(|o| o.first()).map(|o| &o.1)
+                    {
+                        if !first.iter().any(|f| Arc::ptr_eq(f, img)) {
+                            first.push(Arc::clone(img));
+                        }
+                    }
+                }
+            }
+        }
+        for r in join_all(first.iter().map(|img| self.pixels(img))).await {
+            r?;
+        }
         for wave in &wf.waves {
             // Each model step takes its place in its model's line as the run reaches it.
             let mut models = Vec::with_capacity(wave.len());
@@ -1152,6 +1172,19 @@ impl Runner<'_> {
     /// its ring slot), or a window of a decoded image (copied once, into the slot).
     fn model_input(&self, img: &WfImage) -> Result<ImageInput, WorkflowError> {
         Ok(match &img.pixels {
+            // Decoded already (for a crop or a drawing): the pixels, not a second decode.
+            Pixels::Encoded { decoded, .. } if decoded.get().is_some() => {
+                let image = decoded.get().expect("decoded");
+                ImageInput::Frame(Frame {
+                    width: image.width(),
+                    height: image.height(),
+                    pixels: FramePixels::Window {
+                        image: Arc::clone(image),
+                        x: 0,
+                        y: 0,
+                    },
+                })
+            }
             Pixels::Encoded { input, .. } => input.clone(),
             Pixels::Window {
                 image,

@@ -38,6 +38,9 @@ pub enum Field {
 pub struct Input {
     pub name: String,
     pub image: bool,
+    /// A step other than a model reads the image's pixels (a crop, tiles, a drawing): it is
+    /// decoded once, first, and the models read the decoded pixels instead of decoding again.
+    pub pixels_needed: bool,
     pub default: Json,
     pub kinds: Vec<String>,
 }
@@ -159,6 +162,7 @@ pub fn compile(def: &Json, limits: DefinitionLimits) -> Result<Workflow, Workflo
         inputs.push(Input {
             name: name.to_owned(),
             image,
+            pixels_needed: false,
             default: i.get("default_value").cloned().unwrap_or(Json::Null),
             kinds,
         });
@@ -479,6 +483,20 @@ pub fn compile(def: &Json, limits: DefinitionLimits) -> Result<Workflow, Workflo
             dim,
         });
     }
+    for step in &steps {
+        if matches!(step.block.kind, Kind::Model(..)) {
+            continue;
+        }
+        let mut sels = Vec::new();
+        for f in step.fields.values() {
+            collect_inputs(f, &mut sels);
+        }
+        for i in sels {
+            if inputs[i].image {
+                inputs[i].pixels_needed = true;
+            }
+        }
+    }
     Ok(Workflow {
         inputs,
         steps,
@@ -492,6 +510,14 @@ fn fmt_num(x: f64) -> String {
         format!("{}", x as i64)
     } else {
         format!("{x}")
+    }
+}
+
+fn collect_inputs(f: &Field, out: &mut Vec<usize>) {
+    match f {
+        Field::Sel(Selector::Input(i)) => out.push(*i),
+        Field::Dict(items) => items.iter().for_each(|(_, f)| collect_inputs(f, out)),
+        _ => {}
     }
 }
 
