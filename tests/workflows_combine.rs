@@ -42,6 +42,25 @@ fn captured_cases_answer_as_the_reference() {
             r.body
         );
         same(&r.body, &case["response"], name);
+        // What a stitch, a vote or a replacement keeps is as many detections as the
+        // reference kept (case 23 keeps every tile's, where the two NMS rules differ).
+        if !name.starts_with("23") {
+            for (o, g) in r.body["outputs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(case["response"]["outputs"].as_array().unwrap())
+            {
+                for (k, gv) in g.as_object().unwrap() {
+                    if let Some(gp) = gv.get("predictions").and_then(Value::as_array) {
+                        if gv.get("top").is_none() && k != "tiles" {
+                            let n = o[k]["predictions"].as_array().map_or(0, Vec::len);
+                            assert_eq!(n, gp.len(), "{name}.{k}: how many kept");
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -122,16 +141,29 @@ fn tiles_of_a_request_share_the_models_batches() {
         kite["stitched"]["image"],
         json!({"width": 1352, "height": 900})
     );
-    let t2 = &tiles[2]["predictions"];
-    if let Some(p) = t2.as_array().unwrap().first() {
-        assert_eq!(tiles[2]["image"], json!({"width": 640, "height": 640}));
-        let x = p["x"].as_f64().unwrap() + 712.0;
-        assert!(kite["stitched"]["predictions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|q| (q["x"].as_f64().unwrap() - x).abs() < 0.01));
+    // Each tile's own detections, moved by the tile's place, are among the stitched ones.
+    let stitched = kite["stitched"]["predictions"].as_array().unwrap();
+    let mut checked = 0;
+    for (t, slice) in tiles.iter().zip(kite["slices"].as_array().unwrap()) {
+        assert_eq!(t["image"], json!({"width": 640, "height": 640}));
+        let (ox, oy) = (
+            slice["parent_origin"]["offset_x"].as_f64().unwrap(),
+            slice["parent_origin"]["offset_y"].as_f64().unwrap(),
+        );
+        for p in t["predictions"].as_array().unwrap() {
+            let (x, y) = (p["x"].as_f64().unwrap() + ox, p["y"].as_f64().unwrap() + oy);
+            assert!(
+                stitched
+                    .iter()
+                    .any(|q| (q["x"].as_f64().unwrap() - x).abs() < 0.01
+                        && (q["y"].as_f64().unwrap() - y).abs() < 0.01
+                        && q["class"] == p["class"]),
+                "tile detection {p} at ({ox}, {oy}) not stitched"
+            );
+            checked += 1;
+        }
     }
+    assert_eq!(checked, n);
 }
 
 /// Tiles a request would cut past WORKFLOW_MAX_CROPS are refused with 413 before any is
@@ -244,9 +276,6 @@ fn drawings_land_where_the_predictions_are() {
         );
         // The instance's middle is tinted by the mask (opacity 0.6) ...
         assert!(diff(&mask, x, y) > 60, "mask at {x},{y}");
-        // ... and far outside every instance nothing changed.
-        let left = (p["x"].as_f64().unwrap() - p["width"].as_f64().unwrap()) as u32;
-        let _ = left;
     }
     assert!(diff(&mask, 2, 2) < 30 && diff(&drawn, 2, 2) < 30);
     // The polygon's outline: a vertex of the first instance changed in `drawn` against `mask`.
@@ -263,6 +292,21 @@ fn drawings_land_where_the_predictions_are() {
         .map(|(p, q)| (*p as i32 - q as i32).abs())
         .sum();
     assert!(d > 60, "polygon outline at {vx},{vy}");
+    // The outline follows the polygon, not the box: the box's corner (outside the tilted
+    // rectangle) is as the mask left it.
+    let p = &out["seg"]["predictions"][0];
+    let (cx, cy) = (
+        (p["x"].as_f64().unwrap() - p["width"].as_f64().unwrap() / 2.0) as u32,
+        (p["y"].as_f64().unwrap() - p["height"].as_f64().unwrap() / 2.0) as u32,
+    );
+    let d: i32 = drawn
+        .get_pixel(cx, cy)
+        .0
+        .iter()
+        .zip(mask.get_pixel(cx, cy).0)
+        .map(|(p, q)| (*p as i32 - q as i32).abs())
+        .sum();
+    assert!(d < 40, "the box corner {cx},{cy} was drawn on");
 
     let case = golden("workflows/27_crop_and_classification_label_visualization.json");
     let r = s.post_json("/workflows/run", &replay(&case));
@@ -293,4 +337,77 @@ fn drawings_land_where_the_predictions_are() {
         "no label at the bottom-left"
     );
     assert!(changed(700, 0, 768, 30) < 0.05);
+}
+
+/// A crop visualisation puts the box's pixels, scaled, at its anchor: with the dog alone
+/// and `scale_factor` 0.5 at `TOP_CENTER`, the half-size dog sits on the box's top edge,
+/// centred.
+#[test]
+fn a_crop_is_drawn_scaled_at_its_anchor() {
+    let s = Server::start("coco/1", &[]);
+    let steps = json!([
+        {"type": "roboflow_core/roboflow_object_detection_model@v2", "name": "det", "images": "$inputs.image",
+         "model_id": "coco/1", "class_filter": ["dog"]},
+        {"type": "roboflow_core/crop_visualization@v1", "name": "vis", "image": "$inputs.image",
+         "predictions": "$steps.det.predictions", "scale_factor": 0.5, "border_thickness": 1}]);
+    let body = json!({"specification": spec(steps, &[("drawn", "$steps.vis.image"), ("dets", "$steps.det.predictions")]),
+        "inputs": {"image": image("images/dog.jpg")}});
+    let r = s.post_json("/workflows/run", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let out = &r.body["outputs"][0];
+    let p = &out["dets"]["predictions"][0];
+    let f = |k: &str| p[k].as_f64().unwrap();
+    let (x1, y1, x2, y2) = (
+        f("x") - f("width") / 2.0,
+        f("y") - f("height") / 2.0,
+        f("x") + f("width") / 2.0,
+        f("y") + f("height") / 2.0,
+    );
+    let drawn = decode(&out["drawn"]);
+    let photo = image::load_from_memory(&fixture("images/dog.jpg"))
+        .unwrap()
+        .to_rgb8();
+    let (cw, ch) = (((x2 - x1) * 0.5) as u32, ((y2 - y1) * 0.5) as u32);
+    let crop = image::imageops::crop_imm(
+        &photo,
+        x1 as u32,
+        y1 as u32,
+        (x2 - x1) as u32,
+        (y2 - y1) as u32,
+    )
+    .to_image();
+    let want = image::imageops::resize(&crop, cw, ch, image::imageops::FilterType::Triangle);
+    let (px, py) = (
+        ((x1 + x2) / 2.0) as i64 - cw as i64 / 2,
+        y1 as i64 - ch as i64,
+    );
+    assert!(py >= 0, "the dog's crop fits above its box");
+    let (mut to_crop, mut to_photo, mut n) = (0i64, 0i64, 0i64);
+    for y in 4..ch - 4 {
+        for x in 4..cw - 4 {
+            let d = drawn.get_pixel(px as u32 + x, py as u32 + y).0;
+            let w = want.get_pixel(x, y).0;
+            let o = photo.get_pixel(px as u32 + x, py as u32 + y).0;
+            to_crop += d
+                .iter()
+                .zip(w)
+                .map(|(a, b)| (*a as i64 - b as i64).abs())
+                .sum::<i64>();
+            to_photo += d
+                .iter()
+                .zip(o)
+                .map(|(a, b)| (*a as i64 - b as i64).abs())
+                .sum::<i64>();
+            n += 3;
+        }
+    }
+    let (to_crop, to_photo) = (to_crop as f64 / n as f64, to_photo as f64 / n as f64);
+    assert!(
+        to_crop < 12.0,
+        "the scaled crop is not at the top centre: {to_crop:.1} per channel off"
+    );
+    assert!(
+        to_photo > 2.0 * to_crop,
+        "the photo was left there: {to_photo:.1} vs {to_crop:.1}"
+    );
 }

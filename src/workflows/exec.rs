@@ -755,7 +755,7 @@ impl Runner<'_> {
                     );
                     let pixels = self.pixels(&img).await?;
                     let whole = (pixels.width, pixels.height);
-                    let n = fusion::slice_count(whole, tile, overlap);
+                    let n = fusion::slice_count(whole, tile, overlap, v2);
                     if n > self.limits.max_crops as u64 {
                         return Err(WorkflowError::limit(413, format!(
                             "Step `{}` would cut {n} tiles of one image; this server makes at most {} (WORKFLOW_MAX_CROPS)",
@@ -792,7 +792,18 @@ impl Runner<'_> {
                                 "`overlap_filtering_strategy` must be 'none', 'nms' or 'nmm'",
                             )
                         })?;
-                    let thr = num(&get("iou_threshold", idx)).unwrap_or(0.3) as f32;
+                    let thr = match num(&get("iou_threshold", idx)) {
+                        None => 0.3,
+                        Some(x) if (0.0..=1.0).contains(&x) => x as f32,
+                        Some(_) => {
+                            return Err(bad_field(
+                                step,
+                                "iou_threshold",
+                                "`iou_threshold` must be a number in [0, 1]",
+                            )
+                            .into())
+                        }
+                    };
                     let pixels = self.pixels(&img).await?;
                     let into = Detections {
                         width: pixels.width,
@@ -839,12 +850,12 @@ impl Runner<'_> {
             }
             Kind::DetectionsConsensus => {
                 for idx in &live {
-                    let sources: Vec<Detections> = match get("predictions_batches", idx) {
+                    let sources: Vec<Arc<Detections>> = match get("predictions_batches", idx) {
                         Some(Value::Dict(items)) => items
                             .into_iter()
                             .map(|(_, v)| match v {
-                                Value::Detections(d) => Ok((*d).clone()),
-                                v if v.is_null() => Ok(fusion::empty()),
+                                Value::Detections(d) => Ok(d),
+                                v if v.is_null() => Ok(Arc::new(fusion::empty())),
                                 other => Err(bad_field(
                                     step,
                                     "predictions_batches",
@@ -858,7 +869,11 @@ impl Runner<'_> {
                         _ => continue,
                     };
                     let c = consensus_settings(step, &|k| get(k, idx))?;
-                    let r = c.agree(&sources);
+                    let r = self
+                        .engine
+                        .run_cpu(move || c.agree(&sources))
+                        .await
+                        .map_err(|e| engine_error(step, e))?;
                     let presence: Map<String, Json> =
                         r.presence.into_iter().map(|(k, v)| (k, json!(v))).collect();
                     results.insert(

@@ -34,10 +34,16 @@ pub fn slice_offsets(
     };
     let (xs, ys) = (anchors(w, sw, stx), anchors(h, sh, sty));
     let mut out: Vec<(u32, u32, u32, u32)> = Vec::with_capacity(xs.len() * ys.len());
+    let mut seen = std::collections::HashSet::new();
     for &y in &ys {
         for &x in &xs {
-            let t = (x, y, (x + sw).min(w), (y + sh).min(h));
-            if !v2 || !out.contains(&t) {
+            let t = (
+                x,
+                y,
+                x.saturating_add(sw).min(w),
+                y.saturating_add(sh).min(h),
+            );
+            if !v2 || seen.insert(t) {
                 out.push(t);
             }
         }
@@ -46,27 +52,27 @@ pub fn slice_offsets(
 }
 
 /// How many tiles `slice_offsets` makes (before v2 drops repeats), without making them.
-pub fn slice_count((w, h): (u32, u32), (sw, sh): (u32, u32), (ow, oh): (f64, f64)) -> u64 {
+pub fn slice_count(
+    (w, h): (u32, u32),
+    (sw, sh): (u32, u32),
+    (ow, oh): (f64, f64),
+    v2: bool,
+) -> u64 {
     let n = |size: u32, s: u32, o: f64| {
+        let s = if v2 { s.min(size.max(1)) } else { s };
         let st = (s - (o * s as f64) as u32).max(1) as u64;
         (size as u64).div_ceil(st)
     };
-    n(w, sw.min(w.max(1)), ow) * n(h, sh.min(h.max(1)), oh)
+    n(w, sw, ow) * n(h, sh, oh)
 }
 
-/// A detection's instance mask: its polygon filled on the pixel grid, over the box
+/// A detection's instance mask: its polygon filled on the pixel grid, over the frame
 /// `(x0, y0, w, h)`, boundary pixels included (as OpenCV's `fillPoly` fills the reference's
-/// masks); the whole box for a detection without one.
+/// masks); empty for a detection without one (the reference's all-false mask for a box
+/// among instances).
 fn fill(d: &Det, x0: i64, y0: i64, w: usize, h: usize) -> Vec<bool> {
     let mut bits = vec![false; w * h];
     let Some(poly) = d.polygon.as_ref().filter(|p| p.len() >= 3) else {
-        let (bx1, by1) = (d.x1.round() as i64 - x0, d.y1.round() as i64 - y0);
-        let (bx2, by2) = (d.x2.round() as i64 - x0, d.y2.round() as i64 - y0);
-        for y in by1.max(0)..by2.min(h as i64) {
-            for x in bx1.max(0)..bx2.min(w as i64) {
-                bits[y as usize * w + x as usize] = true;
-            }
-        }
         return bits;
     };
     for row in 0..h {
@@ -108,20 +114,31 @@ pub fn scan(poly: &[(f32, f32)], y: f32, mut run: impl FnMut(i64, i64)) {
     }
 }
 
-/// The pixel box that holds every one of `dets` (their boxes and polygons).
+/// Most cells a mask frame may have: polygons come from models, inside their image (at
+/// most MAX_IMAGE_PIXELS), so a larger frame means coordinates that are not a mask's.
+const MAX_FRAME_CELLS: u64 = 1 << 28;
+
+/// The pixel frame that holds every one of `dets`' polygons (a 1x1 frame when none has
+/// one, or when they would need more than MAX_FRAME_CELLS).
 fn frame(dets: &[&Det]) -> (i64, i64, usize, usize) {
     let (mut x1, mut y1, mut x2, mut y2) = (f32::MAX, f32::MAX, f32::MIN, f32::MIN);
     for d in dets {
-        x1 = x1.min(d.x1);
-        y1 = y1.min(d.y1);
-        x2 = x2.max(d.x2);
-        y2 = y2.max(d.y2);
         for p in d.polygon.iter().flatten() {
             x1 = x1.min(p.0);
             y1 = y1.min(p.1);
             x2 = x2.max(p.0);
             y2 = y2.max(p.1);
         }
+    }
+    let finite = [x1, y1, x2, y2]
+        .iter()
+        .all(|v| v.is_finite() && v.abs() < 1e8);
+    if !finite || x2 < x1 || y2 < y1 {
+        return (0, 0, 1, 1);
+    }
+    let cells = ((x2 - x1) as f64 + 2.0) * ((y2 - y1) as f64 + 2.0);
+    if cells > MAX_FRAME_CELLS as f64 {
+        return (0, 0, 1, 1);
     }
     // Boundary pixels are filled: the last column and row are inside.
     let (fx, fy) = (x1.floor() as i64, y1.floor() as i64);
@@ -146,18 +163,122 @@ pub fn box_iou(a: &Det, b: &Det) -> f32 {
     }
 }
 
-/// Masks' intersection over union (instance segmentation), boxes' otherwise.
-fn iou(a: &Det, b: &Det) -> f32 {
-    if a.polygon.is_none() && b.polygon.is_none() {
-        return box_iou(a, b);
+/// One instance's mask over its own frame.
+#[derive(Clone)]
+struct Mask {
+    x0: i64,
+    y0: i64,
+    w: usize,
+    h: usize,
+    bits: Vec<bool>,
+    area: u64,
+}
+
+/// The overlaps of a list of detections: masks' intersection over union for instances (each
+/// mask filled once, and only where two boxes meet is anything compared), boxes' otherwise.
+struct Overlaps<'a> {
+    dets: &'a [Det],
+    masks: Vec<Option<Mask>>,
+}
+
+impl<'a> Overlaps<'a> {
+    fn new(dets: &'a [Det]) -> Self {
+        Self {
+            dets,
+            masks: (0..dets.len()).map(|_| None).collect(),
+        }
     }
-    let (x0, y0, w, h) = frame(&[a, b]);
-    let (ma, mb) = (fill(a, x0, y0, w, h), fill(b, x0, y0, w, h));
-    let (mut inter, mut union) = (0u64, 0u64);
-    for (p, q) in ma.iter().zip(&mb) {
-        inter += u64::from(*p && *q);
-        union += u64::from(*p || *q);
+
+    fn fill(&mut self, i: usize) {
+        if self.masks[i].is_none() {
+            let d = &self.dets[i];
+            let (x0, y0, w, h) = frame(&[d]);
+            let bits = fill(d, x0, y0, w, h);
+            let area = bits.iter().filter(|b| **b).count() as u64;
+            self.masks[i] = Some(Mask {
+                x0,
+                y0,
+                w,
+                h,
+                bits,
+                area,
+            });
+        }
     }
+
+    fn iou(&mut self, i: usize, j: usize) -> f32 {
+        let (a, b) = (&self.dets[i], &self.dets[j]);
+        if a.polygon.is_none() && b.polygon.is_none() {
+            return box_iou(a, b);
+        }
+        self.fill(i);
+        self.fill(j);
+        match (&self.masks[i], &self.masks[j]) {
+            (Some(ma), Some(mb)) => mask_iou(ma, mb),
+            _ => 0.0,
+        }
+    }
+
+    fn mask(&mut self, i: usize) -> &Mask {
+        self.fill(i);
+        self.masks[i].as_ref().expect("filled")
+    }
+}
+
+impl Mask {
+    fn get(&self, x: i64, y: i64) -> bool {
+        x >= self.x0
+            && y >= self.y0
+            && x < self.x0 + self.w as i64
+            && y < self.y0 + self.h as i64
+            && self.bits[(y - self.y0) as usize * self.w + (x - self.x0) as usize]
+    }
+
+    /// The union of two masks, over the frame holding both.
+    fn union(&self, o: &Mask) -> Mask {
+        let (x0, y0) = (self.x0.min(o.x0), self.y0.min(o.y0));
+        let x1 = (self.x0 + self.w as i64).max(o.x0 + o.w as i64);
+        let y1 = (self.y0 + self.h as i64).max(o.y0 + o.h as i64);
+        let (w, h) = ((x1 - x0) as usize, (y1 - y0) as usize);
+        if (w as u64) * (h as u64) > MAX_FRAME_CELLS {
+            return self.clone();
+        }
+        let mut bits = vec![false; w * h];
+        let mut area = 0;
+        for y in 0..h {
+            for x in 0..w {
+                let (px, py) = (x0 + x as i64, y0 + y as i64);
+                if self.get(px, py) || o.get(px, py) {
+                    bits[y * w + x] = true;
+                    area += 1;
+                }
+            }
+        }
+        Mask {
+            x0,
+            y0,
+            w,
+            h,
+            bits,
+            area,
+        }
+    }
+}
+
+/// Two masks' intersection over union, compared only where their frames meet.
+fn mask_iou(ma: &Mask, mb: &Mask) -> f32 {
+    let (x1, y1) = (ma.x0.max(mb.x0), ma.y0.max(mb.y0));
+    let x2 = (ma.x0 + ma.w as i64).min(mb.x0 + mb.w as i64);
+    let y2 = (ma.y0 + ma.h as i64).min(mb.y0 + mb.h as i64);
+    let mut inter = 0u64;
+    for y in y1..y2 {
+        let (ra, rb) = ((y - ma.y0) as usize * ma.w, (y - mb.y0) as usize * mb.w);
+        for x in x1..x2 {
+            inter +=
+                u64::from(ma.bits[ra + (x - ma.x0) as usize] && mb.bits[rb + (x - mb.x0) as usize]);
+        }
+    }
+    let union = ma.area + mb.area - inter;
     if union == 0 {
         0.0
     } else {
@@ -246,6 +367,7 @@ impl Overlap {
 /// dropped when it overlaps a kept one of its class by more than `thr`; survivors in their
 /// order.
 fn nms(dets: Vec<Det>, thr: f32) -> Vec<Det> {
+    let mut overlaps = Overlaps::new(&dets);
     let mut order: Vec<usize> = (0..dets.len()).collect();
     order.sort_by(|&a, &b| dets[b].confidence.total_cmp(&dets[a].confidence));
     let mut keep = vec![true; dets.len()];
@@ -254,7 +376,7 @@ fn nms(dets: Vec<Det>, thr: f32) -> Vec<Det> {
             continue;
         }
         for &j in &order[k + 1..] {
-            if keep[j] && dets[j].class_id == dets[i].class_id && iou(&dets[i], &dets[j]) > thr {
+            if keep[j] && dets[j].class_id == dets[i].class_id && overlaps.iou(i, j) > thr {
                 keep[j] = false;
             }
         }
@@ -274,16 +396,36 @@ fn nmm(dets: Vec<Det>, thr: f32) -> Vec<Det> {
     classes.sort_unstable();
     classes.dedup();
     let mut out = Vec::new();
+    let mut overlaps = Overlaps::new(&dets);
     for c in classes {
         let mut order: Vec<usize> = (0..dets.len()).filter(|&i| dets[i].class_id == c).collect();
         order.sort_by(|&a, &b| dets[a].confidence.total_cmp(&dets[b].confidence));
+        let masks = dets.iter().any(|d| d.polygon.is_some());
         while let Some(top) = order.pop() {
-            let (group, rest): (Vec<usize>, Vec<usize>) = order
-                .iter()
-                .partition(|&&j| iou(&dets[top], &dets[j]) >= thr);
-            order = rest;
             let mut members = vec![top];
-            members.extend(group.iter().rev());
+            if masks {
+                // Instances (supervision's mask NMM): the group's union grows, and what is
+                // left is compared with the union again until nothing more joins.
+                let mut union = overlaps.mask(top).clone();
+                loop {
+                    let (group, rest): (Vec<usize>, Vec<usize>) = order
+                        .iter()
+                        .partition(|&&j| mask_iou(overlaps.mask(j), &union) >= thr);
+                    if group.is_empty() {
+                        break;
+                    }
+                    for &j in &group {
+                        union = union.union(overlaps.mask(j));
+                    }
+                    order = rest;
+                    members.extend(group.iter().rev());
+                }
+            } else {
+                let (group, rest): (Vec<usize>, Vec<usize>) =
+                    order.iter().partition(|&&j| overlaps.iou(top, j) >= thr);
+                order = rest;
+                members.extend(group.iter().rev());
+            }
             out.push(merge_group(
                 &members.iter().map(|&i| &dets[i]).collect::<Vec<_>>(),
             ));
@@ -452,7 +594,7 @@ impl Consensus {
     /// Walks the sources' detections in order: a detection not yet used finds, in every
     /// other source, its best overlap of the same class (by more than the IoU threshold);
     /// with enough votes they merge into one detection, and all of them are used.
-    pub fn agree(&self, sources: &[Detections]) -> Agreement {
+    pub fn agree(&self, sources: &[std::sync::Arc<Detections>]) -> Agreement {
         let none = Agreement {
             predictions: empty(),
             object_present: false,
@@ -527,7 +669,9 @@ impl Consensus {
         }
         let predictions = Detections {
             dets: merged,
-            ..frame.clone()
+            width: frame.width,
+            height: frame.height,
+            lineage: frame.lineage.clone(),
         };
         let (present, presence) = self.presence(&predictions.dets);
         Agreement {
@@ -712,6 +856,16 @@ pub fn replace_classes(
             let Some(c) = cls.iter().find(|c| *c.lineage.parent_id == *d.detection_id) else {
                 continue;
             };
+            // Multi-label with no predicted class: dropped, fallback or not (as the reference).
+            if let crate::tasks::classification::ClassificationOutput::MultiLabel {
+                predicted_classes,
+                ..
+            } = &c.output
+            {
+                if predicted_classes.is_empty() {
+                    continue;
+                }
+            }
             let n = match c.top() {
                 Some((name, id, conf)) => {
                     let mut n = d.clone();
@@ -742,6 +896,7 @@ pub fn replace_classes(
 mod tests {
     use super::*;
     use crate::workflows::value::Lineage;
+    use std::sync::Arc;
 
     fn det(id: &str, class: i64, conf: f32, b: (f32, f32, f32, f32)) -> Det {
         Det {
@@ -784,8 +939,17 @@ mod tests {
         // A tile larger than the image: v2 one tile of the image's size, repeats dropped.
         let one = slice_offsets((300, 200), (640, 640), (0.5, 0.5), true);
         assert_eq!(one, [(0, 0, 300, 200)]);
-        assert_eq!(slice_count((1352, 900), (640, 640), (0.2, 0.2)), 6);
-        assert_eq!(slice_count((1000, 1000), (1, 1), (0.0, 0.0)), 1_000_000);
+        assert_eq!(slice_count((1352, 900), (640, 640), (0.2, 0.2), true), 6);
+        assert_eq!(slice_count((1000, 1000), (1, 1), (0.0, 0.0), false), 1_000_000);
+        // v1 keeps a tile larger than the image whole: one tile, counted as one.
+        assert_eq!(slice_count((300, 200), (4000, 4000), (0.9, 0.9), false), 1);
+        assert_eq!(
+            slice_offsets((300, 200), (4000, 4000), (0.9, 0.9), false),
+            [(0, 0, 300, 200)]
+        );
+        // Offsets near u32::MAX do not wrap.
+        let huge = slice_offsets((431, 1), (u32::MAX, 1), (0.9999999, 0.0), false);
+        assert!(huge.iter().all(|t| t.2 > t.0 && t.2 <= 431), "{huge:?}");
     }
 
     /// NMS keeps the most confident of overlapping same-class boxes, other classes and the
@@ -828,7 +992,12 @@ mod tests {
         a.polygon = Some(vec![(0.0, 0.0), (100.0, 0.0), (0.0, 100.0)]);
         b.polygon = Some(vec![(100.0, 100.0), (100.0, 0.0), (0.0, 100.0)]);
         assert!(box_iou(&a, &b) > 0.99);
-        assert!(iou(&a, &b) < 0.05);
+        let pair = [a.clone(), b.clone()];
+        assert!(Overlaps::new(&pair).iou(0, 1) < 0.05);
+        // Far apart: nothing compared, no overlap.
+        let mut c = a.clone();
+        c.shifted(500.0, 0.0).clone_into(&mut c);
+        assert_eq!(Overlaps::new(&[a.clone(), c]).iou(0, 1), 0.0);
         let (poly, bx) = joined(&[&a, &b], MaskJoin::Union).unwrap();
         assert!(poly.len() >= 4);
         assert_eq!(bx, (0.0, 0.0, 100.0, 100.0));
@@ -859,6 +1028,7 @@ mod tests {
         ]);
         let s2 = dets(vec![det("b1", 1, 0.6, (10.0, 0.0, 110.0, 100.0))]);
         let c = consensus();
+        let (s1, s2) = (Arc::new(s1), Arc::new(s2));
         let r = c.agree(&[s1.clone(), s2.clone()]);
         assert_eq!(r.predictions.dets.len(), 1);
         let m = &r.predictions.dets[0];
@@ -884,7 +1054,7 @@ mod tests {
         assert_eq!(r.presence[0].0, "any_object");
         assert!((r.presence[0].1 - 0.9).abs() < 1e-6);
         // Nothing anywhere: empty, unsized.
-        let r = consensus().agree(&[dets(vec![]), dets(vec![])]);
+        let r = consensus().agree(&[Arc::new(dets(vec![])), Arc::new(dets(vec![]))]);
         assert!(!r.object_present && r.predictions.width == 0);
     }
 }

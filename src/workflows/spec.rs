@@ -338,6 +338,16 @@ pub fn compile(def: &Json, limits: DefinitionLimits) -> Result<Workflow, Workflo
                         "too_short",
                     )
                 })?;
+                if sources.len() > limits.max_steps {
+                    return Err(WorkflowError::limit(
+                        413,
+                        format!(
+                            "Step `{name}` has {} sources; this server takes at most {} (WORKFLOW_MAX_STEPS)",
+                            sources.len(),
+                            limits.max_steps
+                        ),
+                    ));
+                }
                 let mut items = Vec::with_capacity(sources.len());
                 for (k, src) in sources.iter().enumerate() {
                     match src.as_str().filter(|x| x.starts_with('$')) {

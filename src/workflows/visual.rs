@@ -92,14 +92,20 @@ impl DrawSettings {
             palette,
             by_index: text(&get("color_axis")).as_deref() == Some("INDEX"),
             text: text(&get("text")).unwrap_or_else(|| "Class".into()),
-            text_position: text(&get("text_position")).unwrap_or_else(|| "TOP_LEFT".into()),
+            // A crop visualisation's anchor is `position` (TOP_CENTER); labels' `text_position`.
+            text_position: if block.kind == Kind::CropVisualization {
+                text(&get("position")).unwrap_or_else(|| "TOP_CENTER".into())
+            } else {
+                text(&get("text_position")).unwrap_or_else(|| "TOP_LEFT".into())
+            },
             text_color: text(&get("text_color"))
                 .and_then(|c| named_color(&c))
                 .unwrap_or([255, 255, 255]),
             text_scale: n("text_scale", 1.0).clamp(0.1, 10.0) as f32,
             padding: n("text_padding", 10.0).clamp(0.0, 100.0) as u32,
             opacity: n("opacity", 0.5).clamp(0.0, 1.0) as f32,
-            // A crop drawn at most 4x its size (the reference has no bound).
+            // A crop drawn at most 4x its size, and never larger than the image (the
+            // reference has no bound).
             scale_factor: n("scale_factor", 2.0).clamp(0.01, 4.0) as f32,
         }
     }
@@ -120,6 +126,10 @@ impl DrawSettings {
 
     /// Draws detections (boxes, labels, masks, polygons or crops) on `img`.
     pub fn draw(&self, img: &mut RgbImage, dets: &Detections) {
+        if self.kind == Kind::Mask {
+            self.masks(img, dets);
+            return;
+        }
         // A crop visualisation reads the crops from the image before anything is drawn.
         let source = (self.kind == Kind::CropVisualization).then(|| img.clone());
         for (i, d) in dets.dets.iter().enumerate() {
@@ -145,7 +155,6 @@ impl DrawSettings {
                         self.padding,
                     );
                 }
-                Kind::Mask => fill_mask(img, d, color, self.opacity),
                 Kind::Polygon => {
                     if let Some(p) = &d.polygon {
                         for (k, a) in p.iter().enumerate() {
@@ -181,9 +190,13 @@ impl DrawSettings {
             (y2 - y1) as u32,
         )
         .to_image();
+        // At most the image's own pixel count, however large the scale asked.
+        let room = (src.width() as f32 * src.height() as f32)
+            / (crop.width() as f32 * crop.height() as f32);
+        let scale = self.scale_factor.min(room.sqrt());
         let (cw, ch) = (
-            ((crop.width() as f32 * self.scale_factor) as u32).max(1),
-            ((crop.height() as f32 * self.scale_factor) as u32).max(1),
+            ((crop.width() as f32 * scale) as u32).max(1),
+            ((crop.height() as f32 * scale) as u32).max(1),
         );
         let scaled = image::imageops::resize(&crop, cw, ch, image::imageops::FilterType::Triangle);
         let (cw, ch) = (cw as i64, ch as i64);
@@ -265,12 +278,11 @@ impl DrawSettings {
     }
 }
 
-/// supervision's MaskAnnotator: the instance's pixels blended with its colour.
-fn fill_mask(img: &mut RgbImage, d: &Det, color: [u8; 3], opacity: f32) {
-    let Some(poly) = d.polygon.as_ref().filter(|p| p.len() >= 3) else {
+/// The pixels of `poly` (boundary included), as runs `(y, from, to)` inside `w x h`.
+fn runs(poly: &[(f32, f32)], w: u32, h: u32, mut run: impl FnMut(u32, u32, u32)) {
+    if poly.len() < 3 {
         return;
-    };
-    let (w, h) = (img.width() as i64, img.height() as i64);
+    }
     let y0 = poly
         .iter()
         .map(|p| p.1)
@@ -283,19 +295,44 @@ fn fill_mask(img: &mut RgbImage, d: &Det, color: [u8; 3], opacity: f32) {
         .fold(f32::MIN, f32::max)
         .ceil()
         .min(h as f32 - 1.0) as i64;
-    let mut row = vec![false; w as usize];
     for y in y0..=y1 {
-        row.iter_mut().for_each(|b| *b = false);
         super::fusion::scan(poly, y as f32, |from, to| {
-            for x in from.max(0)..=to.min(w - 1) {
-                row[x as usize] = true;
+            let (from, to) = (from.max(0), to.min(w as i64 - 1));
+            if from <= to {
+                run(y as u32, from as u32, to as u32);
             }
         });
-        for (x, _) in row.iter().enumerate().filter(|(_, b)| **b) {
-            let p = img.get_pixel_mut(x as u32, y as u32);
-            for c in 0..3 {
-                p.0[c] =
-                    (p.0[c] as f32 * (1.0 - opacity) + color[c] as f32 * opacity).round() as u8;
+    }
+}
+
+impl DrawSettings {
+    /// supervision's MaskAnnotator: every instance painted in its colour on one copy, the
+    /// largest first (smaller ones on top), then the copy blended with the image once.
+    fn masks(&self, img: &mut RgbImage, dets: &Detections) {
+        let (w, h) = img.dimensions();
+        let mut order: Vec<usize> = (0..dets.dets.len()).collect();
+        let area = |d: &Det| d.width() * d.height();
+        order.sort_by(|&a, &b| area(&dets.dets[b]).total_cmp(&area(&dets.dets[a])));
+        let mut painted = img.clone();
+        let mut touched = vec![false; (w as usize) * (h as usize)];
+        for i in order {
+            let d = &dets.dets[i];
+            let color = self.color(i, d.class_id);
+            if let Some(p) = &d.polygon {
+                runs(p, w, h, |y, from, to| {
+                    for x in from..=to {
+                        painted.put_pixel(x, y, Rgb(color));
+                        touched[(y * w + x) as usize] = true;
+                    }
+                });
+            }
+        }
+        let o = self.opacity;
+        for (k, (p, q)) in img.pixels_mut().zip(painted.pixels()).enumerate() {
+            if touched[k] {
+                for c in 0..3 {
+                    p.0[c] = (p.0[c] as f32 * (1.0 - o) + q.0[c] as f32 * o).round() as u8;
+                }
             }
         }
     }
