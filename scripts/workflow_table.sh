@@ -13,6 +13,8 @@
 #
 #   PEER_URL=http://127.0.0.1:9600 scripts/workflow_table.sh
 #   RENDER_ONLY=1 scripts/workflow_table.sh     # re-render bench-results/workflow_table.md
+#   CASES="crop_classify:dog:workflow:crop_classify" TRIALS=4 ...   # re-measure some rows only
+#                                               # (label:images:route:workflow)
 #
 # The reference here: its own start script, `start.sh standard models/ 9600` (see
 # docs/benchmarks.md), with the project's models/ as its model cache.
@@ -57,8 +59,8 @@ if old is None or new["images_per_second"] > old["images_per_second"]:
     json.dump(new, open(sys.argv[2], "w"))
 PY
 }
-rm -f "$OUT"/server-*.json "$OUT"/peer-*.json
-CASES="route-dog:dog:infer: detect:dog:workflow:detect crop_classify:dog:workflow:crop_classify route-kite:kite:infer: sliced:kite:workflow:sliced"
+CASES="${CASES:-route-dog:dog:infer: detect:dog:workflow:detect crop_classify:dog:workflow:crop_classify route-kite:kite:infer: sliced:kite:workflow:sliced}"
+for c in $CASES; do rm -f "$OUT/server-${c%%:*}.json" "$OUT/peer-${c%%:*}.json"; done
 for t in $(seq "$TRIALS"); do
   for c in $CASES; do
     IFS=: read -r label images route wf <<<"$c"

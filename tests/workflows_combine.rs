@@ -9,7 +9,7 @@
 mod common;
 
 use base64::Engine as _;
-use common::workflows::{post, replay, same};
+use common::workflows::{post, replay, replay_case, same};
 use common::{fixture, golden, metric, Server};
 use image::RgbImage;
 use serde_json::{json, Value};
@@ -33,14 +33,7 @@ fn captured_cases_answer_as_the_reference() {
         "26_mask_polygon_visualization",
         "27_crop_and_classification_label_visualization",
     ] {
-        let case = golden(&format!("workflows/{name}.json"));
-        let r = post(&s, &case);
-        assert_eq!(
-            r.status,
-            case["status"].as_u64().unwrap() as u16,
-            "{name}: {}",
-            r.body
-        );
+        let (r, case) = replay_case(&s, name);
         same(&r.body, &case["response"], name);
         // What a stitch, a vote or a replacement keeps is as many detections as the
         // reference kept (case 23 keeps every tile's, where the two NMS rules differ).

@@ -176,6 +176,17 @@ const VIS_COMMON: [FieldSpec; 7] = [
     f("color_axis", &["string"], Is("\"CLASS\"")),
 ];
 
+/// The text fields of the label visualisations.
+const TEXT_FIELDS: [FieldSpec; 7] = [
+    f("text", &["string"], Is("\"Class\"")),
+    f("text_position", &["string"], Is("\"TOP_LEFT\"")),
+    f("text_color", &["string"], Is("\"WHITE\"")),
+    f("text_scale", &["float"], Is("1.0")),
+    f("text_thickness", &["integer"], Is("1")),
+    f("text_padding", &["integer"], Is("10")),
+    f("border_radius", &["integer"], Is("0")),
+];
+
 /// A detections visualisation's fields: the common ones, then its own.
 macro_rules! vis_fields {
     ($($own:expr),* $(,)?) => {
@@ -590,21 +601,14 @@ pub static BLOCKS: &[BlockType] = &[
         name: "Label Visualization",
         description: "Writes each detection's label on the image.",
         kind: Kind::Label,
-        fields: &[
-            VIS_COMMON[0],
-            VIS_COMMON[1],
-            VIS_COMMON[2],
-            VIS_COMMON[3],
-            VIS_COMMON[4],
-            VIS_COMMON[5],
-            VIS_COMMON[6],
-            f("text", &["string"], Is("\"Class\"")),
-            f("text_position", &["string"], Is("\"TOP_LEFT\"")),
-            f("text_color", &["string"], Is("\"WHITE\"")),
-            f("text_scale", &["float"], Is("1.0")),
-            f("text_thickness", &["integer"], Is("1")),
-            f("text_padding", &["integer"], Is("10")),
-            f("border_radius", &["integer"], Is("0")),
+        fields: vis_fields![
+            TEXT_FIELDS[0],
+            TEXT_FIELDS[1],
+            TEXT_FIELDS[2],
+            TEXT_FIELDS[3],
+            TEXT_FIELDS[4],
+            TEXT_FIELDS[5],
+            TEXT_FIELDS[6],
         ],
         outputs: &[("image", "image")],
         dim_offset: 0,
@@ -709,13 +713,13 @@ pub static BLOCKS: &[BlockType] = &[
             VIS_COMMON[4],
             VIS_COMMON[5],
             VIS_COMMON[6],
-            f("text", &["string"], Is("\"Class\"")),
-            f("text_position", &["string"], Is("\"TOP_LEFT\"")),
-            f("text_color", &["string"], Is("\"WHITE\"")),
-            f("text_scale", &["float"], Is("1.0")),
-            f("text_thickness", &["integer"], Is("1")),
-            f("text_padding", &["integer"], Is("10")),
-            f("border_radius", &["integer"], Is("0")),
+            TEXT_FIELDS[0],
+            TEXT_FIELDS[1],
+            TEXT_FIELDS[2],
+            TEXT_FIELDS[3],
+            TEXT_FIELDS[4],
+            TEXT_FIELDS[5],
+            TEXT_FIELDS[6],
         ],
         outputs: &[("image", "image")],
         dim_offset: 0,

@@ -255,11 +255,13 @@ fn engine_error(step: &Step, error: EngineError) -> RunError {
     }
 }
 
-fn num(v: &Option<Value>) -> Option<f64> {
+/// A field's number, if it is one.
+pub(super) fn num(v: &Option<Value>) -> Option<f64> {
     v.as_ref().and_then(|v| v.as_json()).and_then(Json::as_f64)
 }
 
-fn text(v: &Option<Value>) -> Option<String> {
+/// A field's string, if it is one.
+pub(super) fn text(v: &Option<Value>) -> Option<String> {
     v.as_ref()
         .and_then(|v| v.as_json())
         .and_then(Json::as_str)

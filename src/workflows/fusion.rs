@@ -940,7 +940,10 @@ mod tests {
         let one = slice_offsets((300, 200), (640, 640), (0.5, 0.5), true);
         assert_eq!(one, [(0, 0, 300, 200)]);
         assert_eq!(slice_count((1352, 900), (640, 640), (0.2, 0.2), true), 6);
-        assert_eq!(slice_count((1000, 1000), (1, 1), (0.0, 0.0), false), 1_000_000);
+        assert_eq!(
+            slice_count((1000, 1000), (1, 1), (0.0, 0.0), false),
+            1_000_000
+        );
         // v1 keeps a tile larger than the image whole: one tile, counted as one.
         assert_eq!(slice_count((300, 200), (4000, 4000), (0.9, 0.9), false), 1);
         assert_eq!(

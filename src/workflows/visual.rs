@@ -6,6 +6,7 @@ use image::{Rgb, RgbImage};
 use serde_json::Value as Json;
 
 use super::blocks::{BlockType, Kind};
+use super::exec::{num, text};
 use super::value::{Classification, Det, Detections, Value};
 use crate::tasks::classification::ClassificationOutput;
 use crate::tasks::draw;
@@ -53,17 +54,6 @@ fn named_color(s: &str) -> Option<[u8; 3]> {
         "ROBOFLOW" => [0xA3, 0x51, 0xFB],
         other => return hex(other),
     })
-}
-
-fn num(v: &Option<Value>) -> Option<f64> {
-    v.as_ref().and_then(|v| v.as_json()).and_then(Json::as_f64)
-}
-
-fn text(v: &Option<Value>) -> Option<String> {
-    v.as_ref()
-        .and_then(|v| v.as_json())
-        .and_then(Json::as_str)
-        .map(str::to_owned)
 }
 
 impl DrawSettings {

@@ -126,3 +126,17 @@ pub fn post(s: &Server, case: &Value) -> super::Resp {
         _ => s.post_json(path, &replay(case)),
     }
 }
+
+/// Replays captured case `name` (tests/fixtures/golden/workflows/`name`.json) on `s` and
+/// checks the status; returns the answer and the case.
+pub fn replay_case(s: &Server, name: &str) -> (super::Resp, Value) {
+    let case = super::golden(&format!("workflows/{name}.json"));
+    let r = post(s, &case);
+    assert_eq!(
+        r.status,
+        case["status"].as_u64().unwrap() as u16,
+        "{name}: {}",
+        r.body
+    );
+    (r, case)
+}
