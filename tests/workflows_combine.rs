@@ -9,7 +9,7 @@
 mod common;
 
 use base64::Engine as _;
-use common::workflows::{post, replay, replay_case, same};
+use common::workflows::{replay, replay_case, same};
 use common::{fixture, golden, metric, Server};
 use image::RgbImage;
 use serde_json::{json, Value};

@@ -295,7 +295,10 @@ pub enum MaskJoin {
 
 /// The polygon of the union (or intersection) of `dets`' masks, and its box; `None` when it
 /// is empty.
-fn joined(dets: &[&Det], how: MaskJoin) -> Option<(Vec<(f32, f32)>, (f32, f32, f32, f32))> {
+/// A polygon and its box `(x1, y1, x2, y2)`.
+type Outline = (Vec<(f32, f32)>, (f32, f32, f32, f32));
+
+fn joined(dets: &[&Det], how: MaskJoin) -> Option<Outline> {
     let (x0, y0, w, h) = frame(dets);
     let mut bits = fill(dets[0], x0, y0, w, h);
     for d in &dets[1..] {
