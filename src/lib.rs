@@ -22,4 +22,5 @@ pub mod server;
 pub mod tasks;
 #[doc(hidden)]
 pub mod testing;
+pub mod thread_cpu;
 pub mod workflows;

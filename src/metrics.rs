@@ -5,10 +5,10 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    exponential_buckets, register_histogram_vec_with_registry,
+    exponential_buckets, register_counter_vec_with_registry, register_histogram_vec_with_registry,
     register_int_counter_vec_with_registry, register_int_counter_with_registry,
-    register_int_gauge_vec_with_registry, register_int_gauge_with_registry, Encoder, HistogramVec,
-    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
+    register_int_gauge_vec_with_registry, register_int_gauge_with_registry, CounterVec, Encoder,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
 };
 
 /// Every metric of the process.
@@ -72,6 +72,10 @@ pub struct Metrics {
     pub workflow_step_seconds: HistogramVec,
     /// Compiled workflow definitions in the cache.
     pub workflow_definitions_cached: IntGauge,
+    /// CPU time the threads of each pool ran (`pool`: http, decode, preprocess, inference,
+    /// postprocess, batcher, other), from the kernel's per-thread accounting; brought up to
+    /// date at every scrape.
+    pub thread_cpu_seconds: CounterVec,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -202,6 +206,12 @@ impl Metrics {
                 "Time of one workflow step over all its elements, by block type",
                 &["workflow", "block"],
             )?,
+            thread_cpu_seconds: register_counter_vec_with_registry!(
+                "cvserve_thread_cpu_seconds_total",
+                "CPU time run by the server's threads, by pool (http, decode, preprocess, inference, postprocess, batcher, other)",
+                &["pool"],
+                r
+            )?,
             workflow_definitions_cached: register_int_gauge_with_registry!(
                 "cvserve_workflow_definitions_cached",
                 "Compiled workflow definitions held (at most WORKFLOW_CACHE_SIZE)",
@@ -263,6 +273,11 @@ impl Metrics {
 
     /// The text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
+        for (pool, seconds) in crate::thread_cpu::take_growth() {
+            self.thread_cpu_seconds
+                .with_label_values(&[pool])
+                .inc_by(seconds);
+        }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for the text format.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

@@ -131,6 +131,40 @@ pub struct BenchReport {
     pub error_rate: f64,
     /// The load generator's own CPU time per request, microseconds.
     pub client_cpu_us_per_request: f64,
+    /// The server's CPU time per 200 answer, milliseconds, by pool (`total` included): the
+    /// growth of cvserve's `cvserve_thread_cpu_seconds_total` over the measurement (absent
+    /// for a server without it, such as Roboflow's).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub server_cpu_ms_per_image: std::collections::BTreeMap<String, f64>,
+}
+
+/// The server's thread CPU by pool (seconds), read from its /metrics; empty when it has none.
+async fn server_cpu(url: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let Ok(uri) = format!("{url}/metrics").parse::<hyper::Uri>() else {
+        return out;
+    };
+    let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(10), client.get(uri)).await else {
+        return out;
+    };
+    let Ok(body) = resp.into_body().collect().await else {
+        return out;
+    };
+    let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("cvserve_thread_cpu_seconds_total{pool=\"") else {
+            continue;
+        };
+        let Some((pool, value)) = rest.split_once("\"}") else {
+            continue;
+        };
+        if let Ok(v) = value.trim().parse::<f64>() {
+            out.insert(pool.to_owned(), v);
+        }
+    }
+    out
 }
 
 /// Latency summary.
@@ -457,6 +491,7 @@ async fn run_async(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
         target.send(i, 0).await;
     }
 
+    let server0 = server_cpu(&cfg.url).await;
     let cpu0 = cpu_seconds();
     let started = Instant::now();
     let stop_at = cfg.duration.map(|d| started + Duration::from_secs_f64(d));
@@ -531,6 +566,17 @@ async fn run_async(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
     }
     let n = results.len();
     let ok = ok_ms.len();
+    let server1 = server_cpu(&cfg.url).await;
+    let mut server_cpu_ms_per_image = std::collections::BTreeMap::new();
+    if ok > 0 && !server1.is_empty() {
+        let mut total = 0.0;
+        for (pool, after) in &server1 {
+            let ms = (after - server0.get(pool).copied().unwrap_or(0.0)) * 1000.0 / ok as f64;
+            total += ms;
+            server_cpu_ms_per_image.insert(pool.clone(), ms);
+        }
+        server_cpu_ms_per_image.insert("total".into(), total);
+    }
     Ok(BenchReport {
         url: cfg.url,
         model: cfg.model,
@@ -550,6 +596,7 @@ async fn run_async(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
             (n - ok) as f64 / n as f64
         },
         client_cpu_us_per_request: if n == 0 { 0.0 } else { cpu * 1e6 / n as f64 },
+        server_cpu_ms_per_image,
     })
 }
 
@@ -584,6 +631,19 @@ fn print_report(r: &BenchReport) {
         "  client CPU per request: {:.0} µs",
         r.client_cpu_us_per_request
     );
+    if !r.server_cpu_ms_per_image.is_empty() {
+        let by: Vec<String> = r
+            .server_cpu_ms_per_image
+            .iter()
+            .filter(|(k, _)| *k != "total")
+            .map(|(k, v)| format!("{k} {v:.2}"))
+            .collect();
+        println!(
+            "  server CPU per image, ms: {:.2} ({})",
+            r.server_cpu_ms_per_image["total"],
+            by.join(", ")
+        );
+    }
 }
 
 #[cfg(test)]
