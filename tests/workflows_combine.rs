@@ -77,6 +77,16 @@ fn sahi(v: &str, w: u32, h: u32, strategy: &str) -> Value {
          "predictions": "$steps.det.predictions", "overlap_filtering_strategy": strategy}])
 }
 
+/// How far two pixels are apart: the sum of the channels' differences.
+fn apart(a: &RgbImage, b: &RgbImage, x: u32, y: u32) -> i32 {
+    a.get_pixel(x, y)
+        .0
+        .iter()
+        .zip(b.get_pixel(x, y).0)
+        .map(|(p, q)| (*p as i32 - q as i32).abs())
+        .sum()
+}
+
 fn decode(v: &Value) -> RgbImage {
     let jpeg = base64::engine::general_purpose::STANDARD
         .decode(v["value"].as_str().expect("an image"))
@@ -254,14 +264,7 @@ fn drawings_land_where_the_predictions_are() {
         .unwrap()
         .to_rgb8();
     assert_eq!(mask.dimensions(), plain.dimensions());
-    let diff = |a: &RgbImage, x: u32, y: u32| -> i32 {
-        a.get_pixel(x, y)
-            .0
-            .iter()
-            .zip(plain.get_pixel(x, y).0)
-            .map(|(p, q)| (*p as i32 - q as i32).abs())
-            .sum()
-    };
+    let diff = |a: &RgbImage, x: u32, y: u32| apart(a, &plain, x, y);
     for p in out["seg"]["predictions"].as_array().unwrap() {
         let (x, y) = (
             p["x"].as_f64().unwrap() as u32,
@@ -277,13 +280,7 @@ fn drawings_land_where_the_predictions_are() {
         v["x"].as_f64().unwrap() as u32,
         v["y"].as_f64().unwrap() as u32,
     );
-    let d: i32 = drawn
-        .get_pixel(vx, vy)
-        .0
-        .iter()
-        .zip(mask.get_pixel(vx, vy).0)
-        .map(|(p, q)| (*p as i32 - q as i32).abs())
-        .sum();
+    let d = apart(&drawn, &mask, vx, vy);
     assert!(d > 60, "polygon outline at {vx},{vy}");
     // The outline follows the polygon, not the box: the box's corner (outside the tilted
     // rectangle) is as the mask left it.
@@ -292,13 +289,7 @@ fn drawings_land_where_the_predictions_are() {
         (p["x"].as_f64().unwrap() - p["width"].as_f64().unwrap() / 2.0) as u32,
         (p["y"].as_f64().unwrap() - p["height"].as_f64().unwrap() / 2.0) as u32,
     );
-    let d: i32 = drawn
-        .get_pixel(cx, cy)
-        .0
-        .iter()
-        .zip(mask.get_pixel(cx, cy).0)
-        .map(|(p, q)| (*p as i32 - q as i32).abs())
-        .sum();
+    let d = apart(&drawn, &mask, cx, cy);
     assert!(d < 40, "the box corner {cx},{cy} was drawn on");
 
     let case = golden("workflows/27_crop_and_classification_label_visualization.json");

@@ -203,6 +203,29 @@ macro_rules! vis_fields {
     };
 }
 
+/// A label visualisation's fields: the common ones with `predictions` of its kind, then
+/// the text fields.
+macro_rules! label_fields {
+    ($predictions:expr) => {
+        &[
+            VIS_COMMON[0],
+            $predictions,
+            VIS_COMMON[2],
+            VIS_COMMON[3],
+            VIS_COMMON[4],
+            VIS_COMMON[5],
+            VIS_COMMON[6],
+            TEXT_FIELDS[0],
+            TEXT_FIELDS[1],
+            TEXT_FIELDS[2],
+            TEXT_FIELDS[3],
+            TEXT_FIELDS[4],
+            TEXT_FIELDS[5],
+            TEXT_FIELDS[6],
+        ]
+    };
+}
+
 const OPS_FIELDS: &[FieldSpec] = &[
     PREDICTIONS,
     lit("operations", Required),
@@ -601,15 +624,7 @@ pub static BLOCKS: &[BlockType] = &[
         name: "Label Visualization",
         description: "Writes each detection's label on the image.",
         kind: Kind::Label,
-        fields: vis_fields![
-            TEXT_FIELDS[0],
-            TEXT_FIELDS[1],
-            TEXT_FIELDS[2],
-            TEXT_FIELDS[3],
-            TEXT_FIELDS[4],
-            TEXT_FIELDS[5],
-            TEXT_FIELDS[6],
-        ],
+        fields: label_fields!(VIS_COMMON[1]),
         outputs: &[("image", "image")],
         dim_offset: 0,
     },
@@ -705,22 +720,7 @@ pub static BLOCKS: &[BlockType] = &[
         name: "Classification Label Visualization",
         description: "Writes the image's classification (top class, or every predicted class) on it.",
         kind: Kind::ClassificationLabel,
-        fields: &[
-            VIS_COMMON[0],
-            f("predictions", &["classification_prediction"], Required),
-            VIS_COMMON[2],
-            VIS_COMMON[3],
-            VIS_COMMON[4],
-            VIS_COMMON[5],
-            VIS_COMMON[6],
-            TEXT_FIELDS[0],
-            TEXT_FIELDS[1],
-            TEXT_FIELDS[2],
-            TEXT_FIELDS[3],
-            TEXT_FIELDS[4],
-            TEXT_FIELDS[5],
-            TEXT_FIELDS[6],
-        ],
+        fields: label_fields!(f("predictions", &["classification_prediction"], Required)),
         outputs: &[("image", "image")],
         dim_offset: 0,
     },
