@@ -219,6 +219,16 @@ fn collect_sels<'a>(f: &'a Field, out: &mut Vec<&'a Selector>) {
 /// The images of a model step that share a model and parameters: one engine call.
 type ModelGroup = (String, TaskParams, Vec<(Index, Arc<WfImage>)>);
 
+/// The run's deadline passed (504).
+fn past_deadline() -> WorkflowError {
+    WorkflowError::short(
+        504,
+        "DeadlineExceededError",
+        "workflow_execution | step_execution",
+        "Deadline exceeded while the workflow ran (REQUEST_TIMEOUT_S or X-Request-Timeout-Ms)",
+    )
+}
+
 fn get_field(step: &Step, state: &State<'_>, name: &str, idx: &[usize]) -> Option<Value> {
     step.fields.get(name).and_then(|f| state.resolve(f, idx))
 }
@@ -419,8 +429,7 @@ impl Runner<'_> {
                 state.steps[i] = Some(data);
             }
             if Instant::now() >= self.deadline {
-                return Err(WorkflowError::short(504, "DeadlineExceededError", "workflow_execution | step_execution",
-                    "Deadline exceeded while the workflow ran (REQUEST_TIMEOUT_S or X-Request-Timeout-Ms)").into());
+                return Err(past_deadline().into());
             }
         }
         for (_, t) in tickets.iter_mut() {
@@ -839,11 +848,13 @@ impl Runner<'_> {
                             }
                         }
                     }
+                    let deadline = self.deadline;
                     let out = self
                         .engine
-                        .run_cpu(move || fusion::stitch(tiles, &into, how, thr))
+                        .run_cpu(move || fusion::stitch(tiles, &into, how, thr, deadline))
                         .await
-                        .map_err(|e| engine_error(step, e))?;
+                        .map_err(|e| engine_error(step, e))?
+                        .ok_or_else(past_deadline)?;
                     results.insert(
                         idx.clone(),
                         vec![("predictions".into(), Value::Detections(Arc::new(out)))],
@@ -871,11 +882,13 @@ impl Runner<'_> {
                         _ => continue,
                     };
                     let c = consensus_settings(step, &|k| get(k, idx))?;
+                    let deadline = self.deadline;
                     let r = self
                         .engine
-                        .run_cpu(move || c.agree(&sources))
+                        .run_cpu(move || c.agree(&sources, deadline))
                         .await
-                        .map_err(|e| engine_error(step, e))?;
+                        .map_err(|e| engine_error(step, e))?
+                        .ok_or_else(past_deadline)?;
                     let presence: Map<String, Json> =
                         r.presence.into_iter().map(|(k, v)| (k, json!(v))).collect();
                     results.insert(

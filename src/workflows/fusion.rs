@@ -4,6 +4,8 @@
 //! functions on `Detections`; masks are the instances' polygons, filled on a pixel grid where
 //! an overlap or a union needs them.
 
+use std::time::Instant;
+
 use crate::tasks::contours::{outer_contour, BoxMask};
 
 use super::value::{Classification, Det, Detections};
@@ -369,12 +371,15 @@ impl Overlap {
 /// Class-aware NMS as supervision's `with_nms`: the most confident first, a detection
 /// dropped when it overlaps a kept one of its class by more than `thr`; survivors in their
 /// order.
-fn nms(dets: Vec<Det>, thr: f32) -> Vec<Det> {
+fn nms(dets: Vec<Det>, thr: f32, deadline: Instant) -> Option<Vec<Det>> {
     let mut overlaps = Overlaps::new(&dets);
     let mut order: Vec<usize> = (0..dets.len()).collect();
     order.sort_by(|&a, &b| dets[b].confidence.total_cmp(&dets[a].confidence));
     let mut keep = vec![true; dets.len()];
     for (k, &i) in order.iter().enumerate() {
+        if Instant::now() >= deadline {
+            return None;
+        }
         if !keep[i] {
             continue;
         }
@@ -384,17 +389,20 @@ fn nms(dets: Vec<Det>, thr: f32) -> Vec<Det> {
             }
         }
     }
-    dets.into_iter()
-        .zip(keep)
-        .filter_map(|(d, k)| k.then_some(d))
-        .collect()
+    drop(overlaps);
+    Some(
+        dets.into_iter()
+            .zip(keep)
+            .filter_map(|(d, k)| k.then_some(d))
+            .collect(),
+    )
 }
 
 /// Class-aware non-max merging as supervision's `with_nmm`: per class (in class order), the
 /// most confident detection takes every other of its class overlapping it by `thr` or more;
 /// each group becomes one detection, its box (mask) the union, its confidence the mean
 /// weighted by box area, the rest the most confident member's.
-fn nmm(dets: Vec<Det>, thr: f32) -> Vec<Det> {
+fn nmm(dets: Vec<Det>, thr: f32, deadline: Instant) -> Option<Vec<Det>> {
     let mut classes: Vec<i64> = dets.iter().map(|d| d.class_id).collect();
     classes.sort_unstable();
     classes.dedup();
@@ -405,6 +413,9 @@ fn nmm(dets: Vec<Det>, thr: f32) -> Vec<Det> {
         order.sort_by(|&a, &b| dets[a].confidence.total_cmp(&dets[b].confidence));
         let masks = dets.iter().any(|d| d.polygon.is_some());
         while let Some(top) = order.pop() {
+            if Instant::now() >= deadline {
+                return None;
+            }
             let mut members = vec![top];
             if masks {
                 // Instances (supervision's mask NMM): the group's union grows, and what is
@@ -434,7 +445,7 @@ fn nmm(dets: Vec<Det>, thr: f32) -> Vec<Det> {
             ));
         }
     }
-    out
+    Some(out)
 }
 
 fn merge_group(group: &[&Det]) -> Det {
@@ -471,13 +482,15 @@ fn merge_group(group: &[&Det]) -> Det {
 }
 
 /// `detections_stitch`: each tile's detections moved by the tile's place in the reference
-/// image (`offset`), given the reference's size and lineage (`into`), then reconciled.
+/// image (`offset`), given the reference's size and lineage (`into`), then reconciled;
+/// `None` when the run's deadline passes first.
 pub fn stitch(
     tiles: Vec<(Detections, (i64, i64))>,
     into: &Detections,
     how: Overlap,
     thr: f32,
-) -> Detections {
+    deadline: Instant,
+) -> Option<Detections> {
     let mut all = Vec::new();
     for (t, (dx, dy)) in tiles {
         for d in &t.dets {
@@ -488,13 +501,13 @@ pub fn stitch(
     }
     let dets = match how {
         Overlap::None => all,
-        Overlap::Nms => nms(all, thr),
-        Overlap::Nmm => nmm(all, thr),
+        Overlap::Nms => nms(all, thr, deadline)?,
+        Overlap::Nmm => nmm(all, thr, deadline)?,
     };
-    Detections {
+    Some(Detections {
         dets,
         ..into.clone()
-    }
+    })
 }
 
 /// How `detections_consensus` aggregates a value over the detections that agree.
@@ -597,14 +610,19 @@ impl Consensus {
     /// Walks the sources' detections in order: a detection not yet used finds, in every
     /// other source, its best overlap of the same class (by more than the IoU threshold);
     /// with enough votes they merge into one detection, and all of them are used.
-    pub fn agree(&self, sources: &[std::sync::Arc<Detections>]) -> Agreement {
+    /// `None` when the run's deadline passes first.
+    pub fn agree(
+        &self,
+        sources: &[std::sync::Arc<Detections>],
+        deadline: Instant,
+    ) -> Option<Agreement> {
         let none = Agreement {
             predictions: empty(),
             object_present: false,
             presence: Vec::new(),
         };
         if sources.iter().all(|s| s.dets.is_empty()) {
-            return none;
+            return Some(none);
         }
         let frame = sources
             .iter()
@@ -627,6 +645,9 @@ impl Consensus {
         let mut merged: Vec<Det> = Vec::new();
         for (si, source) in considered.iter().enumerate() {
             for d in source {
+                if Instant::now() >= deadline {
+                    return None;
+                }
                 if used.contains(d.detection_id.as_str()) {
                     continue;
                 }
@@ -668,7 +689,7 @@ impl Consensus {
             }
         }
         if merged.is_empty() {
-            return none;
+            return Some(none);
         }
         let predictions = Detections {
             dets: merged,
@@ -677,11 +698,11 @@ impl Consensus {
             lineage: frame.lineage.clone(),
         };
         let (present, presence) = self.presence(&predictions.dets);
-        Agreement {
+        Some(Agreement {
             predictions,
             object_present: present,
             presence,
-        }
+        })
     }
 
     fn merge(&self, group: &[&Det]) -> Det {
@@ -917,6 +938,10 @@ mod tests {
         }
     }
 
+    fn later() -> Instant {
+        Instant::now() + std::time::Duration::from_secs(60)
+    }
+
     fn dets(d: Vec<Det>) -> Detections {
         Detections {
             width: 1000,
@@ -972,7 +997,9 @@ mod tests {
             &into,
             Overlap::Nms,
             0.3,
-        );
+            later(),
+        )
+        .unwrap();
         let ids: Vec<&str> = s.dets.iter().map(|d| d.detection_id.as_str()).collect();
         assert_eq!(ids, ["b", "c"]);
         let s = stitch(
@@ -980,13 +1007,25 @@ mod tests {
             &into,
             Overlap::Nmm,
             0.3,
-        );
+            later(),
+        )
+        .unwrap();
         assert_eq!(s.dets.len(), 2);
         let m = &s.dets[0];
         assert_eq!((m.detection_id.as_str(), m.x1, m.x2), ("b", 0.0, 110.0));
         assert!((m.confidence - 0.75).abs() < 1e-6);
-        let s = stitch(vec![(dets(vec![a]), (500, 300))], &into, Overlap::None, 0.3);
+        let s = stitch(
+            vec![(dets(vec![a.clone()]), (500, 300))],
+            &into,
+            Overlap::None,
+            0.3,
+            later(),
+        )
+        .unwrap();
         assert_eq!((s.dets[0].x1, s.dets[0].y2), (500.0, 400.0));
+        // Past the run's deadline, reconciling stops: no CPU spent past it.
+        let past = Instant::now() - std::time::Duration::from_millis(1);
+        assert!(stitch(vec![tile(vec![a, b, c])], &into, Overlap::Nms, 0.3, past).is_none());
     }
 
     /// Overlaps of instances are their masks' overlaps, not their boxes'.
@@ -1035,7 +1074,7 @@ mod tests {
         let s2 = dets(vec![det("b1", 1, 0.6, (10.0, 0.0, 110.0, 100.0))]);
         let c = consensus();
         let (s1, s2) = (Arc::new(s1), Arc::new(s2));
-        let r = c.agree(&[s1.clone(), s2.clone()]);
+        let r = c.agree(&[s1.clone(), s2.clone()], later()).unwrap();
         assert_eq!(r.predictions.dets.len(), 1);
         let m = &r.predictions.dets[0];
         assert_eq!((m.x1, m.x2, m.class_id), (5.0, 105.0, 1));
@@ -1048,19 +1087,27 @@ mod tests {
             required_objects: Some(Required::Count(2)),
             ..consensus()
         };
-        assert!(!c2.agree(&[s1.clone(), s2.clone()]).object_present);
+        assert!(
+            !c2.agree(&[s1.clone(), s2.clone()], later())
+                .unwrap()
+                .object_present
+        );
+        let past = Instant::now() - std::time::Duration::from_millis(1);
+        assert!(c2.agree(&[s1.clone(), s2.clone()], past).is_none());
         // One vote is enough: both objects, presence per class.
         let c1 = Consensus {
             required_votes: 1,
             class_aware: false,
             ..consensus()
         };
-        let r = c1.agree(&[s1, s2]);
+        let r = c1.agree(&[s1, s2], later()).unwrap();
         assert_eq!(r.predictions.dets.len(), 2);
         assert_eq!(r.presence[0].0, "any_object");
         assert!((r.presence[0].1 - 0.9).abs() < 1e-6);
         // Nothing anywhere: empty, unsized.
-        let r = consensus().agree(&[Arc::new(dets(vec![])), Arc::new(dets(vec![]))]);
+        let r = consensus()
+            .agree(&[Arc::new(dets(vec![])), Arc::new(dets(vec![]))], later())
+            .unwrap();
         assert!(!r.object_present && r.predictions.width == 0);
     }
 }
