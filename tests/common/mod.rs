@@ -483,8 +483,18 @@ impl Mask {
     pub fn from_polygon(w: usize, h: usize, pts: &[(f64, f64)]) -> Mask {
         let mut bits = vec![false; w * h];
         let n = pts.len();
-        for y in 0..h {
-            for x in 0..w {
+        if n == 0 {
+            return Mask { w, h, bits };
+        }
+        // Only pixels within half a pixel of the polygon's bounds can be inside or near it.
+        let span = |f: fn(&(f64, f64)) -> f64, len: usize| {
+            let lo = pts.iter().map(f).fold(f64::INFINITY, f64::min) - 0.5;
+            let hi = pts.iter().map(f).fold(f64::NEG_INFINITY, f64::max) + 0.5;
+            (lo.ceil().max(0.0) as usize)..((hi.floor() + 1.0).clamp(0.0, len as f64) as usize)
+        };
+        let (xs, ys) = (span(|p| p.0, w), span(|p| p.1, h));
+        for y in ys {
+            for x in xs.clone() {
                 let (px, py) = (x as f64, y as f64);
                 let mut inside = false;
                 let mut near = false;
