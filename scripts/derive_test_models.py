@@ -15,6 +15,11 @@ the repository does not carry three more copies of their weights.
   inside), `dets` [1, 300, 4] normalised cx, cy, w, h, `labels` [1, 300, 5] logits (4 classes
   and a never-firing 5th column; suppressed pairs about -13.8) and `masks` [1, 300, 160, 160]
   mask logits over the whole input (the query's prototype mask, -20 outside its box).
+- tiny-coco/1 (object-detection, yolov8n) with coco/1's input `images` [B, 3, 416, 416] and
+  output `output0` [B, 84, 3549] but almost no network: a mean over the input (so every
+  image is read) times zero plus a fixed output of 12 boxes of 80 COCO classes among 3,549
+  low-scoring candidates, as a real frame gives. It costs next to nothing, so a server
+  serving it at high concurrency measures its front end alone (scripts/front_end_table.sh).
 
 The output is a function of the input files only (same bytes every run), so the golden answers
 in tests/fixtures/golden made from it stay valid.
@@ -204,6 +209,40 @@ def rfdetr_seg(src_model, num_classes, size, proto):
     return m
 
 
+def tiny_like(src_model, boxes=12):
+    """A network of almost no cost with `src_model`'s YOLOv8 input and output layout."""
+    src = onnx.load(src_model)
+    inp = src.graph.input[0]
+    out = src.graph.output[0]
+    dims = [d.dim_value for d in out.type.tensor_type.shape.dim]
+    rows, candidates = dims[1], dims[2]
+    size = inp.type.tensor_type.shape.dim[2].dim_value
+    fixed = np.full((1, rows, candidates), 1e-3, dtype=np.float32)
+    # Candidates on a grid, boxes a tenth of the input; `boxes` of them score high, in a
+    # few classes, some overlapping (NMS has work to do).
+    k = np.arange(candidates)
+    fixed[0, 0] = (k % 59 + 0.5) * size / 59
+    fixed[0, 1] = (k // 59 % 59 + 0.5) * size / 59
+    fixed[0, 2] = fixed[0, 3] = size / 10
+    for i in range(boxes):
+        c = (i * 293) % candidates
+        fixed[0, 4 + (i * 7) % (rows - 4), c] = 0.9 - 0.05 * (i % 5)
+        fixed[0, 4 + (i * 7) % (rows - 4), (c + 1) % candidates] = 0.5
+    m = helper.make_model(
+        helper.make_graph([], "tiny", [inp], [out]),
+        opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=src.ir_version,
+    )
+    g = Graph(m, "tiny")
+    mean = g.op("ReduceMean", [inp.name], axes=[1, 2, 3], keepdims=1)  # [B, 1, 1, 1]
+    flat = g.op("Reshape", [mean, g.const([-1, 1, 1], np.int64)])  # [B, 1, 1]
+    zero = g.op("Mul", [flat, g.const(0.0)])
+    m.graph.node.append(
+        helper.make_node("Add", [zero, g.const(fixed)], [out.name], name=g.name())
+    )
+    return m
+
+
 def write(model, src_dir, out_dir, model_id, task, model_type, size=None, extra_files=()):
     d = os.path.join(out_dir, model_id, "1")
     shutil.rmtree(d, ignore_errors=True)
@@ -241,6 +280,8 @@ def main():
         extra_files=["keypoints_metadata.json"],
     )
     write(rfdetr_seg(os.path.join(seg, "weights.onnx"), 4, 640, 160), seg, out, "shapes-rfdetrseg", "instance-segmentation", "rfdetr-seg-nano")
+    coco = os.path.join(models, "coco", "1")
+    write(tiny_like(os.path.join(coco, "weights.onnx")), coco, out, "tiny-coco", "object-detection", "yolov8n")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,7 @@ cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.start
 info = {m["model_id"]: m for m in json.load(open(f"{out}/server-info.json")).get("models", [])}
 peer = any(os.path.exists(f"{out}/peer-{m.replace('/', '-')}.json") for m in models)
 head = ("| model | served img/s | served as | bare best img/s | best configuration | ratio "
+        "| front-end CPU ms/img | GPU feed bound, 8 cores img/s "
         "| p50 / p90 ms | 1 client p50 ms | bare batch-1 ms (lone / instance threads) "
         "| 1,000 at once: img/s | answers | p50 / p99 ms |")
 if peer:
@@ -141,10 +142,14 @@ for m in models:
     bare = lambda t: next((x["batch1_ms"] for x in c["latency"] if x["intra_threads"] == t), float("nan"))
     b = c["best"]
     ratio = s["images_per_second"] / c["images_per_second"]
+    # Everything outside the network, from the server's stage counters; 8 cores doing only
+    # that feed a GPU at most 8 / it images per second.
+    front = s.get("stage_cpu_ms_per_image", {}).get("front_end")
+    feed = f"{front:.2f} | {8000 / front:.0f}" if front else "- | -"
     line = (f"| {m} | {s['images_per_second']:.1f} "
             f"| up to {served.get('max_instances', served.get('instances', '?'))} x {threads} thr, batch <= {served.get('max_batch_size', '?')} "
             f"| {c['images_per_second']:.1f} | {b['instances']} x {b['intra_threads']} thr, batch {b['batch']} "
-            f"| {ratio:.2f} | {s['latency_ms']['p50']:.0f} / {s['latency_ms']['p90']:.0f} "
+            f"| {ratio:.2f} | {feed} | {s['latency_ms']['p50']:.0f} / {s['latency_ms']['p90']:.0f} "
             f"| {s1['latency_ms']['p50']:.1f} | {bare(lone):.1f} / {bare(threads):.1f} |"
             + burst(f"{out}/server-{l}-burst.json"))
     if peer:

@@ -9,6 +9,14 @@
 #   scripts/gpu_check.sh
 #   MODELS="coco/1" PROVIDERS="cuda" SECONDS_PER_TRIAL=5 CEILING_SECONDS=2 scripts/gpu_check.sh
 #   taskset -c 0-7 scripts/gpu_check.sh   # the target box's 8 cores on a bigger machine
+#   SERVER_CORES=0-7 CLIENT_CORES=8-15 scripts/gpu_check.sh   # server and clients apart
+#
+# On the GPU providers each model is also swept over concurrency (SWEEP, default 16 64 256
+# 1000: closed loops of that many clients, REQUEST_TIMEOUT_S=60 so that 1,000 at once are
+# queued rather than refused), the load generator on CLIENT_CORES and the server on
+# SERVER_CORES (on a machine of 16 cores or more, by default 8-15 and 0-7: the target box's
+# 8 cores for the server). Beside the GPU's bare ceiling the sweep table gives the front-end
+# bound: 8 cores / the server's front-end CPU per image (its stage counters).
 #
 # Agreement: every CPU box scoring at least 0.05 above the threshold has a box of the same
 # class on the GPU with IoU >= 0.90 and confidence within 0.02 (CUDA, FP32), or IoU >= 0.85
@@ -33,6 +41,14 @@ MODELS="${MODELS:-coco/1 shapes-seg/1 imagenet/1}"
 SECONDS_PER_TRIAL="${SECONDS_PER_TRIAL:-10}"
 OUT="${OUT:-$ROOT/bench-results/gpu}"
 PORT="${GPU_CHECK_PORT:-9301}"
+SWEEP="${SWEEP:-16 64 256 1000}"
+if [ "$(nproc)" -ge 16 ]; then
+  SERVER_CORES="${SERVER_CORES:-0-7}" CLIENT_CORES="${CLIENT_CORES:-8-15}"
+fi
+on_cores() { # cores command... : runs the command on those cores when given
+  local cores=$1; shift
+  if [ -n "$cores" ]; then taskset -c "$cores" "$@"; else "$@"; fi
+}
 mkdir -p "$OUT"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>/dev/null || echo "no nvidia-smi" > "$OUT/gpu.txt"
@@ -49,7 +65,8 @@ echo "providers: $PROVIDERS; models: $MODELS"
 for p in $PROVIDERS; do
   mkdir -p "$OUT/$p"
   EXECUTION_PROVIDERS=$p MODEL_CACHE_DIR="$MODELS_DIR" PRELOAD_MODELS="$(echo $MODELS | tr ' ' ,)" \
-    "$BIN" serve --host 127.0.0.1 --port "$PORT" > "$OUT/$p/server.out" 2> "$OUT/$p/server.log" &
+    REQUEST_TIMEOUT_S="${REQUEST_TIMEOUT_S:-60}" \
+    on_cores "${SERVER_CORES:-}" "$BIN" serve --host 127.0.0.1 --port "$PORT" > "$OUT/$p/server.out" 2> "$OUT/$p/server.log" &
   pid=$!
   ready=0
   for _ in $(seq 1200); do   # TensorRT builds its engines before readiness: allow 10 minutes
@@ -67,10 +84,18 @@ for p in $PROVIDERS; do
     for f in "$imgs"/*.jpg; do
       curl -s -F "file=@$f" "127.0.0.1:$PORT/$m" > "$d/$(basename "$f" .jpg).json"
     done
-    "$BIN" bench --url "http://127.0.0.1:$PORT" --model "$m" --images "$imgs" --concurrency 16 \
-      --duration "$SECONDS_PER_TRIAL" --warmup 20 --json "$OUT/$p/bench-$(echo "$m" | tr / -).json" >/dev/null
-    "$BIN" bench --url "http://127.0.0.1:$PORT" --model "$m" --images "$imgs" --concurrency 1 \
-      --duration "$SECONDS_PER_TRIAL" --warmup 5 --json "$OUT/$p/bench1-$(echo "$m" | tr / -).json" >/dev/null
+    l=$(echo "$m" | tr / -)
+    on_cores "${CLIENT_CORES:-}" "$BIN" bench --url "http://127.0.0.1:$PORT" --model "$m" --images "$imgs" --concurrency 16 \
+      --duration "$SECONDS_PER_TRIAL" --warmup 20 --json "$OUT/$p/bench-$l.json" >/dev/null
+    on_cores "${CLIENT_CORES:-}" "$BIN" bench --url "http://127.0.0.1:$PORT" --model "$m" --images "$imgs" --concurrency 1 \
+      --duration "$SECONDS_PER_TRIAL" --warmup 5 --json "$OUT/$p/bench1-$l.json" >/dev/null
+    if [ "$p" != cpu ]; then
+      for c in $SWEEP; do
+        on_cores "${CLIENT_CORES:-}" "$BIN" bench --url "http://127.0.0.1:$PORT" --model "$m" --images "$imgs" \
+          --concurrency "$c" --duration "$SECONDS_PER_TRIAL" --warmup "$c" --timeout 120 \
+          --json "$OUT/$p/sweep-$l-$c.json" >/dev/null || true
+      done
+    fi
   done
   kill -TERM $pid; wait $pid 2>/dev/null || true
   for m in $MODELS; do
@@ -150,6 +175,29 @@ for m in models:
         else:
             best, ratio = "-", "-"
         lines.append(f"| {m} | {p} | {served} | {p50} | {best} | {ratio} | {verdict} |")
+sweep = [int(c) for c in os.environ.get("SWEEP", "16 64 256 1000").split()]
+lines += ["", "Concurrency sweep (img/s, p50 ms); front-end CPU per image at the largest load, and "
+          "the bound it puts on 8 cores: 8000 / it.", "",
+          "| model | provider | " + " | ".join(f"{c} clients" for c in sweep)
+          + " | front-end CPU ms/img | front-end bound, 8 cores img/s | bare GPU img/s |",
+          "|---|---|" + "---|" * (len(sweep) + 3)]
+for m in models:
+    l = m.replace("/", "-")
+    for p in providers:
+        if p == "cpu":
+            continue
+        cells, front = [], None
+        for c in sweep:
+            r = load(f"{out}/{p}/sweep-{l}-{c}.json")
+            if r is None:
+                cells.append("-")
+                continue
+            cells.append(f"{r['images_per_second']:.0f} ({r['latency_ms']['p50']:.0f} ms)")
+            front = r.get("stage_cpu_ms_per_image", {}).get("front_end", front)
+        c = load(f"{out}/{p}/ceiling-{l}.json")
+        lines.append(f"| {m} | {p} | " + " | ".join(cells)
+                     + (f" | {front:.2f} | {8000 / front:.0f}" if front else " | - | -")
+                     + (f" | {c['images_per_second']:.0f} |" if c else " | - |"))
 open(f"{out}/gpu_table.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 sys.exit(0 if ok else 1)

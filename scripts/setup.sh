@@ -63,12 +63,12 @@ venv vendor/deploy-venv "import kubernetes_validate, yaml" "kubernetes-validate=
 # The browser test (tests/web_page.rs): Selenium and openapi-spec-validator.
 venv vendor/web-venv "import selenium, openapi_spec_validator" "selenium==4.*" "openapi-spec-validator==0.7.*"
 
-# Test models of the end-to-end layouts (YOLO26-seg, YOLO26-pose, RF-DETR-seg), derived from
-# the bundled shapes models by scripts/derive_test_models.py with the `onnx` package into
-# vendor/test-models, rather than kept as three more weight files. Made again only when the
+# Test models of the end-to-end layouts (YOLO26-seg, YOLO26-pose, RF-DETR-seg) and the front
+# end's almost-free network (tiny-coco, coco/1's layout), derived from the bundled models by scripts/derive_test_models.py with the `onnx` package into
+# vendor/test-models, rather than kept as more weight files. Made again only when the
 # script or the models it reads change (the stamp holds their hashes).
 venv vendor/models-venv "import onnx, numpy" "onnx==1.23.2" "numpy>=2,<3"
-stamp=$( (grep '^venv vendor/models-venv' scripts/setup.sh; cat scripts/derive_test_models.py models/shapes-seg/1/* models/shapes-pose/1/*) | sha256sum | cut -d' ' -f1)
+stamp=$( (grep '^venv vendor/models-venv' scripts/setup.sh; cat scripts/derive_test_models.py models/shapes-seg/1/* models/shapes-pose/1/* models/coco/1/*) | sha256sum | cut -d' ' -f1)
 if [ "$(cat vendor/test-models/.stamp 2>/dev/null)" != "$stamp" ]; then
   rm -rf vendor/test-models
   vendor/models-venv/bin/python scripts/derive_test_models.py models vendor/test-models

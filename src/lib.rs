@@ -19,6 +19,7 @@ pub mod model;
 pub mod pipeline;
 pub mod regions;
 pub mod server;
+pub mod stage_cpu;
 pub mod tasks;
 #[doc(hidden)]
 pub mod testing;

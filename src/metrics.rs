@@ -19,6 +19,7 @@ pub struct Metrics {
     /// Time a job waited in its model's queue before preprocessing started.
     pub queue_wait_seconds: HistogramVec,
     pub decode_seconds: HistogramVec,
+    pub decode_reduced: IntCounterVec,
     pub preprocess_seconds: HistogramVec,
     /// Time of one batch run on the back end.
     pub inference_seconds: HistogramVec,
@@ -76,6 +77,7 @@ pub struct Metrics {
     /// postprocess, batcher, other), from the kernel's per-thread accounting; brought up to
     /// date at every scrape.
     pub thread_cpu_seconds: CounterVec,
+    pub stage_cpu_seconds: CounterVec,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -101,6 +103,12 @@ impl Metrics {
                 &["model"],
             )?,
             decode_seconds: hist("cvserve_decode_seconds", "Image decode time", &["model"])?,
+            decode_reduced: register_int_counter_vec_with_registry!(
+                "cvserve_decode_reduced_total",
+                "Images decoded smaller than sent: at reduced JPEG scale (DECODE_REDUCED_SCALE) or to fit a ring slot",
+                &["model"],
+                r
+            )?,
             preprocess_seconds: hist(
                 "cvserve_preprocess_seconds",
                 "Resize and normalise one image into the batch tensor",
@@ -212,6 +220,12 @@ impl Metrics {
                 &["pool"],
                 r
             )?,
+            stage_cpu_seconds: register_counter_vec_with_registry!(
+                "cvserve_stage_cpu_seconds_total",
+                "CPU time of the requests' stages, measured on the threads that ran them (http, json, base64, decode, preprocess, postprocess, answer)",
+                &["stage"],
+                r
+            )?,
             workflow_definitions_cached: register_int_gauge_with_registry!(
                 "cvserve_workflow_definitions_cached",
                 "Compiled workflow definitions held (at most WORKFLOW_CACHE_SIZE)",
@@ -277,6 +291,13 @@ impl Metrics {
             self.thread_cpu_seconds
                 .with_label_values(&[pool])
                 .inc_by(seconds);
+        }
+        for (stage, seconds) in crate::stage_cpu::totals() {
+            let counter = self.stage_cpu_seconds.with_label_values(&[stage]);
+            let grown = seconds - counter.get();
+            if grown > 0.0 {
+                counter.inc_by(grown);
+            }
         }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for the text format.

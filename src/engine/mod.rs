@@ -28,6 +28,7 @@ use crate::pipeline::decode::{
 use crate::pipeline::frame::Frame;
 use crate::pipeline::ring::{Ring, SlotHandle};
 use crate::pipeline::{Job, PipelineError, Pools};
+use crate::stage_cpu::{span, Stage as CpuStage};
 use crate::tasks::draw::{self, DrawOptions};
 use crate::tasks::{TaskOutput, TaskParams};
 use admission::{Activity, Ticket, Tickets};
@@ -438,6 +439,16 @@ impl Engine {
             .decode_seconds
             .with_label_values(&[model_id])
             .observe(decode_started.elapsed().as_secs_f64() / count.max(1) as f64);
+        let smaller = decoded
+            .iter()
+            .filter(|d| d.width < d.orig_width || d.height < d.orig_height)
+            .count();
+        if smaller > 0 {
+            METRICS
+                .decode_reduced
+                .with_label_values(&[model_id])
+                .inc_by(smaller as u64);
+        }
         let params = Arc::new(params);
         let mut pending = Vec::with_capacity(decoded.len());
         for image in decoded {
@@ -703,10 +714,13 @@ impl Engine {
             // Nobody waits: the client went away, or another image of the request failed.
             let gone = || tx.is_closed();
             let result = match image {
-                ImageInput::Base64(text) => {
-                    base64_bytes(&text).and_then(|bytes| decode_into(&bytes, slot, &opts, &gone))
+                ImageInput::Base64(text) => span(CpuStage::Base64, || base64_bytes(&text))
+                    .and_then(|bytes| {
+                        span(CpuStage::Decode, || decode_into(&bytes, slot, &opts, &gone))
+                    }),
+                ImageInput::Bytes(bytes) => {
+                    span(CpuStage::Decode, || decode_into(&bytes, slot, &opts, &gone))
                 }
-                ImageInput::Bytes(bytes) => decode_into(&bytes, slot, &opts, &gone),
                 ImageInput::Frame(frame) => {
                     if opts.deadline.is_some_and(|d| Instant::now() >= d) {
                         Err(DecodeError::DeadlineExceeded)

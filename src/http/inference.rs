@@ -22,7 +22,7 @@ use super::call::RequestContext;
 use super::error::ApiError;
 use super::images::fetch_url;
 use super::request::{legacy_params, query_api_key, ImageSource, InferRequest};
-use super::response::{json, task_path, ImageSize, InferResponse, ResolvedModel};
+use super::response::{json, task_path, ImageSize, InferResponse, ResolvedModel, TaskBody};
 use super::state::AppState;
 use crate::engine::{Engine, ImageInput};
 use crate::model::repository::TaskType;
@@ -213,11 +213,16 @@ async fn infer_json(
     )
     .await?;
     ctx.hold(_lease);
-    // A JSON body of megabytes (base64 images) is parsed on the CPU pool.
-    let mut request = state
-        .engine
-        .run_cpu(move || InferRequest::parse(&bytes))
-        .await??;
+    // A JSON body of megabytes (base64 images) is parsed on the CPU pool; a small one here,
+    // where it costs less than the two thread hand-offs.
+    let mut request = if bytes.len() <= INLINE_PARSE_BYTES {
+        InferRequest::parse(&bytes)?
+    } else {
+        state
+            .engine
+            .run_cpu(move || InferRequest::parse(&bytes))
+            .await??
+    };
     request.api_key = outer_key.or(request.api_key.take());
     let model_id = request.model_id()?;
     // Not named in the first bytes (or named otherwise than parsed): decided now. A place
@@ -234,19 +239,43 @@ async fn infer_json(
         started,
         deadline,
     };
-    let (mut responses, pictures) = infer(state, call, &request, images, ctx).await?;
-    // Thousands of RLE masks make megabytes of JSON: encoded on the CPU pool too.
-    Ok(state
-        .engine
-        .run_cpu(move || {
-            attach_pictures(&mut responses, pictures);
-            if is_list {
-                json(StatusCode::OK, &responses)
-            } else {
-                json(StatusCode::OK, &responses[0])
-            }
-        })
-        .await?)
+    let (responses, pictures) = infer(state, call, &request, images, ctx).await?;
+    encode_answer(state, responses, pictures, is_list).await
+}
+
+/// JSON bodies up to this size are parsed on the HTTP thread: that takes tens of
+/// microseconds, less than handing the body to the CPU pool and the request back.
+const INLINE_PARSE_BYTES: usize = 256 * 1024;
+
+/// The answer's JSON (a list when the request sent one), with its pictures. Thousands of
+/// masks or a picture make megabytes of JSON: those are encoded on the CPU pool; boxes,
+/// keypoints and classes are a few kilobytes, encoded here without a thread hand-off.
+async fn encode_answer(
+    state: &Arc<AppState>,
+    mut responses: Vec<InferResponse>,
+    pictures: Vec<Vec<u8>>,
+    is_list: bool,
+) -> Result<HttpResponse, ApiError> {
+    let small = |r: &InferResponse| match &r.body {
+        TaskBody::Detection { predictions } => predictions.len() <= 100,
+        TaskBody::Keypoints { predictions } => predictions.len() <= 100,
+        TaskBody::Classification(_) => true,
+        TaskBody::Segmentation { .. } => false,
+    };
+    let inline = pictures.is_empty() && responses.len() <= 8 && responses.iter().all(small);
+    let encode = move || {
+        attach_pictures(&mut responses, pictures);
+        if is_list {
+            json(StatusCode::OK, &responses)
+        } else {
+            json(StatusCode::OK, &responses[0])
+        }
+    };
+    if inline {
+        Ok(encode())
+    } else {
+        Ok(state.engine.run_cpu(encode).await?)
+    }
 }
 
 async fn infer_legacy(
@@ -278,11 +307,18 @@ async fn infer_legacy(
             read_body(state, req, limit, "MAX_BODY_BYTES", deadline, None).await?;
         ctx.hold(lease);
         if content_type.starts_with("multipart/form-data") {
-            // The body is in memory: parsing it never waits, so it runs on the CPU pool.
-            let file = state
-                .engine
-                .run_cpu(move || futures_executor::block_on(multipart_file(&content_type, body)))
-                .await??;
+            // The body is in memory: parsing it never waits, so a large one runs on the CPU
+            // pool, a small one here (cheaper than the hand-off).
+            let file = if body.len() <= INLINE_PARSE_BYTES {
+                multipart_file(&content_type, body).await?
+            } else {
+                state
+                    .engine
+                    .run_cpu(move || {
+                        futures_executor::block_on(multipart_file(&content_type, body))
+                    })
+                    .await??
+            };
             ImageSource::Bytes(file)
         } else if opts.image_type != "base64" {
             return Err(ApiError::bad_request(format!(
@@ -290,7 +326,8 @@ async fn infer_legacy(
                 opts.image_type
             )));
         } else {
-            let text = String::from_utf8(body.to_vec()).map_err(|_| {
+            // The body as it arrived (no copy when it is the only reference, as here).
+            let text = String::from_utf8(Vec::from(body)).map_err(|_| {
                 ApiError::bad_request(
                     "Could not load input image. Cause: Malformed base64 input image.",
                 )
@@ -306,23 +343,16 @@ async fn infer_legacy(
         started,
         deadline,
     };
-    let (mut responses, mut pictures) = infer(state, call, &request, vec![source], ctx).await?;
-    let resp = if opts.format == "image" {
+    let (responses, mut pictures) = infer(state, call, &request, vec![source], ctx).await?;
+    if opts.format == "image" {
         // The picture itself (Roboflow's `format=image`).
         let mut resp = Response::new(Full::new(Bytes::from(pictures.remove(0))));
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("image/jpeg"));
-        resp
+        Ok(resp)
     } else {
-        state
-            .engine
-            .run_cpu(move || {
-                attach_pictures(&mut responses, pictures);
-                json(StatusCode::OK, &responses[0])
-            })
-            .await?
-    };
-    Ok(resp)
+        encode_answer(state, responses, pictures, false).await
+    }
 }
 
 /// The bytes of the multipart part named `file` (Roboflow's legacy upload).

@@ -143,8 +143,10 @@ pub struct InferRequest {
 impl InferRequest {
     /// Parses a JSON body.
     pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
-        serde_json::from_slice(body)
-            .map_err(|e| ApiError::invalid(format!("Invalid request body: {e}")))
+        crate::stage_cpu::span(crate::stage_cpu::Stage::Json, || {
+            serde_json::from_slice(body)
+        })
+        .map_err(|e| ApiError::invalid(format!("Invalid request body: {e}")))
     }
 
     /// The model id, required.

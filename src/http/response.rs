@@ -127,7 +127,10 @@ impl ModelsDescriptions {
 
 /// A JSON response with the given status.
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
-    let body = serde_json::to_vec(value).unwrap_or_else(|e| {
+    let body = crate::stage_cpu::span(crate::stage_cpu::Stage::Answer, || {
+        serde_json::to_vec(value)
+    })
+    .unwrap_or_else(|e| {
         format!(r#"{{"message":"Internal error: cannot encode the response: {e}"}}"#).into_bytes()
     });
     let mut resp = Response::new(Full::new(Bytes::from(body)));

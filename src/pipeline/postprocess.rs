@@ -36,15 +36,17 @@ pub fn dispatch(
             // dropped its end: either way the costly steps stop.
             let cancelled = || reply.is_closed() || std::time::Instant::now() >= deadline;
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                runtime.decoder.decode(
-                    &outputs,
-                    i,
-                    (runtime.spec.height as usize, runtime.spec.width as usize),
-                    &runtime.class_names,
-                    &geometry,
-                    &params,
-                    &cancelled,
-                )
+                crate::stage_cpu::span(crate::stage_cpu::Stage::Postprocess, || {
+                    runtime.decoder.decode(
+                        &outputs,
+                        i,
+                        (runtime.spec.height as usize, runtime.spec.width as usize),
+                        &runtime.class_names,
+                        &geometry,
+                        &params,
+                        &cancelled,
+                    )
+                })
             }));
             let answer = match result {
                 Ok(Ok(out)) => Ok(out),

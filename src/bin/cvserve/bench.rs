@@ -136,11 +136,47 @@ pub struct BenchReport {
     /// for a server without it, such as Roboflow's).
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub server_cpu_ms_per_image: std::collections::BTreeMap<String, f64>,
+    /// The server's CPU time per 200 answer, milliseconds, by stage of the request, measured
+    /// on the threads that ran each (`cvserve_stage_cpu_seconds_total`), and `front_end`,
+    /// their sum: everything outside the network and the batcher.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub stage_cpu_ms_per_image: std::collections::BTreeMap<String, f64>,
 }
 
-/// The server's thread CPU by pool (seconds), read from its /metrics; empty when it has none.
-async fn server_cpu(url: &str) -> std::collections::BTreeMap<String, f64> {
-    let mut out = std::collections::BTreeMap::new();
+/// What the server's /metrics counts of its CPU, in seconds: by pool (threads) and by stage.
+#[derive(Default)]
+struct ServerCpu {
+    pools: std::collections::BTreeMap<String, f64>,
+    stages: std::collections::BTreeMap<String, f64>,
+}
+
+impl ServerCpu {
+    /// Growth per image since `before`, in milliseconds, with a `total` (or `front_end`).
+    fn per_image(
+        now: &std::collections::BTreeMap<String, f64>,
+        before: &std::collections::BTreeMap<String, f64>,
+        images: usize,
+        sum: &str,
+    ) -> std::collections::BTreeMap<String, f64> {
+        let mut out = std::collections::BTreeMap::new();
+        if images == 0 || now.is_empty() {
+            return out;
+        }
+        let mut total = 0.0;
+        for (k, after) in now {
+            let ms = (after - before.get(k).copied().unwrap_or(0.0)) * 1000.0 / images as f64;
+            total += ms;
+            out.insert(k.clone(), ms);
+        }
+        out.insert(sum.into(), total);
+        out
+    }
+}
+
+/// The server's thread CPU by pool and by stage (seconds), read from its /metrics; empty
+/// when it has none.
+async fn server_cpu(url: &str) -> ServerCpu {
+    let mut out = ServerCpu::default();
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let Ok(uri) = format!("{url}/metrics").parse::<hyper::Uri>() else {
@@ -154,14 +190,19 @@ async fn server_cpu(url: &str) -> std::collections::BTreeMap<String, f64> {
     };
     let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("cvserve_thread_cpu_seconds_total{pool=\"") else {
-            continue;
-        };
-        let Some((pool, value)) = rest.split_once("\"}") else {
+        let (map, rest) =
+            if let Some(r) = line.strip_prefix("cvserve_thread_cpu_seconds_total{pool=\"") {
+                (&mut out.pools, r)
+            } else if let Some(r) = line.strip_prefix("cvserve_stage_cpu_seconds_total{stage=\"") {
+                (&mut out.stages, r)
+            } else {
+                continue;
+            };
+        let Some((key, value)) = rest.split_once("\"}") else {
             continue;
         };
         if let Ok(v) = value.trim().parse::<f64>() {
-            out.insert(pool.to_owned(), v);
+            map.insert(key.to_owned(), v);
         }
     }
     out
@@ -567,16 +608,9 @@ async fn run_async(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
     let n = results.len();
     let ok = ok_ms.len();
     let server1 = server_cpu(&cfg.url).await;
-    let mut server_cpu_ms_per_image = std::collections::BTreeMap::new();
-    if ok > 0 && !server1.is_empty() {
-        let mut total = 0.0;
-        for (pool, after) in &server1 {
-            let ms = (after - server0.get(pool).copied().unwrap_or(0.0)) * 1000.0 / ok as f64;
-            total += ms;
-            server_cpu_ms_per_image.insert(pool.clone(), ms);
-        }
-        server_cpu_ms_per_image.insert("total".into(), total);
-    }
+    let server_cpu_ms_per_image = ServerCpu::per_image(&server1.pools, &server0.pools, ok, "total");
+    let stage_cpu_ms_per_image =
+        ServerCpu::per_image(&server1.stages, &server0.stages, ok, "front_end");
     Ok(BenchReport {
         url: cfg.url,
         model: cfg.model,
@@ -597,6 +631,7 @@ async fn run_async(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
         },
         client_cpu_us_per_request: if n == 0 { 0.0 } else { cpu * 1e6 / n as f64 },
         server_cpu_ms_per_image,
+        stage_cpu_ms_per_image,
     })
 }
 
@@ -641,6 +676,20 @@ fn print_report(r: &BenchReport) {
         println!(
             "  server CPU per image, ms: {:.2} ({})",
             r.server_cpu_ms_per_image["total"],
+            by.join(", ")
+        );
+    }
+    if !r.stage_cpu_ms_per_image.is_empty() {
+        let by: Vec<String> = cvserve::stage_cpu::Stage::ALL
+            .iter()
+            .filter_map(|s| {
+                let ms = r.stage_cpu_ms_per_image.get(s.name())?;
+                Some(format!("{} {ms:.2}", s.name()))
+            })
+            .collect();
+        println!(
+            "  front-end CPU per image, ms: {:.2} ({})",
+            r.stage_cpu_ms_per_image["front_end"],
             by.join(", ")
         );
     }

@@ -1,9 +1,11 @@
 //! The `cvserve` binary: `cvserve serve` (the default) runs the server; `cvserve bench`
-//! load-tests one.
+//! load-tests one; `cvserve ceiling` and `cvserve decode-time` measure the network and the
+//! decode alone.
 
 mod bench;
 mod bench_v2;
 mod ceiling;
+mod decode_time;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +36,8 @@ enum Command {
     Bench(BenchConfig),
     /// Measure a model's in-process ceiling (back end alone, best batch size).
     Ceiling(ceiling::CeilingConfig),
+    /// Time the server's decode of image files (CPU per image, whole and reduced).
+    DecodeTime(decode_time::DecodeTimeConfig),
 }
 
 fn main() -> std::process::ExitCode {
@@ -48,6 +52,10 @@ fn main() -> std::process::ExitCode {
         Some(Command::Ceiling(c)) => {
             init_logging("text");
             ("cvserve ceiling", ceiling::run(c).map(drop))
+        }
+        Some(Command::DecodeTime(c)) => {
+            init_logging("text");
+            ("cvserve decode-time", decode_time::run(c))
         }
         Some(Command::Serve(cfg)) => serve(*cfg),
         None => serve(cli.serve),

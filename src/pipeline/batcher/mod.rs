@@ -293,16 +293,18 @@ impl Batcher {
                     scope.spawn(move |_| {
                         let started = Instant::now();
                         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            preprocess_into(
-                                image.pixels(),
-                                image.width,
-                                image.height,
-                                image.orig_width,
-                                image.orig_height,
-                                &steps,
-                                &spec,
-                                row,
-                            )
+                            crate::stage_cpu::span(crate::stage_cpu::Stage::Preprocess, || {
+                                preprocess_into(
+                                    image.pixels(),
+                                    image.width,
+                                    image.height,
+                                    image.orig_width,
+                                    image.orig_height,
+                                    &steps,
+                                    &spec,
+                                    row,
+                                )
+                            })
                         }));
                         *result =
                             Some(r.unwrap_or_else(|_| Err("the preprocess stage panicked".into())));

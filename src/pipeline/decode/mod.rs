@@ -92,8 +92,8 @@ pub struct DecodeOptions {
     /// Most pixels x passes (JPEG scans) one decode may work through.
     pub max_decode_work: u64,
     /// The smallest image preprocessing needs, if known: a JPEG much larger is decoded at
-    /// 1/2, 1/4 or 1/8 scale in the DCT domain (far cheaper than decoding it whole and
-    /// shrinking it afterwards), never below what the network input needs.
+    /// 1/2, 1/4 or 1/8 scale in the DCT domain (cheaper than decoding it whole and shrinking
+    /// it afterwards), never below what the network input needs.
     pub needed: Option<NeededSize>,
     /// Decoding stops past this instant (checked before decoding and between PNG rows).
     pub deadline: Option<Instant>,
@@ -177,13 +177,15 @@ pub fn base64_bytes(text: &str) -> Result<Vec<u8>, DecodeError> {
             .ok_or(DecodeError::Base64)?,
         None => text,
     };
-    let decoded = if text.bytes().any(|b| b.is_ascii_whitespace()) {
-        let compact: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-        BASE64.decode(compact)
-    } else {
-        BASE64.decode(text)
-    };
-    decoded.map_err(|_| DecodeError::Base64)
+    // Line breaks are rare: decoded as sent first, the text is looked through for them only
+    // when that fails (one pass over megabytes saved for everyone else).
+    BASE64
+        .decode(text)
+        .or_else(|_| {
+            let compact: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+            BASE64.decode(compact)
+        })
+        .map_err(|_| DecodeError::Base64)
 }
 
 thread_local! {
@@ -544,12 +546,12 @@ impl Probe {
         }
         let (w0, h0) = (header.width, header.height);
         let slot_pixels = out.len() / 3;
-        let factors = [
-            turbojpeg::ScalingFactor::ONE_EIGHTH,
-            turbojpeg::ScalingFactor::ONE_QUARTER,
-            turbojpeg::ScalingFactor::ONE_HALF,
-            turbojpeg::ScalingFactor::ONE,
-        ];
+        // libjpeg-turbo's scales with SIMD inverse DCTs, smallest first. Its other eighths
+        // (3/8, 5/8, 6/8, 7/8) run plain C and decode the test photos slower than 4/8 and
+        // mostly slower than 8/8 (docs/benchmarks.md, "Reduced-scale JPEG decoding").
+        let factors = [1, 2, 4, 8]
+            .map(|m| turbojpeg::ScalingFactor::new(m, 8))
+            .into_iter();
         let fits = |f: &turbojpeg::ScalingFactor| f.scale(w0) * f.scale(h0) <= slot_pixels;
         let (ow, oh) = self.oriented_size();
         let o = self.orientation;
@@ -558,14 +560,14 @@ impl Probe {
             .needed
             .filter(|_| into != Target::Full)
             .and_then(|need| {
-                factors.iter().copied().find(|f| {
+                factors.clone().find(|f| {
                     let (w, h) = oriented_size(f.scale(w0) as u32, f.scale(h0) as u32, o);
                     fits(f) && need.satisfied_by(w as usize, h as usize, ow as usize, oh as usize)
                 })
             });
         // ... else the largest that fits.
         let factor = enough
-                .or_else(|| factors.iter().rev().copied().find(fits))
+                .or_else(|| factors.clone().rev().find(fits))
                 .ok_or_else(|| {
                     DecodeError::Undecodable(format!(
                         "a {w0}x{h0} JPEG does not fit a ring slot even at 1/8 scale (RING_SLOT_PIXELS)."
