@@ -18,6 +18,8 @@ import os
 import shutil
 import sys
 import tempfile
+import time
+import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -33,10 +35,12 @@ def repository():
     root = tempfile.mkdtemp(prefix="cvserve-drift-")
     for base in ("models", "vendor/test-models"):
         for m in os.listdir(os.path.join(REPO, base)):
-            if not m.startswith("."):
+            if os.path.isdir(os.path.join(REPO, base, m, "1")):
                 os.symlink(os.path.join(REPO, base, m), os.path.join(root, m))
     pre = os.path.join(REPO, "tests/fixtures/models-pre")
     for m in os.listdir(pre):
+        if not os.path.isdir(os.path.join(pre, m, "1")):
+            continue
         dst = os.path.join(root, m, "1")
         shutil.copytree(os.path.join(pre, m, "1"), dst)
         os.symlink(os.path.join(REPO, "models/coco/1/weights.onnx"), os.path.join(dst, "weights.onnx"))
@@ -50,10 +54,18 @@ def image_path(model_id, name):
 
 
 def post(base, route, body):
-    req = urllib.request.Request(base + route, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.load(r)
+    """The answer, waiting out 503s (a model still loading: Retry-After)."""
+    for _ in range(60):
+        req = urllib.request.Request(base + route, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return json.load(r)
+        except urllib.error.HTTPError as e:
+            if e.code != 503:
+                raise
+            time.sleep(float(e.headers.get("Retry-After") or 1))
+    raise SystemExit(f"{base}{route}: still 503 after a minute")
 
 
 def box(p):
@@ -87,7 +99,7 @@ def main():
     binary = sys.argv[1] if len(sys.argv) > 1 else os.path.join(REPO, "target/release/cvserve")
     root = repository()
     models = sorted(d[:-2] for d in os.listdir(GOLDEN) if d.endswith("-1"))
-    env = {"MODEL_CACHE_DIR": root, "REQUEST_TIMEOUT_S": "120"}
+    env = {"MODEL_CACHE_DIR": root, "REQUEST_TIMEOUT_S": "120", "MAX_ACTIVE_MODELS": "32"}
     servers = {}
     for name, reduced in (("full", "false"), ("reduced", "true")):
         servers[name] = serverlib.start(binary, dict(env, DECODE_REDUCED_SCALE=reduced))

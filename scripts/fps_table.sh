@@ -5,7 +5,9 @@
 # then the seeds' way: BURST requests at once, default 1,000, one per client, no retries, best
 # of TRIALS), and beside it the in-process ceiling: the bare model (`cvserve ceiling`: ONNX
 # Runtime alone, no HTTP, decode or pre/postprocessing) at its best configuration of
-# instances x intra-op threads x batch, searched with the server stopped.
+# instances x intra-op threads x batch, searched right after each model is served, with the
+# server stopped. The front-end CPU per image (the server's stage counters) gives the GPU
+# feed bound of the target's 8 cores: 8000 / it.
 # Writes bench-results/fps_table.md and .json.
 #
 # 1,000 requests at once at 25 img/s take 40 s to answer: with the default 10 s deadline most
@@ -80,7 +82,7 @@ if [ -z "${RENDER_ONLY:-}" ]; then
 # shellcheck disable=SC2086
 "$BIN" serve --host 127.0.0.1 --port "$PORT" --model-cache-dir models ${SERVE_ARGS:-} >/dev/null 2>"$OUT/server.log" &
 SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true' EXIT
+trap 'kill -CONT $SERVER 2>/dev/null; kill $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 600); do
   curl -sf "http://127.0.0.1:$PORT/readiness" >/dev/null && break
   sleep 0.2
@@ -91,6 +93,15 @@ for m in $MODELS; do
   label=$(echo "$m" | tr / -)
   echo "measuring $m over HTTP ($TRIALS x ${SECONDS_PER_TRIAL}s, $CONCURRENCY clients; then 1 client)" >&2
   best_of "http://127.0.0.1:$PORT" "$m" "server-$label"
+  # The ceiling right after, with the server stopped (SIGSTOP: nothing of it runs), so that
+  # served / bare compares minutes of the same machine (a shared box's speed drifts).
+  echo "searching the in-process ceiling of $m" >&2
+  kill -STOP $SERVER
+  ceiling_ok=1
+  "$BIN" ceiling --model "$m" --seconds "$CEILING_SECONDS" > "$OUT/ceiling-$label.json" \
+    2> "$OUT/ceiling-$label.log" || ceiling_ok=0
+  kill -CONT $SERVER
+  [ $ceiling_ok = 1 ] || { echo "fps: the ceiling of $m failed: $OUT/ceiling-$label.log" >&2; exit 1; }
   if [ -n "${PEER_URL:-}" ]; then
     echo "measuring $m on $PEER_URL" >&2
     best_of "$PEER_URL" "$m" "peer-$label"
@@ -99,13 +110,6 @@ done
 grep -E "VmHWM" "/proc/$SERVER/status" > "$OUT/server-peak-rss.txt" || true
 kill $SERVER; wait $SERVER 2>/dev/null || true
 trap - EXIT
-
-# Ceilings, with the server stopped so nothing competes for the cores.
-for m in $MODELS; do
-  label=$(echo "$m" | tr / -)
-  echo "searching the in-process ceiling of $m" >&2
-  "$BIN" ceiling --model "$m" --seconds "$CEILING_SECONDS" > "$OUT/ceiling-$label.json" 2>/dev/null
-done
 fi
 
 python3 - "$OUT" $MODELS <<'PY'

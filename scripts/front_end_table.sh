@@ -48,6 +48,8 @@ for _ in $(seq 300); do
   curl -sf "http://127.0.0.1:$PORT/readiness" >/dev/null && break
   sleep 0.2
 done
+curl -sf "http://127.0.0.1:$PORT/readiness" >/dev/null \
+  || { echo "front end: the server did not become ready: $OUT/front-end-server.log" >&2; exit 1; }
 for size in vga 720p 1080p; do
   echo "measuring the front end on $size photos ($CONCURRENCY clients, ${SECONDS_PER_TRIAL}s)" >&2
   "$BIN" bench --url "http://127.0.0.1:$PORT" --model tiny-coco/1 --images "$OUT/front-end-images/$size" \

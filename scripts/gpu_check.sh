@@ -42,13 +42,15 @@ SECONDS_PER_TRIAL="${SECONDS_PER_TRIAL:-10}"
 OUT="${OUT:-$ROOT/bench-results/gpu}"
 PORT="${GPU_CHECK_PORT:-9301}"
 SWEEP="${SWEEP:-16 64 256 1000}"
-if [ "$(nproc)" -ge 16 ]; then
+# Server and clients apart by default where this process may use CPUs 0-15 or more.
+allowed=$(taskset -pc $$ 2>/dev/null | sed 's/.*: //')
+if [[ "$allowed" =~ ^0-([0-9]+)$ ]] && [ "${BASH_REMATCH[1]}" -ge 15 ]; then
   SERVER_CORES="${SERVER_CORES:-0-7}" CLIENT_CORES="${CLIENT_CORES:-8-15}"
 fi
-on_cores() { # cores command... : runs the command on those cores when given
-  local cores=$1; shift
-  if [ -n "$cores" ]; then taskset -c "$cores" "$@"; else "$@"; fi
-}
+# Command prefixes that pin to those cores (taskset execs the command: same pid).
+server_on=() client_on=()
+[ -n "${SERVER_CORES:-}" ] && server_on=(taskset -c "$SERVER_CORES")
+[ -n "${CLIENT_CORES:-}" ] && client_on=(taskset -c "$CLIENT_CORES")
 mkdir -p "$OUT"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>/dev/null || echo "no nvidia-smi" > "$OUT/gpu.txt"
@@ -66,7 +68,7 @@ for p in $PROVIDERS; do
   mkdir -p "$OUT/$p"
   EXECUTION_PROVIDERS=$p MODEL_CACHE_DIR="$MODELS_DIR" PRELOAD_MODELS="$(echo $MODELS | tr ' ' ,)" \
     REQUEST_TIMEOUT_S="${REQUEST_TIMEOUT_S:-60}" \
-    on_cores "${SERVER_CORES:-}" "$BIN" serve --host 127.0.0.1 --port "$PORT" > "$OUT/$p/server.out" 2> "$OUT/$p/server.log" &
+    "${server_on[@]}" "$BIN" serve --host 127.0.0.1 --port "$PORT" > "$OUT/$p/server.out" 2> "$OUT/$p/server.log" &
   pid=$!
   ready=0
   for _ in $(seq 1200); do   # TensorRT builds its engines before readiness: allow 10 minutes
@@ -85,13 +87,13 @@ for p in $PROVIDERS; do
       curl -s -F "file=@$f" "127.0.0.1:$PORT/$m" > "$d/$(basename "$f" .jpg).json"
     done
     l=$(echo "$m" | tr / -)
-    on_cores "${CLIENT_CORES:-}" "$BIN" bench --url "http://127.0.0.1:$PORT" --model "$m" --images "$imgs" --concurrency 16 \
+    "${client_on[@]}" "$BIN" bench --url "http://127.0.0.1:$PORT" --model "$m" --images "$imgs" --concurrency 16 \
       --duration "$SECONDS_PER_TRIAL" --warmup 20 --json "$OUT/$p/bench-$l.json" >/dev/null
-    on_cores "${CLIENT_CORES:-}" "$BIN" bench --url "http://127.0.0.1:$PORT" --model "$m" --images "$imgs" --concurrency 1 \
+    "${client_on[@]}" "$BIN" bench --url "http://127.0.0.1:$PORT" --model "$m" --images "$imgs" --concurrency 1 \
       --duration "$SECONDS_PER_TRIAL" --warmup 5 --json "$OUT/$p/bench1-$l.json" >/dev/null
     if [ "$p" != cpu ]; then
       for c in $SWEEP; do
-        on_cores "${CLIENT_CORES:-}" "$BIN" bench --url "http://127.0.0.1:$PORT" --model "$m" --images "$imgs" \
+        "${client_on[@]}" "$BIN" bench --url "http://127.0.0.1:$PORT" --model "$m" --images "$imgs" \
           --concurrency "$c" --duration "$SECONDS_PER_TRIAL" --warmup "$c" --timeout 120 \
           --json "$OUT/$p/sweep-$l-$c.json" >/dev/null || true
       done
@@ -107,7 +109,7 @@ for p in $PROVIDERS; do
       search=${GPU_CEILING_SEARCH:-"--threads 1 --instances 1,2,4 --batches 1,2,4,8,16 --cores 64"}
     fi
     # shellcheck disable=SC2086
-    EXECUTION_PROVIDERS=$p "$BIN" ceiling --model "$m" --model-cache-dir "$MODELS_DIR" $search \
+    EXECUTION_PROVIDERS=$p "${server_on[@]}" "$BIN" ceiling --model "$m" --model-cache-dir "$MODELS_DIR" $search \
       --seconds "${CEILING_SECONDS:-3}" \
       > "$OUT/$p/ceiling-$(echo "$m" | tr / -).json" 2>> "$OUT/$p/ceiling.log" || true
   done

@@ -292,12 +292,10 @@ impl Metrics {
                 .with_label_values(&[pool])
                 .inc_by(seconds);
         }
-        for (stage, seconds) in crate::stage_cpu::totals() {
-            let counter = self.stage_cpu_seconds.with_label_values(&[stage]);
-            let grown = seconds - counter.get();
-            if grown > 0.0 {
-                counter.inc_by(grown);
-            }
+        for (stage, seconds) in crate::stage_cpu::take() {
+            self.stage_cpu_seconds
+                .with_label_values(&[stage])
+                .inc_by(seconds);
         }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for the text format.

@@ -32,11 +32,11 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(budget.http)
         .thread_name("http")
-        // Their CPU by stage (stage_cpu.rs): hyper's and the handlers' between wake-ups.
-        .on_thread_start(crate::stage_cpu::resume_http)
+        // The workers' CPU by stage (stage_cpu.rs): hyper's and the handlers' between
+        // wake-ups. Only the workers park and unpark: the blocking pool's threads (model
+        // loads) are not metered.
         .on_thread_unpark(crate::stage_cpu::resume_http)
         .on_thread_park(crate::stage_cpu::pause)
-        .on_thread_stop(crate::stage_cpu::pause)
         .enable_all()
         .build()?;
     let result = runtime.block_on(serve(cfg, on_gpu, backend));

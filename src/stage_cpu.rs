@@ -55,7 +55,7 @@ impl Stage {
     }
 }
 
-/// Nanoseconds of CPU by stage, since the start.
+/// Nanoseconds of CPU by stage, since the last [`take`].
 static TOTALS: [AtomicU64; Stage::ALL.len()] = [const { AtomicU64::new(0) }; Stage::ALL.len()];
 
 thread_local! {
@@ -94,12 +94,24 @@ pub fn span<R>(stage: Stage, f: impl FnOnce() -> R) -> R {
         add(outer, start.saturating_sub(mark));
     }
     METER.set((Some(stage), start));
-    let r = f();
-    let end = thread_ns();
-    let (_, inner_mark) = METER.get();
-    add(stage, end.saturating_sub(inner_mark));
-    METER.set((outer, end));
-    r
+    // Closed when `f` returns or unwinds: the thread goes back to the outer stage either way.
+    let _close = Close { stage, outer };
+    f()
+}
+
+/// Ends a span: its time since the last mark to its stage, the thread back to `outer`.
+struct Close {
+    stage: Stage,
+    outer: Option<Stage>,
+}
+
+impl Drop for Close {
+    fn drop(&mut self) {
+        let end = thread_ns();
+        let (_, mark) = METER.get();
+        add(self.stage, end.saturating_sub(mark));
+        METER.set((self.outer, end));
+    }
 }
 
 /// An HTTP thread starts running: its CPU is the `http` stage until [`pause`].
@@ -116,15 +128,14 @@ pub fn pause() {
     METER.set((None, 0));
 }
 
-/// Seconds of CPU by stage since the start.
-pub fn totals() -> Vec<(&'static str, f64)> {
+/// Seconds of CPU by stage since the last call (each count taken once, however many
+/// scrapes run at the same time).
+pub fn take() -> Vec<(&'static str, f64)> {
     Stage::ALL
         .iter()
         .map(|&s| {
-            (
-                s.name(),
-                TOTALS[s as usize].load(Ordering::Relaxed) as f64 / 1e9,
-            )
+            let ns = TOTALS[s as usize].swap(0, Ordering::Relaxed);
+            (s.name(), ns as f64 / 1e9)
         })
         .collect()
 }
@@ -198,6 +209,22 @@ mod tests {
             http,
             "a paused thread adds nothing to http"
         );
+        LOCAL.set(None);
+    }
+
+    /// A span whose code panics still closes: the thread's CPU after it goes back to the
+    /// stage around it, not to the span's.
+    #[test]
+    fn a_panicking_span_closes() {
+        LOCAL.set(Some([0; Stage::ALL.len()]));
+        resume_http();
+        let caught = std::panic::catch_unwind(|| span(Stage::Answer, || panic!("bad answer")));
+        assert!(caught.is_err());
+        let answer = ms(Stage::Answer);
+        burn(20);
+        pause();
+        assert_eq!(ms(Stage::Answer), answer, "nothing more after the panic");
+        assert!(ms(Stage::Http) >= 20.0, "http {}", ms(Stage::Http));
         LOCAL.set(None);
     }
 }

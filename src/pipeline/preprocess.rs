@@ -121,21 +121,17 @@ pub fn preprocess_into(
                 .map_err(|e| e.to_string())?;
             let stretch = (steps.contrast == Some(Contrast::Stretching))
                 .then(|| stretch_lut(pixels, src_w, window));
-            let map = ValueMap {
-                lut: stretch.unwrap_or_else(identity_lut),
-                grey: steps.grayscale,
-            };
-            write_chw(
-                resized,
-                3,
-                &map,
-                cw as usize,
-                ch as usize,
-                &geo,
-                spec,
-                &luts,
-                out,
-            );
+            let (cw, ch) = (cw as usize, ch as usize);
+            if stretch.is_none() && !steps.grayscale {
+                // The usual case: each value straight to its float (no byte map per pixel).
+                write_chw(resized, 3, &Identity, cw, ch, &geo, spec, &luts, out);
+            } else {
+                let map = ValueMap {
+                    lut: stretch.unwrap_or_else(identity_lut),
+                    grey: steps.grayscale,
+                };
+                write_chw(resized, 3, &map, cw, ch, &geo, spec, &luts, out);
+            }
         }
         Ok(geo)
     })

@@ -44,6 +44,16 @@ pub enum ClassificationOutput {
     },
 }
 
+impl ClassificationOutput {
+    /// How many classes the answer lists.
+    pub fn class_count(&self) -> usize {
+        match self {
+            ClassificationOutput::SingleLabel { predictions, .. } => predictions.len(),
+            ClassificationOutput::MultiLabel { predictions, .. } => predictions.len(),
+        }
+    }
+}
+
 fn round4(v: f32) -> f32 {
     (v * 10_000.0).round() / 10_000.0
 }

@@ -457,57 +457,65 @@ pub fn postprocess(
     let (_, mh, mw) = layout.proto_dims;
     kept.par_iter()
         .map(|c| {
-            if cancelled() {
-                return None;
-            }
-            let mask = match &layout.kind {
-                SegKind::Yolo => {
-                    let (attrs, n) = layout.pred_dims;
-                    let coeff_row = 4 + nc;
-                    let coeffs: Vec<f32> = (0..nm.min(attrs - coeff_row))
-                        .map(|k| pred[(coeff_row + k) * n + c.anchor])
-                        .collect();
-                    box_mask(&coeffs, protos, layout.proto_dims, c.corners(), input, grid)
+            // Other postprocess threads take masks of this image: counted where they run.
+            crate::stage_cpu::span(crate::stage_cpu::Stage::Postprocess, || {
+                if cancelled() {
+                    return None;
                 }
-                SegKind::EndToEnd => {
-                    let width = layout.pred_dims.1;
-                    let row = &pred[c.anchor * width..(c.anchor + 1) * width];
-                    box_mask(
-                        &row[6..],
-                        protos,
-                        layout.proto_dims,
-                        c.corners(),
+                let mask = match &layout.kind {
+                    SegKind::Yolo => {
+                        let (attrs, n) = layout.pred_dims;
+                        let coeff_row = 4 + nc;
+                        let coeffs: Vec<f32> = (0..nm.min(attrs - coeff_row))
+                            .map(|k| pred[(coeff_row + k) * n + c.anchor])
+                            .collect();
+                        box_mask(&coeffs, protos, layout.proto_dims, c.corners(), input, grid)
+                    }
+                    SegKind::EndToEnd => {
+                        let width = layout.pred_dims.1;
+                        let row = &pred[c.anchor * width..(c.anchor + 1) * width];
+                        box_mask(
+                            &row[6..],
+                            protos,
+                            layout.proto_dims,
+                            c.corners(),
+                            input,
+                            grid,
+                        )
+                    }
+                    SegKind::RfDetr(_) => query_mask(
+                        &protos[c.anchor * mh * mw..(c.anchor + 1) * mh * mw],
+                        (mh, mw),
+                        (
+                            geo.left,
+                            geo.top,
+                            geo.left + geo.content_w,
+                            geo.top + geo.content_h,
+                        ),
                         input,
                         grid,
-                    )
-                }
-                SegKind::RfDetr(_) => query_mask(
-                    &protos[c.anchor * mh * mw..(c.anchor + 1) * mh * mw],
-                    (mh, mw),
-                    (
-                        geo.left,
-                        geo.top,
-                        geo.left + geo.content_w,
-                        geo.top + geo.content_h,
                     ),
-                    input,
-                    grid,
-                ),
-            };
-            let body = match params.format {
-                MaskFormat::Polygon => MaskBody::Polygon {
-                    points: polygon(&mask, input, geo),
-                    mask_format: "polygon",
-                },
-                MaskFormat::Rle => MaskBody::Rle {
-                    rle: rle_mask(&mask, input, geo),
-                    mask_format: "rle",
-                },
-            };
-            let round = !matches!(layout.kind, SegKind::RfDetr(_));
-            Some(InstanceSegmentationPrediction {
-                detection: detection::prediction_rounded(c, &class_names[c.class_id], geo, round),
-                mask: body,
+                };
+                let body = match params.format {
+                    MaskFormat::Polygon => MaskBody::Polygon {
+                        points: polygon(&mask, input, geo),
+                        mask_format: "polygon",
+                    },
+                    MaskFormat::Rle => MaskBody::Rle {
+                        rle: rle_mask(&mask, input, geo),
+                        mask_format: "rle",
+                    },
+                };
+                let round = !matches!(layout.kind, SegKind::RfDetr(_));
+                Some(InstanceSegmentationPrediction {
+                    detection: detection::prediction_rounded(
+                        c,
+                        &class_names[c.class_id],
+                        geo,
+                        round,
+                    ),
+                    mask: body,
+                })
             })
         })
         .collect::<Option<Vec<_>>>()

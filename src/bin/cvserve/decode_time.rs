@@ -69,14 +69,18 @@ pub fn run(cfg: DecodeTimeConfig) -> anyhow::Result<()> {
             })
         }
     };
-    // The server's ring lives in tmpfs (RING_DIR, /dev/shm): so does this one.
-    let shm = std::path::Path::new("/dev/shm");
-    let dir = if shm.is_dir() {
-        shm.to_path_buf()
-    } else {
-        std::env::temp_dir()
-    };
-    let ring = Ring::create(&dir, 1, 8192 * 8192 * 3)?;
+    // One slot as large as the largest image, in tmpfs like the server's ring (RING_DIR,
+    // /dev/shm), else in the temporary directory.
+    let mut largest = 64 * 64 * 3;
+    for f in &files {
+        let (w, h) = image::ImageReader::open(f)?
+            .with_guessed_format()?
+            .into_dimensions()
+            .with_context(|| f.display().to_string())?;
+        largest = largest.max(w as usize * h as usize * 3);
+    }
+    let ring = Ring::create(std::path::Path::new("/dev/shm"), 1, largest)
+        .or_else(|_| Ring::create(&std::env::temp_dir(), 1, largest))?;
     let opts = DecodeOptions {
         auto_orient: true,
         max_image_pixels: 8192 * 8192,
