@@ -65,7 +65,7 @@ thread_local! {
 }
 
 /// This thread's CPU clock, in nanoseconds.
-fn thread_ns() -> u64 {
+pub fn thread_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -101,15 +101,7 @@ mod tests {
             .name("decode-99".into())
             .spawn(move || {
                 // Busy until this thread has run 150 ms of CPU (by its own clock).
-                let own = || {
-                    let mut ts = libc::timespec {
-                        tv_sec: 0,
-                        tv_nsec: 0,
-                    };
-                    // SAFETY: `ts` is a valid timespec for the call to fill.
-                    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-                    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
-                };
+                let own = || crate::stage_cpu::thread_ns() as f64 / 1e9;
                 let (start, wall) = (own(), std::time::Instant::now());
                 let mut x = 0u64;
                 while own() - start < 0.15 && wall.elapsed().as_secs() < 20 {
